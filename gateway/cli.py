@@ -1,0 +1,273 @@
+"""`qkdgw`: the command line of qkd-gateway.
+
+Exit status: 0 success, 1 the operation failed (KME error, I/O), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gateway import __version__, logs
+from gateway.config import SiteConfig
+from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
+from kdf import fingerprint
+from kms.configfile import ConfigError
+from kms.errors import KmsError
+from kms.tlsctx import client_context
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def _add(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, handler: Handler,
+         summary: str, description: str = "") -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=summary, description=description or summary,
+                       formatter_class=_Formatter)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _site_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, required=True, metavar="SITE.yaml",
+                   help="site configuration (see `qkdgw init-demo`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkdgw",
+        formatter_class=_Formatter,
+        description="qkd-gateway: site-to-site VPN keys from QKD + ML-KEM-768 + X25519.",
+        epilog="Start here:\n"
+               "  qkdgw demo                          fetch QKD keys on two simulated sites\n"
+               "  qkdgw init-demo /tmp/qkd            write certificates and configs\n"
+               "  qkdgw kms-sim -c /tmp/qkd/kms.yaml  run the KMS simulator\n"
+               "  qkdgw kms status -c /tmp/qkd/site-a.yaml\n"
+               "Run `qkdgw COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"qkd-gateway {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="log line format on stderr (default: text)")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = _add(sub, "demo", _cmd_demo, "run the demo: a simulated QKD link, keys fetched on both"
+             " sites", "Start the KMS simulator for two sites on this machine, fetch QKD keys"
+             " as site A\n(master SAE, enc_keys) and the same keys by ID as site B (slave SAE,"
+             " dec_keys)\nover mutual TLS, and show that both sides hold identical keys,"
+             " delivered once.")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="demo directory (default: a fresh temporary one, removed afterwards)")
+    p.add_argument("--keys", type=int, default=3, help="keys to fetch (default: 3)")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help=f"first of the demo's ports (default: {DEFAULT_BASE_PORT})")
+
+    p = _add(sub, "init-demo", _cmd_init_demo,
+             "write a CA, certificates and configs for two sites",
+             "Write a complete two-site setup into DIR: a CA and certificates (pki/),\n"
+             "the KMS simulator configuration (kms.yaml) and one configuration per gateway\n"
+             "(site-a.yaml, site-b.yaml). Private keys are 0600. See docs/demo-setup.md.")
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the KMEs and gateways listen on (default: 127.0.0.1)")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help=f"admin port; KMEs use +1/+2, gateways +11/+12"
+                        f" (default: {DEFAULT_BASE_PORT})")
+    p.add_argument("--force", action="store_true", help="overwrite files in a non-empty DIR")
+
+    p = _add(sub, "kms-sim", _cmd_kms_sim, "run the KMS simulator (ETSI GS QKD 014 KMEs)",
+             "Serve the KMEs and QKD links of FILE until SIGTERM or Ctrl-C: each KME on its\n"
+             "own HTTPS port with mutual TLS, plus a loopback admin interface for fault\n"
+             "injection. See docs/kms-simulator.md.")
+    p.add_argument("-c", "--config", type=Path, required=True, metavar="FILE",
+                   help="simulator configuration (kms.yaml)")
+    p.add_argument("--check", action="store_true",
+                   help="validate FILE (and its certificates) and exit")
+
+    p = _add(sub, "check-config", _cmd_check_config,
+             "validate a site configuration and the files it names")
+    p.add_argument("file", type=Path, metavar="SITE.yaml")
+
+    kms = _add(sub, "kms", _usage(None), "talk to this site's KME (ETSI GS QKD 014 client)",
+               "Query this site's KME as the gateway would, to check a KME before\n"
+               "running the gateway. Keys are never printed: only their IDs and\n"
+               "fingerprints (HMAC-SHA-256 keyed by the key, 8 bytes).")
+    ksub = kms.add_subparsers(title="KME calls", metavar="CALL")
+    kms.set_defaults(handler=_usage(kms))
+
+    p = _add(ksub, "status", _cmd_kms_status, "GET status for a link's peer SAE")
+    _site_arg(p)
+    p.add_argument("--link", help="link name (default: the only link)")
+    p.add_argument("--json", action="store_true", help="print the Status object as JSON")
+
+    p = _add(ksub, "enc-keys", _cmd_kms_enc, "get new keys as master SAE (enc_keys)")
+    _site_arg(p)
+    p.add_argument("--link", help="link name (default: the only link)")
+    p.add_argument("-n", "--number", type=int, default=1, help="keys to get (default: 1)")
+    p.add_argument("--size", type=int, default=None,
+                   help="key size in bits (default: the KME's key_size)")
+    p.add_argument("--get", action="store_true", help="use the GET form instead of POST")
+    p.add_argument("--json", action="store_true", help="print key IDs and fingerprints as JSON")
+
+    p = _add(ksub, "dec-keys", _cmd_kms_dec, "get keys by ID as slave SAE (dec_keys)")
+    _site_arg(p)
+    p.add_argument("--link", help="link name (default: the only link)")
+    p.add_argument("key_ids", nargs="+", metavar="KEY_ID")
+    p.add_argument("--size", type=int, default=None, help="expected key size in bits")
+    p.add_argument("--get", action="store_true", help="use the GET form (one KEY_ID)")
+    p.add_argument("--json", action="store_true", help="print key IDs and fingerprints as JSON")
+    return parser
+
+
+def _usage(parser: argparse.ArgumentParser | None) -> Handler:
+    def show(args: argparse.Namespace) -> int:
+        (parser or build_parser()).print_help(sys.stderr)
+        return EXIT_USAGE
+
+    return show
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _cmd_init_demo(args: argparse.Namespace) -> int:
+    layout = init_demo(args.dir, host=args.host, base_port=args.base_port, force=args.force)
+    print(f"wrote the two-site demo setup to {layout.root}:")
+    print(f"  {layout.pki}/            CA and certificates (keys 0600)")
+    print(f"  {layout.kms_config}       KMS simulator: qkdgw kms-sim -c {layout.kms_config}")
+    for site in ("a", "b"):
+        print(f"  {layout.site_config(site)}    gateway {site.upper()}")
+    return EXIT_OK
+
+
+def _cmd_kms_sim(args: argparse.Namespace) -> int:
+    from kms.sim.config import SimConfig
+    from kms.sim.server import Simulator, serve
+
+    config = SimConfig.load(args.config)
+    if args.check:
+        Simulator(config)  # loads every certificate and key
+        print(f"{args.config}: OK ({len(config.kmes)} KMEs, {len(config.links)} link(s))")
+        return EXIT_OK
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    site = SiteConfig.load(args.file)
+    client_context(site.kms.ca, site.kms.cert, site.kms.key)
+    pc = site.peer_channel
+    client_context(pc.ca, pc.cert, pc.key)
+    print(f"{args.file}: OK (site {site.site}, {len(site.links)} link(s))")
+    return EXIT_OK
+
+
+def _peer_sae(args: argparse.Namespace) -> tuple[SiteConfig, str]:
+    site = SiteConfig.load(args.config)
+    try:
+        return site, site.link(args.link).peer.sae_id
+    except KeyError as e:
+        raise ConfigError(f"{args.config}: {e.args[0]}") from None
+
+
+def _cmd_kms_status(args: argparse.Namespace) -> int:
+    site, peer = _peer_sae(args)
+
+    async def go() -> int:
+        async with site.kms.client() as kme:
+            st = await kme.status(peer)
+        if args.json:
+            print(json.dumps(st.model_dump(mode="json", exclude_none=True), indent=2))
+            return EXIT_OK
+        for name, value in st.model_dump(exclude_none=True).items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    print(f"{name}.{k:<24} {v}")
+            else:
+                print(f"{name:<24} {value}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _print_keys(keys: Sequence[tuple[str, str]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"key_ID": k, "fingerprint": f} for k, f in keys], indent=2))
+        return
+    print(f"{'key_ID':<38} fingerprint")
+    for key_id, fp in keys:
+        print(f"{key_id:<38} {fp}")
+
+
+def _cmd_kms_enc(args: argparse.Namespace) -> int:
+    site, peer = _peer_sae(args)
+
+    async def go() -> int:
+        async with site.kms.client() as kme:
+            batch = await kme.enc_keys(peer, args.number, args.size,
+                                       method="GET" if args.get else "POST")
+        _print_keys([(k.key_id, fingerprint(k.material)) for k in batch.keys], args.json)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _cmd_kms_dec(args: argparse.Namespace) -> int:
+    site, peer = _peer_sae(args)
+
+    async def go() -> int:
+        async with site.kms.client() as kme:
+            batch = await kme.dec_keys(peer, args.key_ids, size=args.size,
+                                       method="GET" if args.get else "POST")
+        _print_keys([(k.key_id, fingerprint(k.material)) for k in batch.keys], args.json)
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_kms_demo
+
+    if not 1 <= args.keys <= 128:
+        raise ConfigError("--keys must be between 1 and 128")
+    if not args.verbose:
+        logging.getLogger("kms").setLevel(logging.WARNING)
+    return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
+    try:
+        return int(args.handler(args))
+    except (ConfigError, InitDemoError, ValueError) as e:
+        print(f"qkdgw: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KmsError as e:
+        print(f"qkdgw: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        print(f"qkdgw: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`qkdgw init-demo DIR`: everything two sites need to run on one machine.
+
+    DIR/pki/ca.pem, ca.key            the demo CA (ca.key only to issue more certificates)
+    DIR/pki/kme-a.pem, kme-a.key      KME-A's server certificate (SAN: kme-a, localhost, HOST)
+    DIR/pki/kme-b.pem, kme-b.key      KME-B's server certificate
+    DIR/pki/sae-a.pem, sae-a.key      SAE sae-a's client certificate for KME-A (CN = SAE ID)
+    DIR/pki/sae-b.pem, sae-b.key      SAE sae-b's client certificate for KME-B
+    DIR/pki/gw-a.pem, gw-a.key        gateway A's peer-channel certificate (server and client)
+    DIR/pki/gw-b.pem, gw-b.key        gateway B's peer-channel certificate
+    DIR/kms.yaml                      the simulator: KME-A, KME-B and the QKD link between them
+    DIR/site-a.yaml, site-b.yaml      the two gateways
+
+Ports from BASE: admin BASE, KME-A BASE+1, KME-B BASE+2, gateway A BASE+11, gateway B BASE+12.
+Every *.key file is 0600. docs/demo-setup.md explains each file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway import pki
+
+CERTS = ("kme-a", "kme-b", "sae-a", "sae-b", "gw-a", "gw-b")
+
+#: The demo's default base port (admin 8440, KMEs 8441/8442, gateways 8451/8452).
+DEFAULT_BASE_PORT = 8440
+
+
+class InitDemoError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    root: Path
+    host: str
+    base_port: int
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def kms_config(self) -> Path:
+        return self.root / "kms.yaml"
+
+    def site_config(self, site: str) -> Path:
+        return self.root / f"site-{site}.yaml"
+
+    @property
+    def admin_port(self) -> int:
+        return self.base_port
+
+    def kme_port(self, site: str) -> int:
+        return self.base_port + {"a": 1, "b": 2}[site]
+
+    def gateway_port(self, site: str) -> int:
+        return self.base_port + {"a": 11, "b": 12}[site]
+
+
+def _kms_yaml(d: DemoLayout) -> str:
+    return f"""\
+# KMS simulator for the qkd-gateway demo: `qkdgw kms-sim -c kms.yaml`.
+# Two KMEs, one per site, and the QKD link between them. Reference: docs/kms-simulator.md.
+ca: pki/ca.pem                 # trust anchor for SAE client certificates
+admin:
+  listen: 127.0.0.1:{d.admin_port}       # fault injection for tests; loopback only
+kmes:
+  - id: kme-a
+    listen: {d.host}:{d.kme_port("a")}
+    cert: pki/kme-a.pem
+    key: pki/kme-a.key
+    saes: [sae-a]              # SAEs are identified by their certificate's commonName
+  - id: kme-b
+    listen: {d.host}:{d.kme_port("b")}
+    cert: pki/kme-b.pem
+    key: pki/kme-b.key
+    saes: [sae-b]
+links:
+  - name: qkd-ab
+    kmes: [kme-a, kme-b]
+    key_size: 256              # default key size, bits
+    max_key_count: 10000       # pool capacity, keys of key_size
+    max_key_per_request: 128
+    key_rate: 50000            # secret key rate at the nominal QBER, bit/s
+    qber: 0.02                 # nominal quantum bit error rate
+    reserved_key_ttl: 300      # seconds a key waits for the slave SAE before it is dropped
+"""
+
+
+def _site_yaml(d: DemoLayout, site: str) -> str:
+    peer = "b" if site == "a" else "a"
+    role = "initiator" if site == "a" else "responder"
+    return f"""\
+# Gateway of site {site.upper()} for the qkd-gateway demo. Reference: docs/configuration.md.
+site: {site}
+kms:                           # this site's KME (ETSI GS QKD 014 over mutual TLS)
+  url: https://{d.host}:{d.kme_port(site)}
+  sae_id: sae-{site}
+  ca: pki/ca.pem
+  cert: pki/sae-{site}.pem
+  key: pki/sae-{site}.key
+peer_channel:                  # mutual-TLS channel between the two gateways
+  listen: {d.host}:{d.gateway_port(site)}
+  ca: pki/ca.pem
+  cert: pki/gw-{site}.pem
+  key: pki/gw-{site}.key
+links:
+  - name: ab
+    role: {role}            # the initiator fetches QKD keys as master SAE
+    peer:
+      address: {d.host}:{d.gateway_port(peer)}
+      name: gw-{peer}                 # pinned: the peer's certificate commonName
+      sae_id: sae-{peer}
+"""
+
+
+def init_demo(
+    root: Path, *, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
+    force: bool = False,
+) -> DemoLayout:
+    """Write the demo PKI and configurations into ROOT (created if needed)."""
+    if not 1024 <= base_port <= 65535 - 12:
+        raise InitDemoError(f"base port {base_port} must lie between 1024 and 65523")
+    layout = DemoLayout(root, host, base_port)
+    if root.exists() and any(root.iterdir()) and not force:
+        raise InitDemoError(f"{root} is not empty; pass --force to overwrite the demo files")
+    layout.pki.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    ca = pki.make_ca("qkd-gateway demo CA")
+    pki.save(ca, layout.pki / "ca.pem", layout.pki / "ca.key")
+    for cn in CERTS:
+        is_server = not cn.startswith("sae")
+        dns = [cn]
+        if is_server:
+            dns += ["localhost"] + ([] if _is_ip(host) or host == "localhost" else [host])
+        cert = pki.issue(
+            ca, cn, dns=dns,
+            ips=[host] if is_server and _is_ip(host) else [],
+            server=is_server, client=not cn.startswith("kme"),
+        )
+        pki.save(cert, layout.pki / f"{cn}.pem", layout.pki / f"{cn}.key")
+    layout.kms_config.write_text(_kms_yaml(layout))
+    for site in ("a", "b"):
+        layout.site_config(site).write_text(_site_yaml(layout, site))
+    return layout
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

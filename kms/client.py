@@ -1,0 +1,408 @@
+"""Async ETSI GS QKD 014 v1.1.1 client over mutual TLS.
+
+    async with KmeClient("https://kme-a:8441", ca=..., cert=..., key=...) as kme:
+        batch = await kme.enc_keys("sae-b", number=1, size=256)   # as master SAE
+        same = await peer_kme.dec_keys("sae-a", batch.key_ids)    # as slave SAE
+
+Every answer is validated before a key leaves this module: a container must hold exactly the
+keys asked for, of exactly the size asked for, with unique UUID key IDs, in canonical base64.
+Anything else is a `KmsProtocolError`, never a key.
+
+Retries (`RetryPolicy`), by what a repeat can cost:
+- `status` is read-only: retried after any transport failure and after 503.
+- `enc_keys` reserves fresh keys at the KME each time it is served. It is retried only when
+  the KME provably served nothing: the connection could not be made, or it answered 503.
+  A timeout or disconnect after the request went out is not retried: the KME may have
+  reserved keys whose IDs we never saw. Those keys are orphaned (the slave never asks for
+  them; the KME ages them out) and the caller's next attempt takes fresh ones. Retrying would
+  orphan more keys per failure and hide the fault; the error says `request_sent=True`.
+- `dec_keys` hands over keys that already exist and removes them from the KME. A repeat cannot
+  consume anything new, so it is retried after transport failures too; if the repeat is told
+  the keys are gone (400), the error says an earlier answer may have been lost in transit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from kms.errors import (
+    HTTP_ERRORS,
+    KmsConnectionError,
+    KmsError,
+    KmsHttpError,
+    KmsProtocolError,
+    KmsTimeout,
+    KmsTlsError,
+)
+from kms.models import (
+    Error,
+    Expect,
+    Extension,
+    KeyContainer,
+    KeyIds,
+    KeyRequest,
+    QkdKey,
+    Status,
+)
+from kms.tlsctx import client_context
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Method = Literal["GET", "POST"]
+
+#: Largest answer we read. 128 keys of 8192 bits in base64 are ~180 KiB; anything near a MiB
+#: is a broken or hostile KME, and reading it whole would let it exhaust our memory.
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. `connect` covers TCP + TLS; `read` is the wait for each chunk of the answer."""
+
+    connect: float = 3.0
+    read: float = 10.0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter; `attempts` counts the first try."""
+
+    attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class KeyBatch:
+    """Keys delivered by one enc_keys or dec_keys call, in request order for dec_keys."""
+
+    keys: tuple[QkdKey, ...]
+    extension: Extension | None = None
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(k.key_id for k in self.keys)
+
+
+class _Ambiguous(Exception):
+    """A transport failure after the request may have reached the KME."""
+
+    def __init__(self, error: KmsError) -> None:
+        self.error = error
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for e in error.errors(include_url=False, include_input=False, include_context=False)[:3]:
+        where = ".".join(str(p) for p in e["loc"]) or "body"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+class KmeClient:
+    """Client of one KME, as one SAE (the identity in the client certificate)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        timeouts: Timeouts = Timeouts(),
+        retry: RetryPolicy = RetryPolicy(),
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._ssl = client_context(ca, cert, key)
+        self._timeouts = timeouts
+        self._retry = retry
+        self._max_bytes = max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._default_size: dict[str, int] = {}
+        self._warned: set[tuple[str, str]] = set()
+
+    async def __aenter__(self) -> KmeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    sock_connect=self._timeouts.connect,
+                    sock_read=self._timeouts.read,
+                ),
+                raise_for_status=False,
+            )
+        return self._session
+
+    # -- the three ETSI 014 calls -------------------------------------------------------
+
+    async def status(self, peer_sae_id: str) -> Status:
+        """§5.1 Get status, as master of PEER_SAE_ID."""
+        status, body = await self._call(
+            "status", "GET", peer_sae_id, "status", retry_sent=True
+        )
+        result = self._parse(body, Status, "status")
+        self._default_size[peer_sae_id] = result.key_size
+        return result
+
+    async def enc_keys(
+        self,
+        slave_sae_id: str,
+        number: int = 1,
+        size: int | None = None,
+        *,
+        method: Method = "POST",
+        extension_mandatory: Sequence[Extension] = (),
+        extension_optional: Sequence[Extension] = (),
+    ) -> KeyBatch:
+        """§5.2 Get key: NUMBER new keys of SIZE bits (the KME's default if None) shared with
+        SLAVE_SAE_ID. The GET form carries only number and size."""
+        if number < 1:
+            raise ValueError("number must be at least 1")
+        if size is not None and (size < 8 or size % 8):
+            raise ValueError("size is in bits: a positive multiple of 8")
+        expected_size = size if size is not None else await self._kme_default_size(slave_sae_id)
+        params: dict[str, str] | None = None
+        body: dict[str, Any] | None = None
+        if method == "GET":
+            if extension_mandatory or extension_optional:
+                raise ValueError("extensions need the POST form of enc_keys")
+            params = {"number": str(number)}
+            if size is not None:
+                params["size"] = str(size)
+        else:
+            request = KeyRequest(
+                number=number,
+                size=size,
+                extension_mandatory=list(extension_mandatory) or None,
+                extension_optional=list(extension_optional) or None,
+            )
+            body = request.model_dump(exclude_none=True)
+        _, raw = await self._call(
+            "enc_keys", method, slave_sae_id, "enc_keys", params=params, body=body,
+            retry_sent=False,
+        )
+        container = self._parse(
+            raw, KeyContainer, "enc_keys", Expect(size_bits=expected_size, count=number)
+        )
+        batch = KeyBatch(tuple(QkdKey.from_wire(k) for k in container.keys),
+                         container.key_container_extension)
+        log.debug("enc_keys %s: %d key(s) %s", slave_sae_id, number, ", ".join(batch.key_ids))
+        return batch
+
+    async def dec_keys(
+        self,
+        master_sae_id: str,
+        key_ids: Sequence[str],
+        *,
+        size: int | None = None,
+        method: Method = "POST",
+    ) -> KeyBatch:
+        """§5.3 Get key with key IDs: the keys MASTER_SAE_ID obtained with enc_keys.
+
+        SIZE, when known (it is, from the peer's offer), is checked on every key. The GET form
+        carries a single key_ID."""
+        ids = tuple(key_ids)
+        if not ids:
+            raise ValueError("at least one key ID is needed")
+        try:
+            KeyIds.model_validate({"key_IDs": [{"key_ID": i} for i in ids]})
+        except ValidationError as e:
+            raise ValueError(f"bad key IDs: {_describe(e)}") from None
+        params: list[tuple[str, str]] | None = None
+        body: dict[str, Any] | None = None
+        if method == "GET":
+            if len(ids) != 1:
+                raise ValueError("the GET form of dec_keys carries one key_ID; use POST")
+            params = [("key_ID", ids[0])]
+        else:
+            body = {"key_IDs": [{"key_ID": i} for i in ids]}
+        _, raw = await self._call(
+            "dec_keys", method, master_sae_id, "dec_keys", params=params, body=body,
+            retry_sent=True,
+        )
+        container = self._parse(
+            raw, KeyContainer, "dec_keys", Expect(size_bits=size, count=len(ids), key_ids=ids)
+        )
+        by_id = {k.key_ID: QkdKey.from_wire(k) for k in container.keys}
+        log.debug("dec_keys %s: %s", master_sae_id, ", ".join(ids))
+        return KeyBatch(tuple(by_id[i] for i in ids), container.key_container_extension)
+
+    # -- transport ----------------------------------------------------------------------
+
+    async def _kme_default_size(self, peer: str) -> int:
+        if peer not in self._default_size:
+            await self.status(peer)
+        return self._default_size[peer]
+
+    async def _call(
+        self,
+        operation: str,
+        method: Method,
+        sae_id: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        body: Mapping[str, Any] | None = None,
+        retry_sent: bool,
+    ) -> tuple[int, bytes]:
+        url = f"{self.url}/api/v1/keys/{quote(sae_id, safe='')}/{endpoint}"
+        ambiguous: KmsError | None = None
+        for attempt in range(self._retry.attempts):
+            last = attempt == self._retry.attempts - 1
+            try:
+                status, raw = await self._once(operation, method, url, params, body)
+            except _Ambiguous as e:
+                if not retry_sent or last:
+                    raise e.error from None
+                ambiguous = e.error
+            except (KmsConnectionError, KmsTimeout) as e:
+                if last:
+                    raise
+                log.info("%s (attempt %d of %d)", e, attempt + 1, self._retry.attempts)
+            else:
+                if status == 503 and not last:
+                    log.info("KME %s %s: HTTP 503, retrying (attempt %d of %d)",
+                             self.url, operation, attempt + 1, self._retry.attempts)
+                elif status == 200:
+                    return status, raw
+                else:
+                    raise self._http_error(operation, status, raw, ambiguous)
+            await asyncio.sleep(self._retry.delay(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _once(
+        self,
+        operation: str,
+        method: Method,
+        url: str,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        body: Mapping[str, Any] | None,
+    ) -> tuple[int, bytes]:
+        sent = False
+        try:
+            async with self._http().request(method, url, params=params, json=body) as resp:
+                sent = True
+                declared = resp.content_length
+                if declared is not None and declared > self._max_bytes:
+                    raise KmsProtocolError(self.url, operation,
+                                           f"answer of {declared} bytes exceeds the"
+                                           f" {self._max_bytes}-byte limit")
+                raw = bytearray()
+                async for chunk in resp.content.iter_chunked(65536):
+                    raw += chunk
+                    if len(raw) > self._max_bytes:
+                        raise KmsProtocolError(self.url, operation,
+                                               f"answer exceeds the {self._max_bytes}-byte limit")
+                return resp.status, bytes(raw)
+        except KmsError:
+            raise
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise KmsTlsError(self.url, operation,
+                              f"server certificate not trusted: {e.certificate_error}") from None
+        except aiohttp.ClientSSLError as e:
+            raise KmsTlsError(self.url, operation, f"TLS handshake failed: {e}") from None
+        except aiohttp.ConnectionTimeoutError:
+            raise KmsTimeout(self.url, operation,
+                             f"no connection within {self._timeouts.connect} s",
+                             request_sent=False) from None
+        except aiohttp.ClientConnectorError as e:
+            raise KmsConnectionError(self.url, operation,
+                                     f"cannot connect: {e.os_error.strerror or e}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            tls = _ssl_cause(e)
+            if tls is not None:
+                # TLS 1.3 reports a refused client certificate after the handshake, when
+                # the request is already on its way; the KME refused it, so nothing was done.
+                raise KmsTlsError(self.url, operation,
+                                  f"the KME refused the TLS session: {tls.reason or tls}") from None
+            if isinstance(e, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
+                error: KmsError = KmsTimeout(
+                    self.url, operation,
+                    f"no answer within {self._timeouts.read} s", request_sent=True)
+            else:
+                error = KmsConnectionError(
+                    self.url, operation,
+                    f"connection lost {'after' if sent else 'while'} sending the request:"
+                    f" {type(e).__name__}")
+            raise _Ambiguous(error) from None
+
+    def _http_error(
+        self, operation: str, status: int, raw: bytes, ambiguous: KmsError | None
+    ) -> KmsError:
+        try:
+            err = Error.model_validate_json(raw)
+        except ValidationError:
+            return KmsProtocolError(
+                self.url, operation,
+                f"HTTP {status} with a body that is not an ETSI 014 Error object")
+        message = err.message
+        if ambiguous is not None and status == 400:
+            message += f" (an earlier attempt failed with '{ambiguous.reason}': its answer" \
+                       " may have delivered these keys and been lost)"
+        cls = HTTP_ERRORS.get(status, KmsHttpError)
+        return cls(self.url, operation, status, message, err.details or ())
+
+    def _parse(
+        self, raw: bytes, model: type[M], operation: str, expect: Expect | None = None
+    ) -> M:
+        try:
+            result = model.model_validate_json(raw, context=expect)
+        except ValidationError as e:
+            raise KmsProtocolError(
+                self.url, operation,
+                f"malformed {model.__name__}: {_describe(e)}") from None
+        for name in _unknown_members(result):
+            if (operation, name) not in self._warned:
+                self._warned.add((operation, name))
+                log.warning("KME %s %s: ignoring member %r that ETSI GS QKD 014 does not"
+                            " define", self.url, operation, name)
+        return result
+
+
+def _unknown_members(model: BaseModel) -> list[str]:
+    names = list(model.model_extra or {})
+    for value in model.__dict__.values():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, BaseModel):
+                names += _unknown_members(item)
+    return names
+

@@ -1,0 +1,1 @@
+"""A simulator of QKD links: for each link, the two KMEs serving ETSI GS QKD 014 over mTLS."""

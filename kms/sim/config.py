@@ -1,0 +1,129 @@
+"""Configuration of the KME pair simulator (`qkdgw kms-sim -c kms.yaml`).
+
+Reference with every field: docs/kms-simulator.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    model_validator,
+)
+
+from kms.configfile import Address, FilePath, load_yaml_model
+from kms.models import EntityId
+
+#: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0).
+QBER_LIMIT = 0.11
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KmeConfig(_Strict):
+    """One KME: where it listens, how it proves itself, which SAEs it serves."""
+
+    id: EntityId
+    listen: Address
+    cert: FilePath
+    key: FilePath
+    saes: tuple[EntityId, ...] = Field(
+        min_length=1, description="SAE IDs (client certificate commonNames) this KME serves")
+
+
+class Outage(_Strict):
+    """A scheduled outage of the quantum channel, in seconds after the simulator starts."""
+
+    start: float = Field(ge=0)
+    duration: PositiveFloat
+    every: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _period_fits(self) -> Outage:
+        if self.every is not None and self.every <= self.duration:
+            raise ValueError("every must be longer than duration")
+        return self
+
+
+class LinkConfig(_Strict):
+    """A QKD link between two KMEs and the key supply it models."""
+
+    name: EntityId
+    kmes: tuple[EntityId, EntityId]
+    key_size: PositiveInt = 256
+    min_key_size: PositiveInt = 64
+    max_key_size: PositiveInt = 8192
+    max_key_count: PositiveInt = 10_000
+    max_key_per_request: PositiveInt = 128
+    initial_key_count: int | None = Field(default=None, ge=0)
+    key_rate: float = Field(default=10_000.0, ge=0, description="secret key rate, bit/s")
+    qber: float = Field(default=0.02, ge=0, lt=QBER_LIMIT)
+    ageing_half_life: PositiveFloat | None = None
+    reserved_key_ttl: PositiveFloat = 300.0
+    outages: tuple[Outage, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LinkConfig:
+        for name in ("key_size", "min_key_size", "max_key_size"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} is in bits and must be a multiple of 8")
+        if not self.min_key_size <= self.key_size <= self.max_key_size:
+            raise ValueError("key_size must lie between min_key_size and max_key_size")
+        if self.kmes[0] == self.kmes[1]:
+            raise ValueError("a link joins two different KMEs")
+        if self.initial_key_count is not None and self.initial_key_count > self.max_key_count:
+            raise ValueError("initial_key_count exceeds max_key_count")
+        return self
+
+    @property
+    def initial_keys(self) -> int:
+        return self.max_key_count if self.initial_key_count is None else self.initial_key_count
+
+
+class AdminConfig(_Strict):
+    listen: Address
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> AdminConfig:
+        if not self.listen.is_loopback:
+            raise ValueError("the admin interface injects faults: it listens on loopback only")
+        return self
+
+
+class SimConfig(_Strict):
+    ca: FilePath = Field(description="CA that issued the SAE client certificates")
+    admin: AdminConfig | None = None
+    kmes: list[KmeConfig] = Field(min_length=2)
+    links: list[LinkConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SimConfig:
+        names = [link.name for link in self.links]
+        ids = [k.id for k in self.kmes]
+        saes = [s for k in self.kmes for s in k.saes]
+        listens = [k.listen for k in self.kmes]
+        if self.admin is not None:
+            listens.append(self.admin.listen)
+        pairs = [frozenset(link.kmes) for link in self.links]
+        for what, values in (("link name", names), ("KME id", ids), ("SAE", saes),
+                             ("listen address", listens), ("KME pair of a link", pairs)):
+            dup = {str(sorted(v)) if isinstance(v, frozenset) else str(v)
+                   for v in values if values.count(v) > 1}
+            if dup:
+                raise ValueError(f"{what} used more than once: {', '.join(sorted(dup))}")
+        for link in self.links:
+            for kme in link.kmes:
+                if kme not in ids:
+                    raise ValueError(f"link {link.name}: no KME with id {kme!r}")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> SimConfig:
+        return load_yaml_model(path, cls)
