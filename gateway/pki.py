@@ -96,3 +96,12 @@ def save(issuer: Issuer, cert_path: Path, key_path: Path) -> None:
     write_secret(key_path, issuer.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+
+
+def load(cert_path: Path, key_path: Path) -> Issuer:
+    """Read back a certificate and its key written by `save`, e.g. to issue more from a CA."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{key_path}: not an EC private key")
+    return Issuer(cert, key)

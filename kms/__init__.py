@@ -3,7 +3,7 @@
 This package knows nothing about IPsec or TLS; it hands QKD keys to whoever asks.
 """
 
-from kms.client import KmeClient, KeyBatch, RetryPolicy, Timeouts
+from kms.client import KeyBatch, KmeClient, RetryPolicy, Timeouts
 from kms.errors import (
     KmsBadRequest,
     KmsConnectionError,

@@ -30,7 +30,7 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -84,7 +84,7 @@ class RetryPolicy:
     max_backoff: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        return min(self.max_backoff, self.backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class KmeClient:
         self._default_size: dict[str, int] = {}
         self._warned: set[tuple[str, str]] = set()
 
-    async def __aenter__(self) -> KmeClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -175,9 +175,7 @@ class KmeClient:
 
     async def status(self, peer_sae_id: str) -> Status:
         """§5.1 Get status, as master of PEER_SAE_ID."""
-        status, body = await self._call(
-            "status", "GET", peer_sae_id, "status", retry_sent=True
-        )
+        _, body = await self._call("status", "GET", peer_sae_id, "status", retry_sent=True)
         result = self._parse(body, Status, "status")
         self._default_size[peer_sae_id] = result.key_size
         return result
@@ -346,22 +344,25 @@ class KmeClient:
         except aiohttp.ClientConnectorError as e:
             raise KmsConnectionError(self.url, operation,
                                      f"cannot connect: {e.os_error.strerror or e}") from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
             tls = _ssl_cause(e)
             if tls is not None:
                 # TLS 1.3 reports a refused client certificate after the handshake, when
                 # the request is already on its way; the KME refused it, so nothing was done.
                 raise KmsTlsError(self.url, operation,
                                   f"the KME refused the TLS session: {tls.reason or tls}") from None
-            if isinstance(e, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
+            if isinstance(e, (aiohttp.SocketTimeoutError, TimeoutError)):
                 error: KmsError = KmsTimeout(
                     self.url, operation,
                     f"no answer within {self._timeouts.read} s", request_sent=True)
+            elif sent:
+                error = KmsConnectionError(self.url, operation,
+                                           f"connection lost while reading the answer: {e}")
             else:
                 error = KmsConnectionError(
                     self.url, operation,
-                    f"connection lost {'after' if sent else 'while'} sending the request:"
-                    f" {type(e).__name__}")
+                    f"the KME closed the connection without answering ({e}); under TLS 1.3"
+                    " this is also how a KME refuses our client certificate")
             raise _Ambiguous(error) from None
 
     def _http_error(

@@ -105,19 +105,20 @@ class SimConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SimConfig:
-        names = [link.name for link in self.links]
         ids = [k.id for k in self.kmes]
-        saes = [s for k in self.kmes for s in k.saes]
-        listens = [k.listen for k in self.kmes]
+        listens = [str(k.listen) for k in self.kmes]
         if self.admin is not None:
-            listens.append(self.admin.listen)
-        pairs = [frozenset(link.kmes) for link in self.links]
-        for what, values in (("link name", names), ("KME id", ids), ("SAE", saes),
-                             ("listen address", listens), ("KME pair of a link", pairs)):
-            dup = {str(sorted(v)) if isinstance(v, frozenset) else str(v)
-                   for v in values if values.count(v) > 1}
+            listens.append(str(self.admin.listen))
+        for what, values in (
+            ("link name", [link.name for link in self.links]),
+            ("KME id", ids),
+            ("SAE", [s for k in self.kmes for s in k.saes]),
+            ("listen address", listens),
+            ("KME pair of a link", ["+".join(sorted(link.kmes)) for link in self.links]),
+        ):
+            dup = sorted({v for v in values if values.count(v) > 1})
             if dup:
-                raise ValueError(f"{what} used more than once: {', '.join(sorted(dup))}")
+                raise ValueError(f"{what} used more than once: {', '.join(dup)}")
         for link in self.links:
             for kme in link.kmes:
                 if kme not in ids:

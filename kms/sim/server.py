@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kms.models import Etsi014Model, KeyIds, KeyRequest
 from kms.sim.config import KmeConfig, SimConfig
-from kms.sim.faults import FaultKind, FaultSpec, FaultTable, corrupt
+from kms.sim.faults import Fault, FaultKind, FaultSpec, FaultTable, corrupt
 from kms.sim.service import LinkService, Network, Refusal
 from kms.tlsctx import peer_common_name, server_context
 
@@ -132,28 +132,33 @@ class Simulator:
         self, kme: Kme, op: str, serve: Callable[[web.Request, Kme, float], Awaitable[Any]]
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
-            response = await self._serve(request, kme, op, serve)
+            fault = self.faults.take(kme.id, op, self.clock())
+            response = await self._serve(request, kme, op, serve, fault)
             kme.requests[f"{op} {response.status}"] += 1
+            if fault is not None and fault.spec.kind is FaultKind.SLOW:
+                # The KME has acted (keys reserved or handed over); only the answer is late,
+                # and is lost if the client gives up first.
+                await asyncio.sleep(fault.spec.delay)
             return response
 
         return handler
 
     async def _serve(
         self, request: web.Request, kme: Kme, op: str,
-        serve: Callable[[web.Request, Kme, float], Awaitable[Any]],
+        serve: Callable[[web.Request, Kme, float], Awaitable[Any]], fault: Fault | None,
     ) -> web.StreamResponse:
-        fault = self.faults.take(kme.id, op, self.clock())
-        if fault is not None and fault.spec.kind is FaultKind.SLOW:
-            await asyncio.sleep(fault.spec.delay)
         if fault is not None and fault.spec.kind is FaultKind.ERROR_503:
             return _error(503, "fault injected: KME temporarily unable to serve")
         try:
             result = await serve(request, kme, self.clock())
         except Refusal as r:
             log.info("%s %s from %s: %d %s", kme.id, op,
-                     self._caller(request) or "(no certificate)",
-                     r.status, r.message)
+                     self._caller(request) or "(no certificate)", r.status, r.message)
             return _error(r.status, r.message, r.details)
+        except Exception:
+            # The spec's only server-side error is 503; the traceback goes to our log.
+            log.exception("%s %s: internal error", kme.id, op)
+            return _error(503, "internal error in the KME simulator")
         body = result.model_dump(mode="json", exclude_none=True)
         if fault is not None and fault.spec.kind is FaultKind.MALFORMED:
             status, ctype, raw = corrupt(body, fault.spec.variant)
@@ -166,11 +171,12 @@ class Simulator:
         return peer_common_name(transport.get_extra_info("peercert") if transport else None)
 
     async def _status(self, request: web.Request, kme: Kme, now: float) -> Etsi014Model:
-        return self.network.status(kme.config, self._caller(request), request.match_info["sae"], now)
+        return self.network.status(kme.config, self._caller(request),
+                                   request.match_info["sae"], now)
 
     async def _enc_keys(self, request: web.Request, kme: Kme, now: float) -> Etsi014Model:
         if request.method == "GET":
-            req = KeyRequest(**_query_ints(request, ("number", "size")))
+            req = _validated(KeyRequest, _query_ints(request, ("number", "size")))
         else:
             req = await _body(request, KeyRequest, empty_ok=True)
         return self.network.enc_keys(kme.config, self._caller(request), request.match_info["sae"],

@@ -1,0 +1,118 @@
+"""Shared test helpers: free ports, the simulator as a subprocess, its admin API."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: How long a freshly started process may take to accept connections.
+READY_TIMEOUT = 15.0
+
+
+def qkdgw_command() -> list[str]:
+    """The installed `qkdgw` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("qkdgw")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("qkdgw")
+    if found is None:
+        raise RuntimeError("qkdgw is not installed in this environment (pip install -e .)")
+    return [found]
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(span: int = 13) -> int:
+    """A base port P such that P .. P+SPAN-1 are all free (init-demo's layout)."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 60000)
+        if all(port_free(base + i) for i in range(span)):
+            return base
+    raise RuntimeError("no free range of ports found")
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = READY_TIMEOUT,
+                  proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+@dataclass
+class SimProcess:
+    """A running `qkdgw kms-sim` and its admin interface."""
+
+    proc: subprocess.Popen[bytes]
+    admin_port: int
+    log: Path
+
+    def admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data,
+                                     method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"admin {method} {path}: {e.code} {e.read()!r}") from None
+
+    def reset(self) -> None:
+        self.admin("POST", "/admin/reset", {})
+
+    def fault(self, **spec: Any) -> Any:
+        return self.admin("POST", "/admin/faults", spec)
+
+    def state(self) -> Any:
+        return self.admin("GET", "/admin/state")
+
+    def requests(self, kme: str) -> dict[str, int]:
+        return dict(self.state()["kmes"][kme]["requests"])
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_sim(config: Path, admin_port: int, kme_ports: list[int], log: Path) -> SimProcess:
+    out = log.open("wb")
+    proc = subprocess.Popen([*qkdgw_command(), "kms-sim", "-c", str(config)],
+                            stdout=out, stderr=subprocess.STDOUT)
+    sim = SimProcess(proc, admin_port, log)
+    try:
+        for port in [admin_port, *kme_ports]:
+            wait_for_port(port, proc=proc)
+    except (RuntimeError, TimeoutError) as e:
+        sim.stop()
+        raise RuntimeError(f"kms-sim did not start: {e}\n{log.read_text()}") from None
+    return sim

@@ -1,0 +1,62 @@
+"""Simulator configuration: errors name the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.initdemo import DemoLayout
+from kms.configfile import ConfigError
+from kms.sim.config import SimConfig
+
+
+def write(tmp_path: Path, demo: DemoLayout, edit: object) -> Path:
+    config = yaml.safe_load(demo.kms_config.read_text())
+    edit(config)  # type: ignore[operator]
+    path = tmp_path / "kms.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_demo_config_loads_with_paths_resolved(demo: DemoLayout) -> None:
+    config = SimConfig.load(demo.kms_config)
+    assert config.ca == demo.pki / "ca.pem"
+    assert [k.id for k in config.kmes] == ["kme-a", "kme-b"]
+    assert config.links[0].kmes == ("kme-a", "kme-b")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c["links"][0].update(key_size=260), "links.0: key_size is in bits"),
+    (lambda c: c["links"][0].update(qber=0.2), "links.0.qber: Input should be less than 0.11"),
+    (lambda c: c["links"][0].update(kmes=["kme-a", "kme-x"]), "no KME with id 'kme-x'"),
+    (lambda c: c["links"][0].update(kmes=["kme-a", "kme-a"]), "a link joins two different"),
+    (lambda c: c["links"][0].update(key_rate=-1), "links.0.key_rate"),
+    (lambda c: c["links"][0].update(outages=[{"start": 0, "duration": 10, "every": 5}]),
+     "every must be longer than duration"),
+    (lambda c: c["links"][0].update(speed=3), "links.0.speed: Extra inputs are not permitted"),
+    (lambda c: c["kmes"][1].update(listen=c["kmes"][0]["listen"]), "listen address used more"),
+    (lambda c: c["kmes"][1].update(saes=["sae-a"]), "SAE used more than once: sae-a"),
+    (lambda c: c["kmes"][0].update(listen="127.0.0.1"), "kmes.0.listen: '127.0.0.1' is not"),
+    (lambda c: c["admin"].update(listen="0.0.0.0:9000"), "loopback only"),
+    (lambda c: c.pop("ca"), "ca: Field required"),
+])
+def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: object,
+                               message: str) -> None:
+    path = write(tmp_path, demo, edit)
+    with pytest.raises(ConfigError) as e:
+        SimConfig.load(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("links: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        SimConfig.load(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        SimConfig.load(tmp_path / "missing.yaml")
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        SimConfig.load(bad)

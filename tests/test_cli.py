@@ -1,0 +1,207 @@
+"""`qkdgw` as an operator runs it: help, init-demo, check-config, kms calls, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from gateway.config import SiteConfig
+from gateway.initdemo import CERTS, DemoLayout
+from tests.helpers import SimProcess, free_base_port, qkdgw_command
+
+
+def qkdgw(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*qkdgw_command(), *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+# -- help and usage ---------------------------------------------------------------------------
+
+COMMANDS = [["demo"], ["init-demo"], ["kms-sim"], ["check-config"], ["kms"], ["kms", "status"],
+            ["kms", "enc-keys"], ["kms", "dec-keys"]]
+
+
+def test_top_level_help_lists_every_command() -> None:
+    r = qkdgw("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "init-demo", "kms-sim", "check-config", "kms"):
+        assert f"\n    {cmd} " in r.stdout
+    assert qkdgw("--version").stdout.startswith("qkd-gateway ")
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_every_command_has_help(cmd: list[str]) -> None:
+    r = qkdgw(*cmd, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: qkdgw " + " ".join(cmd))
+    assert len(r.stdout.splitlines()) > 4
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "usage: qkdgw"),
+    (["kms"], "usage: qkdgw kms"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["kms", "enc-keys"], "the following arguments are required: -c/--config"),
+    (["init-demo", "/tmp/x", "--base-port", "80"], "base port 80 must lie between"),
+    (["demo", "--keys", "0"], "--keys must be between 1 and 128"),
+    (["check-config", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read: No such file"),
+])
+def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
+    r = qkdgw(*args)
+    assert r.returncode == 2, r
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# -- init-demo ------------------------------------------------------------------------------
+
+
+def test_init_demo_writes_a_working_pki(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    r = qkdgw("init-demo", str(root), "--base-port", "9440")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    ca = x509.load_pem_x509_certificate((root / "pki/ca.pem").read_bytes())
+    for name in ("ca", *CERTS):
+        assert stat.S_IMODE((root / f"pki/{name}.key").stat().st_mode) == 0o600
+    for name in CERTS:
+        cert = x509.load_pem_x509_certificate((root / f"pki/{name}.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == name
+    a = SiteConfig.load(root / "site-a.yaml")
+    b = SiteConfig.load(root / "site-b.yaml")
+    assert (a.kms.url, b.kms.url) == ("https://127.0.0.1:9441", "https://127.0.0.1:9442")
+    assert (a.links[0].role, b.links[0].role) == ("initiator", "responder")
+    assert a.links[0].peer.address.port == b.peer_channel.listen.port == 9452
+    # the certificates chain and name-check as TLS will use them
+    ctx = ssl.create_default_context(cafile=str(root / "pki/ca.pem"))
+    ctx.load_cert_chain(str(root / "pki/sae-a.pem"), str(root / "pki/sae-a.key"))
+    assert qkdgw("check-config", str(root / "site-a.yaml")).returncode == 0
+    assert qkdgw("kms-sim", "--check", "-c", str(root / "kms.yaml")).returncode == 0
+
+
+def test_init_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    r = qkdgw("init-demo", str(tmp_path))
+    assert r.returncode == 2 and "is not empty; pass --force" in r.stderr
+    assert qkdgw("init-demo", str(tmp_path), "--force").returncode == 0
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+# -- check-config ---------------------------------------------------------------------------
+
+
+def test_check_config_names_the_field(tmp_path: Path, demo: DemoLayout) -> None:
+    text = demo.site_config("a").read_text().replace("role: initiator", "role: leader")
+    bad = tmp_path / "site.yaml"
+    bad.write_text(text)
+    r = qkdgw("check-config", str(bad))
+    assert r.returncode == 2
+    assert "links.0.role: Input should be 'initiator' or 'responder'" in r.stderr
+
+
+def test_check_config_refuses_a_readable_private_key(tmp_path: Path, demo: DemoLayout) -> None:
+    key = tmp_path / "sae-a.key"
+    key.write_bytes((demo.pki / "sae-a.key").read_bytes())
+    key.chmod(0o644)
+    text = demo.site_config("a").read_text().replace("key: pki/sae-a.key", f"key: {key}")
+    text = text.replace("pki/", f"{demo.pki}/")
+    site = tmp_path / "site.yaml"
+    site.write_text(text)
+    r = qkdgw("check-config", str(site))
+    assert r.returncode == 2 and f"run: chmod 600 {key}" in r.stderr
+
+
+def test_check_config_refuses_plain_http(tmp_path: Path, demo: DemoLayout) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(demo.site_config("a").read_text().replace("url: https://", "url: http://"))
+    r = qkdgw("check-config", str(site))
+    assert r.returncode == 2 and "kms.url: ETSI GS QKD 014 runs over HTTPS" in r.stderr
+
+
+# -- kms calls --------------------------------------------------------------------------------
+
+
+def test_kms_calls_print_ids_and_fingerprints_never_keys(demo: DemoLayout,
+                                                         sim: SimProcess) -> None:
+    r = qkdgw("kms", "enc-keys", "-c", str(demo.site_config("a")), "-n", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    sent = json.loads(r.stdout)
+    ids = [k["key_ID"] for k in sent]
+    r = qkdgw("kms", "dec-keys", "-c", str(demo.site_config("b")), *ids, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == sent
+    # the same keys, fetched again by the gateway's own client, do not appear in any output
+    r2 = qkdgw("kms", "enc-keys", "-c", str(demo.site_config("a")), "--size", "512")
+    key_id = r2.stdout.splitlines()[1].split()[0]
+
+    async def material() -> bytes:
+        async with SiteConfig.load(demo.site_config("b")).kms.client() as c:
+            return (await c.dec_keys("sae-a", [key_id])).keys[0].material
+
+    key = asyncio.run(material())
+    for text in (r2.stdout, r2.stderr):
+        assert key.hex() not in text and base64.b64encode(key).decode() not in text
+
+
+def test_kms_status_table_and_json(demo: DemoLayout, sim: SimProcess) -> None:
+    r = qkdgw("kms", "status", "-c", str(demo.site_config("a")))
+    assert r.returncode == 0 and "stored_key_count         10000" in r.stdout
+    assert "status_extension.qber" in r.stdout
+    r = qkdgw("kms", "status", "-c", str(demo.site_config("b")), "--json")
+    assert json.loads(r.stdout)["master_SAE_ID"] == "sae-b"
+
+
+def test_kms_failure_exits_1_naming_the_kme(demo: DemoLayout, sim: SimProcess) -> None:
+    sim.fault(kind="error-503", kme="kme-a")
+    r = qkdgw("kms", "enc-keys", "-c", str(demo.site_config("a")), "--size", "256")
+    assert r.returncode == 1
+    assert f"KME https://127.0.0.1:{demo.kme_port('a')} enc_keys: HTTP 503" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_kms_unknown_link(demo: DemoLayout) -> None:
+    r = qkdgw("kms", "status", "-c", str(demo.site_config("a")), "--link", "zz")
+    assert r.returncode == 2 and "no link named 'zz' (links: ab)" in r.stderr
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+
+def test_demo_runs_end_to_end() -> None:
+    r = qkdgw("demo", "--keys", "4", "--base-port", str(free_base_port()))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count(" same\n") == 4
+    assert "result: 4 of 4 keys identical on both sites, delivered once: OK" in r.stdout
+
+
+def test_demo_reports_a_busy_port() -> None:
+    import socket
+
+    base = free_base_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 1))
+        s.listen()
+        r = qkdgw("demo", "--base-port", str(base))
+    assert r.returncode == 2 and "pick others with --base-port" in r.stderr
+
+
+def test_sim_stops_cleanly_on_sigterm(demo: DemoLayout, tmp_path: Path) -> None:
+    from tests.helpers import start_sim
+
+    root = tmp_path / "d"
+    base = free_base_port()
+    qkdgw("init-demo", str(root), "--base-port", str(base))
+    sim = start_sim(root / "kms.yaml", base, [base + 1, base + 2], tmp_path / "log")
+    assert sim.stop() == 0
+    log = sim.log.read_text()
+    assert "simulator stopped" in log and "Traceback" not in log
+    assert os.path.exists(root / "kms.yaml")
