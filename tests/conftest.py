@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
 
 from gateway import pki
 from gateway.config import SiteConfig
 from gateway.initdemo import DemoLayout, init_demo
 from kms.client import KmeClient
 from tests.helpers import SimProcess, free_base_port, start_sim
+
+# Property tests: "default" for every run (no deadline: CI machines stall), "soak" for long
+# runs: HYPOTHESIS_PROFILE=soak ./bootstrap test tests/kms
+settings.register_profile("default", deadline=None)
+settings.register_profile("soak", deadline=None, max_examples=20_000,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
