@@ -175,8 +175,8 @@ class KmeClient:
 
     async def status(self, peer_sae_id: str) -> Status:
         """§5.1 Get status, as master of PEER_SAE_ID."""
-        _, body = await self._call("status", "GET", peer_sae_id, "status", retry_sent=True)
-        result = self._parse(body, Status, "status")
+        raw = await self._call("status", "GET", peer_sae_id, "status", retry_sent=True)
+        result = self._parse(raw, Status, "status")
         self._default_size[peer_sae_id] = result.key_size
         return result
 
@@ -213,7 +213,7 @@ class KmeClient:
                 extension_optional=list(extension_optional) or None,
             )
             body = request.model_dump(exclude_none=True)
-        _, raw = await self._call(
+        raw = await self._call(
             "enc_keys", method, slave_sae_id, "enc_keys", params=params, body=body,
             retry_sent=False,
         )
@@ -252,7 +252,7 @@ class KmeClient:
             params = [("key_ID", ids[0])]
         else:
             body = {"key_IDs": [{"key_ID": i} for i in ids]}
-        _, raw = await self._call(
+        raw = await self._call(
             "dec_keys", method, master_sae_id, "dec_keys", params=params, body=body,
             retry_sent=True,
         )
@@ -280,7 +280,8 @@ class KmeClient:
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         body: Mapping[str, Any] | None = None,
         retry_sent: bool,
-    ) -> tuple[int, bytes]:
+    ) -> bytes:
+        """The body of a 200 answer, after the retries RETRY_SENT allows; else a KmsError."""
         url = f"{self.url}/api/v1/keys/{quote(sae_id, safe='')}/{endpoint}"
         ambiguous: KmsError | None = None
         for attempt in range(self._retry.attempts):
@@ -291,6 +292,7 @@ class KmeClient:
                 if not retry_sent or last:
                     raise e.error from None
                 ambiguous = e.error
+                log.info("%s (attempt %d of %d)", e.error, attempt + 1, self._retry.attempts)
             except (KmsConnectionError, KmsTimeout) as e:
                 if last:
                     raise
@@ -300,7 +302,7 @@ class KmeClient:
                     log.info("KME %s %s: HTTP 503, retrying (attempt %d of %d)",
                              self.url, operation, attempt + 1, self._retry.attempts)
                 elif status == 200:
-                    return status, raw
+                    return raw
                 else:
                     raise self._http_error(operation, status, raw, ambiguous)
             await asyncio.sleep(self._retry.delay(attempt))
