@@ -15,8 +15,8 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -27,10 +27,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import SiteConfig  # noqa: E402
-from gateway.initdemo import init_demo  # noqa: E402
-from kms.client import KmeClient  # noqa: E402
-from tests.helpers import free_base_port, start_sim  # noqa: E402
+from gateway.config import SiteConfig
+from gateway.initdemo import init_demo
+from kms.client import KmeClient
+from tests.helpers import free_base_port, start_sim
 
 KEY_BITS = 256
 
