@@ -116,3 +116,27 @@ def start_sim(config: Path, admin_port: int, kme_ports: list[int], log: Path) ->
         sim.stop()
         raise RuntimeError(f"kms-sim did not start: {e}\n{log.read_text()}") from None
     return sim
+
+
+VECTORS = Path(__file__).parent / "vectors"
+
+
+def read_vectors(name: str, first_key: str) -> list[tuple[str, dict[str, str]]]:
+    """Read a `key = value` vector file: '#' lines are comments, '[NAME]' lines set the
+    section each following vector belongs to, and FIRST_KEY starts a new vector."""
+    section = ""
+    out: list[tuple[str, dict[str, str]]] = []
+    for raw in (VECTORS / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ValueError(f"{name}: not 'key = value': {line[:40]}")
+        if key.strip() == first_key or not out:
+            out.append((section, {}))
+        out[-1][1][key.strip()] = value.strip()
+    return out
