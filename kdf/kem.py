@@ -71,10 +71,12 @@ class Kem(ABC):
         raise KdfError(f"{self.name} ({self.backend}) cannot generate keys from a seed")
 
     def encapsulate(self, encapsulation_key: bytes) -> Encapsulation:
-        self.check_encapsulation_key(encapsulation_key)
-        return self._encapsulate(encapsulation_key)
+        _check_size(self.name, "encapsulation key", encapsulation_key,
+                    self.encapsulation_key_size)
+        return self._encapsulate(encapsulation_key)  # validates the key (once) as it parses
 
     def check_encapsulation_key(self, value: bytes) -> None:
+        """Length, and where the backend can, the FIPS 203 §7.2 input check."""
         _check_size(self.name, "encapsulation key", value, self.encapsulation_key_size)
 
     def check_ciphertext(self, value: bytes) -> None:
@@ -129,14 +131,20 @@ class _PycaMlKem(Kem):
         _check_size(self.name, "seed (d || z)", seed, 64)
         return _PycaPrivateKey(self, self._private.from_seed_bytes(seed))
 
-    def _encapsulate(self, encapsulation_key: bytes) -> Encapsulation:
+    def _parse(self, encapsulation_key: bytes) -> mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey:
         try:
-            public = self._public.from_public_bytes(encapsulation_key)
+            return self._public.from_public_bytes(encapsulation_key)
         except ValueError:
             raise InvalidKeyError(
                 f"{self.name} encapsulation key is malformed (FIPS 203 §7.2 input check)"
             ) from None
-        shared, ciphertext = public.encapsulate()
+
+    def check_encapsulation_key(self, value: bytes) -> None:
+        super().check_encapsulation_key(value)
+        self._parse(value)
+
+    def _encapsulate(self, encapsulation_key: bytes) -> Encapsulation:
+        shared, ciphertext = self._parse(encapsulation_key).encapsulate()
         return Encapsulation(ciphertext, shared)
 
 

@@ -11,6 +11,8 @@ recomputes the whole schedule with hashlib and hmac alone.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -69,6 +71,16 @@ class EpochKeys:
     def key(self, purpose: Purpose) -> bytes:
         expand = HKDFExpand(hash_algorithm(HASH), purpose.length, purpose.label)
         return expand.derive(self.epoch_secret)
+
+    def confirm_tag(self, purpose: Purpose, transcript: Transcript) -> bytes:
+        """Key confirmation: HMAC-SHA-384 under the CONFIRM_I or CONFIRM_R key over the
+        transcript's hash. Proves the sender derived this epoch's keys from this transcript."""
+        if purpose not in (Purpose.CONFIRM_I, Purpose.CONFIRM_R):
+            raise KdfError("confirmation tags use the CONFIRM_I or CONFIRM_R key")
+        return hmac.new(self.key(purpose), transcript.digest(), hashlib.sha384).digest()
+
+    def confirm_ok(self, purpose: Purpose, transcript: Transcript, tag: bytes) -> bool:
+        return hmac.compare_digest(self.confirm_tag(purpose, transcript), tag)
 
 
 def derive_epoch(

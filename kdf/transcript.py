@@ -19,6 +19,7 @@ The field layout is part of the protocol; docs/key-schedule.md documents it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 #: Version of this encoding and of the protocol it belongs to.
@@ -104,3 +105,10 @@ class Transcript:
     def mb(self) -> bytes:
         """The responder's public values."""
         return lp(self.ct_mlkem) + lp(self.pk_x25519_r)
+
+    def digest(self) -> bytes:
+        """SHA-384 over context, MA and MB, each length-prefixed: what key confirmation MACs."""
+        h = hashlib.sha384()
+        for part in (self.context(), self.ma(), self.mb()):
+            h.update(lp(part))
+        return h.digest()

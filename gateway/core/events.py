@@ -1,0 +1,282 @@
+"""What the rekey core is told (events, past tense) and what it asks for (actions, imperative).
+
+The driver turns I/O into events, feeds them to `LinkMachine.handle(event, now)`, and carries
+out the actions it gets back, in order. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.core.messages import Abort, Accept, Ack, Commit, Message, Offer, RekeyRequest
+from kdf import EpochKeys, Purpose
+from kms.models import QkdKey
+
+
+class Role(StrEnum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class Alarm(StrEnum):
+    KMS_UNAVAILABLE = "kms-unavailable"  # no QKD keys: KME down, link down, QBER too high
+    QKD_FALLBACK = "qkd-fallback"  # the current epoch has no QKD key (pqc-fallback mode)
+    QKD_SUPPLY_LOW = "qkd-supply-low"  # the link cannot supply keys at the needed cadence
+    HARD_LIFETIME = "hard-lifetime"  # no fresh key in time: traffic is blocked
+    PEER_UNREACHABLE = "peer-unreachable"  # exchanges with the peer keep failing
+    EXCHANGE_FAILED = "exchange-failed"  # the peer refused or failed an exchange
+    SINK_FAILED = "sink-failed"  # a sink could not install a key
+
+
+# -- the key material sinks receive --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochMaterial:
+    """One epoch of one link, as the sinks need it. Only the fingerprint is ever shown."""
+
+    link: str
+    epoch: int
+    role: Role
+    suite: str
+    key_ids: tuple[str, ...]
+    spi_in: int  # SPI (or identifier) of the SA this side receives on
+    spi_out: int  # ... and of the SA it sends on (the peer's spi_in)
+    keys: EpochKeys = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.keys.fingerprint
+
+    def key(self, purpose: Purpose) -> bytes:
+        return self.keys.key(purpose)
+
+    @property
+    def inbound_esp(self) -> bytes:
+        """AES-256-GCM key + salt of the SA this side receives on."""
+        return self.key(Purpose.ESP_R2I if self.role is Role.INITIATOR else Purpose.ESP_I2R)
+
+    @property
+    def outbound_esp(self) -> bytes:
+        return self.key(Purpose.ESP_I2R if self.role is Role.INITIATOR else Purpose.ESP_R2I)
+
+
+@dataclass(frozen=True)
+class EpochRef:
+    """An epoch known by number and SPIs only (e.g. after a restart: keys are never stored)."""
+
+    link: str
+    epoch: int
+    spi_in: int
+    spi_out: int
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+class Event:
+    """Base of everything the driver tells the core."""
+
+
+@dataclass(frozen=True)
+class Tick(Event):
+    """Time passed (the driver calls at `next_deadline()`; extra calls are harmless)."""
+
+
+@dataclass(frozen=True)
+class RekeyRequested(Event):
+    """A local reason to rekey now: `qkdgw rekey`, or a sink's soft byte/packet limit."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class KmsStatusObserved(Event):
+    stored_key_count: int
+    key_size: int
+    kme_id: str
+    peer_kme_id: str
+    qber: float | None = None
+    key_rate: float | None = None  # secret key rate, bit/s
+    link_up: bool | None = None
+
+
+@dataclass(frozen=True)
+class KmsUnreachable(Event):
+    reason: str
+
+
+@dataclass(frozen=True)
+class QkdKeysFetched(Event):
+    request: int
+    keys: tuple[QkdKey, ...]
+
+
+@dataclass(frozen=True)
+class QkdFetchFailed(Event):
+    request: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerMessage(Event):
+    """A decoded message from the peer gateway, over the pinned mutual-TLS channel."""
+
+    message: Message
+    peer_cert_sha256: bytes = b""
+
+
+@dataclass(frozen=True)
+class OfferReceived(PeerMessage):
+    message: Offer
+
+
+@dataclass(frozen=True)
+class AcceptReceived(PeerMessage):
+    message: Accept
+
+
+@dataclass(frozen=True)
+class CommitReceived(PeerMessage):
+    message: Commit
+
+
+@dataclass(frozen=True)
+class AckReceived(PeerMessage):
+    message: Ack
+
+
+@dataclass(frozen=True)
+class AbortReceived(PeerMessage):
+    message: Abort
+
+
+@dataclass(frozen=True)
+class RekeyRequestReceived(PeerMessage):
+    message: RekeyRequest
+
+
+_RECEIVED: dict[type[Message], type[PeerMessage]] = {
+    Offer: OfferReceived, Accept: AcceptReceived, Commit: CommitReceived, Ack: AckReceived,
+    Abort: AbortReceived, RekeyRequest: RekeyRequestReceived,
+}
+
+
+def received(message: Message, peer_cert_sha256: bytes = b"") -> PeerMessage:
+    """The event for a decoded peer message."""
+    return _RECEIVED[type(message)](message, peer_cert_sha256)
+
+
+@dataclass(frozen=True)
+class SinkInstalled(Event):
+    """Every sink has installed the epoch's inbound key."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class SinkFailed(Event):
+    epoch: int
+    reason: str
+
+
+# -- actions -------------------------------------------------------------------------------
+
+
+class Action:
+    """Base of everything the core asks the driver to do."""
+
+
+@dataclass(frozen=True)
+class FetchQkdKeys(Action):
+    """enc_keys as master SAE; answer with QkdKeysFetched or QkdFetchFailed."""
+
+    request: int
+    number: int
+    size: int
+
+
+@dataclass(frozen=True)
+class FetchQkdKeysById(Action):
+    """dec_keys as slave SAE; answer with QkdKeysFetched or QkdFetchFailed."""
+
+    request: int
+    key_ids: tuple[str, ...]
+    size: int
+
+
+@dataclass(frozen=True)
+class Send(Action):
+    message: Message
+
+
+@dataclass(frozen=True)
+class InstallInbound(Action):
+    """Install the epoch's inbound key in every sink; answer SinkInstalled or SinkFailed."""
+
+    material: EpochMaterial
+
+
+@dataclass(frozen=True)
+class ActivateOutbound(Action):
+    """Send on the epoch's key from now on (its inbound counterpart exists at the peer)."""
+
+    material: EpochMaterial
+
+
+@dataclass(frozen=True)
+class RetireInbound(Action):
+    """Remove the key this side receives on for the epoch: the peer no longer sends on it."""
+
+    ref: EpochRef
+
+
+@dataclass(frozen=True)
+class RetireOutbound(Action):
+    """Remove the key this side sent on for the epoch: a newer one has replaced it, or it
+    expired."""
+
+    ref: EpochRef
+
+
+@dataclass(frozen=True)
+class Block(Action):
+    """Drop the link's traffic: no valid key (fail closed, never clear text)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RaiseAlarm(Action):
+    alarm: Alarm
+    detail: str
+
+
+@dataclass(frozen=True)
+class ClearAlarm(Action):
+    alarm: Alarm
+
+
+@dataclass(frozen=True)
+class Record(Action):
+    """A key-handling event for the audit trail, logs and metrics.
+
+    kind: fetched, offered, derived, installed, activated, rekeyed, retired, discarded,
+    rejected, aborted. Carries key IDs and fingerprints, never key bytes.
+    """
+
+    kind: str
+    epoch: int
+    key_ids: tuple[str, ...] = ()
+    fingerprint: str = ""
+    detail: str = ""
+    latency: float | None = None
+
+
+@dataclass(frozen=True)
+class Persist(Action):
+    """Save this link's state (no secrets in it) so a restart resumes."""
+
+    snapshot: dict[str, Any]

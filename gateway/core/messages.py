@@ -1,0 +1,172 @@
+"""Peer protocol messages (version 1) and their codec. Pure: bytes in, messages out.
+
+One epoch, initiator I, responder R (docs/protocol.md):
+
+    I → R  Offer    key IDs, ML-KEM encapsulation key, X25519 key, nonce, SPI
+    R → I  Accept   ML-KEM ciphertext, X25519 key, nonce, SPI, key confirmation
+    I → R  Commit   key confirmation
+    R → I  Ack
+    either Abort    why an exchange cannot go on
+    R → I  RekeyRequest   ask the initiator for a new epoch (restart, soft limit, operator)
+
+Every message names its link and epoch, and carries `out`, the epoch the sender currently
+sends on (0: none): that is how each side learns when the other has moved past an epoch.
+Messages are JSON with base64 byte strings. Anything malformed, oversized or with unknown
+members is a `MessageError` naming the problem; the receiver never acts on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    TypeAdapter,
+    ValidationError,
+)
+
+from kms.models import EntityId, KeyId
+
+PROTOCOL_VERSION: Literal[1] = 1
+#: Largest message accepted: an ML-KEM-1024 key in base64 is ~2.1 KB; 16 KiB leaves room and
+#: bounds what a hostile peer can make us parse.
+MAX_MESSAGE_BYTES = 16 * 1024
+NONCE_SIZE = 32
+CONFIRM_SIZE = 48
+MAX_KEY_IDS = 4
+
+
+class MessageError(ValueError):
+    """A peer message that cannot be decoded; the text says why (never the message bytes)."""
+
+
+def _b64(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not standard base64") from None
+
+
+_B64 = (BeforeValidator(_b64),
+        PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str))
+Nonce = Annotated[bytes, *_B64, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+Confirm = Annotated[bytes, *_B64, Field(min_length=CONFIRM_SIZE, max_length=CONFIRM_SIZE)]
+PublicValue = Annotated[bytes, *_B64, Field(min_length=1, max_length=4096)]
+Epoch = Annotated[int, Field(ge=0, lt=2**63)]
+Spi = Annotated[int, Field(ge=0x100, lt=2**32)]
+Name = Annotated[EntityId, Field(max_length=64)]
+
+
+class AbortReason(StrEnum):
+    STALE_EPOCH = "stale-epoch"  # the offer's epoch is not above what the responder has
+    QKD_REQUIRED = "qkd-required"  # a PQC-only offer to a responder that requires QKD
+    KMS_UNAVAILABLE = "kms-unavailable"  # the responder could not get the QKD keys by ID
+    KEY_ID_REUSED = "key-id-reused"  # a QKD key ID the responder has already used
+    IDENTITY_MISMATCH = "identity-mismatch"  # SAE or KME identities differ from ours
+    SUITE_UNSUPPORTED = "suite-unsupported"
+    SINK_FAILED = "sink-failed"  # the responder could not install the inbound key
+    CONFIRM_FAILED = "confirm-failed"  # the key confirmation did not verify
+    ROLE_CONFLICT = "role-conflict"  # both ends are configured as initiator
+
+
+class RekeyReason(StrEnum):
+    RESTART = "restart"
+    SOFT_LIMIT = "soft-limit"
+    OPERATOR = "operator"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True,
+                              hide_input_in_errors=True)
+
+    v: Literal[1] = PROTOCOL_VERSION
+    link: Name
+    epoch: Epoch
+    out: Epoch = 0
+
+
+class Offer(_Message):
+    type: Literal["offer"] = "offer"
+    suite: str = Field(max_length=80)
+    key_ids: tuple[KeyId, ...] = Field(max_length=MAX_KEY_IDS)
+    kme_i: str = Field(max_length=64)
+    kme_r: str = Field(max_length=64)
+    ek: PublicValue
+    pk: PublicValue
+    nonce: Nonce
+    spi: Spi
+
+
+class Accept(_Message):
+    type: Literal["accept"] = "accept"
+    nonce_i: Nonce
+    ct: PublicValue
+    pk: PublicValue
+    nonce: Nonce
+    spi: Spi
+    confirm: Confirm
+
+
+class Commit(_Message):
+    type: Literal["commit"] = "commit"
+    nonce_i: Nonce
+    nonce_r: Nonce
+    confirm: Confirm
+
+
+class Ack(_Message):
+    type: Literal["ack"] = "ack"
+    nonce_i: Nonce
+    nonce_r: Nonce
+
+
+class Abort(_Message):
+    type: Literal["abort"] = "abort"
+    nonce_i: Nonce
+    reason: AbortReason
+    current: Epoch = Field(description="the highest epoch the sender has used or seen")
+
+
+class RekeyRequest(_Message):
+    type: Literal["rekey-request"] = "rekey-request"
+    reason: RekeyReason
+
+
+Message = Offer | Accept | Commit | Ack | Abort | RekeyRequest
+_ADAPTER: TypeAdapter[Message] = TypeAdapter(
+    Annotated[Message, Field(discriminator="type")])
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def decode(raw: bytes) -> Message:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        return _ADAPTER.validate_json(raw, strict=True)
+    except ValidationError as e:
+        first = e.errors(include_url=False, include_input=False, include_context=False)[0]
+        if first["type"] == "json_invalid":
+            raise MessageError("message is not JSON") from None
+        if first["type"] in ("model_attributes_type", "dict_type", "model_type"):
+            raise MessageError("message is not a JSON object") from None
+        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
+        if where == "v":
+            raise MessageError(f"unsupported protocol version (this gateway speaks"
+                               f" {PROTOCOL_VERSION})") from None
+        if first["type"].startswith("union_tag"):
+            raise MessageError("message has no known type") from None
+        raise MessageError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None

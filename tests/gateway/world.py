@@ -1,0 +1,336 @@
+"""A small world for the rekey core: two gateways, a network, a KMS, data planes and a clock.
+
+    initiator ──(network: drop, duplicate, reorder, delay)── responder
+        │                                                        │
+    KMS (enc_keys) ════════════ pool of QKD keys ══════════ KMS (dec_keys by ID)
+        │                                                        │
+    data plane model                                     data plane model
+
+Everything the machines ask for is carried out here, possibly late or not at all, as the
+faults say. The data plane models record what a kernel or TLS stack would hold: installed
+inbound keys, the active outbound key, whether traffic is blocked. The invariants are checked
+against those, not against the machines' own view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.core.events import (
+    Action,
+    ActivateOutbound,
+    Block,
+    ClearAlarm,
+    Event,
+    FetchQkdKeys,
+    FetchQkdKeysById,
+    InstallInbound,
+    KmsStatusObserved,
+    Persist,
+    QkdFetchFailed,
+    QkdKeysFetched,
+    RaiseAlarm,
+    Record,
+    RetireInbound,
+    RetireOutbound,
+    Role,
+    Send,
+    SinkInstalled,
+    Tick,
+    received,
+)
+from gateway.core.machine import LinkIdentity, LinkMachine, PeerMessageRejected
+from gateway.core.messages import Message, decode, encode
+from gateway.core.policy import Mode, Policy
+from kms.models import QkdKey
+
+CERT_I = hashlib.sha256(b"gw-a certificate").digest()
+CERT_R = hashlib.sha256(b"gw-b certificate").digest()
+
+FAST = Policy(interval=10.0, jitter=0.1, hard_lifetime=60.0, grace=1.0, retransmit=0.5,
+              retransmit_max=2.0, attempt_timeout=6.0, retry_backoff=1.0,
+              retry_backoff_max=8.0)
+
+
+@dataclass
+class DataPlane:
+    """What a sink holds for the link."""
+
+    inbound: dict[int, bytes] = field(default_factory=dict)  # epoch -> inbound ESP key
+    outbound: int | None = None
+    outbound_key: bytes = b""
+    blocked: bool = True
+    sent_on: list[int] = field(default_factory=list)  # epochs activated, in order
+
+
+class Kms:
+    """One pool of QKD keys shared by the two KMEs; delivered once, by ID, to the slave."""
+
+    def __init__(self) -> None:
+        self.available = True
+        self.reserved: dict[str, bytes] = {}
+        self.issued: set[str] = set()
+
+    def enc_keys(self, number: int, size: int) -> tuple[QkdKey, ...]:
+        if not self.available:
+            raise RuntimeError("KME unavailable")
+        keys = tuple(QkdKey(str(uuid.uuid4()), secrets.token_bytes(size // 8))
+                     for _ in range(number))
+        for k in keys:
+            self.reserved[k.key_id] = k.material
+            self.issued.add(k.key_id)
+        return keys
+
+    def dec_keys(self, ids: tuple[str, ...]) -> tuple[QkdKey, ...]:
+        if not self.available:
+            raise RuntimeError("KME unavailable")
+        if any(i not in self.reserved for i in ids):
+            raise RuntimeError("one or more keys specified are not found on KME")
+        return tuple(QkdKey(i, self.reserved.pop(i)) for i in ids)
+
+
+@dataclass(order=True)
+class Pending:
+    at: float
+    seq: int
+    side: str = field(compare=False)
+    what: Any = field(compare=False)
+
+
+class Side:
+    def __init__(self, world: World, role: Role, policy: Policy) -> None:
+        self.world = world
+        self.role = role
+        self.policy = policy
+        self.name = "I" if role is Role.INITIATOR else "R"
+        self.plane = DataPlane()
+        self.snapshot: dict[str, Any] | None = None
+        self.alarms: set[str] = set()
+        self.records: list[Record] = []
+        self.rejected: list[str] = []
+        self.machine = self._new_machine()
+
+    def _new_machine(self) -> LinkMachine:
+        initiator = self.role is Role.INITIATOR
+        identity = LinkIdentity(
+            link="ab", role=self.role,
+            gateway="gw-a" if initiator else "gw-b", cert_sha256=CERT_I if initiator else CERT_R,
+            sae_id="sae-a" if initiator else "sae-b", peer_gateway="gw-b" if initiator else "gw-a",
+            peer_sae_id="sae-b" if initiator else "sae-a")
+        rng = random.Random(self.world.rng.random())
+        return LinkMachine(identity, self.policy, now=self.world.now, snapshot=self.snapshot,
+                           rng=lambda n: rng.randbytes(n))
+
+    @property
+    def peer(self) -> Side:
+        return self.world.r if self is self.world.i else self.world.i
+
+    def restart(self) -> None:
+        """The daemon restarts: the machine comes back from its last snapshot; the data plane
+        (kernel SAs, PSK files) is untouched."""
+        self.machine = self._new_machine()
+        self.world.execute(self, self.machine.start(self.world.now))
+
+    def feed(self, event: Event) -> None:
+        try:
+            actions = self.machine.handle(event, self.world.now)
+        except PeerMessageRejected as e:
+            self.rejected.append(e.reason)
+            return
+        self.world.execute(self, actions)
+
+
+class World:
+    def __init__(self, seed: int = 0, policy_i: Policy = FAST, policy_r: Policy = FAST) -> None:
+        self.rng = random.Random(seed)
+        self.now = 1000.0
+        self.kms = Kms()
+        self.queue: list[Pending] = []
+        self._seq = 0
+        # faults
+        self.loss = 0.0
+        self.duplicate = 0.0
+        self.max_delay = 0.01
+        self.kms_delay = 0.0
+        self.sink_delay = 0.0
+        # history for the invariants
+        self.epoch_keys: dict[int, bytes] = {}  # epoch -> I's outbound key (= R's inbound)
+        self.key_ids_by_epoch: dict[int, tuple[str, ...]] = {}
+        self.violations: list[str] = []
+        self.i = Side(self, Role.INITIATOR, policy_i)
+        self.r = Side(self, Role.RESPONDER, policy_r)
+        for side in (self.i, self.r):
+            self.execute(side, side.machine.start(self.now))
+
+    # -- carrying out actions ----------------------------------------------------------------
+
+    def later(self, delay: float, side: Side, what: Any) -> None:
+        self._seq += 1
+        self.queue.append(Pending(self.now + delay, self._seq, side.name, what))
+
+    def execute(self, side: Side, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self._send(side, a.message)
+            elif isinstance(a, FetchQkdKeys | FetchQkdKeysById):
+                self.later(self.kms_delay, side, a)
+            elif isinstance(a, InstallInbound):
+                m = a.material
+                side.plane.inbound[m.epoch] = m.inbound_esp
+                self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
+                self.later(self.sink_delay, side, SinkInstalled(m.epoch))
+            elif isinstance(a, ActivateOutbound):
+                m = a.material
+                if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
+                    self.violations.append(f"{side.name} activated epoch {m.epoch} after"
+                                           f" {side.plane.outbound}")
+                side.plane.outbound, side.plane.outbound_key = m.epoch, m.outbound_esp
+                side.plane.blocked = False
+                side.plane.sent_on.append(m.epoch)
+                self._note_keys(side, m.epoch, m.outbound_esp, m.key_ids, inbound=False)
+            elif isinstance(a, RetireInbound):
+                side.plane.inbound.pop(a.ref.epoch, None)
+            elif isinstance(a, RetireOutbound):
+                if side.plane.outbound == a.ref.epoch and not side.plane.blocked:
+                    self.violations.append(f"{side.name} retired the key it sends on")
+            elif isinstance(a, Block):
+                side.plane.blocked, side.plane.outbound = True, None
+            elif isinstance(a, Persist):
+                side.snapshot = a.snapshot
+            elif isinstance(a, RaiseAlarm):
+                side.alarms.add(a.alarm.value)
+            elif isinstance(a, ClearAlarm):
+                side.alarms.discard(a.alarm.value)
+            elif isinstance(a, Record):
+                side.records.append(a)
+
+    def _note_keys(self, side: Side, epoch: int, key: bytes, key_ids: tuple[str, ...],
+                   inbound: bool) -> None:
+        # I's outbound key and R's inbound key are the same key (I→R), and vice versa; so
+        # normalise to the I→R key: I outbound or R inbound.
+        if (side is self.i) != inbound:
+            known = self.epoch_keys.setdefault(epoch, key)
+            if known != key:
+                self.violations.append(f"epoch {epoch}: the two sides hold different keys")
+        ids = self.key_ids_by_epoch.setdefault(epoch, key_ids)
+        if ids != key_ids:
+            self.violations.append(f"epoch {epoch}: key IDs differ between the sides")
+
+    def _send(self, side: Side, message: Message) -> None:
+        raw = encode(message)
+        if self.rng.random() < self.loss:
+            return
+        copies = 2 if self.rng.random() < self.duplicate else 1
+        for _ in range(copies):
+            self.later(self.rng.uniform(0, self.max_delay), side.peer, raw)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def _next(self) -> tuple[float, Any] | None:
+        deadlines = [(d, s) for s in (self.i, self.r)
+                     if (d := s.machine.next_deadline()) is not None]
+        next_timer = min(deadlines, key=lambda x: x[0]) if deadlines else None
+        next_item = min(self.queue) if self.queue else None
+        if next_item is not None and (next_timer is None or next_item.at <= next_timer[0]):
+            return next_item.at, next_item
+        return next_timer
+
+    def step(self, until: float = float("inf")) -> bool:
+        """Run the next thing due before UNTIL: a delivery, a KMS or sink answer, a timer."""
+        nxt = self._next()
+        if nxt is None or nxt[0] > until:
+            return False
+        at, what = nxt
+        self.now = max(self.now, at)
+        if isinstance(what, Pending):
+            self.queue.remove(what)
+            self._deliver(self.i if what.side == "I" else self.r, what.what)
+        else:
+            what.feed(Tick())
+        self.check()
+        return True
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.step(until=end):
+            pass
+        self.now = max(self.now, end)
+
+    def settle(self, limit: float) -> bool:
+        """Run until both sides send on the same epoch (an exchange in flight lands), at most
+        LIMIT seconds."""
+        end = self.now + limit
+        while not self.converged() and self.step(until=end):
+            pass
+        return self.converged()
+
+    def _deliver(self, side: Side, what: Any) -> None:
+        if isinstance(what, bytes):
+            side.feed(received(decode(what), CERT_I if side is self.r else CERT_R))
+        elif isinstance(what, FetchQkdKeys):
+            try:
+                keys = self.kms.enc_keys(what.number, what.size)
+            except RuntimeError as e:
+                side.feed(QkdFetchFailed(what.request, str(e)))
+            else:
+                side.feed(QkdKeysFetched(what.request, keys))
+        elif isinstance(what, FetchQkdKeysById):
+            try:
+                keys = self.kms.dec_keys(what.key_ids)
+            except RuntimeError as e:
+                side.feed(QkdFetchFailed(what.request, str(e)))
+            else:
+                side.feed(QkdKeysFetched(what.request, keys))
+        else:
+            side.feed(what)
+
+    def kms_status(self, *, ok: bool = True, qber: float = 0.02) -> None:
+        for side, (me, peer) in ((self.i, ("kme-a", "kme-b")), (self.r, ("kme-b", "kme-a"))):
+            side.feed(KmsStatusObserved(stored_key_count=1000, key_size=256, kme_id=me,
+                                        peer_kme_id=peer, qber=qber, key_rate=50_000.0,
+                                        link_up=ok))
+
+    # -- invariants -------------------------------------------------------------------------
+
+    def check(self) -> None:
+        for side in (self.i, self.r):
+            p = side.plane
+            # 4: never a moment without protection: a key to send on, or blocked.
+            if not p.blocked and p.outbound is None:
+                self.violations.append(f"{side.name}: traffic neither keyed nor blocked")
+            # 1: whoever sends on an epoch's key finds that key installed inbound at the peer.
+            if not p.blocked and p.outbound is not None:
+                peer_in = side.peer.plane.inbound.get(p.outbound)
+                if peer_in is None:
+                    self.violations.append(f"{side.name} sends on epoch {p.outbound}, which"
+                                           f" {side.peer.name} has not installed")
+                elif peer_in != p.outbound_key:
+                    self.violations.append(f"epoch {p.outbound}: {side.name}'s outbound key"
+                                           f" is not {side.peer.name}'s inbound key")
+        # 2: different epochs never share a key.
+        keys = list(self.epoch_keys.values())
+        if len(set(keys)) != len(keys):
+            self.violations.append("two epochs share a key")
+        # 3: a QKD key ID belongs to one epoch at most.
+        ids = [k for v in self.key_ids_by_epoch.values() for k in v]
+        if len(set(ids)) != len(ids):
+            self.violations.append("a QKD key ID was used in two epochs")
+
+    def converged(self) -> bool:
+        i, r = self.i.plane, self.r.plane
+        return (i.outbound is not None and i.outbound == r.outbound and not i.blocked
+                and not r.blocked)
+
+
+def policy(**kw: Any) -> Policy:
+    from dataclasses import replace
+
+    return replace(FAST, **kw)
+
+
+__all__ = ["FAST", "Mode", "World", "policy"]
