@@ -767,7 +767,12 @@ class LinkMachine:
         return self._alarm(Alarm.KMS_UNAVAILABLE, event.reason)
 
     def _qkd_usable(self, now: float) -> bool:
+        """QKD keys can be asked for: the KMS status is known (the KME identities go into the
+        transcript) and good, and no recent failure says otherwise."""
         k = self.kms
+        if not (k.kme_id and k.peer_kme_id):
+            k.reason = k.reason or "no KMS status yet"
+            return False
         return k.ok and now >= k.failed_until and now >= k.refused_until
 
     def supply_keys_per_s(self) -> float | None:

@@ -113,6 +113,7 @@ class Side:
         self.alarms: set[str] = set()
         self.records: list[Record] = []
         self.rejected: list[str] = []
+        self.last_status: KmsStatusObserved | None = None
         self.machine = self._new_machine()
 
     def _new_machine(self) -> LinkMachine:
@@ -124,7 +125,7 @@ class Side:
             peer_sae_id="sae-b" if initiator else "sae-a")
         rng = random.Random(self.world.rng.random())
         return LinkMachine(identity, self.policy, now=self.world.now, snapshot=self.snapshot,
-                           rng=lambda n: rng.randbytes(n))
+                           rng=rng.randbytes)
 
     @property
     def peer(self) -> Side:
@@ -132,9 +133,11 @@ class Side:
 
     def restart(self) -> None:
         """The daemon restarts: the machine comes back from its last snapshot; the data plane
-        (kernel SAs, PSK files) is untouched."""
+        (kernel SAs, PSK files) is untouched; the daemon polls its KME's status first."""
         self.machine = self._new_machine()
         self.world.execute(self, self.machine.start(self.world.now))
+        if self.last_status is not None:
+            self.feed(self.last_status)
 
     def feed(self, event: Event) -> None:
         try:
@@ -291,9 +294,10 @@ class World:
 
     def kms_status(self, *, ok: bool = True, qber: float = 0.02) -> None:
         for side, (me, peer) in ((self.i, ("kme-a", "kme-b")), (self.r, ("kme-b", "kme-a"))):
-            side.feed(KmsStatusObserved(stored_key_count=1000, key_size=256, kme_id=me,
-                                        peer_kme_id=peer, qber=qber, key_rate=50_000.0,
-                                        link_up=ok))
+            side.last_status = KmsStatusObserved(
+                stored_key_count=1000, key_size=256, kme_id=me, peer_kme_id=peer, qber=qber,
+                key_rate=50_000.0, link_up=ok)
+            side.feed(side.last_status)
 
     # -- invariants -------------------------------------------------------------------------
 

@@ -1,0 +1,337 @@
+"""The rekey core, scenario by scenario: modes, limits, hostile input, restarts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from dataclasses import replace
+
+import pytest
+
+from gateway.core.events import (
+    Alarm,
+    Block,
+    KmsStatusObserved,
+    RekeyRequested,
+    Send,
+    SinkInstalled,
+    received,
+)
+from gateway.core.machine import TRANSITIONS, IllegalEvent, LinkMachine, State
+from gateway.core.messages import (
+    MAX_MESSAGE_BYTES,
+    Accept,
+    MessageError,
+    Offer,
+    decode,
+    encode,
+)
+from gateway.core.policy import Mode, Policy
+from tests.gateway.world import CERT_I, CERT_R, FAST, World, policy
+
+# -- happy path and modes ------------------------------------------------------------------
+
+
+def test_epochs_roll_over_with_identical_keys_and_old_ones_retired() -> None:
+    w = World(seed=7)
+    w.kms_status()
+    w.run_for(105)
+    assert not w.violations
+    assert w.converged() and w.i.plane.outbound is not None and w.i.plane.outbound >= 9
+    assert w.i.plane.sent_on == list(range(1, w.i.plane.outbound + 1))
+    assert set(w.r.plane.inbound) <= {w.r.plane.outbound, w.r.plane.outbound + 1}
+    fingerprints = {r.epoch: r.fingerprint for r in w.i.records if r.kind == "rekeyed"}
+    assert fingerprints == {r.epoch: r.fingerprint for r in w.r.records if r.kind == "rekeyed"}
+    assert len(set(fingerprints.values())) == len(fingerprints)
+    used = [k for r in w.i.records if r.kind == "offered" for k in r.key_ids]
+    assert len(used) == len(set(used)) == len(w.kms.issued)
+
+
+def test_qkd_pqc_without_kms_keeps_the_key_then_blocks_at_hard_lifetime() -> None:
+    w = World(seed=1)
+    w.kms_status()
+    w.run_for(5)
+    epoch = w.i.plane.outbound
+    assert epoch == 1
+    w.kms.available = False
+    w.kms_status(ok=False)
+    w.run_for(FAST.hard_lifetime - 10)
+    assert w.i.plane.outbound == epoch and not w.i.plane.blocked  # still on the last key
+    assert "kms-unavailable" in w.i.alarms
+    w.run_for(15)
+    assert w.i.plane.blocked and w.r.plane.blocked  # fail closed, never on a stale key
+    assert "hard-lifetime" in w.i.alarms and not w.violations
+    w.kms.available = True
+    w.kms_status()
+    assert w.settle(FAST.retry_backoff_max + 2 * FAST.attempt_timeout)
+    assert "hard-lifetime" not in w.i.alarms and "kms-unavailable" not in w.i.alarms
+
+
+def test_pqc_fallback_rekeys_without_qkd_and_returns_to_qkd() -> None:
+    p = policy(mode=Mode.PQC_FALLBACK)
+    w = World(seed=2, policy_i=p, policy_r=p)
+    w.kms_status()
+    w.run_for(5)
+    w.kms.available = False
+    w.kms_status(ok=False)
+    w.run_for(35)
+    offered = [r for r in w.i.records if r.kind == "offered"]
+    assert offered[-1].detail.startswith("pqc+") and offered[-1].key_ids == ()
+    assert w.converged() and "qkd-fallback" in w.i.alarms and "qkd-fallback" in w.r.alarms
+    pqc_epoch = w.i.plane.outbound
+    w.kms.available = True
+    w.kms_status()
+    w.run_for(2)  # the first chance: at once, not at the next interval
+    assert w.i.plane.outbound is not None and pqc_epoch is not None
+    assert w.i.plane.outbound > pqc_epoch and w.converged()
+    assert [r for r in w.i.records if r.kind == "offered"][-1].detail.startswith("qkd+")
+    assert "qkd-fallback" not in w.i.alarms and not w.violations
+
+
+def test_responder_requiring_qkd_refuses_pqc_only_offers() -> None:
+    w = World(seed=3, policy_i=policy(mode=Mode.PQC_FALLBACK), policy_r=FAST)
+    w.kms.available = False
+    w.kms_status(ok=False)
+    w.run_for(20)
+    assert w.i.plane.outbound is None and w.i.plane.blocked and w.r.plane.blocked
+    assert any(r.kind == "rejected" and "requires QKD" in r.detail for r in w.r.records)
+    assert "exchange-failed" in w.i.alarms
+
+
+def test_qber_above_threshold_counts_as_kms_unavailable() -> None:
+    w = World(seed=4)
+    w.kms_status()
+    w.run_for(5)
+    w.kms_status(qber=0.2)
+    assert w.i.alarms == {"kms-unavailable"}
+    w.run_for(30)
+    assert not any(r.kind == "fetched" and r.epoch > 2 for r in w.i.records)
+    w.kms_status(qber=0.03)
+    assert "kms-unavailable" not in w.i.alarms
+
+
+def test_operator_and_soft_limit_rekeys() -> None:
+    w = World(seed=5)
+    w.kms_status()
+    w.run_for(2)
+    assert w.i.plane.outbound == 1
+    w.r.feed(RekeyRequested("operator"))  # the responder asks the initiator
+    w.run_for(1)
+    assert w.i.plane.outbound == 2 and w.converged()
+    w.i.feed(RekeyRequested("soft-limit"))
+    w.run_for(1)
+    assert w.i.plane.outbound == 3 and w.converged()
+
+
+def test_restart_resumes_epochs_without_reusing_numbers() -> None:
+    w = World(seed=6)
+    w.kms_status()
+    w.run_for(25)
+    epoch = w.i.plane.outbound
+    assert epoch is not None
+    for side in (w.i, w.r, w.i):
+        side.restart()
+        w.run_for(3)
+        assert w.converged() and w.i.plane.outbound is not None
+        assert w.i.plane.outbound > epoch
+        epoch = w.i.plane.outbound
+    assert not w.violations
+
+
+def test_initiator_that_lost_its_state_resynchronises() -> None:
+    w = World(seed=8)
+    w.kms_status()
+    w.run_for(25)
+    w.i.snapshot = None  # its state file is gone
+    w.i.restart()
+    w.run_for(3)
+    assert w.converged() and not w.violations
+    assert any(r.detail.endswith("stale-epoch") for r in w.i.records if r.kind == "discarded")
+
+
+def test_snapshots_hold_no_key_material() -> None:
+    w = World(seed=9)
+    w.kms_status()
+    w.run_for(25)
+    text = json.dumps(w.i.snapshot) + json.dumps(w.r.snapshot)
+    for key in list(w.epoch_keys.values()) + list(w.kms.reserved.values()):
+        assert key.hex() not in text
+    assert w.i.snapshot is not None and w.i.snapshot["outbound"]["epoch"] == w.i.plane.outbound
+
+
+# -- hostile and malformed input -----------------------------------------------------------
+
+
+def _offer_and_accept() -> tuple[World, Offer, Accept]:
+    w = World(seed=10)
+    w.kms_status()
+    sent: list[bytes] = []
+    original = w._send
+
+    def spy(side: object, message: object) -> None:
+        sent.append(encode(message))  # type: ignore[arg-type]
+        original(side, message)  # type: ignore[arg-type]
+
+    w._send = spy  # type: ignore[method-assign]
+    w.run_for(3)
+    msgs = [decode(raw) for raw in sent]
+    offer = next(m for m in msgs if isinstance(m, Offer))
+    accept = next(m for m in msgs if isinstance(m, Accept))
+    return w, offer, accept
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b"", "not JSON"),
+    (b'{"v":1,"type":"offer","link":"ab"', "not JSON"),
+    (b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":1,"nonce_i":"","nonce_r":""}', "nonce_i"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":1,"out":0,"nonce_i":"' + b"A" * 43 + b'=",'
+     b'"nonce_r":"' + b"A" * 43 + b'=","extra":1}', "extra: Extra inputs"),
+    (b'{"v":1,"type":"ack","link":"a/b","epoch":1}', "link"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":-1}', "epoch"),
+    (b'{"v":9,"type":"ack"}', "unsupported protocol version"),
+])
+def test_codec_rejects_malformed_messages(raw: bytes, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        decode(raw)
+
+
+def test_truncated_real_messages_are_rejected() -> None:
+    _, offer, accept = _offer_and_accept()
+    for message in (offer, accept):
+        raw = encode(message)
+        for cut in (1, len(raw) // 3, len(raw) // 2, len(raw) - 1):
+            with pytest.raises(MessageError):
+                decode(raw[:cut])
+
+
+def test_wrong_mac_is_refused_and_the_key_does_not_change() -> None:
+    w = World(seed=11)
+    w.kms_status()
+    w.run_for(3)
+    current = w.i.plane.outbound
+    # Tamper with the responder's next Accept on the wire.
+    original = w._send
+
+    def tamper(side: object, message: object) -> None:
+        if isinstance(message, Accept):
+            bad = bytes([message.confirm[0] ^ 1]) + message.confirm[1:]
+            message = message.model_copy(update={"confirm": bad})
+        original(side, message)  # type: ignore[arg-type]
+
+    w._send = tamper  # type: ignore[method-assign]
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(1)
+    assert w.i.plane.outbound == current and not w.violations
+    assert any("key confirmation" in r.detail for r in w.i.records if r.kind == "discarded")
+    assert "exchange-failed" in w.i.alarms
+
+
+def test_replayed_and_old_messages_change_nothing() -> None:
+    w, offer, accept = _offer_and_accept()
+    w.run_for(25)  # several epochs later
+    before = (w.i.plane.outbound, dict(w.r.plane.inbound), w.r.machine.max_epoch)
+    sent_before = len(w.r.records)
+    w.r.feed(received(offer, CERT_I))  # replay of epoch 1's Offer
+    w.i.feed(received(accept, CERT_R))  # replay of epoch 1's Accept
+    w.run_for(0.1)
+    assert (w.i.plane.outbound, dict(w.r.plane.inbound), w.r.machine.max_epoch) == before
+    assert any("stale epoch" in r.detail for r in w.r.records[sent_before:])
+    # the same Offer under a new epoch number: its QKD key ID is refused
+    newer = offer.model_copy(update={"epoch": w.r.machine.max_epoch + 5})
+    w.r.feed(received(newer, CERT_I))
+    assert any("used before" in r.detail for r in w.r.records if r.kind == "rejected")
+    assert w.r.machine.max_epoch == before[2]
+
+
+def test_wrong_link_and_role_confusion_are_rejected() -> None:
+    w, offer, accept = _offer_and_accept()
+    w.r.feed(received(offer.model_copy(update={"link": "zz", "epoch": 99}), CERT_I))
+    w.i.feed(received(offer, CERT_I))  # an Offer at the initiator
+    w.r.feed(received(accept, CERT_R))  # an Accept at the responder
+    assert w.r.rejected == ["wrong-link", "role-conflict"] and w.i.rejected == ["role-conflict"]
+
+
+def test_offer_without_peer_certificate_or_with_bad_keys_is_refused() -> None:
+    w, offer, _ = _offer_and_accept()
+    n = w.r.machine.max_epoch
+
+    def variant(epoch: int, **change: object) -> Offer:
+        return offer.model_copy(update={"epoch": epoch, "key_ids": (str(uuid.uuid4()),),
+                                        **change})
+
+    for bad, detail in (
+        (received(variant(n + 1), b""), "no peer certificate"),
+        (received(variant(n + 2, ek=b"\xff" * 1184), CERT_I), "malformed (FIPS 203"),
+        (received(variant(n + 3, ek=b"\x00" * 12), CERT_I), "must be 1184 bytes"),
+        (received(variant(n + 4, suite="qkd+RSA"), CERT_I), "is not ours"),
+        (received(variant(n + 5, kme_i="kme-x"), CERT_I), "KME IDs kme-x/kme-b"),
+        (received(variant(n + 6, pk=b"\x01" * 31), CERT_I), "X25519 public key"),
+    ):
+        w.r.feed(bad)
+        assert detail in w.r.records[-1].detail, w.r.records[-1]
+    assert w.r.machine.max_epoch == n  # none of them advanced the epoch
+
+
+def test_illegal_events_raise_and_leave_the_state_untouched() -> None:
+    w = World(seed=12)
+    w.kms_status()
+    w.run_for(3)
+    m = w.i.machine
+    before = copy.deepcopy(m.snapshot()), m.state
+    with pytest.raises(IllegalEvent, match="SinkInstalled for epoch 99"):
+        m.handle(SinkInstalled(99), w.now)
+    assert (m.snapshot(), m.state) == before
+
+
+# -- policy and pacing -----------------------------------------------------------------------
+
+
+def test_interval_jitter_and_pacing() -> None:
+    p = Policy(interval=100, jitter=0.1, hard_lifetime=1000, reserve_keys=10)
+    assert p.next_interval(supply_keys_per_s=None, stored_keys=None, unit=0.0) == (90.0, False)
+    assert p.next_interval(supply_keys_per_s=None, stored_keys=None, unit=0.5) == (100.0, False)
+    # above the reserve the pool pays for the configured cadence
+    assert p.next_interval(supply_keys_per_s=0.001, stored_keys=11, unit=0.5) == (100.0, False)
+    # below it, one key per epoch at most what the link supplies
+    assert p.next_interval(supply_keys_per_s=0.005, stored_keys=3, unit=0.5) == (200.0, True)
+    # ... but never so slow that keys would expire
+    assert p.next_interval(supply_keys_per_s=0.0, stored_keys=0, unit=0.5) == (500.0, True)
+    shared = replace(p, qkd_share=0.5)
+    assert shared.next_interval(supply_keys_per_s=0.01, stored_keys=3, unit=0.5) == (200.0, True)
+    with pytest.raises(ValueError, match="hard_lifetime"):
+        Policy(interval=100, hard_lifetime=50)
+
+
+def test_machine_paces_rekeys_to_a_scarce_supply() -> None:
+    w = World(seed=13)
+    for side, (me, peer) in ((w.i, ("kme-a", "kme-b")), (w.r, ("kme-b", "kme-a"))):
+        side.feed(KmsStatusObserved(stored_key_count=2, key_size=256, kme_id=me,
+                                    peer_kme_id=peer, qber=0.02, key_rate=256 / 25.0,
+                                    link_up=True))  # one key per 25 s
+    w.run_for(100)
+    epochs = w.i.plane.outbound or 0
+    assert 4 <= epochs <= 5  # one at start, then one per 25 s instead of one per 10 s
+    assert Alarm.QKD_SUPPLY_LOW in w.i.machine.alarms
+
+
+# -- the transition table ---------------------------------------------------------------------
+
+
+def test_every_transition_has_a_handler_and_a_note() -> None:
+    for t in TRANSITIONS:
+        assert callable(getattr(LinkMachine, t.handler)), t
+        assert t.note
+    pairs = [(t.state, t.event) for t in TRANSITIONS]
+    assert len(pairs) == len(set(pairs))
+    reachable = {s for t in TRANSITIONS for s in t.to} | {State.IDLE}
+    assert reachable == set(State)
+
+
+def test_blocked_until_the_first_epoch() -> None:
+    w = World(seed=14)
+    assert w.i.plane.blocked and w.r.plane.blocked
+    m = LinkMachine(w.i.machine.identity, FAST, now=0.0)
+    assert Block("no key yet") in m.start(0.0)
+    assert not any(isinstance(a, Send) for a in m.start(0.0))  # the initiator waits for keys
