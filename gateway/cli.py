@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway import __version__, logs
+from gateway.audit import AuditError
 from gateway.config import SiteConfig
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from kdf import fingerprint
@@ -99,6 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
              "validate a site configuration and the files it names")
     p.add_argument("file", type=Path, metavar="SITE.yaml")
 
+    p = _add(sub, "run", _cmd_run, "run the gateway daemon for a site",
+             "Run the gateway of one site until SIGTERM or Ctrl-C: poll the KME, talk to\n"
+             "the peer gateways over mutual TLS, rekey every link as its policy says and\n"
+             "install the keys in the configured sinks. Stopping leaves every data plane on\n"
+             "its current key; the next start resumes. See docs/operations.md.")
+    _site_arg(p)
+
+    p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms")
+    _site_arg(p)
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+
+    p = _add(sub, "rekey", _cmd_rekey, "start a rekey now (all links, or one)")
+    _site_arg(p)
+    p.add_argument("--link", help="only this link")
+
+    audit = _add(sub, "audit", _usage(None), "check the audit trail")
+    asub = audit.add_subparsers(title="audit commands", metavar="CMD")
+    audit.set_defaults(handler=_usage(audit))
+    p = _add(asub, "verify", _cmd_audit_verify, "verify the hash chain of an audit trail",
+             "Check every record of FILE: its hash, its link to the record before, its\n"
+             "sequence number. Exit 0 if the chain is intact, 1 if not (each break is named).\n"
+             "--head compares the last record with a hash kept elsewhere, which also catches\n"
+             "records cut off the end.")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.add_argument("--head", metavar="HASH", help="the expected hash of the last record")
+
     kms = _add(sub, "kms", _usage(None), "talk to this site's KME (ETSI GS QKD 014 client)",
                "Query this site's KME as the gateway would, to check a KME before\n"
                "running the gateway. Keys are never printed: only their IDs and\n"
@@ -170,7 +197,95 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     pc = site.peer_channel
     client_context(pc.ca, pc.cert, pc.key)
     print(f"{args.file}: OK (site {site.site}, {len(site.links)} link(s))")
+    for link in site.links:
+        p = site.link_policy(link)
+        print(f"  link {link.name}: {link.role} to {link.peer.name} at {link.peer.address},"
+              f" {p.mode.value}, rekey every {p.interval:g} s, hard lifetime"
+              f" {p.hard_lifetime:g} s, {len(link.sinks)} sink(s)")
     return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from gateway.daemon import run
+
+    asyncio.run(run(SiteConfig.load(args.config)))
+    return EXIT_OK
+
+
+def _admin(config: Path, method: str, path: str, body: dict[str, object] | None = None
+           ) -> dict[str, object]:
+    import aiohttp
+
+    site = SiteConfig.load(config)
+    sock = site.admin_socket
+
+    async def go() -> dict[str, object]:
+        conn = aiohttp.UnixConnector(path=str(sock))
+        async with aiohttp.ClientSession(connector=conn) as s, \
+                s.request(method, f"http://qkdgw{path}", json=body) as r:
+            data: dict[str, object] = await r.json()
+            if r.status != 200:
+                raise ConfigError(str(data.get("error", f"HTTP {r.status}")))
+            return data
+
+    try:
+        return asyncio.run(go())
+    except (aiohttp.ClientConnectorError, FileNotFoundError):
+        raise DaemonUnreachable(f"no daemon answers on {sock}: is `qkdgw run -c {config}`"
+                                " running (as this user or root)?") from None
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    data = _admin(args.config, "GET", "/status")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"site {data['site']} (pid {data['pid']}, up {data['uptime']} s)")
+    header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",
+              "alarms")
+    rows = [header]
+    for link in data["links"]:  # type: ignore[attr-defined]
+        kms = link["kms"]
+        if kms.get("stored_key_count") is not None:
+            kms_text = f"{'ok' if kms['ok'] else 'DOWN'} {kms['stored_key_count']} keys"
+            if kms.get("qber") is not None:
+                kms_text += f" QBER {kms['qber']:.3f}"
+        else:
+            kms_text = "DOWN" if not kms["ok"] else "?"
+        age = "-" if link["key_age"] is None else f"{link['key_age']:.1f} s"
+        epoch = f"{link['epoch']}" + (" BLOCKED" if link["blocked"] else "")
+        rows.append((link["link"], link["role"], link["state"], epoch, age,
+                     link["fingerprint"] or "-", link["mode"], kms_text,
+                     ", ".join(link["alarms"]) or "-"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    audit = data["audit"]
+    print(f"audit: {audit['records']} records, head {audit['head']}")  # type: ignore[index]
+    return EXIT_OK
+
+
+def _cmd_rekey(args: argparse.Namespace) -> int:
+    data = _admin(args.config, "POST", "/rekey", {"link": args.link} if args.link else {})
+    print("rekeying: " + ", ".join(data["rekeying"]))  # type: ignore[arg-type]
+    return EXIT_OK
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit import verify
+
+    if not args.file.exists():
+        raise ConfigError(f"{args.file}: no such file")
+    result = verify(args.file, args.head)
+    for problem in result.problems:
+        print(f"BROKEN: {problem}")
+    print(f"{args.file}: {result.records} records, head seq {result.head.seq}"
+          f" {result.head.hash}: {'OK' if result.ok else 'NOT INTACT'}")
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def _peer_sae(args: argparse.Namespace) -> tuple[SiteConfig, str]:
@@ -255,10 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     try:
         return int(args.handler(args))
-    except (ConfigError, InitDemoError, ValueError) as e:
+    except (ConfigError, InitDemoError, ValueError, AuditError) as e:
         print(f"qkdgw: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KmsError as e:
+    except (KmsError, DaemonUnreachable) as e:
         print(f"qkdgw: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:

@@ -1,18 +1,27 @@
-"""A site's configuration (`site.yaml`): its KME, its peer channel, its links.
+"""A site's configuration (`site.yaml`): its KME, its peer channel, its links, their policy and
+sinks, and where the daemon keeps its state.
 
-Reference with every field: docs/configuration.md.
+Reference with every field: docs/configuration.md. Errors name the field.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    model_validator,
+)
 
+from gateway.core.policy import Mode, Policy
 from kms.config import KmsClientConfig
 from kms.configfile import Address, FilePath, load_yaml_model
 from kms.models import EntityId
+from tls.file import FileSinkConfig
 
 
 class _Strict(BaseModel):
@@ -36,26 +45,83 @@ class PeerConfig(_Strict):
     sae_id: EntityId = Field(description="its SAE ID at its KME")
 
 
+class PolicyConfig(_Strict):
+    """Rekey policy; every field optional, see gateway.core.policy.Policy for defaults."""
+
+    mode: Mode | None = None
+    interval: PositiveFloat | None = None
+    jitter: float | None = Field(default=None, ge=0, lt=0.5)
+    hard_lifetime: PositiveFloat | None = None
+    grace: PositiveFloat | None = None
+    retransmit: PositiveFloat | None = None
+    retransmit_max: PositiveFloat | None = None
+    attempt_timeout: PositiveFloat | None = None
+    retry_backoff: PositiveFloat | None = None
+    retry_backoff_max: PositiveFloat | None = None
+    qkd_key_bits: int | None = Field(default=None, ge=128, le=8192, multiple_of=8)
+    qber_threshold: float | None = Field(default=None, gt=0, lt=0.5)
+    reserve_keys: int | None = Field(default=None, ge=0)
+    qkd_share: float | None = Field(default=None, gt=0, le=1)
+
+    def set_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+SinkConfig = Annotated[FileSinkConfig, Field(discriminator="type")]
+
+
 class LinkConfig(_Strict):
     name: EntityId
     role: Literal["initiator", "responder"] = Field(
         description="the initiator fetches QKD keys as master SAE and starts each rekey")
     peer: PeerConfig
+    kem: Literal["ML-KEM-768", "ML-KEM-1024"] = "ML-KEM-768"
+    policy: PolicyConfig = PolicyConfig()
+    sinks: list[SinkConfig] = Field(default_factory=list)
+
+
+class AdminConfig(_Strict):
+    """The local control socket of `qkdgw status` and `qkdgw rekey` (mode 0600)."""
+
+    socket: FilePath | None = None
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics and /healthz over HTTP; keep it on loopback or a management net."""
+
+    listen: Address
 
 
 class SiteConfig(_Strict):
     site: EntityId
+    state_dir: FilePath = Field(description="snapshots, audit log and admin socket (0700)")
     kms: KmsClientConfig
+    kms_status_interval: PositiveFloat = Field(
+        default=10.0, description="seconds between KMS status polls")
     peer_channel: PeerChannelConfig
+    policy: PolicyConfig = PolicyConfig()
+    admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig | None = None
+    audit_log: FilePath | None = Field(default=None,
+                                       description="default: STATE_DIR/audit.jsonl")
     links: list[LinkConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_links(self) -> SiteConfig:
+    def _consistent(self) -> SiteConfig:
         names = [link.name for link in self.links]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"link name used more than once: {', '.join(dup)}")
+        for link in self.links:
+            try:
+                self.link_policy(link)
+            except ValueError as e:
+                raise ValueError(f"link {link.name}: policy: {e}") from None
         return self
+
+    def link_policy(self, link: LinkConfig) -> Policy:
+        """Defaults, overridden by the site's `policy:`, overridden by the link's."""
+        return Policy(**{**self.policy.set_fields(), **link.policy.set_fields()})
 
     def link(self, name: str | None) -> LinkConfig:
         """The link called NAME, or the only link when NAME is None."""
@@ -69,6 +135,14 @@ class SiteConfig(_Strict):
                 return link
         raise KeyError(f"no link named {name!r} (links: "
                        + ", ".join(link.name for link in self.links) + ")")
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.admin.socket or self.state_dir / "admin.sock"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or self.state_dir / "audit.jsonl"
 
     @classmethod
     def load(cls, path: Path) -> SiteConfig:

@@ -10,8 +10,10 @@
     DIR/kms.yaml                      the simulator: KME-A, KME-B and the QKD link between them
     DIR/site-a.yaml, site-b.yaml      the two gateways
 
-Ports from BASE: admin BASE, KME-A BASE+1, KME-B BASE+2, gateway A BASE+11, gateway B BASE+12.
-Every *.key file is 0600. docs/demo-setup.md explains each file.
+Ports from BASE: simulator admin BASE, KME-A BASE+1, KME-B BASE+2, gateway A BASE+11,
+gateway B BASE+12, metrics A BASE+21, metrics B BASE+22. Every *.key file is 0600; each
+gateway keeps its state in DIR/state-a or DIR/state-b (0700). docs/demo-setup.md explains
+each file.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from gateway import pki
 
 CERTS = ("kme-a", "kme-b", "sae-a", "sae-b", "gw-a", "gw-b")
 
-#: The demo's default base port (admin 8440, KMEs 8441/8442, gateways 8451/8452).
+#: The demo's default base port (admin 8440, KMEs 8441/8442, gateways 8451/8452, metrics
+#: 8461/8462).
 DEFAULT_BASE_PORT = 8440
+#: The demo rekeys every 30 s so that epochs visibly roll over; production uses hours.
+DEMO_INTERVAL = 30
 
 
 class InitDemoError(Exception):
@@ -58,6 +63,12 @@ class DemoLayout:
 
     def gateway_port(self, site: str) -> int:
         return self.base_port + {"a": 11, "b": 12}[site]
+
+    def metrics_port(self, site: str) -> int:
+        return self.base_port + {"a": 21, "b": 22}[site]
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / f"state-{site}"
 
 
 def _kms_yaml(d: DemoLayout) -> str:
@@ -94,19 +105,28 @@ def _site_yaml(d: DemoLayout, site: str) -> str:
     peer = "b" if site == "a" else "a"
     role = "initiator" if site == "a" else "responder"
     return f"""\
-# Gateway of site {site.upper()} for the qkd-gateway demo. Reference: docs/configuration.md.
+# Gateway of site {site.upper()} for the qkd-gateway demo: `qkdgw run -c site-{site}.yaml`.
+# Reference: docs/configuration.md.
 site: {site}
+state_dir: state-{site}            # link state, audit trail, admin socket
 kms:                           # this site's KME (ETSI GS QKD 014 over mutual TLS)
   url: https://{d.host}:{d.kme_port(site)}
   sae_id: sae-{site}
   ca: pki/ca.pem
   cert: pki/sae-{site}.pem
   key: pki/sae-{site}.key
+kms_status_interval: 2         # seconds between KMS status polls
 peer_channel:                  # mutual-TLS channel between the two gateways
   listen: {d.host}:{d.gateway_port(site)}
   ca: pki/ca.pem
   cert: pki/gw-{site}.pem
   key: pki/gw-{site}.key
+metrics:
+  listen: 127.0.0.1:{d.metrics_port(site)}    # Prometheus /metrics and /healthz
+policy:
+  mode: qkd+pqc                # QKD and ML-KEM+X25519 both required
+  interval: {DEMO_INTERVAL}                 # seconds between rekeys (demo; hours in production)
+  hard_lifetime: {DEMO_INTERVAL * 4}           # no fresh key by then: traffic blocked
 links:
   - name: ab
     role: {role}            # the initiator fetches QKD keys as master SAE
@@ -114,6 +134,9 @@ links:
       address: {d.host}:{d.gateway_port(peer)}
       name: gw-{peer}                 # pinned: the peer's certificate commonName
       sae_id: sae-{peer}
+    sinks:
+      - type: file             # the epoch's TLS PSK, for any PSK-capable service
+        path: state-{site}/ab.psk
 """
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.files import write_private
+
 #: Demo certificates outlive any demo or CI run; a production PKI issues its own.
 VALIDITY = datetime.timedelta(days=825)
 
@@ -26,14 +27,6 @@ VALIDITY = datetime.timedelta(days=825)
 class Issuer:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Write DATA to PATH with mode 0600 from the first byte on."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
 
 
 def _name(cn: str) -> x509.Name:
@@ -93,7 +86,7 @@ def issue(
 
 def save(issuer: Issuer, cert_path: Path, key_path: Path) -> None:
     cert_path.write_bytes(issuer.cert.public_bytes(serialization.Encoding.PEM))
-    write_secret(key_path, issuer.key.private_bytes(
+    write_private(key_path, issuer.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
 

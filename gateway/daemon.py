@@ -1,0 +1,530 @@
+"""`qkdgw run`: the daemon that drives one rekey core per link.
+
+All I/O lives here: the KMS (status polls, enc_keys/dec_keys), the peer channel, the sinks,
+the state files, the audit trail, the metrics and admin endpoints. Each link has one task
+that feeds its core events and carries out the actions it returns, in order. Sink calls are
+awaited in order (an inbound key is installed before the Accept or Commit that announces it
+is sent); KMS fetches and sends run concurrently and come back as events.
+
+A graceful stop (SIGTERM, Ctrl-C) leaves every data plane on its current key and keeps the
+state files; the next start resumes from them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.audit import AuditLog
+from gateway.config import LinkConfig, SiteConfig
+from gateway.core.events import (
+    Action,
+    ActivateOutbound,
+    Block,
+    ClearAlarm,
+    Event,
+    FetchQkdKeys,
+    FetchQkdKeysById,
+    InstallInbound,
+    KmsStatusObserved,
+    KmsUnreachable,
+    Persist,
+    QkdFetchFailed,
+    QkdKeysFetched,
+    RaiseAlarm,
+    Record,
+    RekeyRequested,
+    RetireInbound,
+    RetireOutbound,
+    Role,
+    Send,
+    SinkFailed,
+    SinkInstalled,
+    Tick,
+    received,
+)
+from gateway.core.machine import (
+    IllegalEvent,
+    LinkIdentity,
+    LinkMachine,
+    PeerMessageRejected,
+)
+from gateway.core.messages import Message
+from gateway.files import write_private
+from gateway.metrics import Metrics
+from gateway.peer import PeerClient, PeerServer, certificate_sha256
+from gateway.sink import Sink, SinkError
+from kms.configfile import ConfigError
+from kms.errors import KmsError
+
+log = logging.getLogger("gateway")
+
+#: A sink call that takes longer is a failed sink: the core then abandons the exchange (or
+#: keeps traffic blocked) instead of waiting forever.
+SINK_TIMEOUT = 30.0
+
+#: Record kinds that go to the audit trail (key handling), and those only logged.
+AUDITED = {"fetched", "offered", "derived", "installed", "activated", "rekeyed", "retired",
+           "discarded", "rejected", "unconfirmed"}
+
+
+@dataclass
+class LinkRunner:
+    daemon: Daemon
+    config: LinkConfig
+    machine: LinkMachine
+    sinks: list[Sink]
+    peer: PeerClient
+    queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    last_latency: float | None = None
+    last_rekey: float | None = None
+    kms_status: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    async def run(self) -> None:
+        await self.execute(self.machine.start(time.time()))
+        while True:
+            event = await self._next_event()
+            try:
+                actions = self.machine.handle(event, time.time())
+            except PeerMessageRejected as e:
+                self.daemon.rejected(self.name, e.reason, str(e))
+                continue
+            except IllegalEvent as e:
+                log.error("link %s: %s (ignored)", self.name, e)
+                continue
+            await self.execute(actions)
+
+    async def _next_event(self) -> Event:
+        """The next queued event (events first: they may change what is due), else a Tick
+        at the core's next deadline."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        deadline = self.machine.next_deadline()
+        timeout = None if deadline is None else max(0.0, deadline - time.time())
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            return Tick()
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.spawn(self.peer.send(a.message))
+            elif isinstance(a, FetchQkdKeys):
+                self.spawn(self._fetch(a))
+            elif isinstance(a, FetchQkdKeysById):
+                self.spawn(self._fetch_by_id(a))
+            elif isinstance(a, InstallInbound):
+                await self._install(a)
+            elif isinstance(a, ActivateOutbound):
+                await self._each_sink("activate", lambda s, m=a.material: s.activate_outbound(m))
+            elif isinstance(a, RetireInbound):
+                await self._each_sink("retire inbound", lambda s, r=a.ref: s.retire_inbound(r))
+            elif isinstance(a, RetireOutbound):
+                await self._each_sink("retire outbound",
+                                      lambda s, r=a.ref: s.retire_outbound(r))
+            elif isinstance(a, Block):
+                log.warning("link %s: traffic blocked: %s", self.name, a.reason)
+                await self._each_sink("block", lambda s, why=a.reason: s.block(self.name, why))
+            elif isinstance(a, RaiseAlarm | ClearAlarm):
+                self.daemon.alarm(self.name, a)
+            elif isinstance(a, Record):
+                self.daemon.record(self, a)
+            elif isinstance(a, Persist):
+                self.daemon.persist(self.name, a.snapshot)
+
+    async def _install(self, a: InstallInbound) -> None:
+        epoch = a.material.epoch
+        for sink in self.sinks:
+            try:
+                await asyncio.wait_for(sink.install_inbound(a.material), SINK_TIMEOUT)
+            except (SinkError, TimeoutError, OSError) as e:
+                reason = f"{sink.name}: {e or type(e).__name__}"
+                log.error("link %s epoch %d: inbound install failed: %s", self.name, epoch,
+                          reason)
+                await self.queue.put(SinkFailed(epoch, reason))
+                return
+        await self.queue.put(SinkInstalled(epoch))
+
+    async def _each_sink(self, what: str, call: Any) -> None:
+        for sink in self.sinks:
+            try:
+                await asyncio.wait_for(call(sink), SINK_TIMEOUT)
+            except (SinkError, TimeoutError, OSError) as e:
+                log.error("link %s: %s failed in %s: %s", self.name, what, sink.name,
+                          e or type(e).__name__)
+                self.daemon.metrics.failures.labels(self.name, "sink").inc()
+
+    async def _fetch(self, a: FetchQkdKeys) -> None:
+        try:
+            batch = await self.daemon.kme.enc_keys(self.config.peer.sae_id, a.number, a.size)
+        except KmsError as e:
+            await self.queue.put(QkdFetchFailed(a.request, str(e)))
+        else:
+            await self.queue.put(QkdKeysFetched(a.request, batch.keys))
+
+    async def _fetch_by_id(self, a: FetchQkdKeysById) -> None:
+        try:
+            batch = await self.daemon.kme.dec_keys(self.config.peer.sae_id, a.key_ids,
+                                                   size=a.size)
+        except (KmsError, ValueError) as e:
+            await self.queue.put(QkdFetchFailed(a.request, str(e)))
+        else:
+            await self.queue.put(QkdKeysFetched(a.request, batch.keys))
+
+    def status(self, now: float) -> dict[str, Any]:
+        m = self.machine
+        o = m.outbound
+        return {
+            "link": self.name, "role": m.role.value, "peer": self.config.peer.name,
+            "mode": m.policy.mode.value, "state": m.state.value, "epoch": m.current_epoch,
+            "blocked": m.blocked, "suite": o.suite if o else None,
+            "key_age": None if o is None else round(now - o.activated_at, 3),
+            "fingerprint": self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
+            "rekeys": m.rekeys, "last_rekey_latency": self.last_latency,
+            "next_rekey_in": None if m.next_rekey_at is None
+            else round(max(0.0, m.next_rekey_at - now), 3),
+            "alarms": {k.value: v for k, v in m.alarms.items()},
+            "kms": {"ok": m.kms.ok, "reason": m.kms.reason, **self.kms_status},
+        }
+
+
+class Daemon:
+    def __init__(self, config: SiteConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.fingerprints: dict[str, dict[int, str]] = {}
+        self.runners: dict[str, LinkRunner] = {}
+        self.kme = config.kms.client()
+        self._lock_fd: int | None = None
+        self._servers: list[web.AppRunner] = []
+        self._peer_server: PeerServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.audit: AuditLog | None = None
+        self.started = time.time()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        c.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (c.state_dir / "links").mkdir(exist_ok=True, mode=0o700)
+        self._lock()
+        self.audit = AuditLog(c.audit_path, c.site)
+        gateway, cert_sha256 = certificate_sha256(c.peer_channel.cert)
+        for link in c.links:
+            identity = LinkIdentity(
+                link=link.name, role=Role(link.role), gateway=gateway, cert_sha256=cert_sha256,
+                sae_id=c.kms.sae_id, peer_gateway=link.peer.name, peer_sae_id=link.peer.sae_id,
+                kem=link.kem)
+            machine = LinkMachine(identity, c.link_policy(link), now=time.time(),
+                                  snapshot=self._load_snapshot(link.name))
+            sinks: list[Sink] = [s.build() for s in link.sinks]
+            self.runners[link.name] = LinkRunner(self, link, machine, sinks,
+                                                 PeerClient(link.name, c.peer_channel, link.peer))
+            self.metrics.mode.labels(link.name, machine.policy.mode.value).set(1)
+        self._peer_server = PeerServer(c.peer_channel,
+                                       {r.name: r.config.peer.name for r in self.runners.values()},
+                                       self._deliver, self.rejected)
+        await self._peer_server.start()
+        await self._serve_admin()
+        if c.metrics is not None:
+            await self._serve_metrics()
+        self._write_audit("started", detail=f"{len(self.runners)} link(s)")
+        await self._poll_kms_once()  # know the KMS before the first exchange
+        self._tasks.append(asyncio.create_task(self._poll_kms()))
+        for runner in self.runners.values():
+            self._tasks.append(asyncio.create_task(runner.run(), name=f"link-{runner.name}"))
+        log.info("site %s up: %d link(s)", c.site, len(self.runners))
+
+    async def stop(self) -> None:
+        """Stop without touching the data planes: they keep their current keys."""
+        for task in self._tasks:
+            task.cancel()
+        for runner in self.runners.values():
+            for task in list(runner.tasks):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for runner in self.runners.values():
+            await runner.peer.close()
+            for sink in runner.sinks:
+                with contextlib.suppress(Exception):
+                    await sink.close()
+        if self._peer_server is not None:
+            await self._peer_server.stop()
+        for server in self._servers:
+            await server.cleanup()
+        await self.kme.close()
+        self._write_audit("stopped")
+        if self.audit is not None:
+            self.audit.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.config.admin_socket.unlink()
+        log.info("site %s stopped; data planes left on their current keys", self.config.site)
+
+    def _lock(self) -> None:
+        path = self.config.state_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{self.config.state_dir}: another qkdgw runs with this state"
+                              " directory") from None
+        self._lock_fd = fd
+
+    def _load_snapshot(self, link: str) -> dict[str, Any] | None:
+        path = self.config.state_dir / "links" / f"{link}.json"
+        if not path.exists():
+            return None
+        try:
+            snapshot = json.loads(path.read_text())
+            if not isinstance(snapshot, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable link state ({e}); move it away to start"
+                              " this link afresh (the peer resynchronises)") from None
+        return snapshot
+
+    # -- events in --------------------------------------------------------------------------
+
+    async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
+        await self.runners[link].queue.put(received(message, peer_cert))
+
+    def rekey(self, link: str | None) -> list[str]:
+        names = [link] if link else list(self.runners)
+        for name in names:
+            self.runners[name].queue.put_nowait(RekeyRequested("operator"))
+        return names
+
+    async def _poll_kms(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.kms_status_interval)
+            await self._poll_kms_once()
+
+    async def _poll_kms_once(self) -> None:
+        by_peer: dict[str, list[LinkRunner]] = {}
+        for runner in self.runners.values():
+            by_peer.setdefault(runner.config.peer.sae_id, []).append(runner)
+        for peer_sae, runners in by_peer.items():
+            try:
+                st = await self.kme.status(peer_sae)
+            except KmsError as e:
+                for r in runners:
+                    self.metrics.kms_up.labels(r.name).set(0)
+                    r.kms_status = {"error": str(e)}
+                    await r.queue.put(KmsUnreachable(str(e)))
+                continue
+            ext = st.status_extension or {}
+            qber, rate, up = ext.get("qber"), ext.get("key_rate"), ext.get("link_up")
+            event = KmsStatusObserved(
+                stored_key_count=st.stored_key_count, key_size=st.key_size,
+                kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID,
+                qber=float(qber) if isinstance(qber, int | float) else None,
+                key_rate=float(rate) if isinstance(rate, int | float) else None,
+                link_up=up if isinstance(up, bool) else None)
+            for r in runners:
+                m = self.metrics
+                m.kms_up.labels(r.name).set(1)
+                m.kms_stored.labels(r.name).set(st.stored_key_count)
+                if event.qber is not None:
+                    m.kms_qber.labels(r.name).set(event.qber)
+                if event.key_rate is not None:
+                    m.kms_key_rate.labels(r.name).set(event.key_rate)
+                r.kms_status = {"stored_key_count": st.stored_key_count, "qber": event.qber,
+                                "key_rate": event.key_rate, "link_up": event.link_up,
+                                "kme": st.source_KME_ID}
+                await r.queue.put(event)
+
+    # -- effects out ------------------------------------------------------------------------
+
+    def record(self, runner: LinkRunner, r: Record) -> None:
+        link = runner.name
+        ids = ",".join(r.key_ids) or "-"
+        log.info("link %s epoch %d %s key_ids=%s fingerprint=%s%s", link, r.epoch, r.kind, ids,
+                 r.fingerprint or "-", f" ({r.detail})" if r.detail else "",
+                 extra={"link": link, "epoch": r.epoch, "event": r.kind})
+        if r.kind in ("activated", "rekeyed") and r.fingerprint:
+            prints = self.fingerprints.setdefault(link, {})
+            prints[r.epoch] = r.fingerprint
+            for old in sorted(prints)[:-16]:
+                del prints[old]
+        if r.kind == "rekeyed":
+            suite = runner.machine.outbound.suite if runner.machine.outbound else ""
+            self.metrics.rekeys.labels(link, suite).inc()
+            if r.latency is not None:
+                runner.last_latency = round(r.latency, 6)
+                self.metrics.latency.labels(link).observe(r.latency)
+            runner.last_rekey = time.time()
+        elif r.kind == "discarded" and r.detail:
+            self.metrics.failures.labels(link, _cause(r.detail)).inc()
+        if r.kind in AUDITED:
+            sinks = [s.name for s in runner.sinks] if r.kind in ("installed", "activated",
+                                                                 "retired") else []
+            self._write_audit(r.kind, link=link, epoch=r.epoch, key_ids=r.key_ids,
+                              fingerprint=r.fingerprint, sinks=sinks, detail=r.detail)
+        self._update_gauges()
+
+    def _write_audit(self, event: str, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        head = self.audit.append(event, **fields)
+        self.metrics.audit_records.set(head.seq)
+        log.debug("audit head %d %s", head.seq, head.hash)
+
+    def alarm(self, link: str, a: RaiseAlarm | ClearAlarm) -> None:
+        if isinstance(a, RaiseAlarm):
+            log.warning("link %s: ALARM %s: %s", link, a.alarm.value, a.detail,
+                        extra={"link": link, "alarm": a.alarm.value})
+            self.metrics.alarm.labels(link, a.alarm.value).set(1)
+        else:
+            log.info("link %s: alarm %s cleared", link, a.alarm.value)
+            self.metrics.alarm.labels(link, a.alarm.value).set(0)
+
+    def rejected(self, link: str, reason: str, detail: str) -> None:
+        log.warning("link %s: peer message rejected: %s", link, detail,
+                    extra={"link": link, "reason": reason})
+        self.metrics.rejected.labels(link, reason).inc()
+
+    def persist(self, link: str, snapshot: dict[str, Any]) -> None:
+        path = self.config.state_dir / "links" / f"{link}.json"
+        write_private(path, json.dumps(snapshot, indent=1).encode())
+
+    def _update_gauges(self) -> None:
+        now = time.time()
+        for r in self.runners.values():
+            m = r.machine
+            self.metrics.epoch.labels(r.name).set(m.current_epoch)
+            self.metrics.blocked.labels(r.name).set(1 if m.blocked else 0)
+            age = now - m.outbound.activated_at if m.outbound else 0.0
+            self.metrics.key_age.labels(r.name).set(age)
+
+    # -- status, admin socket, metrics ------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        head = self.audit.head if self.audit else None
+        return {
+            "site": self.config.site, "pid": os.getpid(), "uptime": round(now - self.started, 1),
+            "audit": {"path": str(self.config.audit_path),
+                      "records": head.seq if head else 0, "head": head.hash if head else None},
+            "links": [r.status(now) for r in self.runners.values()],
+        }
+
+    async def _serve_admin(self) -> None:
+        path = self.config.admin_socket
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        app = web.Application(middlewares=[_owner_only])
+        async def status(_: web.Request) -> web.Response:
+            return web.json_response(self.status())
+
+        app.router.add_get("/status", status)
+        app.router.add_post("/rekey", self._admin_rekey)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        old = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._servers.append(runner)
+
+    async def _admin_rekey(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        link = body.get("link") if isinstance(body, dict) else None
+        if link is not None and link not in self.runners:
+            return web.json_response({"error": f"no link {link!r} (links: "
+                                      + ", ".join(self.runners) + ")"}, status=404)
+        return web.json_response({"rekeying": self.rekey(link)})
+
+    async def _serve_metrics(self) -> None:
+        assert self.config.metrics is not None
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            self._update_gauges()
+            return web.Response(body=generate_latest(self.metrics.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            blocked = [r.name for r in self.runners.values() if r.machine.blocked]
+            body = {"status": "blocked" if blocked else "ok", "blocked_links": blocked}
+            return web.json_response(body, status=503 if blocked else 200)
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        where = self.config.metrics.listen
+        await web.TCPSite(runner, where.host, where.port).start()
+        self._servers.append(runner)
+        log.info("metrics on http://%s/metrics", where)
+
+
+@web.middleware
+async def _owner_only(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The admin socket is 0600; also refuse any peer process of another user (not root)."""
+    import socket
+    import struct
+
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid not in (0, os.getuid()):
+            return web.json_response({"error": "not allowed"}, status=403)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+def _cause(detail: str) -> str:
+    """A short failure cause for the metrics label, from a discard reason."""
+    text = detail.lower()
+    for needle, cause in (("confirmation", "confirm"), ("no answer", "timeout"),
+                          ("aborted", "peer-abort"), ("sink", "sink"), ("kms", "kms"),
+                          ("dec_keys", "kms"), ("superseded", "superseded")):
+        if needle in text:
+            return cause
+    return "other"
+
+
+async def run(config: SiteConfig) -> None:
+    """Run until SIGTERM or SIGINT."""
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop()
+        raise
+    try:
+        await stop.wait()
+    finally:
+        await daemon.stop()
+

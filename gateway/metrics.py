@@ -1,0 +1,48 @@
+"""Prometheus metrics of the daemon, on a registry of its own.
+
+Names and labels are documented in docs/operations.md. Only epochs, counts, ages, rates and
+alarm states: never keys, never key IDs (they would make unbounded label sets anyway).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Rekey latency buckets: a loopback rekey takes a few ms; a WAN one tens to hundreds; a
+#: retransmitted one seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.epoch = Gauge("qkdgw_epoch", "Epoch the link currently sends on (0: none)",
+                           ["link"], registry=r)
+        self.key_age = Gauge("qkdgw_key_age_seconds", "Age of the current outbound key",
+                             ["link"], registry=r)
+        self.blocked = Gauge("qkdgw_blocked", "1 while the link's traffic is blocked",
+                             ["link"], registry=r)
+        self.rekeys = Counter("qkdgw_rekeys", "Completed rekeys", ["link", "suite"],
+                              registry=r)
+        self.failures = Counter("qkdgw_rekey_failures", "Failed or abandoned exchanges, by"
+                                " cause", ["link", "cause"], registry=r)
+        self.latency = Histogram("qkdgw_rekey_latency_seconds", "From the start of an"
+                                 " exchange until this side switched", ["link"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("qkdgw_peer_messages_rejected", "Peer messages refused",
+                                ["link", "reason"], registry=r)
+        self.kms_stored = Gauge("qkdgw_kms_stored_key_count", "Keys the KME has for the link",
+                                ["link"], registry=r)
+        self.kms_qber = Gauge("qkdgw_kms_qber", "QBER the KME reports", ["link"],
+                              registry=r)
+        self.kms_key_rate = Gauge("qkdgw_kms_key_rate_bits_per_second", "Secret key rate"
+                                  " the KME reports", ["link"], registry=r)
+        self.kms_up = Gauge("qkdgw_kms_up", "1 when the last KMS status poll succeeded",
+                            ["link"], registry=r)
+        self.mode = Gauge("qkdgw_mode", "1 for the link's configured mode", ["link", "mode"],
+                          registry=r)
+        self.alarm = Gauge("qkdgw_alarm", "1 while an alarm is raised", ["link", "alarm"],
+                           registry=r)
+        self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
+                                   registry=r)

@@ -1,0 +1,111 @@
+"""The `file` sink: each epoch's key written to a 0600 file, and an optional hook run.
+
+Any PSK-capable service can consume hybrid keys this way (like Rosenpass's key output):
+point it at the file and reload it from the hook. The file holds the key of the current
+outbound epoch (both sides write the same key for an epoch); on block it is removed, so
+nothing can pick up a stale key.
+
+    sinks:
+      - type: file
+        path: /run/qkdgw/ab.psk
+        purpose: tls_psk          # which key of the epoch (docs/key-schedule.md)
+        format: hex               # hex | base64 | raw
+        hook: [systemctl, reload, my-service]
+
+The hook runs with QKDGW_EVENT (activate | block), QKDGW_LINK, QKDGW_EPOCH,
+QKDGW_FINGERPRINT and QKDGW_KEY_FILE in its environment; never the key itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+
+from gateway.core.events import EpochMaterial, EpochRef
+from gateway.files import write_private
+from gateway.sink import SinkError
+from kdf import Purpose
+from kms.configfile import FilePath
+
+log = logging.getLogger(__name__)
+
+PURPOSES = {p.name.lower(): p for p in Purpose}
+
+
+class FileSinkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["file"]
+    path: FilePath
+    purpose: Literal["tls_psk", "ike_ppk", "esp_i2r", "esp_r2i"] = "tls_psk"
+    format: Literal["hex", "base64", "raw"] = "hex"
+    hook: list[str] | None = Field(default=None, min_length=1,
+                                   description="command and arguments, run after each change")
+    hook_timeout: PositiveFloat = 10.0
+
+    def build(self) -> FileSink:
+        return FileSink(self)
+
+
+class FileSink:
+    def __init__(self, config: FileSinkConfig) -> None:
+        self.config = config
+        self.name = f"file:{config.path}"
+
+    async def install_inbound(self, material: EpochMaterial) -> None:
+        """Nothing to do: a PSK file holds one key, written on activation."""
+
+    async def activate_outbound(self, material: EpochMaterial) -> None:
+        key = material.key(PURPOSES[self.config.purpose])
+        data = {"hex": key.hex().encode(), "base64": base64.b64encode(key),
+                "raw": key}[self.config.format]
+        try:
+            write_private(self.config.path, data)
+        except OSError as e:
+            raise SinkError(f"cannot write {self.config.path}: {e.strerror}") from None
+        await self._hook("activate", material.link, material.epoch, material.fingerprint)
+
+    async def retire_inbound(self, ref: EpochRef) -> None:
+        """Nothing to do: the file only ever holds the current key."""
+
+    async def retire_outbound(self, ref: EpochRef) -> None:
+        """Nothing to do: the next activation already replaced the key."""
+
+    async def block(self, link: str, reason: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.config.path.unlink()
+        await self._hook("block", link, 0, "")
+
+    async def close(self) -> None:
+        """The key file stays: the service keeps working across a gateway restart."""
+
+    async def _hook(self, event: str, link: str, epoch: int, fingerprint: str) -> None:
+        if not self.config.hook:
+            return
+        env = {**os.environ, "QKDGW_EVENT": event, "QKDGW_LINK": link,
+               "QKDGW_EPOCH": str(epoch), "QKDGW_FINGERPRINT": fingerprint,
+               "QKDGW_KEY_FILE": str(self.config.path)}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.config.hook, env=env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as e:
+            raise SinkError(f"hook {self.config.hook[0]!r} cannot run: {e.strerror}") from None
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), self.config.hook_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise SinkError(f"hook {self.config.hook[0]!r} ran past"
+                            f" {self.config.hook_timeout} s") from None
+        if proc.returncode != 0:
+            tail = output.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise SinkError(f"hook {self.config.hook[0]!r} exited with {proc.returncode}:"
+                            f" {tail[0][:200]}")
+
