@@ -74,9 +74,15 @@ log = logging.getLogger("gateway")
 #: keeps traffic blocked) instead of waiting forever.
 SINK_TIMEOUT = 30.0
 
-#: Record kinds that go to the audit trail (key handling), and those only logged.
+#: Link state is written at most this often (and on stop). A crash loses at most this much;
+#: that is safe: a stale state file resynchronises like a lost one (stale-epoch abort).
+STATE_FLUSH_INTERVAL = 1.0
+
+#: Record kinds that go to the audit trail (key handling); all are logged.
 AUDITED = {"fetched", "offered", "derived", "installed", "activated", "rekeyed", "retired",
            "discarded", "rejected", "unconfirmed"}
+#: ... and those logged at INFO (the rest at DEBUG: one line per epoch is enough for people).
+LOGGED = {"rekeyed", "discarded", "rejected", "unconfirmed", "rekey-deferred"}
 
 
 @dataclass
@@ -89,7 +95,7 @@ class LinkRunner:
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     last_latency: float | None = None
-    last_rekey: float | None = None
+    last_rekey: dict[str, Any] = field(default_factory=dict)
     kms_status: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -98,7 +104,7 @@ class LinkRunner:
 
     async def run(self) -> None:
         await self.execute(self.machine.start(time.time()))
-        while True:
+        while not self.daemon.stopping:
             event = await self._next_event()
             try:
                 actions = self.machine.handle(event, time.time())
@@ -117,8 +123,12 @@ class LinkRunner:
             return self.queue.get_nowait()
         deadline = self.machine.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.time())
+        # asyncio.timeout, not wait_for: under load, 3.11's wait_for can swallow a
+        # cancellation when the queue read completes at the same moment (CPython gh-86296),
+        # and the daemon would never stop.
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.queue.get()
         except TimeoutError:
             return Tick()
 
@@ -152,13 +162,14 @@ class LinkRunner:
             elif isinstance(a, Record):
                 self.daemon.record(self, a)
             elif isinstance(a, Persist):
-                self.daemon.persist(self.name, a.snapshot)
+                self.daemon.dirty.add(self.name)
 
     async def _install(self, a: InstallInbound) -> None:
         epoch = a.material.epoch
         for sink in self.sinks:
             try:
-                await asyncio.wait_for(sink.install_inbound(a.material), SINK_TIMEOUT)
+                async with asyncio.timeout(SINK_TIMEOUT):
+                    await sink.install_inbound(a.material)
             except (SinkError, TimeoutError, OSError) as e:
                 reason = f"{sink.name}: {e or type(e).__name__}"
                 log.error("link %s epoch %d: inbound install failed: %s", self.name, epoch,
@@ -170,7 +181,8 @@ class LinkRunner:
     async def _each_sink(self, what: str, call: Any) -> None:
         for sink in self.sinks:
             try:
-                await asyncio.wait_for(call(sink), SINK_TIMEOUT)
+                async with asyncio.timeout(SINK_TIMEOUT):
+                    await call(sink)
             except (SinkError, TimeoutError, OSError) as e:
                 log.error("link %s: %s failed in %s: %s", self.name, what, sink.name,
                           e or type(e).__name__)
@@ -203,6 +215,7 @@ class LinkRunner:
             "key_age": None if o is None else round(now - o.activated_at, 3),
             "fingerprint": self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
             "rekeys": m.rekeys, "last_rekey_latency": self.last_latency,
+            "last_rekey": self.last_rekey,
             "next_rekey_in": None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
             "alarms": {k.value: v for k, v in m.alarms.items()},
@@ -223,6 +236,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self.audit: AuditLog | None = None
         self.started = time.time()
+        self.dirty: set[str] = set()  # links whose state changed since the last flush
+        self.stopping = False
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -254,18 +269,21 @@ class Daemon:
         self._write_audit("started", detail=f"{len(self.runners)} link(s)")
         await self._poll_kms_once()  # know the KMS before the first exchange
         self._tasks.append(asyncio.create_task(self._poll_kms()))
+        self._tasks.append(asyncio.create_task(self._flush_state_periodically()))
         for runner in self.runners.values():
             self._tasks.append(asyncio.create_task(runner.run(), name=f"link-{runner.name}"))
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
 
     async def stop(self) -> None:
         """Stop without touching the data planes: they keep their current keys."""
+        self.stopping = True
         for task in self._tasks:
             task.cancel()
         for runner in self.runners.values():
             for task in list(runner.tasks):
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush_state()
         for runner in self.runners.values():
             await runner.peer.close()
             for sink in runner.sinks:
@@ -362,9 +380,11 @@ class Daemon:
     def record(self, runner: LinkRunner, r: Record) -> None:
         link = runner.name
         ids = ",".join(r.key_ids) or "-"
-        log.info("link %s epoch %d %s key_ids=%s fingerprint=%s%s", link, r.epoch, r.kind, ids,
-                 r.fingerprint or "-", f" ({r.detail})" if r.detail else "",
-                 extra={"link": link, "epoch": r.epoch, "event": r.kind})
+        latency = f" in {r.latency * 1e3:.1f} ms" if r.latency is not None else ""
+        log.log(logging.INFO if r.kind in LOGGED else logging.DEBUG,
+                "link %s epoch %d %s%s key_ids=%s fingerprint=%s%s", link, r.epoch, r.kind,
+                latency, ids, r.fingerprint or "-", f" ({r.detail})" if r.detail else "",
+                extra={"link": link, "epoch": r.epoch, "event": r.kind})
         if r.kind in ("activated", "rekeyed") and r.fingerprint:
             prints = self.fingerprints.setdefault(link, {})
             prints[r.epoch] = r.fingerprint
@@ -376,7 +396,9 @@ class Daemon:
             if r.latency is not None:
                 runner.last_latency = round(r.latency, 6)
                 self.metrics.latency.labels(link).observe(r.latency)
-            runner.last_rekey = time.time()
+            o = runner.machine.outbound
+            runner.last_rekey = {"epoch": r.epoch, "started_at": r.started,
+                                 "activated_at": o.activated_at if o else None}
         elif r.kind == "discarded" and r.detail:
             self.metrics.failures.labels(link, _cause(r.detail)).inc()
         if r.kind in AUDITED:
@@ -384,7 +406,6 @@ class Daemon:
                                                                  "retired") else []
             self._write_audit(r.kind, link=link, epoch=r.epoch, key_ids=r.key_ids,
                               fingerprint=r.fingerprint, sinks=sinks, detail=r.detail)
-        self._update_gauges()
 
     def _write_audit(self, event: str, **fields: Any) -> None:
         if self.audit is None:
@@ -407,9 +428,17 @@ class Daemon:
                     extra={"link": link, "reason": reason})
         self.metrics.rejected.labels(link, reason).inc()
 
-    def persist(self, link: str, snapshot: dict[str, Any]) -> None:
-        path = self.config.state_dir / "links" / f"{link}.json"
-        write_private(path, json.dumps(snapshot, indent=1).encode())
+    def _flush_state(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for link in dirty:
+            snapshot = self.runners[link].machine.snapshot()
+            path = self.config.state_dir / "links" / f"{link}.json"
+            write_private(path, json.dumps(snapshot, separators=(",", ":")).encode())
+
+    async def _flush_state_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(STATE_FLUSH_INTERVAL)
+            self._flush_state()
 
     def _update_gauges(self) -> None:
         now = time.time()

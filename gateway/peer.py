@@ -1,15 +1,19 @@
 """The peer channel: protocol messages between gateways over mutual TLS.
 
-Each message is one HTTPS POST to `/v1/links/{link}/messages` on the peer's listener. Both
-ends present certificates from the site CA; each pins the other's identity to the link's
-configured peer name (the server checks the client certificate's commonName, the client
-checks the server's certificate against that name). Delivery is best effort: the rekey core
-retransmits, so a failed POST is logged and dropped.
+Each link sends its messages over one WebSocket (`wss://PEER/v1/links/{link}/channel`),
+opened on first use and reopened after a failure; one binary frame per message. Both ends
+present certificates from the site CA; each pins the other's identity to the link's
+configured peer name (the server checks the client certificate's commonName before the
+upgrade, the client checks the server's certificate against that name). Delivery is best
+effort: the rekey core retransmits, so a message that cannot be sent is logged and dropped.
+A refused message is answered with a text frame `{"error": ...}`, which the sender logs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,9 +28,10 @@ from kms.tlsctx import client_context, peer_common_name, server_context
 
 log = logging.getLogger(__name__)
 
-#: Per-message timeout: a peer that cannot take a message in this time is treated as lost;
-#: the core's retransmission covers it.
-SEND_TIMEOUT = 5.0
+#: Opening the channel (TCP, TLS, upgrade) must not take longer; the core retransmits anyway.
+CONNECT_TIMEOUT = 5.0
+#: WebSocket pings: a silent dead connection is noticed within this and reopened.
+HEARTBEAT = 20.0
 
 Deliver = Callable[[str, Message, bytes], Awaitable[None]]
 Reject = Callable[[str, str, str], None]
@@ -59,9 +64,10 @@ class PeerServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=MAX_MESSAGE_BYTES)
-        app.router.add_post("/v1/links/{link}/messages", self._receive)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app = web.Application()
+        app.router.add_get("/v1/links/{link}/channel", self._channel)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         where = self.config.listen
         await web.TCPSite(self._runner, where.host, where.port, ssl_context=self._ssl).start()
@@ -71,61 +77,95 @@ class PeerServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def _receive(self, request: web.Request) -> web.Response:
+    async def _channel(self, request: web.Request) -> web.StreamResponse:
         link = request.match_info["link"]
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport \
             else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         who = peer_common_name(ssl_object.getpeercert() if ssl_object else None)
         if link not in self.peers:
-            self._reject(link, "unknown-link", f"message for unknown link {link!r} from {who}")
+            self._reject(link, "unknown-link", f"channel for unknown link {link!r} from {who}")
             return web.json_response({"error": f"no link {link!r}"}, status=404)
         if who != self.peers[link]:
             self._reject(link, "wrong-peer", f"certificate {who!r} is not the pinned peer"
                          f" {self.peers[link]!r}")
             return web.json_response({"error": "not this link's peer"}, status=403)
-        raw = await request.read()
-        try:
-            message = decode(raw)
-        except MessageError as e:
-            self._reject(link, "malformed", str(e))
-            return web.json_response({"error": str(e)}, status=400)
-        await self._deliver(link, message, hashlib.sha256(der or b"").digest())
-        return web.Response(status=202)
+        cert_sha256 = hashlib.sha256(der or b"").digest()
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT)
+        await ws.prepare(request)
+        async for frame in ws:
+            if frame.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                continue
+            raw = frame.data if isinstance(frame.data, bytes) else frame.data.encode()
+            try:
+                message = decode(raw)
+            except MessageError as e:
+                self._reject(link, "malformed", str(e))
+                await ws.send_str(json.dumps({"error": str(e)}))
+                continue
+            await self._deliver(link, message, cert_sha256)
+        if ws.close_code not in (None, aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY):
+            self._reject(link, "malformed", f"channel closed with code {ws.close_code}"
+                         f" ({ws.exception() or 'no reason'})")
+        return ws
 
 
 class PeerClient:
-    """Sends one link's messages to its peer."""
+    """Sends one link's messages to its peer over one WebSocket."""
 
     def __init__(self, link: str, channel: PeerChannelConfig, peer: PeerConfig) -> None:
         self.link = link
         self.peer = peer
         self._ssl = client_context(channel.ca, channel.cert, channel.key)
         self._session: aiohttp.ClientSession | None = None
-        self.url = f"https://{peer.address}/v1/links/{link}/messages"
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.url = f"https://{peer.address}/v1/links/{link}/channel"
 
     async def send(self, message: Message) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=4),
-                timeout=aiohttp.ClientTimeout(total=SEND_TIMEOUT))
         try:
-            async with self._session.post(self.url, data=encode(message),
-                                          server_hostname=self.peer.name,
-                                          headers={"Content-Type": "application/json"}) as r:
-                if r.status != 202:
-                    body = (await r.text())[:200]
-                    log.warning("link %s: peer %s refused %s for epoch %d: HTTP %d %s",
-                                self.link, self.peer.name, message.type, message.epoch,
-                                r.status, body)
-                    return False
-                return True
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            log.info("link %s: cannot reach peer %s at %s: %s", self.link, self.peer.name,
-                     self.peer.address, type(e).__name__ if not str(e) else e)
+            ws = await self._connected()
+            await ws.send_bytes(encode(message))
+            return True
+        except (aiohttp.ClientError, TimeoutError, OSError, ConnectionError) as e:
+            log.info("link %s: cannot send %s for epoch %d to %s at %s: %s", self.link,
+                     message.type, message.epoch, self.peer.name, self.peer.address,
+                     e or type(e).__name__)
+            await self._drop()
             return False
 
+    async def _connected(self) -> aiohttp.ClientWebSocketResponse:
+        if self._ws is not None and not self._ws.closed:
+            return self._ws
+        async with self._lock:
+            if self._ws is not None and not self._ws.closed:
+                return self._ws
+            if self._session is None:
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=self._ssl))
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                self._ws = await self._session.ws_connect(
+                    self.url, server_hostname=self.peer.name, heartbeat=HEARTBEAT,
+                    max_msg_size=MAX_MESSAGE_BYTES)
+            self._reader = asyncio.create_task(self._read(self._ws))
+            return self._ws
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Drain the channel: pongs keep it alive; error frames say why a message was refused."""
+        async for frame in ws:
+            if frame.type is aiohttp.WSMsgType.TEXT:
+                log.warning("link %s: peer %s refused a message: %s", self.link,
+                            self.peer.name, frame.data[:300])
+
+    async def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            await ws.close()
+
     async def close(self) -> None:
+        await self._drop()
+        if self._reader is not None:
+            self._reader.cancel()
         if self._session is not None:
             await self._session.close()
-

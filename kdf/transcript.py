@@ -19,6 +19,7 @@ The field layout is part of the protocol; docs/key-schedule.md documents it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -89,7 +90,8 @@ class Transcript:
         if not 0 <= self.version < 2**16:
             raise ValueError("version must fit in 16 bits")
 
-    def context(self) -> bytes:
+    @functools.cached_property
+    def _context(self) -> bytes:
         return b"".join([
             lp(_TAG), self.version.to_bytes(2, "big"),
             lp_str(self.suite), lp_str(self.link), self.epoch.to_bytes(8, "big"),
@@ -97,6 +99,9 @@ class Transcript:
             u32(len(self.key_ids)), *(lp_str(k) for k in self.key_ids),
             lp(self.nonce_i), lp(self.nonce_r), u32(self.spi_i), u32(self.spi_r),
         ])
+
+    def context(self) -> bytes:
+        return self._context
 
     def ma(self) -> bytes:
         """The initiator's public values."""
@@ -108,6 +113,10 @@ class Transcript:
 
     def digest(self) -> bytes:
         """SHA-384 over context, MA and MB, each length-prefixed: what key confirmation MACs."""
+        return self._digest
+
+    @functools.cached_property
+    def _digest(self) -> bytes:
         h = hashlib.sha384()
         for part in (self.context(), self.ma(), self.mb()):
             h.update(lp(part))

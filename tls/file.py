@@ -98,7 +98,8 @@ class FileSink:
         except OSError as e:
             raise SinkError(f"hook {self.config.hook[0]!r} cannot run: {e.strerror}") from None
         try:
-            output, _ = await asyncio.wait_for(proc.communicate(), self.config.hook_timeout)
+            async with asyncio.timeout(self.config.hook_timeout):
+                output, _ = await proc.communicate()
         except TimeoutError:
             proc.kill()
             await proc.wait()

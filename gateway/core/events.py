@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from gateway.core.messages import Abort, Accept, Ack, Commit, Message, Offer, RekeyRequest
 from kdf import EpochKeys, Purpose
@@ -272,11 +271,11 @@ class Record(Action):
     key_ids: tuple[str, ...] = ()
     fingerprint: str = ""
     detail: str = ""
-    latency: float | None = None
+    latency: float | None = None  # "rekeyed": seconds since the exchange started here
+    started: float | None = None  # "rekeyed": when the exchange started here
 
 
 @dataclass(frozen=True)
 class Persist(Action):
-    """Save this link's state (no secrets in it) so a restart resumes."""
-
-    snapshot: dict[str, Any]
+    """The link's persistent state changed: save `machine.snapshot()` (no secrets in it),
+    now or a little later, so a restart resumes."""

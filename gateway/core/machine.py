@@ -89,6 +89,8 @@ from kms.models import QkdKey
 #: Key IDs remembered to refuse their reuse. A QKD key is used once; this many covers days of
 #: rekeys at a one-minute cadence, and the KME refuses reuse as well.
 USED_KEY_IDS_REMEMBERED = 4096
+#: ... of which a snapshot keeps the most recent (the KME refuses older ones anyway).
+USED_KEY_IDS_PERSISTED = 64
 #: Consecutive failed exchanges before the peer-unreachable alarm.
 FAILURES_BEFORE_ALARM = 3
 #: How far back the QKD supply is estimated from the pool's trend, seconds.
@@ -210,10 +212,12 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t(None, RekeyRequested, "_rekey_later", (), "an exchange is already in progress"),
     _t(S.FETCHING, QkdKeysFetched, "_keys_fetched", (S.OFFERED, S.INSTALLING, S.IDLE),
        "I: send Offer; R: encapsulate, derive, install inbound"),
-    _t(None, QkdKeysFetched, "_stale_keys", (), "keys for an abandoned exchange: discarded"),
+    _t(None, QkdKeysFetched, "_keys_arrived", (),
+       "keys fetched ahead for the next epoch; those of an abandoned exchange: discarded"),
     _t(S.FETCHING, QkdFetchFailed, "_fetch_failed", (S.OFFERED, S.IDLE),
        "I: PQC-only Offer (fallback) or retry later; R: Abort"),
-    _t(None, QkdFetchFailed, "_ignore", (), "answer to an abandoned fetch"),
+    _t(None, QkdFetchFailed, "_prefetch_failed", (),
+       "fetching ahead failed (the next exchange fetches again); or an abandoned fetch"),
     _t(None, OfferReceived, "_offer", (S.FETCHING, S.INSTALLING, S.IDLE),
        "R: check, then fetch keys by ID or derive; duplicates get the same Accept"),
     _t(S.OFFERED, AcceptReceived, "_accept", (S.INSTALLING, S.IDLE),
@@ -272,13 +276,18 @@ class LinkMachine:
         self.consumed = 0  # QKD keys fetched by this link, for the supply estimate
         self.rekeys = 0
         self._request = 0
+        # One key ahead: the initiator's keys for the next epoch, or the responder's copies of
+        # them, fetched by the IDs announced in the last Commit.
+        self.ahead: tuple[QkdKey, ...] = ()
+        self.ahead_request: int | None = None
+        self.ahead_ids: tuple[str, ...] = ()  # what the request in flight fetches
         self._last_ack: Ack | None = None
         self._restored = snapshot is not None
-        self._persisted: dict[str, Any] | None = None
+        self._persisted: tuple[Any, ...] | None = None
         self._table = {(t.state, t.event): t for t in TRANSITIONS}
         if snapshot is not None:
             self._restore(snapshot)
-            self._persisted = self.snapshot()
+            self._persisted = self._state_key()
 
     # -- the driver's interface ------------------------------------------------------------
 
@@ -335,7 +344,7 @@ class LinkMachine:
                 "suite": o.suite, "activated_at": o.activated_at},
             "inbound": [_ref_dict(i) for i in self.inbound.values()],
             "old_outbound": [_ref_dict(o) for o in self.old_outbound.values()],
-            "used_key_ids": list(self.used_key_ids)[-256:],
+            "used_key_ids": list(self.used_key_ids)[-USED_KEY_IDS_PERSISTED:],
         }
 
     # -- initiator: starting an exchange ---------------------------------------------------
@@ -361,17 +370,23 @@ class LinkMachine:
 
     def _start_exchange(self, now: float, reason: str) -> list[Action]:
         self.next_rekey_at = None
+        if self.ahead and self._qkd_usable(now):
+            keys, self.ahead = self.ahead, ()
+            self.attempt = Attempt(epoch=0, started=now)
+            return [Record("rekey-started", self.max_epoch + 1, detail=f"{reason}, QKD key"
+                           " fetched ahead")] + self._send_offer(now, keys)
+        out = self._drop_ahead("the KMS is not usable") if self.ahead else []
         if self._qkd_usable(now):
             self._request += 1
             self.attempt = Attempt(epoch=0, started=now, request=self._request)
             self.state = State.FETCHING
-            return [Record("rekey-started", self.max_epoch + 1, detail=reason),
-                    FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
+            return out + [Record("rekey-started", self.max_epoch + 1, detail=reason),
+                          FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
         if self.policy.mode is Mode.PQC_FALLBACK:
             self.attempt = Attempt(epoch=0, started=now)
-            return [Record("rekey-started", self.max_epoch + 1, detail=reason)] + \
+            return out + [Record("rekey-started", self.max_epoch + 1, detail=reason)] + \
                 self._send_offer(now, ())
-        return self._kms_down_retry(now)
+        return out + self._kms_down_retry(now)
 
     def _kms_down_retry(self, now: float) -> list[Action]:
         """qkd+pqc without QKD keys: keep the current key, try again later."""
@@ -396,10 +411,56 @@ class LinkMachine:
             return record + self._send_offer(now, event.keys)
         return record + self._respond(now, event.keys)
 
+    def _keys_arrived(self, event: QkdKeysFetched, now: float) -> list[Action]:
+        ids = tuple(k.key_id for k in event.keys)
+        if event.request == self.ahead_request:
+            self.ahead_request, self.ahead_ids = None, ()
+            self.consumed += len(event.keys)
+            self.ahead = event.keys
+            out: list[Action] = [Record("fetched", self.max_epoch + 1, key_ids=ids,
+                                        detail="ahead, for the next epoch")]
+            a = self.attempt
+            if self.state is State.COMMITTED and a is not None and a.commit is not None \
+                    and not a.commit.next_key_ids:
+                # The Commit left before these keys came: send it again with their IDs
+                # (a duplicate Commit is answered like any other; the hint rides along).
+                a.commit = a.commit.model_copy(update={"next_key_ids": ids})
+                out.append(Send(a.commit))
+            return out
+        return self._stale_keys(event, now)
+
     def _stale_keys(self, event: QkdKeysFetched, now: float) -> list[Action]:
         ids = tuple(k.key_id for k in event.keys)
         self._remember_key_ids(ids)
         return [Record("discarded", 0, key_ids=ids, detail="fetched for an abandoned exchange")]
+
+    def _prefetch_failed(self, event: QkdFetchFailed, now: float) -> list[Action]:
+        if event.request != self.ahead_request:
+            return []
+        self.ahead_request, self.ahead_ids = None, ()
+        return [Record("discarded", self.max_epoch + 1, detail="fetching ahead failed:"
+                       f" {event.reason}")]
+
+    def _fetch_ahead(self, now: float, key_ids: tuple[str, ...] = ()) -> list[Action]:
+        """Start fetching the next epoch's QKD key: the initiator new ones (enc_keys), the
+        responder those the initiator announced (dec_keys)."""
+        if not self.policy.prefetch or self.ahead or self.ahead_request is not None \
+                or not self._qkd_usable(now):
+            return []
+        self._request += 1
+        self.ahead_request = self._request
+        if self.role is Role.INITIATOR:
+            return [FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
+        self.ahead_ids = key_ids
+        return [FetchQkdKeysById(self._request, key_ids, self.policy.qkd_key_bits)]
+
+    def _drop_ahead(self, why: str) -> list[Action]:
+        keys, self.ahead = self.ahead, ()
+        if not keys:
+            return []
+        ids = tuple(k.key_id for k in keys)
+        self._remember_key_ids(ids)
+        return [Record("discarded", 0, key_ids=ids, detail=f"key fetched ahead: {why}")]
 
     def _fetch_failed(self, event: QkdFetchFailed, now: float) -> list[Action]:
         a = self.attempt
@@ -432,7 +493,8 @@ class LinkMachine:
             pk=a.x25519.public_key, nonce=self._rng(32), spi=self._new_spi())
         a.next_send, a.send_interval = now + self.policy.retransmit, self.policy.retransmit
         self.state = State.OFFERED
-        return [Record("offered", a.epoch, a.key_ids, detail=a.offer.suite), Send(a.offer)]
+        return [Record("offered", a.epoch, a.key_ids, detail=a.offer.suite), Send(a.offer)] \
+            + self._fetch_ahead(now)
 
     # -- responder: answering an offer -----------------------------------------------------
 
@@ -470,7 +532,17 @@ class LinkMachine:
         self.attempt = Attempt(epoch=o.epoch, started=now, offer=o, key_ids=o.key_ids,
                                peer_cert=event.peer_cert_sha256)
         if not qkd:
-            return out + self._respond(now, ())
+            return out + self._drop_ahead("the offer has no QKD key") + self._respond(now, ())
+        if self.ahead and tuple(k.key_id for k in self.ahead) == o.key_ids:
+            keys, self.ahead = self.ahead, ()
+            return out + self._respond(now, keys)
+        if self.ahead_request is not None and self.ahead_ids == o.key_ids:
+            # Fetching these very keys already: wait for that answer, never ask twice.
+            self.attempt.request, self.ahead_request, self.ahead_ids = self.ahead_request, \
+                None, ()
+            self.state = State.FETCHING
+            return out
+        out += self._drop_ahead(f"the offer for epoch {o.epoch} uses other keys")
         self._request += 1
         self.attempt.request = self._request
         self.state = State.FETCHING
@@ -544,16 +616,25 @@ class LinkMachine:
                              nonce_r=c.nonce_r)
         self._note_peer_out(c.epoch, now)  # the initiator sends on this epoch now
         self._succeeded(now)
-        return out + [Send(self._last_ack), Record("rekeyed", c.epoch, a.key_ids,
-                                                  a.material.fingerprint,
-                                                  latency=now - a.started)]
+        out += [Send(self._last_ack), Record("rekeyed", c.epoch, a.key_ids,
+                                             a.material.fingerprint, latency=now - a.started,
+                                             started=a.started)]
+        return out + self._take_hint(c, now)
 
     def _late_commit(self, event: CommitReceived, now: float) -> list[Action]:
         c, ack = event.message, self._last_ack
         if ack is not None and (c.epoch, c.nonce_i, c.nonce_r) == (ack.epoch, ack.nonce_i,
                                                                   ack.nonce_r):
-            return [Send(ack)]  # our Ack was lost
+            return [Send(ack)] + self._take_hint(c, now)  # our Ack was lost, or a hint came
         return []
+
+    def _take_hint(self, c: Commit, now: float) -> list[Action]:
+        """Fetch the next epoch's QKD keys the initiator announced (if not done already)."""
+        ids = c.next_key_ids
+        if not ids or any(k in self.used_key_ids for k in ids) or ids == self.ahead_ids \
+                or ids == tuple(k.key_id for k in self.ahead):
+            return []
+        return self._drop_ahead("superseded") + self._fetch_ahead(now, ids)
 
     # -- initiator: finishing ---------------------------------------------------------------
 
@@ -587,7 +668,8 @@ class LinkMachine:
         a.material = EpochMaterial(m.link, m.epoch, Role.INITIATOR, a.offer.suite, a.key_ids,
                                    spi_in=a.offer.spi, spi_out=m.spi, keys=keys)
         a.commit = Commit(link=m.link, epoch=m.epoch, out=m.epoch, nonce_i=m.nonce_i,
-                          nonce_r=m.nonce, confirm=keys.confirm_tag(Purpose.CONFIRM_I, t))
+                          nonce_r=m.nonce, confirm=keys.confirm_tag(Purpose.CONFIRM_I, t),
+                          next_key_ids=tuple(k.key_id for k in self.ahead))
         return self._install(a.material)
 
     def _late_accept(self, event: AcceptReceived, now: float) -> list[Action]:
@@ -627,7 +709,7 @@ class LinkMachine:
         self._note_peer_out(m.epoch, now)  # the responder sends on this epoch now
         self._succeeded(now)
         return [Record("rekeyed", m.epoch, a.key_ids, a.material.fingerprint,
-                       latency=now - a.started)]
+                       latency=now - a.started, started=a.started)]
 
     def _abort_msg(self, offer: Offer, reason: AbortReason) -> Abort:
         return Abort(link=offer.link, epoch=offer.epoch, out=self._out(), nonce_i=offer.nonce,
@@ -754,7 +836,7 @@ class LinkMachine:
             problem = f"QBER {event.qber:.3f} above the {self.policy.qber_threshold} threshold"
         k.ok, k.reason = problem is None, problem or ""
         if problem is not None:
-            return self._alarm(Alarm.KMS_UNAVAILABLE, problem)
+            return self._drop_ahead(problem) + self._alarm(Alarm.KMS_UNAVAILABLE, problem)
         out = self._clear(Alarm.KMS_UNAVAILABLE)
         if not was_ok and self.role is Role.INITIATOR and self.state is State.IDLE \
                 and self.outbound is not None and self.outbound.suite.startswith("pqc+") \
@@ -925,12 +1007,21 @@ class LinkMachine:
     def _clear(self, alarm: Alarm) -> list[Action]:
         return [ClearAlarm(alarm)] if self.alarms.pop(alarm, None) is not None else []
 
+    def _state_key(self) -> tuple[Any, ...]:
+        """Changes whenever the snapshot would: cheaper to compare than the snapshot."""
+        o = self.outbound
+        return (self.max_epoch, self.peer_out, o.ref.epoch if o else None,
+                o.activated_at if o else None,
+                tuple((e, i.retire_at) for e, i in self.inbound.items()),
+                tuple((e, i.retire_at) for e, i in self.old_outbound.items()),
+                next(reversed(self.used_key_ids), None))
+
     def _persist(self) -> list[Action]:
-        snap = self.snapshot()
-        if snap == self._persisted:
+        key = self._state_key()
+        if key == self._persisted:
             return []
-        self._persisted = snap
-        return [Persist(snap)]
+        self._persisted = key
+        return [Persist()]
 
     def _restore(self, snap: dict[str, Any]) -> None:
         if snap.get("version") != SNAPSHOT_VERSION or snap.get("link") != self.identity.link \

@@ -4,7 +4,7 @@ One epoch, initiator I, responder R (docs/protocol.md):
 
     I → R  Offer    key IDs, ML-KEM encapsulation key, X25519 key, nonce, SPI
     R → I  Accept   ML-KEM ciphertext, X25519 key, nonce, SPI, key confirmation
-    I → R  Commit   key confirmation
+    I → R  Commit   key confirmation, and the key IDs for the next epoch (fetched ahead)
     R → I  Ack
     either Abort    why an exchange cannot go on
     R → I  RekeyRequest   ask the initiator for a new epoch (restart, soft limit, operator)
@@ -123,6 +123,9 @@ class Commit(_Message):
     nonce_i: Nonce
     nonce_r: Nonce
     confirm: Confirm
+    #: QKD key IDs the initiator already holds for the next epoch: the responder fetches
+    #: them now, so the next exchange does not wait for either KME.
+    next_key_ids: tuple[KeyId, ...] = Field(default=(), max_length=MAX_KEY_IDS)
 
 
 class Ack(_Message):

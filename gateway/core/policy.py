@@ -51,6 +51,9 @@ class Policy:
     reserve_keys: int = 10
     #: This link's share of its KME pair's key supply, when several links share one.
     qkd_share: float = 1.0
+    #: Fetch the next epoch's QKD key during the current exchange (one key ahead), so no
+    #: rekey waits for a KME round trip. Same consumption: one key per epoch.
+    prefetch: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.jitter < 0.5:

@@ -45,7 +45,9 @@ def test_epochs_roll_over_with_identical_keys_and_old_ones_retired() -> None:
     assert fingerprints == {r.epoch: r.fingerprint for r in w.r.records if r.kind == "rekeyed"}
     assert len(set(fingerprints.values())) == len(fingerprints)
     used = [k for r in w.i.records if r.kind == "offered" for k in r.key_ids]
-    assert len(used) == len(set(used)) == len(w.kms.issued)
+    ahead = {k.key_id for k in w.i.machine.ahead}  # one key fetched ahead for the next epoch
+    assert len(used) == len(set(used)) and set(used) | ahead == w.kms.issued
+    assert ahead == {k.key_id for k in w.r.machine.ahead} and len(ahead) == 1
 
 
 def test_qkd_pqc_without_kms_keeps_the_key_then_blocks_at_hard_lifetime() -> None:
@@ -335,3 +337,44 @@ def test_blocked_until_the_first_epoch() -> None:
     m = LinkMachine(w.i.machine.identity, FAST, now=0.0)
     assert Block("no key yet") in m.start(0.0)
     assert not any(isinstance(a, Send) for a in m.start(0.0))  # the initiator waits for keys
+
+
+# -- one key ahead ----------------------------------------------------------------------------
+
+
+def test_next_exchange_needs_no_kms_round_trip() -> None:
+    w = World(seed=15)
+    w.kms_status()
+    w.run_for(2)
+    fetched = len([r for r in w.i.records if r.kind == "fetched"])
+    w.kms.available = False  # the KME is gone, but the next key is already here
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(1)
+    assert w.i.plane.outbound == 2 and w.converged() and not w.violations
+    assert [r.detail for r in w.i.records if r.kind == "rekey-started"][-1].endswith("ahead")
+    assert len([r for r in w.i.records if r.kind == "fetched"]) == fetched  # no new fetch
+
+
+def test_offer_racing_the_responders_fetch_waits_for_it() -> None:
+    w = World(seed=16)
+    w.kms_status()
+    w.run_for(2)
+    w.kms_delay = 0.5  # the responder's fetch-ahead is still under way ...
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(0.01)
+    w.i.feed(RekeyRequested("operator"))  # ... when the next Offer (using those keys) lands
+    w.run_for(3)
+    assert w.converged() and not w.violations
+    assert not [r for r in w.r.records if r.kind == "rejected"]
+    assert "kms-unavailable" not in w.r.alarms  # the keys were asked for once only
+
+
+def test_a_bad_kms_discards_the_key_fetched_ahead() -> None:
+    w = World(seed=17)
+    w.kms_status()
+    w.run_for(2)
+    assert w.i.machine.ahead and w.r.machine.ahead
+    w.kms_status(qber=0.3)
+    assert not w.i.machine.ahead and not w.r.machine.ahead
+    assert [r for r in w.i.records if r.kind == "discarded"][-1].detail.startswith(
+        "key fetched ahead: QBER")

@@ -155,16 +155,35 @@ def test_graceful_stop_and_restart_resume(sites: Sites) -> None:
 # -- hostile input on the peer channel ---------------------------------------------------------
 
 
-def _post(sites: Sites, body: bytes, cert: str, link: str = "ab") -> tuple[int, str]:
+def _frames(sites: Sites, bodies: list[bytes], cert: str = "gw-b", link: str = "ab"
+            ) -> list[str]:
+    """Open the peer channel to A as CERT and send BODIES; what comes back: one text per
+    refused frame, then 'closed <code>' if A closed the channel, or 'handshake <status>'."""
     pki = sites.layout.pki
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
-    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/{link}/messages"
+    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/{link}/channel"
 
-    async def go() -> tuple[int, str]:
-        async with aiohttp.ClientSession() as s, \
-                s.post(url, data=body, ssl=ctx, server_hostname="gw-a") as r:
-            return r.status, await r.text()
+    async def go() -> list[str]:
+        out: list[str] = []
+        async with aiohttp.ClientSession() as s:
+            try:
+                ws = await s.ws_connect(url, ssl=ctx, server_hostname="gw-a")
+            except aiohttp.WSServerHandshakeError as e:
+                return [f"handshake {e.status}"]
+            for body in bodies:
+                await ws.send_bytes(body)
+                try:
+                    frame = await ws.receive(timeout=1.0)
+                except TimeoutError:
+                    continue  # accepted: no answer
+                if frame.type is aiohttp.WSMsgType.TEXT:
+                    out.append(json.loads(frame.data)["error"])
+                else:
+                    out.append(f"closed {ws.close_code}")
+                    break
+            await ws.close()
+        return out
 
     return asyncio.run(go())
 
@@ -172,28 +191,26 @@ def _post(sites: Sites, body: bytes, cert: str, link: str = "ab") -> tuple[int, 
 def test_hostile_peer_messages_are_refused_and_change_nothing(sites: Sites) -> None:
     sites.wait_until("the first epochs", lambda: sites.converged()
                      and sites.link("a")["epoch"] >= 2)
-    offers = [r for r in sites.audit("a") if r["event"] == "offered"]
     old = {"v": 1, "type": "ack", "link": "ab", "epoch": 1, "out": 1,
            "nonce_i": "A" * 43 + "=", "nonce_r": "A" * 43 + "="}
-
-    cases = [
-        (b'{"v":1,"type":"offer","link":"ab"', "gw-b", "ab", 400, "not JSON"),
-        (b"{" + b" " * MAX_MESSAGE_BYTES + b"}", "gw-b", "ab", 413, ""),
-        (json.dumps({**old, "extra": 1}).encode(), "gw-b", "ab", 400, "extra"),
-        (json.dumps(old).encode(), "sae-b", "ab", 403, "not this link's peer"),
-        (json.dumps(old).encode(), "gw-b", "zz", 404, "no link"),
-        (json.dumps({**old, "v": 2}).encode(), "gw-b", "ab", 400, "protocol version"),
-    ]
     before = sites.epochs("a")
-    for body, cert, link, status, text in cases:
-        got, answer = _post(sites, body, cert, link)
-        assert got == status and text in answer, (got, answer)
-    # a well-formed but stale Ack, from the right peer: accepted on the wire, ignored
-    assert _post(sites, json.dumps(old).encode(), "gw-b")[0] == 202
+    answers = _frames(sites, [
+        b'{"v":1,"type":"offer","link":"ab"',  # truncated
+        json.dumps({**old, "extra": 1}).encode(),  # unknown field
+        json.dumps({**old, "v": 2}).encode(),  # another protocol version
+        json.dumps(old).encode(),  # well formed, stale: accepted on the wire, ignored
+        b"{" + b" " * MAX_MESSAGE_BYTES + b"}",  # oversized: the channel is closed
+    ])
+    assert answers[0] == "message is not JSON"
+    assert answers[1].startswith("extra: Extra inputs")
+    assert answers[2].startswith("unsupported protocol version")
+    assert answers[3] == "closed 1009", answers  # the stale Ack got no answer
+    assert _frames(sites, [b"{}"], cert="sae-b") == ["handshake 403"]  # not the pinned peer
+    assert _frames(sites, [b"{}"], link="zz") == ["handshake 404"]
     after = sites.epochs("a")
-    assert offers and all(after[e] == f for e, f in before.items())  # no key changed
+    assert all(after[e] == f for e, f in before.items())  # no key changed
     metrics = _metrics(sites)
-    assert 'qkdgw_peer_messages_rejected_total{link="ab",reason="malformed"} 3.0' in metrics
+    assert 'qkdgw_peer_messages_rejected_total{link="ab",reason="malformed"} 4.0' in metrics
     assert 'qkdgw_peer_messages_rejected_total{link="ab",reason="wrong-peer"} 1.0' in metrics
     sites.wait_until("still rekeying", lambda: sites.converged()
                      and sites.link("a")["epoch"] > max(before) + 1)
@@ -206,11 +223,11 @@ def test_untrusted_certificate_cannot_connect(sites: Sites, tmp_path: Path) -> N
     pki.save(pki.issue(rogue, "gw-b", client=True), tmp_path / "r.pem", tmp_path / "r.key")
     ctx = ssl.create_default_context(cafile=str(sites.layout.pki / "ca.pem"))
     ctx.load_cert_chain(str(tmp_path / "r.pem"), str(tmp_path / "r.key"))
-    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/ab/messages"
+    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/ab/channel"
 
     async def go() -> None:
         async with aiohttp.ClientSession() as s:
-            await s.post(url, data=b"{}", ssl=ctx, server_hostname="gw-a")
+            await s.ws_connect(url, ssl=ctx, server_hostname="gw-a")
 
     with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
         asyncio.run(go())

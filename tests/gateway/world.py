@@ -204,7 +204,7 @@ class World:
             elif isinstance(a, Block):
                 side.plane.blocked, side.plane.outbound = True, None
             elif isinstance(a, Persist):
-                side.snapshot = a.snapshot
+                side.snapshot = side.machine.snapshot()
             elif isinstance(a, RaiseAlarm):
                 side.alarms.add(a.alarm.value)
             elif isinstance(a, ClearAlarm):
