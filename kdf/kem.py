@@ -131,7 +131,9 @@ class _PycaMlKem(Kem):
         _check_size(self.name, "seed (d || z)", seed, 64)
         return _PycaPrivateKey(self, self._private.from_seed_bytes(seed))
 
-    def _parse(self, encapsulation_key: bytes) -> mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey:
+    def _parse(
+        self, encapsulation_key: bytes
+    ) -> mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey:
         try:
             return self._public.from_public_bytes(encapsulation_key)
         except ValueError:
