@@ -194,20 +194,28 @@ class Transition:
     state: State | None  # None: any state
     event: type[Event]
     handler: str
-    to: tuple[State, ...]
+    to: tuple[State, ...]  # for a row of one state: where it may lead
     note: str
+    #: For an any-state row: the state changes it may make, (from, to).
+    moves: tuple[tuple[State, State], ...] = ()
+
+    @property
+    def edges(self) -> list[tuple[State, State]]:
+        if self.state is None:
+            return list(self.moves)
+        return [(self.state, b) for b in self.to if b is not self.state]
 
 
 def _t(state: State | None, event: type[Event], handler: str, to: tuple[State, ...],
-       note: str) -> Transition:
-    return Transition(state, event, handler, to, note)
+       note: str, moves: tuple[tuple[State, State], ...] = ()) -> Transition:
+    return Transition(state, event, handler, to, note, moves)
 
 
 S = State
 #: Every (state, event) the machine accepts, the handler, and where it may lead. The same
 #: table serves both roles; handlers refuse what the role does not do.
 TRANSITIONS: tuple[Transition, ...] = (
-    _t(S.IDLE, RekeyRequested, "_rekey_now", (S.FETCHING, S.OFFERED, S.IDLE),
+    _t(S.IDLE, RekeyRequested, "_rekey_now", (S.FETCHING, S.OFFERED),
        "start an exchange (I) or ask the initiator for one (R)"),
     _t(None, RekeyRequested, "_rekey_later", (), "an exchange is already in progress"),
     _t(S.FETCHING, QkdKeysFetched, "_keys_fetched", (S.OFFERED, S.INSTALLING, S.IDLE),
@@ -218,8 +226,11 @@ TRANSITIONS: tuple[Transition, ...] = (
        "I: PQC-only Offer (fallback) or retry later; R: Abort"),
     _t(None, QkdFetchFailed, "_prefetch_failed", (),
        "fetching ahead failed (the next exchange fetches again); or an abandoned fetch"),
-    _t(None, OfferReceived, "_offer", (S.FETCHING, S.INSTALLING, S.IDLE),
-       "R: check, then fetch keys by ID or derive; duplicates get the same Accept"),
+    _t(None, OfferReceived, "_offer", (), "R: check, then fetch the keys by ID (unless held"
+       " ahead) and derive; a newer offer supersedes the exchange in progress; a duplicate"
+       " gets the same Accept",
+       tuple((a, b) for a in (S.IDLE, S.FETCHING, S.INSTALLING, S.ACCEPTED)
+             for b in (S.FETCHING, S.INSTALLING) if a is not b)),
     _t(S.OFFERED, AcceptReceived, "_accept", (S.INSTALLING, S.IDLE),
        "I: decapsulate, derive, verify confirm_R, install inbound"),
     _t(None, AcceptReceived, "_late_accept", (), "I: a duplicate gets the same Commit again"),
@@ -233,13 +244,20 @@ TRANSITIONS: tuple[Transition, ...] = (
     _t(None, CommitReceived, "_late_commit", (), "R: a duplicate gets the same Ack again"),
     _t(S.COMMITTED, AckReceived, "_ack", (S.IDLE,), "I: the peer has switched; epoch done"),
     _t(None, AckReceived, "_ignore", (), "late or duplicate Ack"),
-    _t(None, AbortReceived, "_abort_received", (S.IDLE,), "the peer gave up this exchange"),
-    _t(None, RekeyRequestReceived, "_rekey_requested", (S.FETCHING, S.OFFERED, S.IDLE),
-       "I: start an exchange if none is in progress"),
+    _t(None, AbortReceived, "_abort_received", (), "the peer gave up this exchange; I may"
+       " start again at once (stale epoch numbers, or PQC-only after the peer's KMS failed)",
+       ((S.OFFERED, S.IDLE), (S.OFFERED, S.FETCHING), (S.FETCHING, S.IDLE),
+        (S.INSTALLING, S.IDLE), (S.ACCEPTED, S.IDLE))),
+    _t(None, RekeyRequestReceived, "_rekey_requested", (), "I: start an exchange if none is"
+       " in progress", ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED))),
     _t(None, KmsStatusObserved, "_kms_status", (), "track KMS health and key supply"),
     _t(None, KmsUnreachable, "_kms_unreachable", (), "the KMS cannot be reached"),
-    _t(None, Tick, "_tick", (S.IDLE, S.FETCHING, S.OFFERED),
-       "timers: rekey, retransmit, give up, retire, hard lifetime"),
+    _t(None, Tick, "_tick", (), "timers: a scheduled rekey starts (I); an exchange past"
+       " attempt_timeout is given up; retransmissions; old keys retired; the hard lifetime",
+       ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED),
+        *((a, S.IDLE) for a in (S.FETCHING, S.OFFERED, S.INSTALLING, S.ACCEPTED,
+                                S.COMMITTED)))),
+
 )
 
 

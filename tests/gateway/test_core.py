@@ -327,8 +327,9 @@ def test_every_transition_has_a_handler_and_a_note() -> None:
         assert t.note
     pairs = [(t.state, t.event) for t in TRANSITIONS]
     assert len(pairs) == len(set(pairs))
-    reachable = {s for t in TRANSITIONS for s in t.to} | {State.IDLE}
+    reachable = {b for t in TRANSITIONS for _, b in t.edges} | {State.IDLE}
     assert reachable == set(State)
+    assert all(t.moves for t in TRANSITIONS if t.state is None and t.to)  # none half-stated
 
 
 def test_blocked_until_the_first_epoch() -> None:
@@ -378,3 +379,15 @@ def test_a_bad_kms_discards_the_key_fetched_ahead() -> None:
     assert not w.i.machine.ahead and not w.r.machine.ahead
     assert [r for r in w.i.records if r.kind == "discarded"][-1].detail.startswith(
         "key fetched ahead: QBER")
+
+
+def test_the_documented_state_machine_is_the_code() -> None:
+    """docs/protocol.md embeds `python -m gateway.core.diagram` output; keep them equal."""
+    from pathlib import Path
+
+    from gateway.core.diagram import mermaid, table
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    block = doc.split("<!-- generated: begin -->\n")[1].split("<!-- generated: end -->")[0]
+    assert block == f"```mermaid\n{mermaid()}\n```\n\n{table()}\n", \
+        "regenerate: python -m gateway.core.diagram"
