@@ -120,6 +120,7 @@ class LinkRunner:
         """The next queued event (events first: they may change what is due), else a Tick
         at the core's next deadline."""
         if not self.queue.empty():
+            await asyncio.sleep(0)  # let the other links have a turn
             return self.queue.get_nowait()
         deadline = self.machine.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.time())
@@ -255,7 +256,7 @@ class Daemon:
                 kem=link.kem)
             machine = LinkMachine(identity, c.link_policy(link), now=time.time(),
                                   snapshot=self._load_snapshot(link.name))
-            sinks: list[Sink] = [s.build() for s in link.sinks]
+            sinks: list[Sink] = [s.build(self) for s in link.sinks]
             self.runners[link.name] = LinkRunner(self, link, machine, sinks,
                                                  PeerClient(link.name, c.peer_channel, link.peer))
             self.metrics.mode.labels(link.name, machine.policy.mode.value).set(1)
@@ -329,6 +330,11 @@ class Daemon:
 
     async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
         await self.runners[link].queue.put(received(message, peer_cert))
+
+    def soft_limit(self, link: str, detail: str) -> None:
+        """A sink reports a soft limit (SinkEvents): the link rekeys now."""
+        log.info("link %s: soft limit reached: %s", link, detail)
+        self.runners[link].queue.put_nowait(RekeyRequested(f"soft-limit: {detail}"))
 
     def rekey(self, link: str | None) -> list[str]:
         names = [link] if link else list(self.runners)

@@ -17,6 +17,13 @@ class SinkError(Exception):
     pass
 
 
+class SinkEvents(Protocol):
+    """What a sink may tell the gateway, e.g. from kernel SA expiry notifications."""
+
+    def soft_limit(self, link: str, detail: str) -> None:
+        """A byte, packet or time soft limit of the current key was reached: rekey soon."""
+
+
 class Sink(Protocol):
     #: A short name for logs, metrics and the audit trail, e.g. "file:/run/qkdgw/ab.psk".
     name: str

@@ -27,13 +27,15 @@ def qkdgw(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 # -- help and usage ---------------------------------------------------------------------------
 
 COMMANDS = [["demo"], ["init-demo"], ["kms-sim"], ["check-config"], ["kms"], ["kms", "status"],
-            ["kms", "enc-keys"], ["kms", "dec-keys"]]
+            ["kms", "enc-keys"], ["kms", "dec-keys"], ["run"], ["status"], ["rekey"],
+            ["audit"], ["audit", "verify"]]
 
 
 def test_top_level_help_lists_every_command() -> None:
     r = qkdgw("--help")
     assert r.returncode == 0
-    for cmd in ("demo", "init-demo", "kms-sim", "check-config", "kms"):
+    for cmd in ("demo", "init-demo", "kms-sim", "check-config", "kms", "run", "status",
+                "rekey", "audit"):
         assert f"\n    {cmd} " in r.stdout
     assert qkdgw("--version").stdout.startswith("qkd-gateway ")
 
@@ -166,6 +168,19 @@ def test_kms_failure_exits_1_naming_the_kme(demo: DemoLayout, sim: SimProcess) -
     assert r.returncode == 1
     assert f"KME https://127.0.0.1:{demo.kme_port('a')} enc_keys: HTTP 503" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_status_without_a_daemon_says_so(demo: DemoLayout) -> None:
+    r = qkdgw("status", "-c", str(demo.site_config("a")))
+    assert r.returncode == 1 and "no daemon answers on" in r.stderr and "qkdgw run" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_check_config_shows_each_links_policy(demo: DemoLayout) -> None:
+    r = qkdgw("check-config", str(demo.site_config("a")))
+    assert r.returncode == 0
+    assert "link ab: initiator to gw-b at 127.0.0.1:" in r.stdout
+    assert "qkd+pqc, rekey every 30 s, hard lifetime 120 s, 1 sink(s)" in r.stdout
 
 
 def test_kms_unknown_link(demo: DemoLayout) -> None:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.files import write_private
-from gateway.sink import SinkError
+from gateway.sink import SinkError, SinkEvents
 from kdf import Purpose
 from kms.configfile import FilePath
 
@@ -49,8 +49,8 @@ class FileSinkConfig(BaseModel):
                                    description="command and arguments, run after each change")
     hook_timeout: PositiveFloat = 10.0
 
-    def build(self) -> FileSink:
-        return FileSink(self)
+    def build(self, events: SinkEvents) -> FileSink:
+        return FileSink(self)  # a file has no limits to report
 
 
 class FileSink:

@@ -8,7 +8,7 @@ step the world checks the invariants against the data planes (tests/gateway/worl
 3. epochs only move forward; a QKD key ID belongs to one epoch at most;
 4. never a moment without protection: traffic is keyed or blocked.
 When the faults stop, both sides converge on the same, fresh epoch.
-Examples: 150 per mode, up to 40 steps each; HYPOTHESIS_PROFILE=soak runs many more.
+Examples: 150 per mode, up to 40 steps each; HYPOTHESIS_PROFILE=soak runs 20,000 per mode.
 """
 
 from __future__ import annotations
@@ -104,7 +104,10 @@ class FallbackWorld(RekeyWorld):
     mode = Mode.PQC_FALLBACK
 
 
+#: At least 150 examples per mode (a few seconds); the soak profile (conftest) raises it.
+EXAMPLES = max(150, settings().max_examples)
+
 TestQkdPqc = QkdPqcWorld.TestCase
-TestQkdPqc.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestQkdPqc.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None)
 TestFallback = FallbackWorld.TestCase
-TestFallback.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestFallback.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None)

@@ -20,6 +20,11 @@ from tls.file import FileSinkConfig
 SECRET = bytes(range(48))
 
 
+class NoEvents:
+    def soft_limit(self, link: str, detail: str) -> None:
+        raise AssertionError("a file sink has no limits to report")
+
+
 def material(epoch: int = 3) -> EpochMaterial:
     return EpochMaterial("ab", epoch, Role.INITIATOR, "qkd+ML-KEM-768+X25519/CatKDF-SHA-384",
                          ("k",), 0x1000, 0x2000, EpochKeys(epoch, SECRET))
@@ -36,7 +41,7 @@ DECODE = {"hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b,
 @pytest.mark.parametrize("fmt", sorted(DECODE))
 def test_activate_writes_the_key_0600(tmp_path: Path, fmt: str) -> None:
     config = sink(tmp_path, format=fmt, purpose="ike_ppk")
-    asyncio.run(config.build().activate_outbound(material()))
+    asyncio.run(config.build(NoEvents()).activate_outbound(material()))
     assert DECODE[fmt](config.path.read_bytes()) == material().key(Purpose.IKE_PPK)
     assert os.stat(config.path).st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["k.psk"]  # no temporary files left
@@ -47,7 +52,7 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
     script = f"import os; open({str(out)!r},'w').write(repr(dict(os.environ)))"
     config = sink(tmp_path, hook=[sys.executable, "-c", script])
     m = material()
-    asyncio.run(config.build().activate_outbound(m))
+    asyncio.run(config.build(NoEvents()).activate_outbound(m))
     env = ast.literal_eval(out.read_text())
     assert env["QKDGW_EVENT"] == "activate" and env["QKDGW_EPOCH"] == "3"
     assert env["QKDGW_FINGERPRINT"] == m.fingerprint and env["QKDGW_KEY_FILE"] == str(config.path)
@@ -58,7 +63,7 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
 def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:
     out = tmp_path / "events"
     config = sink(tmp_path, hook=["sh", "-c", f'echo "$QKDGW_EVENT" >> {out}'])
-    s = config.build()
+    s = config.build(NoEvents())
     asyncio.run(s.activate_outbound(material()))
     asyncio.run(s.block("ab", "hard lifetime"))
     assert not config.path.exists()
@@ -67,13 +72,13 @@ def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:
 
 def test_failing_or_hanging_hook_is_a_sink_error(tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="exited with 3: nope"):
-        asyncio.run(sink(tmp_path, hook=["sh", "-c", "echo nope; exit 3"]).build()
+        asyncio.run(sink(tmp_path, hook=["sh", "-c", "echo nope; exit 3"]).build(NoEvents())
                     .activate_outbound(material()))
     with pytest.raises(SinkError, match=r"ran past 0\.2 s"):
-        asyncio.run(sink(tmp_path, hook=["sleep", "5"], hook_timeout=0.2).build()
+        asyncio.run(sink(tmp_path, hook=["sleep", "5"], hook_timeout=0.2).build(NoEvents())
                     .activate_outbound(material()))
     with pytest.raises(SinkError, match="cannot run"):
-        asyncio.run(sink(tmp_path, hook=["/nonexistent/hook"]).build()
+        asyncio.run(sink(tmp_path, hook=["/nonexistent/hook"]).build(NoEvents())
                     .activate_outbound(material()))
 
 
@@ -82,4 +87,4 @@ def test_unwritable_path_is_a_sink_error(tmp_path: Path) -> None:
     blocker.write_text("a file where a directory should be")
     config = FileSinkConfig.model_validate({"type": "file", "path": str(blocker / "k.psk")})
     with pytest.raises(SinkError, match="cannot write"):
-        asyncio.run(config.build().activate_outbound(material()))
+        asyncio.run(config.build(NoEvents()).activate_outbound(material()))
