@@ -100,6 +100,8 @@ class Pending:
     seq: int
     side: str = field(compare=False)
     what: Any = field(compare=False)
+    #: The process (machine) that asked, for KMS and sink answers: they die with it.
+    generation: int | None = field(default=None, compare=False)
 
 
 class Side:
@@ -114,6 +116,7 @@ class Side:
         self.records: list[Record] = []
         self.rejected: list[str] = []
         self.last_status: KmsStatusObserved | None = None
+        self.generation = 0
         self.machine = self._new_machine()
 
     def _new_machine(self) -> LinkMachine:
@@ -134,6 +137,7 @@ class Side:
     def restart(self) -> None:
         """The daemon restarts: the machine comes back from its last snapshot; the data plane
         (kernel SAs, PSK files) is untouched; the daemon polls its KME's status first."""
+        self.generation += 1  # answers to the old process's requests go nowhere
         self.machine = self._new_machine()
         self.world.execute(self, self.machine.start(self.world.now))
         if self.last_status is not None:
@@ -172,21 +176,24 @@ class World:
 
     # -- carrying out actions ----------------------------------------------------------------
 
-    def later(self, delay: float, side: Side, what: Any) -> None:
+    def later(self, delay: float, side: Side, what: Any, *, local: bool = False) -> None:
+        """Deliver WHAT to SIDE after DELAY; LOCAL answers (KMS, sinks) only to the same
+        process that asked."""
         self._seq += 1
-        self.queue.append(Pending(self.now + delay, self._seq, side.name, what))
+        self.queue.append(Pending(self.now + delay, self._seq, side.name, what,
+                                  side.generation if local else None))
 
     def execute(self, side: Side, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Send):
                 self._send(side, a.message)
             elif isinstance(a, FetchQkdKeys | FetchQkdKeysById):
-                self.later(self.kms_delay, side, a)
+                self.later(self.kms_delay, side, a, local=True)
             elif isinstance(a, InstallInbound):
                 m = a.material
                 side.plane.inbound[m.epoch] = m.inbound_esp
                 self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
-                self.later(self.sink_delay, side, SinkInstalled(m.epoch))
+                self.later(self.sink_delay, side, SinkInstalled(m.epoch), local=True)
             elif isinstance(a, ActivateOutbound):
                 m = a.material
                 if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
@@ -252,7 +259,9 @@ class World:
         self.now = max(self.now, at)
         if isinstance(what, Pending):
             self.queue.remove(what)
-            self._deliver(self.i if what.side == "I" else self.r, what.what)
+            side = self.i if what.side == "I" else self.r
+            if what.generation is None or what.generation == side.generation:
+                self._deliver(side, what.what)
         else:
             what.feed(Tick())
         self.check()
