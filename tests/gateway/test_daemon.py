@@ -204,7 +204,10 @@ def test_hostile_peer_messages_are_refused_and_change_nothing(sites: Sites) -> N
     assert answers[0] == "message is not JSON"
     assert answers[1].startswith("extra: Extra inputs")
     assert answers[2].startswith("unsupported protocol version")
-    assert answers[3] == "closed 1009", answers  # the stale Ack got no answer
+    # The stale Ack got no answer; the oversized frame closed the channel: with 1009, or,
+    # when A's close races our still-running write of the 1 MiB frame, a dropped
+    # connection (1006). The malformed count below shows A refused it either way.
+    assert answers[3] in ("closed 1009", "closed 1006"), answers
     assert _frames(sites, [b"{}"], cert="sae-b") == ["handshake 403"]  # not the pinned peer
     assert _frames(sites, [b"{}"], link="zz") == ["handshake 404"]
     after = sites.epochs("a")
