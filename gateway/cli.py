@@ -17,6 +17,7 @@ from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.config import SiteConfig
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
+from gateway.sink import SinkError
 from kdf import fingerprint
 from kms.configfile import ConfigError
 from kms.errors import KmsError
@@ -101,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, metavar="SITE.yaml")
 
     p = _add(sub, "run", _cmd_run, "run the gateway daemon for a site",
-             "Run the gateway of one site until SIGTERM or Ctrl-C: poll the KME, talk to\n"
-             "the peer gateways over mutual TLS, rekey every link as its policy says and\n"
-             "install the keys in the configured sinks. Stopping leaves every data plane on\n"
-             "its current key; the next start resumes. See docs/operations.md.")
+             "Run the gateway of one site until `qkdgw stop`, SIGTERM or Ctrl-C: poll the\n"
+             "KME, talk to the peer gateways over mutual TLS, rekey every link as its policy\n"
+             "says and install the keys in the configured sinks. On stop each sink leaves its\n"
+             "data plane as documented (kernel SAs deleted, policies left blocking; a key\n"
+             "file kept); the next start resumes. See docs/operations.md.")
     _site_arg(p)
 
     p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms")
@@ -114,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "rekey", _cmd_rekey, "start a rekey now (all links, or one)")
     _site_arg(p)
     p.add_argument("--link", help="only this link")
+
+    p = _add(sub, "stop", _cmd_stop, "stop the daemon",
+             "Ask the running daemon to stop, as SIGTERM does. Each sink leaves its data\n"
+             "plane as configured: kernel SAs are deleted and the policies left blocking\n"
+             "(xfrm `on_stop: block`, the default) or removed (`on_stop: remove`); a key\n"
+             "file stays. Returns once the daemon has stopped (or --timeout passed).")
+    _site_arg(p)
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the daemon to finish (default: 30)")
 
     audit = _add(sub, "audit", _usage(None), "check the audit trail")
     asub = audit.add_subparsers(title="audit commands", metavar="CMD")
@@ -275,6 +286,22 @@ def _cmd_rekey(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_stop(args: argparse.Namespace) -> int:
+    import time
+
+    data = _admin(args.config, "POST", "/stop")
+    sock = SiteConfig.load(args.config).admin_socket
+    deadline = time.monotonic() + args.timeout
+    while sock.exists():  # the daemon removes its admin socket last
+        if time.monotonic() > deadline:
+            print(f"site {data['stopping']}: still stopping after {args.timeout:g} s",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.05)
+    print(f"site {data['stopping']} stopped")
+    return EXIT_OK
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit import verify
 
@@ -373,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InitDemoError, ValueError, AuditError) as e:
         print(f"qkdgw: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (KmsError, DaemonUnreachable) as e:
+    except (KmsError, DaemonUnreachable, SinkError) as e:
         print(f"qkdgw: {e}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:

@@ -6,6 +6,7 @@ Reference with every field: docs/configuration.md. Errors name the field.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
 )
 
 from gateway.core.policy import Mode, Policy
+from ipsec.xfrm.sink import REQIDS_PER_LINK, XfrmSinkConfig
 from kms.config import KmsClientConfig
 from kms.configfile import Address, FilePath, load_yaml_model
 from kms.models import EntityId
@@ -67,7 +69,7 @@ class PolicyConfig(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-SinkConfig = Annotated[FileSinkConfig, Field(discriminator="type")]
+SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig, Field(discriminator="type")]
 
 
 class LinkConfig(_Strict):
@@ -117,6 +119,14 @@ class SiteConfig(_Strict):
                 self.link_policy(link)
             except ValueError as e:
                 raise ValueError(f"link {link.name}: policy: {e}") from None
+        reqids: list[tuple[int, str]] = sorted(
+            (sink.reqid_base(link.name), link.name) for link in self.links
+            for sink in link.sinks if isinstance(sink, XfrmSinkConfig))
+        for (a, link_a), (b, link_b) in itertools.pairwise(reqids):
+            if b - a < REQIDS_PER_LINK:
+                raise ValueError(f"xfrm sinks of links {link_a} and {link_b}: reqid ranges"
+                                 f" overlap ({a} and {b}; each needs {REQIDS_PER_LINK}): set"
+                                 " `reqid` on one of them")
         return self
 
     def link_policy(self, link: LinkConfig) -> Policy:

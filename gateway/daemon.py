@@ -64,7 +64,7 @@ from gateway.core.messages import Message
 from gateway.files import write_private
 from gateway.metrics import Metrics
 from gateway.peer import PeerClient, PeerServer, certificate_sha256
-from gateway.sink import Sink, SinkError
+from gateway.sink import Sink, SinkContext, SinkError
 from kms.configfile import ConfigError
 from kms.errors import KmsError
 
@@ -239,6 +239,7 @@ class Daemon:
         self.started = time.time()
         self.dirty: set[str] = set()  # links whose state changed since the last flush
         self.stopping = False
+        self.stop_requested = asyncio.Event()  # `qkdgw stop`, SIGTERM, SIGINT
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -256,10 +257,15 @@ class Daemon:
                 kem=link.kem)
             machine = LinkMachine(identity, c.link_policy(link), now=time.time(),
                                   snapshot=self._load_snapshot(link.name))
-            sinks: list[Sink] = [s.build(self) for s in link.sinks]
+            context = SinkContext(link.name, machine.policy, self, c.peer_channel.listen,
+                                  link.peer.address)
+            sinks: list[Sink] = [s.build(context) for s in link.sinks]
             self.runners[link.name] = LinkRunner(self, link, machine, sinks,
                                                  PeerClient(link.name, c.peer_channel, link.peer))
             self.metrics.mode.labels(link.name, machine.policy.mode.value).set(1)
+        for runner in self.runners.values():
+            for sink in runner.sinks:
+                await sink.start()  # a SinkError stops the start: the CLI says why
         self._peer_server = PeerServer(c.peer_channel,
                                        {r.name: r.config.peer.name for r in self.runners.values()},
                                        self._deliver, self.rejected)
@@ -276,7 +282,8 @@ class Daemon:
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
 
     async def stop(self) -> None:
-        """Stop without touching the data planes: they keep their current keys."""
+        """Stop; each sink leaves its data plane as its stop behaviour says (a key file
+        stays, kernel SAs are deleted and policies left blocking ...)."""
         self.stopping = True
         for task in self._tasks:
             task.cancel()
@@ -300,7 +307,7 @@ class Daemon:
             self.audit.close()
         with contextlib.suppress(FileNotFoundError):
             self.config.admin_socket.unlink()
-        log.info("site %s stopped; data planes left on their current keys", self.config.site)
+        log.info("site %s stopped", self.config.site)
 
     def _lock(self) -> None:
         path = self.config.state_dir / "lock"
@@ -477,6 +484,7 @@ class Daemon:
 
         app.router.add_get("/status", status)
         app.router.add_post("/rekey", self._admin_rekey)
+        app.router.add_post("/stop", self._admin_stop)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         old = os.umask(0o177)
@@ -494,6 +502,11 @@ class Daemon:
             return web.json_response({"error": f"no link {link!r} (links: "
                                       + ", ".join(self.runners) + ")"}, status=404)
         return web.json_response({"rekeying": self.rekey(link)})
+
+    async def _admin_stop(self, _: web.Request) -> web.Response:
+        log.info("stop requested on the admin socket")
+        self.stop_requested.set()
+        return web.json_response({"stopping": self.config.site})
 
     async def _serve_metrics(self) -> None:
         assert self.config.metrics is not None
@@ -547,9 +560,9 @@ def _cause(detail: str) -> str:
 
 
 async def run(config: SiteConfig) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until `qkdgw stop`, SIGTERM or SIGINT."""
     daemon = Daemon(config)
-    stop = asyncio.Event()
+    stop = daemon.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.files import write_private
-from gateway.sink import SinkError, SinkEvents
+from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
 from kms.configfile import FilePath
 
@@ -49,7 +49,7 @@ class FileSinkConfig(BaseModel):
                                    description="command and arguments, run after each change")
     hook_timeout: PositiveFloat = 10.0
 
-    def build(self, events: SinkEvents) -> FileSink:
+    def build(self, context: SinkContext) -> FileSink:
         return FileSink(self)  # a file has no limits to report
 
 
@@ -57,6 +57,9 @@ class FileSink:
     def __init__(self, config: FileSinkConfig) -> None:
         self.config = config
         self.name = f"file:{config.path}"
+
+    async def start(self) -> None:
+        """Nothing to do: no file until the first activation."""
 
     async def install_inbound(self, material: EpochMaterial) -> None:
         """Nothing to do: a PSK file holds one key, written on activation."""

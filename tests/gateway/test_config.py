@@ -13,6 +13,10 @@ from gateway.initdemo import DemoLayout
 from kms.configfile import ConfigError
 
 
+XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",
+        "local_subnets": ["10.1.0.0/16"], "remote_subnets": ["10.2.0.0/16"]}
+
+
 def edited(tmp_path: Path, demo: DemoLayout, edit: object) -> Path:
     config = yaml.safe_load(demo.site_config("a").read_text())
     edit(config)  # type: ignore[operator]
@@ -39,7 +43,13 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     (lambda c: c["policy"].update(interval=-1), "policy.interval: Input should be greater"),
     (lambda c: c["policy"].update(hard_lifetime=10, interval=30),
      "link ab: policy: hard_lifetime must be longer than interval"),
-    (lambda c: c["links"][0]["sinks"].append({"type": "xfrm"}), "links.0.sinks.1"),
+    (lambda c: c["links"][0]["sinks"].append({"type": "xfrm"}),
+     "links.0.sinks.1.xfrm.local: Field required"),
+    (lambda c: c["links"][0]["sinks"].append({"type": "ipsec"}), "links.0.sinks.1"),
+    (lambda c: c.update(links=[
+        {**c["links"][0], "sinks": [{**XFRM, "reqid": 1000}]},
+        {**c["links"][0], "name": "ac", "sinks": [{**XFRM, "reqid": 1100}]}]),
+     "xfrm sinks of links ab and ac: reqid ranges overlap"),
     (lambda c: c["links"][0]["sinks"][0].update(format="pem"), "links.0.sinks.0.file.format"),
     (lambda c: c["links"][0].update(kem="Kyber512"), "links.0.kem"),
     (lambda c: c.update(links=[c["links"][0], c["links"][0]]), "link name used more than once"),

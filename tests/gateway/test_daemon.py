@@ -139,8 +139,11 @@ def test_peer_killed_and_restarted_resynchronises(sites: Sites) -> None:
 def test_graceful_stop_and_restart_resume(sites: Sites) -> None:
     sites.wait_until("the first epochs", lambda: sites.converged()
                      and sites.link("a")["epoch"] >= 2)
-    assert sites.stop_site("a") == 0
-    assert sites.stop_site("b") == 0
+    stop = subprocess.run([*qkdgw_command(), "stop", "-c", str(sites.layout.site_config("a"))],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (stop.returncode, stop.stdout) == (0, "site a stopped\n"), stop.stderr
+    assert sites.procs.pop("a").wait(timeout=20) == 0  # `qkdgw stop` returned: it is gone
+    assert sites.stop_site("b") == 0  # SIGTERM
     state = sites.layout.state_dir("a")
     epoch = max(sites.epochs("a"))
     assert (state / "ab.psk").exists()  # the data plane keeps its key

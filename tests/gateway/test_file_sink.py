@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from gateway.core.events import EpochMaterial, Role
-from gateway.sink import SinkError
+from gateway.core.policy import Policy
+from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
 from kdf.schedule import EpochKeys
+from kms.configfile import HostPort
 from tls.file import FileSinkConfig
 
 SECRET = bytes(range(48))
@@ -23,6 +25,11 @@ SECRET = bytes(range(48))
 class NoEvents:
     def soft_limit(self, link: str, detail: str) -> None:
         raise AssertionError("a file sink has no limits to report")
+
+
+def context() -> SinkContext:
+    return SinkContext("ab", Policy(), NoEvents(), HostPort("127.0.0.1", 1),
+                       HostPort("127.0.0.1", 2))
 
 
 def material(epoch: int = 3) -> EpochMaterial:
@@ -41,7 +48,7 @@ DECODE = {"hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b,
 @pytest.mark.parametrize("fmt", sorted(DECODE))
 def test_activate_writes_the_key_0600(tmp_path: Path, fmt: str) -> None:
     config = sink(tmp_path, format=fmt, purpose="ike_ppk")
-    asyncio.run(config.build(NoEvents()).activate_outbound(material()))
+    asyncio.run(config.build(context()).activate_outbound(material()))
     assert DECODE[fmt](config.path.read_bytes()) == material().key(Purpose.IKE_PPK)
     assert os.stat(config.path).st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["k.psk"]  # no temporary files left
@@ -52,7 +59,7 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
     script = f"import os; open({str(out)!r},'w').write(repr(dict(os.environ)))"
     config = sink(tmp_path, hook=[sys.executable, "-c", script])
     m = material()
-    asyncio.run(config.build(NoEvents()).activate_outbound(m))
+    asyncio.run(config.build(context()).activate_outbound(m))
     env = ast.literal_eval(out.read_text())
     assert env["QKDGW_EVENT"] == "activate" and env["QKDGW_EPOCH"] == "3"
     assert env["QKDGW_FINGERPRINT"] == m.fingerprint and env["QKDGW_KEY_FILE"] == str(config.path)
@@ -63,7 +70,7 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
 def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:
     out = tmp_path / "events"
     config = sink(tmp_path, hook=["sh", "-c", f'echo "$QKDGW_EVENT" >> {out}'])
-    s = config.build(NoEvents())
+    s = config.build(context())
     asyncio.run(s.activate_outbound(material()))
     asyncio.run(s.block("ab", "hard lifetime"))
     assert not config.path.exists()
@@ -72,13 +79,13 @@ def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:
 
 def test_failing_or_hanging_hook_is_a_sink_error(tmp_path: Path) -> None:
     with pytest.raises(SinkError, match="exited with 3: nope"):
-        asyncio.run(sink(tmp_path, hook=["sh", "-c", "echo nope; exit 3"]).build(NoEvents())
+        asyncio.run(sink(tmp_path, hook=["sh", "-c", "echo nope; exit 3"]).build(context())
                     .activate_outbound(material()))
     with pytest.raises(SinkError, match=r"ran past 0\.2 s"):
-        asyncio.run(sink(tmp_path, hook=["sleep", "5"], hook_timeout=0.2).build(NoEvents())
+        asyncio.run(sink(tmp_path, hook=["sleep", "5"], hook_timeout=0.2).build(context())
                     .activate_outbound(material()))
     with pytest.raises(SinkError, match="cannot run"):
-        asyncio.run(sink(tmp_path, hook=["/nonexistent/hook"]).build(NoEvents())
+        asyncio.run(sink(tmp_path, hook=["/nonexistent/hook"]).build(context())
                     .activate_outbound(material()))
 
 
@@ -87,4 +94,4 @@ def test_unwritable_path_is_a_sink_error(tmp_path: Path) -> None:
     blocker.write_text("a file where a directory should be")
     config = FileSinkConfig.model_validate({"type": "file", "path": str(blocker / "k.psk")})
     with pytest.raises(SinkError, match="cannot write"):
-        asyncio.run(config.build(NoEvents()).activate_outbound(material()))
+        asyncio.run(config.build(context()).activate_outbound(material()))
