@@ -1,0 +1,311 @@
+"""The XFRM sink's policies on this host's kernel, in network namespaces.
+
+This kernel has XFRM policies but no ESP, so what needs no SA is tested here, with real
+traffic; SAs and rollover are tested in User-Mode Linux (test_xfrm_uml.py).
+
+    lan (10.1.0.2) ── gw (10.1.0.1 | 192.0.2.1) ── far (192.0.2.2, 10.2.0.2 on lo)
+
+`gw` runs the sink; `far` stands for the peer gateway and the LAN behind it. gw routes
+10.2.0.0/16 to `far` in clear: only the sink's policies stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from gateway.core.events import EpochMaterial, Role
+from gateway.core.policy import Policy
+from gateway.sink import SinkContext, SinkError
+from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
+from kdf.schedule import EpochKeys
+from kms.configfile import HostPort
+
+T = TypeVar("T")
+CONTROL_PORT = 9443
+
+
+def _need_root() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and XFRM need root (CAP_NET_ADMIN)")
+
+
+def sh(script: str, check: bool = True) -> str:
+    proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{script.strip()}\n{proc.stderr}")
+    return proc.stdout
+
+
+class Net:
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.lan, self.gw, self.far = f"qh{tag}-lan", f"qh{tag}-gw", f"qh{tag}-far"
+
+    def up(self) -> None:
+        sh(f"""
+        ip netns add {self.lan}; ip netns add {self.gw}; ip netns add {self.far}
+        ip link add eth0 netns {self.lan} type veth peer name lan netns {self.gw}
+        ip link add wan netns {self.gw} type veth peer name eth0 netns {self.far}
+        ip -n {self.lan} addr add 10.1.0.2/16 dev eth0
+        ip -n {self.gw} addr add 10.1.0.1/16 dev lan
+        ip -n {self.gw} addr add 192.0.2.1/24 dev wan
+        ip -n {self.far} addr add 192.0.2.2/24 dev eth0
+        ip -n {self.far} addr add 10.2.0.2/16 dev lo
+        for ns in {self.lan} {self.gw} {self.far}; do ip -n $ns link set lo up; done
+        ip -n {self.lan} link set eth0 up; ip -n {self.far} link set eth0 up
+        ip -n {self.gw} link set lan up; ip -n {self.gw} link set wan up
+        ip -n {self.lan} route add default via 10.1.0.1
+        ip -n {self.far} route add 10.1.0.0/16 via 192.0.2.1
+        ip -n {self.gw} route add 10.2.0.0/16 via 192.0.2.2
+        ip netns exec {self.gw} sysctl -qw net.ipv4.ip_forward=1
+        """)
+
+    def down(self) -> None:
+        for ns in (self.lan, self.gw, self.far):
+            sh(f"ip netns del {ns}", check=False)
+
+    def policy(self) -> str:
+        return sh(f"ip -n {self.gw} xfrm policy")
+
+    def reaches(self, ns: str, target: str, source: str | None = None) -> bool:
+        """One ping, 1 s."""
+        via = ["-I", source] if source else []
+        return subprocess.run(["ip", "netns", "exec", ns, "ping", "-n", "-c", "1", "-W", "1",
+                               *via, target], capture_output=True, check=False).returncode == 0
+
+    def far_icmp_received(self) -> int:
+        """ICMP echo requests that reached `far` (its kernel's counter)."""
+        out = sh(f"ip netns exec {self.far} cat /proc/net/snmp")
+        head, values = [line.split() for line in out.splitlines() if line.startswith("Icmp:")]
+        return int(values[head.index("InEchos")])
+
+    def run(self, factory: Callable[[], Awaitable[T]]) -> T:
+        """Run a coroutine with every socket it opens inside `gw` (setns is per thread)."""
+        from pyroute2.netns import popns, pushns
+
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            pushns(self.gw)
+            try:
+                box["value"] = asyncio.run(factory())  # type: ignore[arg-type]
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+            finally:
+                popns()
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        value: T = box["value"]
+        return value
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    _need_root()
+    n = Net()
+    try:
+        n.up()
+    except RuntimeError as e:
+        n.down()
+        pytest.skip(f"cannot build network namespaces here: {e}")
+    yield n
+    n.down()
+    assert not any(ns in sh("ip netns list") for ns in (n.lan, n.gw, n.far))
+
+
+class Events:
+    def __init__(self) -> None:
+        self.soft: list[str] = []
+
+    def soft_limit(self, link: str, detail: str) -> None:
+        self.soft.append(detail)
+
+
+def tunnel(**kw: Any) -> XfrmSinkConfig:
+    return XfrmSinkConfig.model_validate({
+        "type": "xfrm", "local": "192.0.2.1", "remote": "192.0.2.2",
+        "local_subnets": ["10.1.0.0/16", "fd00:a::/64"],
+        "remote_subnets": ["10.2.0.0/16", "fd00:b::/64"], **kw})
+
+
+def build(config: XfrmSinkConfig, events: Events | None = None) -> XfrmSink:
+    context = SinkContext("ab", Policy(interval=60, hard_lifetime=300), events or Events(),
+                          HostPort("192.0.2.1", CONTROL_PORT), HostPort("192.0.2.2",
+                                                                        CONTROL_PORT))
+    return config.build(context)
+
+
+def material(epoch: int = 1) -> EpochMaterial:
+    return EpochMaterial("ab", epoch, Role.INITIATOR, "qkd+ML-KEM-768+X25519/CatKDF-SHA-384",
+                         ("k",), 0x1000 + epoch, 0x2000 + epoch, EpochKeys(epoch, bytes(48)))
+
+
+def test_before_any_key_traffic_between_the_subnets_is_dropped(net: Net) -> None:
+    assert net.reaches(net.lan, "10.2.0.2")  # in clear without the sink: the test can fail
+    sink = build(tunnel())
+    net.run(sink.start)
+    before = net.far_icmp_received()
+    assert not net.reaches(net.lan, "10.2.0.2")
+    assert net.far_icmp_received() == before  # dropped at gw: nothing reached the far side
+    assert net.reaches(net.lan, "10.1.0.1")  # the gateway itself is not cut off
+    policy = net.policy()
+    assert policy.count("action block") == 2  # IPv4 and IPv6 out
+    assert policy.count("dir in") == 2 and policy.count("dir fwd") == 2
+    assert policy.count("proto esp reqid") == 4  # in and fwd accept ESP only
+
+
+def test_inbound_clear_text_is_dropped(net: Net) -> None:
+    assert net.reaches(net.far, "10.1.0.2", source="10.2.0.2")
+    sink = build(tunnel())
+    net.run(sink.start)
+    # far's LAN -> lan in clear: the fwd policy requires ESP, so gw does not forward it.
+    assert not net.reaches(net.far, "10.1.0.2", source="10.2.0.2")
+
+
+def test_a_kernel_without_esp_is_a_clear_error_and_changes_nothing(net: Net) -> None:
+    sink = build(tunnel())
+    net.run(sink.start)
+    before = net.policy()
+
+    async def install() -> None:
+        await sink.install_inbound(material())
+
+    with pytest.raises(SinkError) as e:
+        net.run(install)
+    text = str(e.value)
+    assert "XFRM_MSG_NEWSA SA 192.0.2.2 -> 192.0.2.1 spi 0x00001001" in text
+    assert "(Requested AEAD algorithm not found)" in text or "No such" in text, text
+    assert net.policy() == before
+    assert sh(f"ip -n {net.gw} xfrm state") == ""
+
+
+def test_stop_leaves_blocking_policies_by_default(net: Net) -> None:
+    sink = build(tunnel())
+
+    async def start_and_stop() -> None:
+        await sink.start()
+        await sink.close()
+
+    net.run(start_and_stop)
+    policy = net.policy()
+    assert policy.count("action block") == 2 and policy.count("proto esp") == 4
+    assert not net.reaches(net.lan, "10.2.0.2")
+
+
+def test_stop_with_remove_deletes_everything(net: Net) -> None:
+    sink = build(tunnel(on_stop="remove"))
+
+    async def start_and_stop() -> None:
+        await sink.start()
+        await sink.close()
+
+    net.run(start_and_stop)
+    assert net.policy() == ""
+    assert net.reaches(net.lan, "10.2.0.2")  # the operator asked for it: clear again
+
+
+def test_a_restart_adopts_the_policies_and_keeps_blocking(net: Net) -> None:
+    net.run(build(tunnel()).start)  # a "crash": never closed
+    second = build(tunnel())
+    net.run(second.start)
+    assert net.policy().count("action block") == 2  # replaced in place, not duplicated
+    assert second.current is None
+
+
+def test_transport_mode_lets_the_peer_channel_through_and_nothing_else(net: Net) -> None:
+    sink = build(XfrmSinkConfig.model_validate(
+        {"type": "xfrm", "mode": "transport", "local": "192.0.2.1", "remote": "192.0.2.2"}))
+    net.run(sink.start)
+    policy = net.policy()
+    assert "mode transport" in policy and "dir fwd" not in policy
+    assert f"dport {CONTROL_PORT}" in policy and f"sport {CONTROL_PORT}" in policy
+
+    # far listens on the control port and another one; gw connects to both.
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", net.far, "python3", "-c",
+         "import socket,time\n"
+         "ss=[socket.create_server(('192.0.2.2',p)) for p in (9443,9444)]\n"
+         "time.sleep(5)"])
+    try:
+        def connect(port: int) -> str:
+            async def go() -> str:
+                for _ in range(50):
+                    try:
+                        with socket.create_connection(("192.0.2.2", port), timeout=1):
+                            return "connected"
+                    except ConnectionRefusedError:
+                        await asyncio.sleep(0.05)  # not listening yet
+                    except OSError as e:
+                        return type(e).__name__ + ":" + str(e.errno)
+                return "refused"
+            return net.run(go)
+
+        assert connect(CONTROL_PORT) == "connected"
+        assert connect(9444) == "PermissionError:1"  # the out policy blocks it locally
+    finally:
+        server.kill()
+        server.wait()
+
+
+@pytest.mark.parametrize(("config", "error"), [
+    ({"mode": "transport"}, "leave out local_subnets"),
+    ({"local_subnets": []}, "needs local_subnets and remote_subnets"),
+    ({"remote": "2001:db8::2"}, "both be IPv4 or both IPv6"),
+    ({"remote": "192.0.2.1"}, "same address"),
+    ({"local_subnets": ["fd00:a::/64"], "remote_subnets": ["10.2.0.0/16"]},
+     "no local and remote subnet of the same IP version"),
+    ({"local_subnets": ["10.1.0.1/16"]}, "host bits set"),
+    ({"replay_window": 5000}, "replay_window"),
+    ({"mode": "gre"}, "mode"),
+])
+def test_bad_configuration_is_a_clear_error(config: dict[str, Any], error: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=error):
+        tunnel(**config)
+
+
+def test_traffic_without_an_sa_makes_the_link_rekey(net: Net) -> None:
+    """A policy whose SA is gone (expired while nobody listened, deleted by hand): the
+    kernel drops the packets and sends ACQUIRE; the sink asks for a rekey, once."""
+    from ipaddress import ip_address
+
+    from ipsec.xfrm.objects import Direction, Mode, PolicySpec, Template
+
+    events = Events()
+    sink = build(tunnel(), events)
+
+    async def scenario() -> None:
+        await sink.start()
+        assert sink.kernel is not None
+        for selector in sink.config.selectors():
+            await sink.kernel.set_policy(PolicySpec(
+                selector, Direction.OUT, sink.config.priority,
+                Template(ip_address("192.0.2.1"), ip_address("192.0.2.2"), sink.in_reqid + 1,
+                         Mode.TUNNEL)))
+        ping = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", net.lan, "ping", "-n", "-c", "3", "-i", "0.2", "-W", "1",
+            "10.2.0.2", stdout=asyncio.subprocess.DEVNULL)
+        assert await ping.wait() == 1  # nothing came back
+        await sink.close()
+
+    before = net.far_icmp_received()
+    net.run(scenario)
+    assert net.far_icmp_received() == before  # dropped, not sent in clear
+    # The kernel's flow selector: ICMP (proto 1), echo request (type 8, in the sport field).
+    assert events.soft == ["no SA for outbound traffic 10.1.0.2/32 -> 10.2.0.2/32"
+                           " proto 1 sport 8: dropped, rekeying"]
