@@ -12,7 +12,6 @@ from gateway.core.policy import Mode
 from gateway.initdemo import DemoLayout
 from kms.configfile import ConfigError
 
-
 XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",
         "local_subnets": ["10.1.0.0/16"], "remote_subnets": ["10.2.0.0/16"]}
 
