@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from gateway.core.policy import Mode, Policy
+from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.xfrm.sink import REQIDS_PER_LINK, XfrmSinkConfig
 from kms.config import KmsClientConfig
 from kms.configfile import Address, FilePath, load_yaml_model
@@ -69,7 +70,8 @@ class PolicyConfig(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig, Field(discriminator="type")]
+SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig,
+                       Field(discriminator="type")]
 
 
 class LinkConfig(_Strict):
