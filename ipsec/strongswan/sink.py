@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import time
@@ -64,6 +65,8 @@ WATCH_INTERVAL = 1.0
 #: Keys of a connection that the gateway sets itself: they carry the PPK and the lifetimes.
 OWNED_KEYS = ("ppk_id", "ppk_required", "unique", "rekey_time", "reauth_time", "over_time",
               "rand_time")
+#: strongSwan learnt RFC 8784 PPKs in 5.7.0.
+PPK_SINCE = (5, 7)
 #: What operators try before they read RFC 8784: the epoch key as the IKE AUTH secret.
 AUTH_PSK_WORDS = ("psk", "auth", "auth-psk", "ike-psk", "secret")
 
@@ -284,7 +287,18 @@ class StrongswanSink:
 
     async def _session(self) -> Vici:
         if self.vici is None:
-            self.vici = await Vici.connect(self.config.vici)
+            vici = await Vici.connect(self.config.vici)
+            try:
+                version = (await vici.request("version")).get("version", "?")
+            except ViciError:
+                await vici.close()
+                raise
+            if _version(version) < PPK_SINCE:
+                await vici.close()
+                raise ViciError(f"charon {version} has no RFC 8784 PPK support (strongSwan"
+                                f" {'.'.join(map(str, PPK_SINCE))} or later)")
+            log.info("link %s: charon %s at %s", self.context.link, version, self.config.vici)
+            self.vici = vici
         return self.vici
 
     async def _call(self, run: Callable[[Vici], Any]) -> Any:
@@ -407,7 +421,7 @@ class StrongswanSink:
                     log.error("link %s: strongSwan: %s", self.context.link, e)
 
     async def _check(self) -> None:
-        await self._call(lambda v: v.request("version"))
+        await self._call(lambda v: v.request("get-conns"))  # reconnects to a new charon
         if self._charon_lost_at is not None:
             log.warning("link %s: charon is back after %.1f s: restoring epoch %s",
                         self.context.link, time.monotonic() - self._charon_lost_at,
@@ -447,6 +461,17 @@ class StrongswanSink:
                 log.info("link %s: epoch %d: IKE SA %s re-established with PPK %s",
                          self.context.link, self.active, ",".join(sorted(new)),
                          self.ppks[self.active][0])
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """'5.9.8' or '6.0.1dr1' -> (5, 9, 8) / (6, 0, 1); unreadable -> (0,)."""
+    parts = []
+    for part in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or (0,)
 
 
 def _children_up(sa: Section, children: list[str]) -> bool:

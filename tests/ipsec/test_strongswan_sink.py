@@ -253,6 +253,36 @@ def test_watchdog_reloads_a_ppk_dropped_by_swanctl_load_creds(charon: sw.World) 
     asyncio.run(go())
 
 
+@pytest.mark.parametrize(("text", "parsed"), [("5.9.8", (5, 9, 8)), ("6.0.1dr1", (6, 0, 1)),
+                                              ("5.6.3", (5, 6, 3)), ("garbage", (0,))])
+def test_charon_versions_are_read_for_the_ppk_check(text: str, parsed: tuple[int, ...]) -> None:
+    from ipsec.strongswan.sink import PPK_SINCE, _version
+
+    assert _version(text) == parsed
+    assert (_version(text) >= PPK_SINCE) == (parsed >= (5, 7))
+
+
+def test_watchdog_reloads_the_connection_dropped_by_swanctl_load_conns(
+        charon: sw.World) -> None:
+    """`swanctl --load-conns` unloads connections its files do not define."""
+    async def go() -> None:
+        sink, _ = build(charon)
+        await sink.start()
+        await sink.install_inbound(material(7))
+        await asyncio.to_thread(
+            sw.run, "swanctl", "--load-conns", "--uri", f"unix://{charon.vici_path('a')}",
+            "--file", str(charon.root / "swanctl-a.conf"))
+        assert "qkdgw-ab" not in (await charon_state(charon))[1]  # the test can fail
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if "qkdgw-ab" in (await charon_state(charon))[1]:
+                break
+        assert "qkdgw-ab" in (await charon_state(charon))[1]
+        await sink.close()
+
+    asyncio.run(go())
+
+
 def test_restarted_responder_charon_gets_the_ppk_back_and_asks_for_a_new_epoch(
         charon: sw.World) -> None:
     async def go() -> None:
@@ -274,3 +304,11 @@ def test_restarted_responder_charon_gets_the_ppk_back_and_asks_for_a_new_epoch(
         await sink.close()
 
     asyncio.run(go())
+
+
+def test_the_documented_sample_sink_is_valid() -> None:
+    import yaml
+
+    sample = Path(__file__).parents[2] / "docs/examples/strongswan/site-a-sink.yaml"
+    config = StrongswanSinkConfig.model_validate(yaml.safe_load(sample.read_text())["sinks"][0])
+    assert config.connection["children"]["lan"]["remote_ts"] == ["10.2.0.0/16"]

@@ -1,0 +1,136 @@
+"""strongSwan benchmark: PPK rotation (a new IKE SA per epoch) against strongSwan's own CHILD SA
+rekey, with traffic both ways, in the same run.
+
+    python bench/strongswan.py [--rotations 20] [--rate 1000]
+
+The two-site world of tests/ipsec/strongswan_world.py (network namespaces, two charons with
+kernel-libipsec, `qkdgw kms-sim`, two `qkdgw run`, needs root). UDP flows at RATE packets/s
+each way run throughout; then
+1. ROTATIONS operator rekeys (`POST /rekey`), 1.5 s apart: per rotation, the gateway's latency
+   (trigger → both sides switched, which includes the new IKE SA) and the packets lost, by
+   direction;
+2. ROTATIONS CHILD SA rekeys by charon alone (VICI `rekey` of the CHILD SA, same IKE SA, no
+   new PPK), 1.5 s apart: latency (request → new CHILD SA installed, polled) and loss.
+A packet lost is put to the rekey nearest its send time. Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ipsec.strongswan.vici import Vici
+from tests.ipsec import strongswan_world as sw
+
+GAP = 1.5  # seconds between rekeys: each one's losses stay apart from the next one's
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def rekey_gateway(w: sw.World) -> None:
+    sock = w.root / "state-a" / "admin.sock"
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as c, \
+            c.post("http://qkdgw/rekey", json={}) as r:
+        r.raise_for_status()
+
+
+async def child_spis(v: Vici) -> set[str]:
+    events = await v.streamed("list-sas", "list-sa", {"ike": "qkdgw-ab", "noblock": "yes"})
+    return {c["spi-in"] for e in events for sa in e.values() if isinstance(sa, dict)
+            for c in (sa.get("child-sas") or {}).values() if c.get("state") == "INSTALLED"}
+
+
+async def measure(w: sw.World, rotations: int, rate: int) -> dict[str, Any]:
+    seconds = 3 + 2 * rotations * GAP + 3
+    w.start_flows(rate, seconds)
+    v = await Vici.connect(w.vici_path("a"))
+    await asyncio.sleep(3)
+    ppk: list[tuple[float, float]] = []  # (start, gateway latency)
+    for _ in range(rotations):
+        before = (await w.link("a"))["epoch"]
+        started = time.time()
+        await rekey_gateway(w)
+        while (link := await w.link("a"))["epoch"] == before or link["state"] != "idle":
+            await asyncio.sleep(0.005)
+        ppk.append((started, link["last_rekey_latency"]))
+        await asyncio.sleep(max(0.0, started + GAP - time.time()))
+    child: list[tuple[float, float]] = []
+    for _ in range(rotations):
+        old = await child_spis(v)
+        started = time.time()
+        await v.request("rekey", {"child": "lan"})
+        while not (await child_spis(v)) - old:
+            await asyncio.sleep(0.001)
+        child.append((started, time.time() - started))
+        await asyncio.sleep(max(0.0, started + GAP - time.time()))
+    await v.close()
+    flows = await w.flows_done()
+    starts = [("ppk", t) for t, _ in ppk] + [("child", t) for t, _ in child]
+    lost: dict[tuple[str, str], int] = {}
+    for direction, flow in flows.items():
+        for t in flow["lost_at"]:
+            kind, _ = min(starts, key=lambda s: abs(s[1] - t))
+            lost[kind, direction] = lost.get((kind, direction), 0) + 1
+    return {"ppk": [x for _, x in ppk], "child": [x for _, x in child], "lost": lost,
+            "flows": flows}
+
+
+def report(r: dict[str, Any], rotations: int, rate: int) -> None:
+    print(f"\nstrongSwan 5.9 kernel-libipsec, {rate} UDP packets/s each way,"
+          f" {rotations} of each kind")
+    for kind, name in (("ppk", "PPK rotation (new IKE SA, qkdgw)"),
+                       ("child", "CHILD SA rekey (charon alone)")):
+        lat = [x * 1000 for x in r[kind]]
+        i2r = r["lost"].get((kind, "a->b"), 0)
+        r2i = r["lost"].get((kind, "b->a"), 0)
+        print(f"  {name:34s} latency p50 {statistics.median(lat):6.1f} ms"
+              f"  p95 {pct(lat, 95):6.1f} ms   lost per rekey: initiator->responder"
+              f" {i2r / rotations:.2f}, responder->initiator {r2i / rotations:.2f}"
+              f" (~{1000 * r2i / rotations / rate:.2f} ms of traffic)")
+    ppk, child = statistics.median(r["ppk"]), statistics.median(r["child"])
+    print(f"  ratio PPK rotation / CHILD SA rekey latency (p50): {ppk / child:.1f}x")
+    for direction, f in r["flows"].items():
+        print(f"  flow {direction}: sent {f['sent']}, received {f['received']},"
+              f" lost {len(f['lost'])}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rotations", type=int, default=20)
+    parser.add_argument("--rate", type=int, default=1000, help="UDP packets/s each way")
+    args = parser.parse_args()
+    reason = sw.missing_tools()
+    if reason:
+        sys.exit(f"bench/strongswan.py: {reason}")
+    world = sw.World(Path(tempfile.mkdtemp(prefix="qkdgw-bench-strongswan-")),
+                     {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0,
+                      "grace": 0.5})
+    world.build()
+    try:
+        world.start_sim()
+        world.start_charon("a")
+        world.start_charon("b")
+        world.start_gateway("a")
+        world.start_gateway("b")
+        await sw.until("first epoch", world.converged)
+        result = await measure(world, args.rotations, args.rate)
+    finally:
+        world.teardown()
+    report(result, args.rotations, args.rate)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
