@@ -27,7 +27,7 @@ Failing closed: the IKE SAs never rekey and reauthenticate only after the link's
 lifetime; the initiator unloads the PPK once its IKE SA is up, so a reauthentication
 without a live gateway fails and charon deletes the IKE SA. `block` terminates the link's
 IKE SAs and unloads its PPKs. A watchdog reconnects to a restarted charon and re-injects
-the current epoch (docs/strongswan.md).
+the current epoch; a restarted gateway adopts the IKE SAs it finds (docs/strongswan.md).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import copy
 import itertools
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -177,6 +178,8 @@ class StrongswanSink:
         self.loaded: set[str] = set()
         #: epoch -> unique ids of the IKE SAs established under its PPK.
         self.ike: dict[int, set[str]] = {}
+        #: IKE SAs found at start: a previous run's, carrying traffic until the first retire.
+        self.adopted: set[str] = set()
         self.current: int | None = None  # epoch whose PPK id the loaded connection names
         self.active: int | None = None  # epoch whose IKE SA carries the traffic
         self._lock = asyncio.Lock()
@@ -187,8 +190,7 @@ class StrongswanSink:
 
     async def start(self) -> None:
         try:
-            await self.vici_request("unload-conn", {"name": self.conn}, missing_ok=True)
-            await self._terminate(await self._ike_sas(), "left by a previous run")
+            await self._adopt()
         except ViciConnectionError as e:
             # charon may start after the gateway: the watchdog keeps trying, and each epoch
             # fails (traffic stays blocked) until it answers.
@@ -197,8 +199,23 @@ class StrongswanSink:
         except ViciError as e:
             raise SinkError(f"strongSwan: {e}") from None
         self._watchdog = asyncio.create_task(self._watch(), name=f"vici-{self.context.link}")
-        log.info("link %s: strongSwan connection %s via %s; no IKE SA until the first epoch",
-                 self.context.link, self.conn, self.config.vici)
+        log.info("link %s: strongSwan connection %s via %s", self.context.link, self.conn,
+                 self.config.vici)
+
+    async def _adopt(self) -> None:
+        """After a restart of the gateway: the IKE SAs of its connection keep carrying traffic
+        until the first new epoch replaces them (charon's reauthentication backstop still
+        bounds them); PPKs of this link are unloaded (their keys are gone with the old
+        process, and none may outlive it)."""
+        ours = re.compile(rf"qkdgw-{re.escape(self.context.link)}-e\d+-[0-9a-f]{{12}}$")
+        for pid in (await self.vici_request("get-shared")).get("keys", []):
+            if ours.match(pid):
+                await self.vici_request("unload-shared", {"id": pid}, missing_ok=True)
+        self.adopted = {sa["uniqueid"] for sa in await self._ike_sas()
+                        if sa.get("state") == "ESTABLISHED"}
+        if self.adopted:
+            log.info("link %s: adopted IKE SA(s) %s left by a previous run", self.context.link,
+                     ",".join(sorted(self.adopted)))
 
     async def install_inbound(self, material: EpochMaterial) -> None:
         async with self._lock:
@@ -240,6 +257,9 @@ class StrongswanSink:
             uids = self.ike.pop(ref.epoch, set())
             if ref.epoch == self.active:
                 self.active = None
+            elif self.active is not None:  # a newer epoch's IKE SA is up: the previous
+                uids |= self.adopted          # run's are not needed any more
+                self.adopted = set()
             try:
                 await self._terminate([sa for sa in await self._ike_sas()
                                        if sa["uniqueid"] in uids], f"epoch {ref.epoch} retired")
@@ -264,6 +284,7 @@ class StrongswanSink:
                 raise SinkError(f"strongSwan: {e}") from None
             self.ppks.clear()
             self.ike.clear()
+            self.adopted = set()
             self.active = None
 
     async def close(self) -> None:
@@ -309,7 +330,10 @@ class StrongswanSink:
             if self.vici is not None:
                 await self.vici.close()
                 self.vici = None
-            self.loaded.clear()  # a new charon holds nothing this sink loaded
+            # A new charon holds nothing this sink loaded, and numbers its SAs from 1 again.
+            self.loaded.clear()
+            self.ike = {epoch: set() for epoch in self.ike}
+            self.adopted = set()
             if self._charon_lost_at is None:
                 self._charon_lost_at = time.monotonic()
                 log.error("link %s: strongSwan: %s", self.context.link, e)

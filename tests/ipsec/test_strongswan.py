@@ -109,14 +109,43 @@ async def _restart_phase(w: sw.World) -> dict[str, Any]:
             events[f"back-{site}"] = time.time()
             epochs[f"back-{site}"] = (await w.link("a"))["epoch"]
             await asyncio.sleep(3)
-        w.kill("send-a")
-        w.kill("send-b")
+        # The initiator's gateway SIGKILLed and restarted at once: charon keeps the IKE SA,
+        # the restarted sink adopts it until a new epoch replaces it.
+        before = (await w.link("a"))["epoch"]
+        events["kill-gw"] = time.time()
+        w.kill("gw-a", signal.SIGKILL)
+        w.start_gateway("a")
+        await sw.until("gw-a admin socket", functools.partial(_answers, w))
+        await w.admin("a", "POST", "/rekey")
+        await sw.until("a new epoch after the restart",
+                       functools.partial(_rekeyed_past, w, before), COMEBACK)
+        epochs["after-gw"] = (await w.link("a"))["epoch"]
+        await asyncio.sleep(RESTART_POLICY["grace"] + 2)
+        events["end"] = time.time()
+        for site in ("a", "b"):
+            w.procs[f"send-{site}"].send_signal(signal.SIGTERM)  # they write what they sent
+        flows = await w.flows_done()
     stop.set()
     samples = await sampler
     status = {s: await w.link(s) for s in ("a", "b")}
     return {"root": w.root, "events": events, "epochs": epochs, "capture": capture,
-            "samples": samples, "status": status, "charon_a": (w.root / "charon-a.log").read_text(),
+            "samples": samples, "status": status, "flows": flows,
+            "gw_a": (w.root / "gw-a.log").read_text(),
+            "charon_a": (w.root / "charon-a.log").read_text(),
             "charon_b": (w.root / "charon-b.log").read_text()}
+
+
+async def _answers(w: sw.World) -> bool:
+    try:
+        await w.link("a")
+    except OSError:
+        return False
+    return True
+
+
+async def _rekeyed_past(w: sw.World, epoch: int) -> bool:
+    a, b = await w.link("a"), await w.link("b")
+    return a["epoch"] == b["epoch"] > epoch and not a["blocked"]
 
 
 async def _received_since(w: sw.World, since: float) -> bool:
@@ -311,7 +340,8 @@ def test_charon_killed_and_restarted_comes_back_on_the_current_epochs_ppk(
     assert epochs["back-a"] == e, "a rotation happened: the comeback would not show re-injection"
     assert set(used_ppk_ids(_after(restart["charon_a"], "a"))) >= {_ppk(restart, e)}
     assert epochs["back-b"] == e + 1
-    assert used_ppk_ids(_after(restart["charon_b"], "b")) == [_ppk(restart, e + 1)]
+    # (later: the epoch of the gateway-crash part below)
+    assert used_ppk_ids(_after(restart["charon_b"], "b"))[0] == _ppk(restart, e + 1)
     samples = [s for s in restart["samples"] if "sas" in s and s["t"] > ev["back-b"]]
     assert samples and all(any(sa["state"] == "ESTABLISHED" and sa["ppk"] == "yes"
                                for sa in s["sas"]) for s in samples[-5:])
@@ -327,6 +357,18 @@ def _ppk(restart: dict[str, Any], epoch: int) -> str:
            if i.startswith(f"qkdgw-ab-e{epoch}-")}
     assert len(ids) == 1, ids
     return ids.pop()
+
+
+def test_gateway_crash_adopts_the_ike_sa_and_loses_nothing(restart: dict[str, Any]) -> None:
+    ev = restart["events"]
+    assert restart["epochs"]["after-gw"] > restart["epochs"]["back-b"]
+    assert "adopted IKE SA(s)" in restart["gw_a"]
+    for direction, flow in restart["flows"].items():
+        lost = [t for t in flow["lost_at"] if t > ev["kill-gw"]]
+        assert lost == [], f"{direction}: {len(lost)} lost after the gateway was killed"
+    # The adopted IKE SA was retired with the first new epoch: one IKE SA left at the end.
+    last = [s for s in restart["samples"] if s["site"] == "a" and "sas" in s][-1]
+    assert len(last["sas"]) == 1 and last["sas"][0]["ppk"] == "yes", last
 
 
 def test_nothing_in_clear_while_charon_was_down(restart: dict[str, Any]) -> None:

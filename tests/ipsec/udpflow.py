@@ -28,8 +28,17 @@ def send(host: str, port: int, rate: float, seconds: float, out: Path) -> None:
     count = int(rate * seconds)
     times: list[float] = []
     errors: list[tuple[int, str]] = []
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)  # stop early, still writing what was sent
     start = time.time()
     for seq in range(count):
+        if stopping:
+            break
         due = start + seq / rate
         delay = due - time.time()
         if delay > 0:
@@ -40,7 +49,7 @@ def send(host: str, port: int, rate: float, seconds: float, out: Path) -> None:
             sock.sendto(HEADER.pack(seq, now) + bytes(36), (host, port))
         except OSError as e:
             errors.append((seq, e.strerror or str(e)))
-    out.write_text(json.dumps({"rate": rate, "sent": count, "start": start, "times": times,
+    out.write_text(json.dumps({"rate": rate, "sent": len(times), "start": start, "times": times,
                                "errors": errors}))
 
 
