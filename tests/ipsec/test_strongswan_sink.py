@@ -312,3 +312,50 @@ def test_the_documented_sample_sink_is_valid() -> None:
     sample = Path(__file__).parents[2] / "docs/examples/strongswan/site-a-sink.yaml"
     config = StrongswanSinkConfig.model_validate(yaml.safe_load(sample.read_text())["sinks"][0])
     assert config.connection["children"]["lan"]["remote_ts"] == ["10.2.0.0/16"]
+
+
+def test_the_ppk_is_in_the_loop_a_mismatch_fails_ike_auth(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two charons, no gateways: the same PPK id with different secrets must not give an IKE
+    SA (ppk_required), the same secret must, with `ppk: yes`. What the sink relies on."""
+    reason = sw.missing_tools()
+    if reason:
+        pytest.skip(f"no charon here: {reason}")
+    world = sw.World(tmp_path_factory.mktemp("ppk-mismatch"), {})
+    world.build()
+
+    async def attempt(secret_b: bytes) -> tuple[bool, list[Any]]:
+        sessions = {s: await Vici.connect(world.vici_path(s)) for s in ("a", "b")}
+        try:
+            for site, secret in (("a", b"\x11" * 32), ("b", secret_b)):
+                v = sessions[site]
+                await v.request("load-shared", {"id": "qkdgw-t-e1-000000000000", "type": "PPK",
+                                                "data": secret,
+                                                "owners": ["qkdgw-t-e1-000000000000"]})
+                conn = {**sw.connection(site), "ppk_id": "qkdgw-t-e1-000000000000",
+                        "ppk_required": "yes", "encap": "yes", "mobike": "no"}
+                await v.request("load-conn", {"t": conn})
+            try:
+                await sessions["a"].request("initiate", {"ike": "t", "child": "lan",
+                                                         "timeout": "5000"}, timeout=8)
+                ok = True
+            except ViciError:
+                ok = False
+            sas = await sessions["a"].streamed("list-sas", "list-sa", {"ike": "t"})
+            for sa in [sa for e in sas for sa in e.values()]:
+                await sessions["a"].request("terminate", {"ike-id": sa["uniqueid"],
+                                                          "force": "yes", "timeout": "-1"})
+            return ok, [sa for e in sas for sa in e.values()]
+        finally:
+            for v in sessions.values():
+                await v.close()
+
+    try:
+        world.start_charon("a")
+        world.start_charon("b")
+        ok, sas = asyncio.run(attempt(b"\x22" * 32))
+        assert not ok and not [sa for sa in sas if sa.get("state") == "ESTABLISHED"]
+        ok, sas = asyncio.run(attempt(b"\x11" * 32))
+        assert ok and [sa.get("ppk") for sa in sas if sa.get("state") == "ESTABLISHED"] == ["yes"]
+    finally:
+        world.teardown()
