@@ -25,6 +25,7 @@ from kms.config import KmsClientConfig
 from kms.configfile import Address, FilePath, load_yaml_model
 from kms.models import EntityId
 from tls.file import FileSinkConfig
+from tls.sink import TlsPskSinkConfig
 
 
 class _Strict(BaseModel):
@@ -70,7 +71,7 @@ class PolicyConfig(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig,
+SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig | TlsPskSinkConfig,
                        Field(discriminator="type")]
 
 

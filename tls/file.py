@@ -18,11 +18,9 @@ QKDGW_FINGERPRINT and QKDGW_KEY_FILE in its environment; never the key itself.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import logging
-import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
@@ -32,6 +30,7 @@ from gateway.files import write_private
 from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
 from kms.configfile import FilePath
+from tls.hook import run_hook
 
 log = logging.getLogger(__name__)
 
@@ -89,27 +88,8 @@ class FileSink:
         """The key file stays: the service keeps working across a gateway restart."""
 
     async def _hook(self, event: str, link: str, epoch: int, fingerprint: str) -> None:
-        if not self.config.hook:
-            return
-        env = {**os.environ, "QKDGW_EVENT": event, "QKDGW_LINK": link,
-               "QKDGW_EPOCH": str(epoch), "QKDGW_FINGERPRINT": fingerprint,
-               "QKDGW_KEY_FILE": str(self.config.path)}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.config.hook, env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as e:
-            raise SinkError(f"hook {self.config.hook[0]!r} cannot run: {e.strerror}") from None
-        try:
-            async with asyncio.timeout(self.config.hook_timeout):
-                output, _ = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SinkError(f"hook {self.config.hook[0]!r} ran past"
-                            f" {self.config.hook_timeout} s") from None
-        if proc.returncode != 0:
-            tail = output.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            raise SinkError(f"hook {self.config.hook[0]!r} exited with {proc.returncode}:"
-                            f" {tail[0][:200]}")
-
+        if self.config.hook:
+            await run_hook(self.config.hook, {
+                "QKDGW_EVENT": event, "QKDGW_LINK": link, "QKDGW_EPOCH": str(epoch),
+                "QKDGW_FINGERPRINT": fingerprint, "QKDGW_KEY_FILE": str(self.config.path)},
+                self.config.hook_timeout)

@@ -1,0 +1,178 @@
+"""The tls_psk sink and its file, and the Python helper's refusal on old Pythons; no network.
+
+What stunnel and Python 3.13 do with the files is tested in test_tls_rotation.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.core.events import EpochMaterial, EpochRef, Role
+from gateway.core.policy import Policy
+from gateway.sink import SinkContext, SinkError
+from kdf.schedule import EpochKeys, Purpose
+from kms.configfile import HostPort
+from tls import pskfile
+from tls.sink import TlsPskSink, TlsPskSinkConfig
+
+
+class Events:
+    def soft_limit(self, link: str, detail: str) -> None:
+        raise AssertionError("a TLS PSK file has no limits")
+
+
+def build(tmp_path: Path, **kw: Any) -> TlsPskSink:
+    config = TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": str(tmp_path / "p"),
+                                              "role": "server", **kw})
+    return config.build(SinkContext("ab", Policy(), Events(), HostPort(host="h", port=1),
+                                    HostPort(host="h", port=2)))
+
+
+def material(epoch: int) -> EpochMaterial:
+    return EpochMaterial("ab", epoch, Role.INITIATOR, "s", ("k",), epoch, epoch,
+                         EpochKeys(epoch, os.urandom(48)))
+
+
+def ref(epoch: int) -> EpochRef:
+    return EpochRef("ab", epoch, epoch, epoch)
+
+
+def read(sink: TlsPskSink) -> list[tuple[str, bytes]]:
+    return pskfile.loads(sink.config.path.read_bytes())
+
+
+def test_file_round_trip_and_errors_name_the_line() -> None:
+    entries = [("qkdgw-ab-e2", b"\x01" * 32), ("qkdgw-ab-e1", b"\x02" * 32)]
+    assert pskfile.loads(pskfile.dumps(entries)) == entries
+    assert pskfile.loads(b"# comment\n\n" + pskfile.dumps(entries)) == entries
+    with pytest.raises(pskfile.PskFileError, match="line 2: not IDENTITY:KEY"):
+        pskfile.loads(b"a:" + b"00" * 16 + b"\nnonsense\n")
+    with pytest.raises(pskfile.PskFileError, match=r"line 1 \(a\): the key is not hex"):
+        pskfile.loads(b"a:zz\n")
+    with pytest.raises(pskfile.PskFileError, match="key of 4 bytes, at least 16"):
+        pskfile.loads(b"a:00000000\n")
+    with pytest.raises(pskfile.PskFileError, match="cannot be written"):
+        pskfile.dumps([("a:b", b"\0" * 32)])
+    assert pskfile.epoch_of("qkdgw-ab-e17") == 17 and pskfile.epoch_of("other") is None
+
+
+def test_server_accepts_live_epochs_client_uses_only_the_current(tmp_path: Path) -> None:
+    async def go() -> None:
+        server, client = build(tmp_path / "s"), build(tmp_path / "c", role="client")
+        for sink in (server, client):
+            await sink.start()
+        m1, m2 = material(1), material(2)
+        for sink in (server, client):
+            await sink.install_inbound(m1)
+            await sink.activate_outbound(m1)
+            await sink.install_inbound(m2)
+        assert [i for i, _ in read(server)] == ["qkdgw-ab-e1", "qkdgw-ab-e2"]
+        assert read(client) == [("qkdgw-ab-e1", m1.key(Purpose.TLS_PSK))]  # not e2 yet
+        for sink in (server, client):
+            await sink.activate_outbound(m2)
+        assert [i for i, _ in read(server)] == ["qkdgw-ab-e2", "qkdgw-ab-e1"]
+        assert read(client) == [("qkdgw-ab-e2", m2.key(Purpose.TLS_PSK))]
+        await server.retire_inbound(ref(1))
+        assert read(server) == [("qkdgw-ab-e2", m2.key(Purpose.TLS_PSK))]
+        assert stat.S_IMODE(server.config.path.stat().st_mode) == 0o600
+
+    asyncio.run(go())
+
+
+def test_block_and_first_start_leave_a_placeholder_nobody_can_use(tmp_path: Path) -> None:
+    async def go() -> None:
+        sink = build(tmp_path)
+        await sink.start()
+        first = read(sink)
+        assert [i for i, _ in first] == ["qkdgw-ab-blocked"]
+        m = material(3)
+        await sink.install_inbound(m)
+        await sink.activate_outbound(m)
+        await sink.block("ab", "test")
+        blocked = read(sink)
+        assert [i for i, _ in blocked] == ["qkdgw-ab-blocked"]
+        assert blocked[0][1] not in (first[0][1], m.key(Purpose.TLS_PSK))  # random each time
+
+    asyncio.run(go())
+
+
+def test_a_restarted_gateway_adopts_the_file(tmp_path: Path) -> None:
+    async def go() -> None:
+        sink = build(tmp_path)
+        await sink.start()
+        m4, m5 = material(4), material(5)
+        for m in (m4, m5):
+            await sink.install_inbound(m)
+        await sink.activate_outbound(m5)
+        again = build(tmp_path)
+        await again.start()
+        assert again.current == 5 and set(again.keys) == {4, 5}
+        await again.retire_inbound(ref(4))
+        assert [i for i, _ in read(again)] == ["qkdgw-ab-e5"]
+
+    asyncio.run(go())
+
+
+def test_reload_signals_the_pid_file_and_tolerates_a_stopped_service(tmp_path: Path) -> None:
+    async def go() -> None:
+        proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                 "signal.signal(signal.SIGHUP, lambda *a: sys.exit(42))\n"
+                                 "print('up', flush=True); time.sleep(30)"],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        pid_file = tmp_path / "svc.pid"
+        pid_file.write_text(f"{proc.pid}\n")
+        sink = build(tmp_path, reload_pid_file=str(pid_file))
+        await sink.start()
+        assert proc.wait(timeout=10) == 42  # it got SIGHUP
+        pid_file.write_text(f"{proc.pid}\n")
+        await sink.install_inbound(material(1))  # not running: it reads the file at start
+        pid_file.unlink()
+        await sink.install_inbound(material(2))
+        assert [i for i, _ in read(sink)] == ["qkdgw-ab-e2", "qkdgw-ab-e1"]
+        pid_file.write_text("garbage")
+        with pytest.raises(SinkError, match="does not hold a process id"):
+            await sink.install_inbound(material(3))
+
+    asyncio.run(go())
+
+
+def test_hook_gets_the_identity_never_the_key(tmp_path: Path) -> None:
+    async def go() -> None:
+        out = tmp_path / "env"
+        sink = build(tmp_path, role="client", hook=["sh", "-c", f"env | grep QKDGW_ > {out}"])
+        await sink.start()
+        m = material(6)
+        await sink.install_inbound(m)
+        await sink.activate_outbound(m)
+        env = out.read_text()
+        assert "QKDGW_PSK_IDENTITY=qkdgw-ab-e6" in env and "QKDGW_EVENT=activate" in env
+        assert m.key(Purpose.TLS_PSK).hex() not in env
+
+    asyncio.run(go())
+
+
+def test_config_errors_name_the_field() -> None:
+    with pytest.raises(ValidationError, match="role"):
+        TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": "/x"})
+    with pytest.raises(ValidationError, match="hook"):
+        TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": "/x", "role": "server",
+                                         "hook": []})
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13), reason="this Python has PSK callbacks")
+def test_python_helper_says_what_is_missing_before_3_13(tmp_path: Path) -> None:
+    from tls.pyssl import PskStore, client_context, server_context
+
+    for make in (client_context, server_context):
+        with pytest.raises(RuntimeError, match=r"need Python 3\.13 or later .* this is Python"):
+            make(PskStore(tmp_path / "p"))
