@@ -176,3 +176,12 @@ def test_python_helper_says_what_is_missing_before_3_13(tmp_path: Path) -> None:
     for make in (client_context, server_context):
         with pytest.raises(RuntimeError, match=r"need Python 3\.13 or later .* this is Python"):
             make(PskStore(tmp_path / "p"))
+
+
+def test_the_documented_sample_sinks_are_valid() -> None:
+    import yaml
+
+    sample = Path(__file__).parents[2] / "docs/examples/stunnel/site-sinks.yaml"
+    docs = list(yaml.safe_load_all(sample.read_text()))
+    roles = [TlsPskSinkConfig.model_validate(d["sinks"][0]).role for d in docs]
+    assert roles == ["server", "client"]
