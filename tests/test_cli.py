@@ -53,7 +53,11 @@ def test_every_command_has_help(cmd: list[str]) -> None:
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["kms", "enc-keys"], "the following arguments are required: -c/--config"),
     (["init-demo", "/tmp/x", "--base-port", "80"], "base port 80 must lie between"),
-    (["demo", "--keys", "0"], "--keys must be between 1 and 128"),
+    (["demo", "--kms-only", "--keys", "0"], "--keys must be between 1 and 128"),
+    (["demo", "--rate", "0"], "--rate must be between 1 and 10000"),
+    (["demo", "--kms-outage", "ten"], "--kms-outage 'ten': expected AT:SECONDS"),
+    (["demo", "--qber-spike", "5:-1"], "--qber-spike '5:-1': expected AT:SECONDS"),
+    (["demo", "--rekey-interval", "0.1"], "--rekey-interval must be between 0.5 and 3600"),
     (["check-config", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read: No such file"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
@@ -191,8 +195,8 @@ def test_kms_unknown_link(demo: DemoLayout) -> None:
 # -- the demo ---------------------------------------------------------------------------------
 
 
-def test_demo_runs_end_to_end() -> None:
-    r = qkdgw("demo", "--keys", "4", "--base-port", str(free_base_port()))
+def test_kms_demo_runs_end_to_end() -> None:
+    r = qkdgw("demo", "--kms-only", "--keys", "4", "--base-port", str(free_base_port()))
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count(" same\n") == 4
     assert "result: 4 of 4 keys identical on both sites, delivered once: OK" in r.stdout
@@ -205,7 +209,7 @@ def test_demo_reports_a_busy_port() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", base + 1))
         s.listen()
-        r = qkdgw("demo", "--base-port", str(base))
+        r = qkdgw("demo", "--kms-only", "--base-port", str(base))
     assert r.returncode == 2 and "pick others with --base-port" in r.stderr
 
 

@@ -1,0 +1,1 @@
+"""`qkdgw demo`: two sites on this machine, and the smaller KMS-only demo."""

@@ -1,0 +1,422 @@
+"""`qkdgw demo`: two sites on this machine, a tunnel rekeying with hybrid keys, traffic, a live
+view, and a summary counted from the wire.
+
+The sites are network namespaces (gateway/demo/sites.py): `qkdgw kms-sim` for the QKD link,
+two `qkdgw run` daemons, and the data plane the kernel allows: the xfrm sink where it has
+ESP, strongSwan with kernel-libipsec where it has not. UDP flows run both ways between the
+LANs with sequence numbers (so loss is counted, not assumed); a packet socket on the link
+between the sites counts every packet that carries a LAN address in clear. Faults go
+through the simulator's admin API. Everything created is removed at the end, on Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.demo.sites import (
+    ADDR,
+    HOST,
+    LAN,
+    LAN_A,
+    LAN_B,
+    SIM_ADMIN_PORT,
+    Sites,
+    until,
+)
+
+Plane = Literal["auto", "xfrm", "strongswan"]
+FLOW_PORT = 5001
+#: A packet sent less than this long ago may still be on its way: not lost (yet).
+IN_FLIGHT = 0.5
+#: After the traffic stops, the last packets get this long to arrive before the count.
+DRAIN = 1.0
+ETH_P_ALL = 0x0003
+LANS = (IPv4Network(LAN_A), IPv4Network(LAN_B))
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: Literal["kms-outage", "qber-spike"]
+    at: float
+    seconds: float
+
+
+class DemoError(Exception):
+    """Why the demo cannot run here, and how to fix it."""
+
+
+# -- what this machine needs ---------------------------------------------------------------------
+
+
+def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
+    """The data plane to use, or DemoError naming what is missing and how to get it."""
+    if sys.platform != "linux":
+        raise DemoError("the demo builds Linux network namespaces: run it on Linux")
+    if os.geteuid() != 0:
+        raise DemoError("the demo builds network namespaces and needs root: run"
+                        " `sudo ./bootstrap demo` (or `sudo .venv/bin/qkdgw demo`)")
+    if shutil.which("ip") is None:
+        raise DemoError("`ip` is missing: apt-get install iproute2")
+    if plane == "auto":
+        plane = "xfrm" if kernel_has_esp() else "strongswan"
+    if plane == "strongswan":
+        from gateway.demo.strongswan import missing_tools
+
+        if reason := missing_tools():
+            raise DemoError(reason)
+    elif not kernel_has_esp():
+        raise DemoError("this kernel has no ESP (XFRM cannot add an AES-GCM SA): use"
+                        " --plane strongswan (kernel-libipsec, ESP in userspace)")
+    return plane
+
+
+def kernel_has_esp() -> bool:
+    """Can this kernel hold an ESP SA with AES-GCM? Tried in a scratch namespace."""
+    ns = f"qdprobe{os.getpid()}"
+    added = subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False)
+    if added.returncode != 0:
+        return False
+    try:
+        probe = subprocess.run(
+            ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
+             "proto", "esp", "spi", "0x100", "mode", "tunnel", "aead", "rfc4106(gcm(aes))",
+             "0x" + "00" * 36, "128"], capture_output=True, check=False)
+        return probe.returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+class XfrmSites(Sites):
+    """The two sites with the kernel's own ESP: no daemon besides the gateways. The xfrm
+    sink's policies block without a key, so the remote LAN is routed to the wan as usual."""
+
+    tag = "qd"
+    blackhole_routes = False
+
+    def sink(self, site: str) -> dict[str, Any]:
+        peer = "b" if site == "a" else "a"
+        return {"type": "xfrm", "local": ADDR[site], "remote": ADDR[peer],
+                "local_subnets": [LAN[site]], "remote_subnets": [LAN[peer]]}
+
+
+# -- traffic and the wire ------------------------------------------------------------------------
+
+
+def socket_in(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket made in network namespace NS (it stays there; any thread may use it)."""
+    from pyroute2.netns import popns, pushns
+
+    pushns(ns)
+    try:
+        return socket.socket(family, kind, proto)
+    finally:
+        popns()
+
+
+@dataclass
+class Flow:
+    """UDP from one LAN host to the other at RATE packets/s, numbered."""
+
+    name: str
+    tx: socket.socket
+    rx: socket.socket
+    target: tuple[str, int]
+    rate: float
+    sent_at: list[float] = field(default_factory=list)
+    received: set[int] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self.rx.bind(("0.0.0.0", FLOW_PORT))
+        self.rx.settimeout(0.2)
+        for target in (self._send, self._receive):
+            threading.Thread(target=target, name=f"{self.name}-{target.__name__}",
+                             daemon=True).start()
+
+    def _send(self) -> None:
+        start = time.monotonic()
+        seq = 0
+        while not self.stop.is_set():
+            delay = start + seq / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.sent_at.append(time.monotonic())
+            with contextlib.suppress(OSError):  # blocked: counted as lost, never in clear
+                self.tx.sendto(struct.pack("!I", seq) + bytes(60), self.target)
+            seq += 1
+
+    def _receive(self) -> None:
+        """Until stopped and then quiet for a moment (the last packets still count)."""
+        while True:
+            try:
+                data = self.rx.recv(2048)
+            except TimeoutError:
+                if self.stop.is_set():
+                    return
+                continue
+            except OSError:
+                return
+            if len(data) >= 4:
+                self.received.add(struct.unpack_from("!I", data)[0])
+
+    def counts(self, final: bool = False) -> tuple[int, int, int]:
+        """(sent, received, lost); before the end, recent packets are not lost yet."""
+        sent = len(self.sent_at)
+        received = len(self.received)
+        if final:
+            return sent, received, sent - received
+        settled = sum(1 for t in self.sent_at[-int(self.rate):]
+                      if time.monotonic() - t < IN_FLIGHT)
+        return sent, received, max(0, sent - settled - received)
+
+
+class Wire:
+    """Every IPv4 packet on one interface of the link between the sites, classified."""
+
+    def __init__(self, ns: str, ifname: str) -> None:
+        self.sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.2)
+        self.plaintext = self.esp = self.total = 0
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, name="wire", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                frame = self.sock.recv(256)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+                continue  # not IPv4 (ARP, ...)
+            self.total += 1
+            ip = frame[14:]
+            src, dst = IPv4Address(ip[12:16]), IPv4Address(ip[16:20])
+            if any(a in lan for a in (src, dst) for lan in LANS):
+                self.plaintext += 1
+            elif ip[9] == 50:
+                self.esp += 1
+            elif ip[9] == 17:
+                ihl = (ip[0] & 0x0F) * 4
+                ports = struct.unpack_from("!HH", ip, ihl)
+                payload = ip[ihl + 8:]
+                if ports == (4500, 4500) and len(payload) > 8 and payload[:4] != bytes(4):
+                    self.esp += 1  # ESP in UDP (a zero marker would be IKE)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+# -- the demo ------------------------------------------------------------------------------------
+
+
+class Demo:
+    def __init__(self, plane: Literal["xfrm", "strongswan"], root: Path, interval: float,
+                 rate: float) -> None:
+        policy = {"interval": interval, "jitter": 0.0, "grace": min(1.0, interval / 2),
+                  "hard_lifetime": max(10 * interval, 30.0), "mode": "pqc-fallback"}
+        if plane == "strongswan":
+            from gateway.demo.strongswan import StrongswanSites
+
+            class DemoStrongswanSites(StrongswanSites):
+                tag = "qd"  # the demo's namespaces: qdXXXX-lan-a, ...
+
+            self.sites: Sites = DemoStrongswanSites(root, policy)
+        else:
+            self.sites = XfrmSites(root, policy)
+        self.sites.verbose = False
+        self.plane, self.rate = plane, rate
+        self.flows: list[Flow] = []
+        self.wire: Wire | None = None
+        self.first_epoch = 0
+        self.events: list[str] = []
+
+    async def up(self) -> None:
+        s = self.sites
+        s.build()
+        s.start_sim()
+        if self.plane == "strongswan":
+            from gateway.demo.strongswan import StrongswanSites
+
+            assert isinstance(s, StrongswanSites)
+            s.start_charon("a")
+            s.start_charon("b")
+        s.start_gateway("a")
+        s.start_gateway("b")
+        await until("the first epoch on both sites", s.converged, 60)
+        self.first_epoch = (await s.link("a"))["epoch"]
+        self.wire = Wire(s.ns["wan"], "wan-a")
+        for src, dst in (("a", "b"), ("b", "a")):
+            flow = Flow(f"{src}->{dst}",
+                        socket_in(s.ns[f"lan-{src}"], socket.AF_INET, socket.SOCK_DGRAM),
+                        socket_in(s.ns[f"lan-{dst}"], socket.AF_INET, socket.SOCK_DGRAM),
+                        (HOST[dst], FLOW_PORT), self.rate)
+            flow.start()
+            self.flows.append(flow)
+
+    def fault(self, fault: Fault) -> None:
+        if fault.kind == "kms-outage":
+            path, body = "/admin/faults", {"kind": "unavailable", "seconds": fault.seconds}
+        else:
+            path, body = "/admin/links/qkd-ab/qber", {"qber": 0.2}
+        self._sim(path, body)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {fault.kind} for {fault.seconds:g} s")
+
+    def end_qber_spike(self) -> None:
+        self._sim("/admin/links/qkd-ab/qber", {"qber": 0.02})
+        self.events.append(f"{time.strftime('%H:%M:%S')} QBER back to 0.02")
+
+    def _sim(self, path: str, body: dict[str, Any]) -> None:
+        """The simulator's admin API listens on loopback inside the wan namespace."""
+        from pyroute2.netns import popns, pushns
+
+        pushns(self.sites.ns["wan"])
+        try:
+            conn = socket.create_connection(("127.0.0.1", SIM_ADMIN_PORT), timeout=5)
+        finally:
+            popns()
+        data = json.dumps(body).encode()
+        request = (f"POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+        with conn:
+            conn.sendall(request)
+            while conn.recv(4096):
+                pass
+
+    async def view(self, elapsed: float, duration: float | None, compact: bool = False) -> str:
+        a, b = await self.sites.link("a"), await self.sites.link("b")
+        kms = a.get("kms") or {}
+        alarms = sorted(set(a.get("alarms") or {}) | set(b.get("alarms") or {}))
+        if compact:
+            flows = " ".join("{} {}/{}/{}".format(f.name, *f.counts()) for f in self.flows)
+            return (f"{elapsed:4.0f}s epoch {a['epoch']} rekeys {a['epoch'] - self.first_epoch}"
+                    f" mode {a['mode']} QBER {kms.get('qber', 0):.3f} pool"
+                    f" {kms.get('stored_key_count', '?')} KMS {'up' if kms.get('ok') else 'down'}"
+                    f" alarms {','.join(alarms) or 'none'} | sent/received/lost {flows}"
+                    f" | plaintext {self.wire.plaintext if self.wire else 0}"
+                    + (f" | {self.events[-1]}" if self.events else ""))
+        lines = [f"qkd-gateway demo · {self.plane} · {elapsed:5.0f} s"
+                 + (f" of {duration:g}" if duration else " (Ctrl-C ends it)"),
+                 f"  epoch {a['epoch']} (B: {b['epoch']})  key age {a.get('key_age') or 0:.1f} s"
+                 f"  rekeys {a['epoch'] - self.first_epoch}  mode {a['mode']}"
+                 f"  fingerprint {a.get('fingerprint') or '-'}"
+                 f" {'=' if a.get('fingerprint') == b.get('fingerprint') else '≠'} B",
+                 f"  QKD link: key rate {kms.get('key_rate', 0):,.0f} bit/s  pool"
+                 f" {kms.get('stored_key_count', '?')} keys  QBER {kms.get('qber', 0):.3f}"
+                 f"  KMS {'up' if kms.get('ok') else 'DOWN: ' + str(kms.get('reason'))}",
+                 f"  alarms: {', '.join(alarms) or 'none'}"
+                 + ("  (traffic BLOCKED)" if a.get("blocked") or b.get("blocked") else "")]
+        for flow in self.flows:
+            sent, received, lost = flow.counts()
+            lines.append(f"  LAN {flow.name}: sent {sent}  received {received}  lost {lost}")
+        wire = self.wire
+        if wire is not None:
+            lines.append(f"  link between the sites: {wire.total} packets, {wire.esp} ESP,"
+                         f" plaintext {wire.plaintext}")
+        lines += [f"  {e}" for e in self.events[-3:]]
+        return "\n".join(lines)
+
+    async def finish(self) -> tuple[str, bool]:
+        for flow in self.flows:
+            flow.stop.set()
+        await asyncio.sleep(DRAIN)
+        rekeys = (await self.sites.link("a"))["epoch"] - self.first_epoch
+        sent = lost = 0
+        by_direction = []
+        for flow in self.flows:
+            s, _, x = flow.counts(final=True)
+            sent, lost = sent + s, lost + x
+            by_direction.append(f"{flow.name.replace('->', '→').upper()} {x}")
+        plaintext = self.wire.plaintext if self.wire else 0
+        line = (f"rekeys: {rekeys}, packets sent: {sent}, lost: {lost}"
+                f" ({', '.join(by_direction)}), plaintext on the link: {plaintext}")
+        if lost and self.plane == "strongswan":
+            line += ("\n(strongSwan: a new IKE SA per epoch; its responder sends on the new"
+                     " CHILD SA a moment before the initiator can receive on it, see"
+                     " docs/strongswan.md)")
+        return line, lost == 0 and plaintext == 0 and rekeys > 0
+
+    def down(self) -> None:
+        for flow in self.flows:
+            flow.stop.set()
+            flow.tx.close()
+            flow.rx.close()
+        if self.wire is not None:
+            self.wire.close()
+        self.sites.teardown()
+
+
+async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
+                   faults: list[Fault], keep: Path | None) -> int:
+    chosen = preflight(plane)
+    root = keep or Path(tempfile.mkdtemp(prefix="qkdgw-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    demo = Demo(chosen, root, interval, rate)
+    tty = sys.stdout.isatty()
+    print(f"building two sites ({chosen} data plane), files in {root} ...", flush=True)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
+    interrupted = False
+    try:
+        await demo.up()
+        start = time.monotonic()
+        pending = sorted(faults, key=lambda f: f.at)
+        spikes: list[float] = []
+        shown = 0
+        while duration is None or time.monotonic() - start < duration:
+            elapsed = time.monotonic() - start
+            while pending and pending[0].at <= elapsed:
+                fault = pending.pop(0)
+                demo.fault(fault)
+                if fault.kind == "qber-spike":
+                    spikes.append(elapsed + fault.seconds)
+            if spikes and spikes[0] <= elapsed:
+                spikes.pop(0)
+                demo.end_qber_spike()
+            text = await demo.view(elapsed, duration, compact=not tty)
+            if tty:  # redraw in place
+                sys.stdout.write((f"\x1b[{shown}A\x1b[J" if shown else "") + text + "\n")
+                shown = text.count("\n") + 1
+            else:  # a log: one line a second
+                sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(1.0 - (time.monotonic() - start) % 1.0)
+    except asyncio.CancelledError:
+        interrupted = True
+    try:
+        if demo.flows:
+            line, ok = await demo.finish()
+            print(("interrupted; " if interrupted else "") + line, flush=True)
+        else:
+            ok = False
+    finally:
+        demo.down()
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("cleaned up: namespaces, processes" + ("" if keep else " and files") + " removed")
+    return 0 if ok and not interrupted else 1
+
+
