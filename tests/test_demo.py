@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,3 +103,23 @@ def test_without_root_it_says_what_to_do() -> None:
         pytest.skip(f"the venv is not readable by nobody here: {r.stderr.strip()[:200]}")
     assert r.returncode == 2, r.stderr
     assert "needs root: run `sudo ./bootstrap demo`" in r.stderr
+
+
+def test_demo_on_a_kernel_with_esp_uses_the_xfrm_sink_and_loses_nothing(
+        tmp_path: Path) -> None:
+    """The other data plane: inside User-Mode Linux (a kernel with ESP, tests/uml/boot.py),
+    `qkdgw demo` picks the xfrm sink by itself."""
+    from tests.uml import boot
+
+    if reason := boot.missing():
+        pytest.skip(f"no User-Mode Linux: {reason}")
+    run = boot.boot([*qkdgw_command(), "demo", "--duration", "20", "--rekey-interval", "1",
+                     "--rate", "300"], tmp_path / "guest", timeout=300)
+    m = SUMMARY.search(run.stdout)
+    assert m is not None, run.explain()
+    rekeys, sent, lost, _, _, plaintext = map(int, m.groups())
+    print("\n" + "\n".join(run.stdout.strip().splitlines()[-2:]))
+    assert "(xfrm data plane)" in run.stdout
+    assert rekeys >= 15 and sent >= 2 * 300 * 20 * 0.9
+    assert lost == 0 and plaintext == 0, run.stdout[-2000:]
+    assert run.returncode == 0
