@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"admin port; KMEs use +1/+2, gateways +11/+12"
                         f" (default: {DEFAULT_BASE_PORT})")
     p.add_argument("--force", action="store_true", help="overwrite files in a non-empty DIR")
+    p.add_argument("--compose", action="store_true",
+                   help="address everything for compose/docker-compose.yml (names kme-a,"
+                        " kme-b, gw-a, gw-b; strongswan sinks)")
 
     p = _add(sub, "kms-sim", _cmd_kms_sim, "run the KMS simulator (ETSI GS QKD 014 KMEs)",
              "Serve the KMEs and QKD links of FILE until SIGTERM or Ctrl-C: each KME on its\n"
@@ -206,7 +209,13 @@ def _usage(parser: argparse.ArgumentParser | None) -> Handler:
 
 
 def _cmd_init_demo(args: argparse.Namespace) -> int:
-    layout = init_demo(args.dir, host=args.host, base_port=args.base_port, force=args.force)
+    if args.compose:
+        from gateway.demo.compose import init_compose
+
+        layout = init_compose(args.dir, force=args.force)
+    else:
+        layout = init_demo(args.dir, host=args.host, base_port=args.base_port,
+                           force=args.force)
     print(f"wrote the two-site demo setup to {layout.root}:")
     print(f"  {layout.pki}/            CA and certificates (keys 0600)")
     print(f"  {layout.kms_config}       KMS simulator: qkdgw kms-sim -c {layout.kms_config}")
