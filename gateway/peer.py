@@ -92,7 +92,13 @@ class PeerServer:
             return web.json_response({"error": "not this link's peer"}, status=403)
         cert_sha256 = hashlib.sha256(der or b"").digest()
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError:
+            # The peer went away during the handshake (it restarts, or gave up): it will
+            # connect again; nothing to answer and nothing to log as an error.
+            log.info("link %s: %s closed the channel during the handshake", link, who)
+            return ws
         async for frame in ws:
             if frame.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                 continue
