@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gateway.core.events import EpochMaterial, EpochRef, Role
 from gateway.sink import SinkContext, SinkError
+from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.vici import Section, Vici, ViciConnectionError, ViciError
 from kdf.schedule import Purpose
 
@@ -85,6 +86,10 @@ class StrongswanSinkConfig(BaseModel):
     connection: dict[str, Any] = Field(
         description="swanctl.conf connections.<name> as YAML, without the keys the gateway"
                     f" sets ({', '.join(OWNED_KEYS)})")
+    hold: HoldConfig | None = Field(
+        default_factory=HoldConfig,
+        description="kernel-libipsec: hold the IKE responder's tunnel traffic while a new IKE"
+                    " SA comes up (ipsec/strongswan/hold.py); null to never hold")
 
     @field_validator("key_as", mode="before")
     @classmethod
@@ -185,6 +190,7 @@ class StrongswanSink:
         self._lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
         self._charon_lost_at: float | None = None  # when a VICI session last broke
+        self.hold = ResponderHold(context.link, config.hold) if config.hold else None
 
     # -- the Sink protocol -----------------------------------------------------------------
 
@@ -233,6 +239,9 @@ class StrongswanSink:
                 self.ppks.pop(material.epoch, None)
                 raise SinkError(f"strongSwan: {e}") from None
             self.current = material.epoch
+            if material.role is Role.RESPONDER and self.hold is not None:
+                # From before the Accept (so before IKE_SA_INIT) until the Commit.
+                await self.hold.hold(f"epoch {material.epoch}")
 
     async def activate_outbound(self, material: EpochMaterial) -> None:
         async with self._lock:
@@ -244,6 +253,8 @@ class StrongswanSink:
                     new = await self._initiate(known)
                     await self._unload_ppk(material.epoch)  # see the module docstring
                 else:
+                    if self.hold is not None:  # the initiator's CHILD SAs are installed
+                        await self.hold.release("Commit")
                     new = await self._await_new(known, ESTABLISHED_WAIT)
             except ViciError as e:
                 raise SinkError(f"strongSwan: {e}") from None
@@ -275,6 +286,8 @@ class StrongswanSink:
             self.ppks.pop(ref.epoch, None)
 
     async def block(self, link: str, reason: str) -> None:
+        if self.hold is not None:
+            await self.hold.release("blocked")
         async with self._lock:
             try:
                 await self._terminate(await self._ike_sas(), f"blocked: {reason}")
@@ -298,6 +311,8 @@ class StrongswanSink:
         except (SinkError, ViciError) as e:
             log.error("link %s: strongSwan cleanup incomplete: %s", self.context.link, e)
         finally:
+            if self.hold is not None:
+                await self.hold.close()
             if self.vici is not None:
                 await self.vici.close()
                 self.vici = None

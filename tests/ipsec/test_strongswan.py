@@ -294,33 +294,33 @@ def test_every_packet_between_the_sites_is_esp_in_udp(main: dict[str, Any],
         assert main_wire.esp[f"{src}>{dst}"] == flow["sent"], (src, dst)
 
 
-def test_loss_per_rotation_is_counted_and_only_in_the_responder_window(
+def test_no_packet_is_lost_across_rotations_the_responder_holds_its_traffic(
         main: dict[str, Any]) -> None:
     flows, rot = main["flows"], rotations(main["samples"])
     starts = [t for t, _ in rot]
-    per_rotation: dict[str, list[int]] = {}
-    for direction, flow in flows.items():
-        assert flow["sent"] == RATE * SECONDS
-        counts = [0] * len(starts)
-        for t in flow["lost_at"]:
-            nearest = min(range(len(starts)), key=lambda i: abs(starts[i] - t))
-            # A loss not next to a rotation would be a bug of its own.
-            assert abs(starts[nearest] - t) < 0.3, f"{direction}: packet lost at {t}, no rotation"
-            counts[nearest] += 1
-        per_rotation[direction] = counts
-    during = [c for t, c in zip(starts, per_rotation["b->a"], strict=True)
+    during = [t for t in starts
               if flows["b->a"]["start"] < t < flows["b->a"]["start"] + SECONDS]
     total = {d: len(f["lost"]) for d, f in flows.items()}
-    window = 1000 * total["b->a"] / max(len(during), 1) / RATE
+    holds = [(int(m[1]), int(m[2])) for m in re.finditer(
+        r"held (\d+) packet\(s\) for (\d+) ms \(epoch \d+, released: Commit\)",
+        (main["root"] / "gw-b.log").read_text())]
     print(f"\nstrongSwan PPK rotation at {RATE} packets/s each way, {len(during)} rotations"
           f" under traffic: lost initiator->responder {total['a->b']},"
-          f" responder->initiator {total['b->a']} (per rotation: {per_rotation['b->a']};"
-          f" window ~{window:.1f} ms per rotation)")
+          f" responder->initiator {total['b->a']}; the responder held its traffic"
+          f" {len(holds)} times, {sum(p for p, _ in holds)} packets in all, for"
+          f" {min(ms for _, ms in holds)}-{max(ms for _, ms in holds)} ms")
+    for flow in flows.values():
+        assert flow["sent"] == RATE * SECONDS
     # Initiator to responder: the initiator switches only once the responder has the SA.
     assert total["a->b"] == 0
-    # Responder to initiator: strongSwan's responder sends on the new CHILD SA before the
-    # initiator has installed it (docs/strongswan.md); bounded by 20 ms of traffic each.
-    assert all(c <= RATE * 0.02 for c in per_rotation["b->a"]), per_rotation["b->a"]
+    # Responder to initiator: strongSwan's responder would send on the new CHILD SA before
+    # the initiator has installed it (docs/strongswan.md); its gateway holds that traffic
+    # from the Offer to the Commit, and every rotation under traffic held some.
+    assert total["b->a"] == 0
+    assert len(holds) >= len(rot) - 1
+    assert sum(1 for p, _ in holds if p > 0) >= len(during) - 1
+    # The initiator never holds anything.
+    assert "held" not in (main["root"] / "gw-a.log").read_text()
 
 
 # -- restart ------------------------------------------------------------------------------------

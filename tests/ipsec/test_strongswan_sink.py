@@ -23,6 +23,7 @@ from gateway.config import SiteConfig
 from gateway.core.events import EpochMaterial, Role
 from gateway.core.policy import Policy
 from gateway.sink import SinkContext, SinkError
+from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.sink import StrongswanSink, StrongswanSinkConfig, ppk_id
 from ipsec.strongswan.vici import Vici, ViciError
 from kdf.schedule import EpochKeys, Purpose
@@ -88,6 +89,21 @@ def test_site_config_error_names_the_sink_field(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as e:
         SiteConfig.model_validate(config)
     assert "links.0.sinks.0.strongswan.key_as" in str(e.value)
+
+
+def test_the_hold_is_on_by_default_can_be_turned_off_and_is_checked() -> None:
+    assert sink_config().hold == HoldConfig(device="ipsec0", queue=None, max_time=2.0)
+    assert sink_config(hold=None).hold is None
+    assert sink_config(hold={"queue": 7}).hold == HoldConfig(queue=7)
+    with pytest.raises(ValidationError, match=r"hold\.max_time\n.*less than or equal to 10"):
+        sink_config(hold={"max_time": 60})
+    with pytest.raises(ValidationError, match=r"hold\.queue"):
+        sink_config(hold={"queue": 70000})
+    with pytest.raises(ValidationError, match=r"hold\.dev\n.*Extra inputs"):
+        sink_config(hold={"dev": "ipsec0"})
+    # Queue numbers and chain names per link: two links of one host do not collide.
+    a, b = ResponderHold("ab", HoldConfig()), ResponderHold("ac", HoldConfig())
+    assert a.chain != b.chain and len(a.chain) <= 28 and a.queue != b.queue
 
 
 def test_ppk_ids_are_scoped_to_link_epoch_and_key() -> None:

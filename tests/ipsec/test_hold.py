@@ -1,0 +1,253 @@
+"""The IKE responder's hold (ipsec/strongswan/hold.py) on the real kernel: NFQUEUE and
+iptables in network namespaces, a forwarded UDP flow through a device standing in for
+kernel-libipsec's TUN.
+
+    lan ──────────── gw ─────────────────── far
+  10.77.1.2    10.77.1.1 │ "ipsec0" 10.77.2.1    10.77.2.2
+     udpflow send        hold_driver              udpflow recv
+
+`gw` forwards; its link to `far` is a veth named like charon's TUN device, so the hold's
+`-o ipsec0` rule sees exactly the traffic it would see in front of charon. The flow is
+1000 packets/s with sequence numbers; every packet must arrive, none while held.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsec import nfqueue
+
+REPO = Path(__file__).resolve().parents[2]
+RATE = 1000
+PORT = 7777
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables, NFQUEUE)"
+    for tool in ("ip", "iptables"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (apt-get install iproute2 iptables)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+class Topology:
+    def __init__(self, root: Path) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.root = root
+        self.lan, self.gw, self.far = (f"qh{tag}-{n}" for n in ("lan", "gw", "far"))
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def build(self) -> None:
+        for ns in (self.lan, self.gw, self.far):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", "l0", "netns", self.lan, "type", "veth", "peer", "name", "g0",
+           "netns", self.gw)
+        sh("ip", "link", "add", "ipsec0", "netns", self.gw, "type", "veth", "peer", "name",
+           "f0", "netns", self.far)
+        for ns, dev, addr in ((self.lan, "l0", "10.77.1.2/24"), (self.gw, "g0", "10.77.1.1/24"),
+                              (self.gw, "ipsec0", "10.77.2.1/24"),
+                              (self.far, "f0", "10.77.2.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.lan, "route", "add", "default", "via", "10.77.1.1")
+        sh("ip", "-n", self.far, "route", "add", "default", "via", "10.77.2.1")
+        sh("ip", "netns", "exec", self.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def teardown(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for ns in (self.lan, self.gw, self.far):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+    def python(self, ns: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def driver(self, device: str = "ipsec0", max_time: float = 5.0) -> Driver:
+        return Driver(self.python(self.gw, "-m", "tests.ipsec.hold_driver", "ab", device,
+                                  str(max_time), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(self.root / "driver.log", "a")))
+
+    def iptables(self) -> str:
+        return sh("ip", "netns", "exec", self.gw, "iptables", "-t", "mangle", "-S")
+
+    def flow(self, seconds: float) -> Flow:
+        recv = self.python(self.far, "-m", "tests.ipsec.udpflow", "recv", str(PORT), "--out",
+                           str(self.root / "recv.json"), stdout=subprocess.PIPE)
+        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        send = self.python(self.lan, "-m", "tests.ipsec.udpflow", "send", "10.77.2.2",
+                           str(PORT), "--rate", str(RATE), "--seconds", str(seconds), "--out",
+                           str(self.root / "send.json"))
+        return Flow(self.root, send, recv)
+
+
+class Driver:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        assert json.loads(self._line())["ready"]
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "the hold driver died (see driver.log)"
+        return line
+
+    def do(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self._line())
+        return answer
+
+
+class Flow:
+    def __init__(self, root: Path, send: subprocess.Popen[str], recv: subprocess.Popen[str]):
+        self.root, self.send, self.recv = root, send, recv
+
+    def done(self) -> tuple[list[float], list[tuple[int, float]]]:
+        """Send times by sequence number; (sequence number, arrival time) in arrival order."""
+        assert self.send.wait(timeout=30) == 0
+        time.sleep(0.3)
+        self.recv.send_signal(signal.SIGTERM)
+        assert self.recv.wait(timeout=10) == 0
+        sent = json.loads((self.root / "send.json").read_text())
+        assert sent["errors"] == []
+        received = [(seq, t) for seq, t in
+                    json.loads((self.root / "recv.json").read_text())["received"]]
+        return sent["times"], received
+
+
+@pytest.fixture
+def topo(tmp_path: Path) -> Iterator[Topology]:
+    t = Topology(tmp_path)
+    try:
+        t.build()
+        yield t
+        # Nothing left behind in the gateway's namespace by a hold that was closed.
+    finally:
+        t.teardown()
+
+
+def _gap(received: list[tuple[int, float]], start: float, end: float) -> list[int]:
+    """Sequence numbers that arrived between start and end."""
+    return [seq for seq, t in received if start < t < end]
+
+
+def test_held_packets_wait_then_all_leave_in_order(topo: Topology) -> None:
+    driver = topo.driver()
+    flow = topo.flow(seconds=2.0)
+    time.sleep(0.6)
+    held_at = driver.do("hold")
+    assert held_at["holding"] is True
+    time.sleep(0.4)
+    released = driver.do("release")
+    assert released["holding"] is False
+    sent, received = flow.done()
+    driver.do("close")
+
+    seqs = [seq for seq, _ in received]
+    assert sorted(seqs) == list(range(len(sent))), "a packet was lost or duplicated"
+    # Nothing crossed while held (a packet already past the rule may still arrive just
+    # after the hold began)...
+    during = _gap(received, held_at["t"] + 0.005, released["t"] - 0.05)
+    assert during == [], f"{len(during)} packets crossed while held"
+    # ... and what was held is what was sent meanwhile, let go in the order it came.
+    in_hold = [i for i, t in enumerate(sent) if held_at["t"] + 0.005 < t < released["t"] - 0.05]
+    assert len(in_hold) >= 0.3 * RATE
+    assert released["seen"] >= len(in_hold)
+    position = {seq: i for i, seq in enumerate(seqs)}
+    assert [position[s] for s in in_hold] == sorted(position[s] for s in in_hold)
+    assert "QKDGW-HOLD" not in topo.iptables(), "close left the chain behind"
+
+
+def test_a_hold_nobody_releases_ends_after_max_time(topo: Topology) -> None:
+    driver = topo.driver(max_time=0.3)
+    flow = topo.flow(seconds=1.5)
+    time.sleep(0.5)
+    held_at = driver.do("hold")
+    sent, received = flow.done()
+    assert sorted(seq for seq, _ in received) == list(range(len(sent)))
+    arrivals = sorted(t for _, t in received)
+    longest = max(b - a for a, b in itertools.pairwise(arrivals))
+    assert 0.25 < longest < 0.6, f"longest gap {longest:.3f} s"
+    assert driver.do("release")["holding"] is False
+    assert "no Commit after 0.3 s" in (topo.root / "driver.log").read_text()
+    assert held_at["holding"] is True
+
+
+def test_without_the_device_nothing_is_held_or_touched(topo: Topology) -> None:
+    driver = topo.driver(device="ipsec9")
+    assert driver.do("hold")["holding"] is False
+    assert "QKDGW-HOLD" not in topo.iptables()
+    driver.do("close")
+
+
+def test_a_gateway_killed_while_holding_leaves_traffic_flowing(topo: Topology) -> None:
+    """The queue is unbound with the process; `--queue-bypass` lets new packets through on
+    their way (to charon's tunnel). What was held at that moment is lost with it."""
+    driver = topo.driver()
+    flow = topo.flow(seconds=2.0)
+    time.sleep(0.5)
+    driver.do("hold")
+    time.sleep(0.2)
+    driver.proc.kill()
+    driver.proc.wait()
+    killed = time.time()
+    sent, received = flow.done()
+    after = [seq for seq, t in received if t > killed + 0.05]
+    expected = [i for i, t in enumerate(sent) if t > killed + 0.05]
+    assert after == expected, "traffic did not resume, complete and in order, after the kill"
+    assert "QKDGW-HOLD" in topo.iptables()  # the chain stays, empty or not, until ...
+    again = topo.driver()  # ... the next start, which empties it before its first hold
+    assert again.do("hold")["holding"] is True
+    assert again.do("close")["holding"] is False
+    assert "QKDGW-HOLD" not in topo.iptables()
+
+
+def test_codec_round_trip() -> None:
+    bind = nfqueue.bind_request(7, 1, maxlen=100)
+    msg = nfqueue.nfqnl_config_msg(bind)
+    msg.decode()
+    assert msg["header"]["type"] == (3 << 8) | 2  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG
+    assert msg["res_id"] == 7
+    assert msg.get_attr("NFQA_CFG_CMD")["command"] == nfqueue.NFQNL_CFG_CMD_BIND
+    assert msg.get_attr("NFQA_CFG_PARAMS")["copy_mode"] == nfqueue.NFQNL_COPY_META
+    assert msg.get_attr("NFQA_CFG_QUEUE_MAXLEN") == 100
+    verdict = nfqueue.nfqnl_packet_msg(nfqueue.accept_request(7, 2, 5))
+    verdict.decode()
+    assert verdict.get_attr("NFQA_VERDICT_HDR") == {"verdict": nfqueue.NF_ACCEPT, "id": 5}
+    # A packet notice and an error answer in one read.
+    pkt = nfqueue.nfqnl_packet_msg()
+    pkt["header"]["type"] = nfqueue.msg_type(nfqueue.NFQNL_MSG_PACKET)
+    pkt["attrs"] = [["NFQA_PACKET_HDR", {"packet_id": 42, "hw_protocol": 0x800, "hook": 4}]]
+    pkt.encode()
+    err = (36).to_bytes(4, "little") + (2).to_bytes(2, "little") + bytes(2) + \
+        (9).to_bytes(4, "little") + bytes(4) + (-2).to_bytes(4, "little", signed=True) + bytes(16)
+    packets, acks = nfqueue.parse(bytes(pkt.data) + err)
+    assert packets == [42] and acks == {9: 2}
