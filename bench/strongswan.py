@@ -11,13 +11,16 @@ each way run throughout; then
    direction;
 2. ROTATIONS CHILD SA rekeys by charon alone (VICI `rekey` of the CHILD SA, same IKE SA, no
    new PPK), 1.5 s apart: latency (request → new CHILD SA installed, polled) and loss.
-A packet lost is put to the rekey nearest its send time. Prints; asserts nothing.
+A packet lost is put to the rekey nearest its send time. Runs twice: as configured by
+default (the IKE responder holds its tunnel traffic during a rotation, ipsec/strongswan/hold.py)
+and, as the baseline, with `hold: null`. Prints; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import sys
 import tempfile
@@ -84,13 +87,15 @@ async def measure(w: sw.World, rotations: int, rate: int) -> dict[str, Any]:
         for t in flow["lost_at"]:
             kind, _ = min(starts, key=lambda s: abs(s[1] - t))
             lost[kind, direction] = lost.get((kind, direction), 0) + 1
+    holds = [(int(m[1]), float(m[2])) for m in re.finditer(
+        r"held (\d+) packet\(s\) for (\d+) ms", (w.root / "gw-b.log").read_text())]
     return {"ppk": [x for _, x in ppk], "child": [x for _, x in child], "lost": lost,
-            "flows": flows}
+            "flows": flows, "holds": holds}
 
 
-def report(r: dict[str, Any], rotations: int, rate: int) -> None:
+def report(r: dict[str, Any], rotations: int, rate: int, what: str) -> None:
     print(f"\nstrongSwan 5.9 kernel-libipsec, {rate} UDP packets/s each way,"
-          f" {rotations} of each kind")
+          f" {rotations} of each kind; {what}")
     for kind, name in (("ppk", "PPK rotation (new IKE SA, qkdgw)"),
                        ("child", "CHILD SA rekey (charon alone)")):
         lat = [x * 1000 for x in r[kind]]
@@ -105,6 +110,32 @@ def report(r: dict[str, Any], rotations: int, rate: int) -> None:
     for direction, f in r["flows"].items():
         print(f"  flow {direction}: sent {f['sent']}, received {f['received']},"
               f" lost {len(f['lost'])}")
+    if r["holds"]:
+        packets, ms = [p for p, _ in r["holds"]], [m for _, m in r["holds"]]
+        print(f"  responder holds: {len(ms)}, duration p50 {statistics.median(ms):.0f} ms"
+              f" max {max(ms):.0f} ms, packets held p50 {statistics.median(packets):.0f}"
+              f" max {max(packets)}")
+
+
+class Unheld(sw.World):
+    hold = False
+
+
+async def run(rotations: int, rate: int, *, hold: bool) -> dict[str, Any]:
+    world = (sw.World if hold else Unheld)(
+        Path(tempfile.mkdtemp(prefix="qkdgw-bench-strongswan-")),
+        {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0, "grace": 0.5})
+    world.build()
+    try:
+        world.start_sim()
+        world.start_charon("a")
+        world.start_charon("b")
+        world.start_gateway("a")
+        world.start_gateway("b")
+        await sw.until("first epoch", world.converged)
+        return await measure(world, rotations, rate)
+    finally:
+        world.teardown()
 
 
 async def main() -> None:
@@ -115,21 +146,12 @@ async def main() -> None:
     reason = sw.missing_tools()
     if reason:
         sys.exit(f"bench/strongswan.py: {reason}")
-    world = sw.World(Path(tempfile.mkdtemp(prefix="qkdgw-bench-strongswan-")),
-                     {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0,
-                      "grace": 0.5})
-    world.build()
-    try:
-        world.start_sim()
-        world.start_charon("a")
-        world.start_charon("b")
-        world.start_gateway("a")
-        world.start_gateway("b")
-        await sw.until("first epoch", world.converged)
-        result = await measure(world, args.rotations, args.rate)
-    finally:
-        world.teardown()
-    report(result, args.rotations, args.rate)
+    held = await run(args.rotations, args.rate, hold=True)
+    baseline = await run(args.rotations, args.rate, hold=False)
+    report(held, args.rotations, args.rate, "the responder holds its traffic (default)")
+    report(baseline, args.rotations, args.rate, "baseline: no hold (hold: null)")
+    ppk_held, ppk_base = statistics.median(held["ppk"]), statistics.median(baseline["ppk"])
+    print(f"\nratio PPK rotation latency (p50) with hold / without: {ppk_held / ppk_base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -64,12 +64,11 @@ def test_demo_rekeys_with_traffic_counts_loss_and_sends_nothing_in_clear() -> No
     assert rekeys >= 15
     assert sent >= 2 * 500 * 20 * 0.95
     assert lost == a_to_b + b_to_a and plaintext == 0
-    if kernel_has_esp():  # the xfrm sink: make-before-break in the kernel, nothing lost
-        assert r["rc"] == 0 and lost == 0, r["out"]
-    else:  # strongSwan 5.9: only its responder-side window (docs/strongswan.md), bounded
-        assert a_to_b == 0
-        assert b_to_a <= rekeys * 500 * 0.005, r["out"]
-        assert r["rc"] == (0 if lost == 0 else 1)
+    # The xfrm sink rotates make-before-break in the kernel; with strongSwan (no ESP in
+    # this kernel) site B's gateway holds its traffic while each new IKE SA comes up
+    # (docs/strongswan.md): either way nothing is lost.
+    assert r["rc"] == 0 and lost == 0, r["out"]
+    assert ("(xfrm data plane)" if kernel_has_esp() else "(strongswan data plane)") in r["out"]
     assert "cleaned up" in r["out"]
     assert demo_namespaces() == [] and demo_processes() == []
 
@@ -81,7 +80,7 @@ def test_kms_outage_shows_the_fallback_and_the_alarm() -> None:
     during = [line for line in lines if "kms-outage" in line or "qkd-fallback" in line]
     assert any("alarms qkd-fallback" in line or "qkd-fallback" in line for line in during), \
         r["out"]
-    assert r["summary"] is not None and r["summary"][3] == 0, r["out"]  # A→B: none lost
+    assert r["summary"] is not None and r["summary"][2] == 0, r["out"]  # none lost
     assert r["summary"][5] == 0  # nothing in clear, also while the KMEs were away
 
 
