@@ -114,7 +114,11 @@ class ResponderHold:
     async def hold(self, why: str) -> bool:
         """Start holding, if there is a kernel-libipsec device; ended by `release`, or
         after max_time."""
-        if self.holding:
+        if self.holding:  # a new attempt after one that never got its Commit: its own time
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._why = why
+            self._expiry = asyncio.create_task(self._expire(), name=f"hold-{self.link}")
             return True
         try:
             socket.if_nametoindex(self.config.device)

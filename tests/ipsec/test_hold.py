@@ -201,6 +201,23 @@ def test_a_hold_nobody_releases_ends_after_max_time(topo: Topology) -> None:
     assert held_at["holding"] is True
 
 
+def test_a_new_attempt_during_a_hold_gets_its_own_max_time(topo: Topology) -> None:
+    """An Offer that never got its Commit, then a new one: the hold runs on, timed afresh,
+    so the new attempt's window is still covered."""
+    driver = topo.driver(max_time=0.4)
+    flow = topo.flow(seconds=2.0)
+    time.sleep(0.5)
+    driver.do("hold")
+    time.sleep(0.3)
+    assert driver.do("hold")["holding"] is True
+    sent, received = flow.done()
+    assert sorted(seq for seq, _ in received) == list(range(len(sent)))
+    arrivals = sorted(t for _, t in received)
+    longest = max(b - a for a, b in itertools.pairwise(arrivals))
+    assert 0.6 < longest < 0.95, f"longest gap {longest:.3f} s (0.3 + 0.4 expected)"
+    driver.do("close")
+
+
 def test_without_the_device_nothing_is_held_or_touched(topo: Topology) -> None:
     driver = topo.driver(device="ipsec9")
     assert driver.do("hold")["holding"] is False
