@@ -4,8 +4,8 @@ until told to let them go.
 Used to close the one window strongSwan's kernel-libipsec leaves open (see
 `ipsec.strongswan.hold`). Only what that needs: bind a queue (fail-open), set how many packets
 it may hold (0: all pass straight through, in the kernel), receive the (metadata-only) notices
-of packets held, accept every held packet at once, unbind. Messages on
-pyroute2's netlink base, one class per kernel struct; a small non-blocking socket below.
+of packets held, accept every held packet at once; closing the socket unbinds the queue.
+Messages on pyroute2's netlink base, one class per kernel struct; a small socket below.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ NFQNL_MSG_CONFIG = 2
 NFQNL_MSG_VERDICT_BATCH = 3
 # enum nfqnl_msg_config_cmds
 NFQNL_CFG_CMD_BIND = 1
-NFQNL_CFG_CMD_UNBIND = 2
 # enum nfqnl_config_mode
 NFQNL_COPY_META = 1
 # NFQA_CFG_FLAGS: when the queue is full, accept instead of dropping
@@ -123,12 +122,6 @@ def maxlen_request(queue: int, seq: int, maxlen: int) -> bytes:
     return _encode(msg, queue, NFQNL_MSG_CONFIG, seq)
 
 
-def unbind_request(queue: int, seq: int) -> bytes:
-    msg = nfqnl_config_msg()
-    msg["attrs"] = [["NFQA_CFG_CMD", {"command": NFQNL_CFG_CMD_UNBIND, "pf": 0}]]
-    return _encode(msg, queue, NFQNL_MSG_CONFIG, seq)
-
-
 def accept_request(queue: int, seq: int, up_to: int) -> bytes:
     """Accept every queued packet whose id is not after `up_to` (32-bit serial numbers)."""
     msg = nfqnl_packet_msg()
@@ -185,7 +178,6 @@ class NfQueueSocket:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RCVBUF)
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
-        self.bound = False
         #: Packets the kernel said it held (notices may be lost when the buffer overflows).
         self.seen = 0
         #: The id of the newest packet held: the kernel numbers every packet that reaches the
@@ -193,6 +185,7 @@ class NfQueueSocket:
         self.last_id: int | None = None
 
     def close(self) -> None:
+        """Unbinds the queue: the kernel drops what it still holds."""
         self.sock.close()
 
     def fileno(self) -> int:
@@ -200,7 +193,6 @@ class NfQueueSocket:
 
     def bind(self, maxlen: int) -> None:
         self._request("bind", bind_request(self.queue, self._next(), maxlen=maxlen))
-        self.bound = True
 
     def set_maxlen(self, maxlen: int) -> None:
         self._request("queue length", maxlen_request(self.queue, self._next(), maxlen))
@@ -212,24 +204,18 @@ class NfQueueSocket:
             self._request("verdict", accept_request(self.queue, self._next(),
                                                      self.last_id + slack), missing_ok=True)
 
-    def unbind(self) -> None:
-        self.bound = False
-        self._request("unbind", unbind_request(self.queue, self._next()), missing_ok=True)
-
-    def drain(self) -> int:
-        """Read what is waiting (notices of queued packets); how many there were."""
-        count = 0
+    def drain(self) -> None:
+        """Read what is waiting: notices of held packets."""
         while True:
             try:
                 data = self.sock.recv(1 << 16)
             except BlockingIOError:
-                return count
+                return
             except OSError as e:
                 if e.errno == errno_.ENOBUFS:  # notices lost; the packets are still held
                     continue
                 raise
             packets, _ = parse(data)
-            count += len(packets)
             self._note(packets)
 
     def _note(self, packets: list[int]) -> None:
