@@ -75,9 +75,10 @@ class ResponderHold:
         self.chain = chain_name(link)
         self.queue = config.queue if config.queue is not None else \
             0x7100 + (zlib.crc32(link.encode()) & 0xFF)
-        self.sock: NfQueueSocket | None = None
-        self.started = False
+        self.sock: NfQueueSocket | None = None  # bound, passing everything, between holds
+        self.started = False  # the chain exists (or could not be made: said once)
         self._since: float | None = None
+        self._seen_before = 0
         self._expiry: asyncio.Task[None] | None = None
         self._why = ""
 
@@ -92,11 +93,7 @@ class ResponderHold:
         try:
             if shutil.which("iptables") is None:
                 raise HoldUnavailable("iptables not found (apt-get install iptables)")
-            try:
-                self.sock = NfQueueSocket(self.queue)
-                self.sock.bind(0)
-            except (OSError, NfQueueError) as e:
-                raise HoldUnavailable(f"NFQUEUE {self.queue}: {e}") from None
+            await self._bind()
             if await _iptables("-N", self.chain, check=False):
                 await _iptables("-F", self.chain)  # left by a previous run
             await _iptables("-A", self.chain, "-o", self.config.device, "-j", "NFQUEUE",
@@ -104,42 +101,39 @@ class ResponderHold:
             if await _iptables("-C", "POSTROUTING", "-j", self.chain, check=False):
                 await _iptables("-I", "POSTROUTING", "1", "-j", self.chain)
         except HoldUnavailable as e:
-            if self.sock is not None:
-                self.sock.close()
-                self.sock = None
+            self._unbind()
             log.warning("link %s: cannot hold traffic during rotations (%s): the IKE"
                         " responder may lose about a packet per rotation, see"
                         " docs/strongswan.md", self.link, e)
 
     async def hold(self, why: str) -> bool:
         """Start holding, if there is a kernel-libipsec device; ended by `release`, or
-        after max_time."""
-        if self.holding:  # a new attempt after one that never got its Commit: its own time
-            if self._expiry is not None:
-                self._expiry.cancel()
-            self._why = why
-            self._expiry = asyncio.create_task(self._expire(), name=f"hold-{self.link}")
-            return True
-        try:
-            socket.if_nametoindex(self.config.device)
-        except OSError:
-            log.debug("link %s: no %s (not kernel-libipsec): nothing to hold", self.link,
-                      self.config.device)
-            return False
-        if not self.started:
-            await self.start()
-        sock = self.sock
-        if sock is None:
-            return False
-        try:
-            sock.set_maxlen(MAX_PACKETS)
-        except NfQueueError as e:
-            log.warning("link %s: hold failed: %s", self.link, e)
-            return False
-        sock.seen = 0
-        self._since, self._why = time.monotonic(), why
-        # Read the notices as they come: they say which packets to accept at the end.
-        asyncio.get_running_loop().add_reader(sock.fileno(), sock.drain)
+        after max_time. A new attempt while holding (its predecessor got no Commit) holds
+        on, timed afresh."""
+        if not self.holding:
+            try:
+                socket.if_nametoindex(self.config.device)
+            except OSError:
+                log.debug("link %s: no %s (not kernel-libipsec): nothing to hold",
+                          self.link, self.config.device)
+                return False
+            if not self.started:
+                await self.start()
+            sock = self.sock
+            if sock is None:
+                return False
+            try:
+                await sock.set_maxlen(MAX_PACKETS)
+            except NfQueueError as e:
+                log.warning("link %s: hold failed: %s", self.link, e)
+                return False
+            self._since, self._seen_before = time.monotonic(), sock.seen
+            # Read the notices as they come: they say which packets to accept at the end.
+            # (Requests read the socket themselves: none is made until the release.)
+            asyncio.get_running_loop().add_reader(sock.fileno(), sock.drain)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._why = why
         self._expiry = asyncio.create_task(self._expire(), name=f"hold-{self.link}")
         return True
 
@@ -162,21 +156,23 @@ class ResponderHold:
         try:
             # What is held goes first; then no room, so what comes passes straight through;
             # then what was queued in between. Nothing overtakes a held packet but in the
-            # microseconds between the last two steps.
+            # moment between the last two steps.
             sock.drain()
-            sock.accept_all(MAX_PACKETS)
-            sock.set_maxlen(0)
+            await sock.accept_all(MAX_PACKETS)
+            await sock.set_maxlen(0)
             sock.drain()
-            sock.accept_all(MAX_PACKETS)
+            await sock.accept_all(MAX_PACKETS)
         except (NfQueueError, OSError) as e:
-            # The queue is in an unknown state: unbinding lets everything through (what it
-            # still holds is dropped), and the next hold binds afresh.
-            log.error("link %s: release failed (%s): rebinding the queue", self.link, e)
-            sock.close()
-            self.sock = None
-            self.started = False
+            # The queue is in an unknown state: a new binding lets everything through (what
+            # the old one still holds is dropped).
+            log.error("link %s: release failed (%s): binding the queue afresh", self.link, e)
+            self._unbind()
+            try:
+                await self._bind()
+            except HoldUnavailable as e2:
+                log.error("link %s: %s: no more holds", self.link, e2)
         log.info("link %s: held %d packet(s) for %.0f ms (%s, released: %s)", self.link,
-                 sock.seen, held_for * 1000, self._why, why)
+                 sock.seen - self._seen_before, held_for * 1000, self._why, why)
 
     async def close(self) -> None:
         await self.release("the gateway stops")
@@ -186,6 +182,17 @@ class ResponderHold:
         await _iptables("-D", "POSTROUTING", "-j", self.chain, check=False)
         await _iptables("-F", self.chain, check=False)
         await _iptables("-X", self.chain, check=False)
+        self._unbind()
+
+    async def _bind(self) -> None:
+        try:
+            self.sock = NfQueueSocket(self.queue)
+            await self.sock.bind(0)
+        except (OSError, NfQueueError) as e:
+            self._unbind()
+            raise HoldUnavailable(f"NFQUEUE {self.queue}: {e}") from None
+
+    def _unbind(self) -> None:
         if self.sock is not None:
             self.sock.close()  # unbinds the queue
             self.sock = None

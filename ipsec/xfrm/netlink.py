@@ -1,46 +1,13 @@
-"""The NETLINK_XFRM transport: requests with their acknowledgements, dumps, notifications.
-
-A deliberately small socket layer under pyroute2's message classes: XFRM requests are
-handled synchronously by the kernel, so a request is one `send` and its answer is already
-queued; the socket is non-blocking and read through the event loop all the same. Errors
-carry the kernel's errno and, when it gives one, its extended-ack text ("Invalid key
-length", ...). `NETLINK_CAP_ACK` keeps the kernel from echoing a failed request back: an
-SA request holds key bytes.
+"""The NETLINK_XFRM socket: the transport of ipsec/netlink.py with XFRM's message classes
+and errors.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno as errno_
-import itertools
-import os
-import socket
-import struct
-from collections.abc import AsyncIterator
-from typing import Any
+from pyroute2.netlink import nlmsg
 
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_ACK_TLVS,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    nlmsg,
-)
-
+from ipsec.netlink import NetlinkError, NetlinkSocket
 from ipsec.xfrm import structs as s
-
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-NLMSGERR_ATTR_MSG = 1
-_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
-
-#: The kernel answers XFRM requests at once, except that the first SA with a new algorithm
-#: may wait seconds on the kernel loading crypto modules; a malformed request the kernel
-#: cannot even parse gets no answer at all.
-ANSWER_TIMEOUT = 10.0
 
 #: Answers to requests and dumps, and notifications, by message type.
 MESSAGE_CLASSES: dict[int, type[nlmsg]] = {
@@ -55,129 +22,24 @@ MESSAGE_CLASSES: dict[int, type[nlmsg]] = {
 MESSAGE_NAMES = {value: name for name, value in vars(s).items() if name.startswith("XFRM_MSG_")}
 
 
-class XfrmError(Exception):
-    """The kernel refused a request. `errno` is its error number; the text names the
-    operation, what it was about, and the kernel's reason."""
-
-    def __init__(self, operation: str, subject: str, errno: int, kernel_says: str = "") -> None:
-        self.operation, self.subject, self.errno = operation, subject, errno
-        reason = os.strerror(errno) + (f" ({kernel_says})" if kernel_says else "")
-        super().__init__(f"{operation} {subject}: {reason}")
+class XfrmError(NetlinkError):
+    """The kernel refused an XFRM request."""
 
 
 class XfrmUnavailable(XfrmError):
     """No XFRM netlink here (no kernel support, or not allowed: needs CAP_NET_ADMIN)."""
 
 
-class XfrmSocket:
-    """One NETLINK_XFRM socket in the calling process's network namespace."""
+class XfrmSocket(NetlinkSocket):
+    """One NETLINK_XFRM socket in the calling process's network namespace.
 
-    def __init__(self, groups: int = 0) -> None:
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
-                                 s.NETLINK_XFRM)
-        except OSError as e:
-            raise XfrmUnavailable("open", "NETLINK_XFRM socket", e.errno or errno_.EPERM) \
-                from None
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        sock.bind((0, groups))
-        self._sock = sock
-        self._seq = itertools.count(1)
-        self._lock = asyncio.Lock()  # one request in flight: answers are matched in order
+    The kernel answers XFRM requests at once, except that the first SA with a new algorithm
+    may wait seconds on the kernel loading crypto modules (the answer timeout's 10 s); a
+    malformed request the kernel cannot even parse gets no answer at all."""
 
-    def close(self) -> None:
-        self._sock.close()
-
-    async def request(self, msg: nlmsg, msg_type: int, subject: str, *,
-                      flags: int = 0, dump: bool = False) -> list[nlmsg]:
-        """Send MSG as MSG_TYPE and collect the answer: [] for an ack, the entries of a
-        dump. Raises XfrmError with SUBJECT (what it was about, for the message)."""
-        operation = MESSAGE_NAMES.get(msg_type, hex(msg_type))
-        async with self._lock:
-            seq = next(self._seq)
-            msg["header"] = {"type": msg_type, "sequence_number": seq,
-                             "flags": NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK | flags)}
-            msg.encode()
-            try:
-                self._sock.send(msg.data)
-            except OSError as e:
-                raise XfrmError(operation, subject, e.errno or errno_.EIO) from None
-            finally:
-                msg.data[:] = bytes(len(msg.data))  # an SA request holds a key
-            try:
-                async with asyncio.timeout(ANSWER_TIMEOUT):
-                    return await self._collect(seq, operation, subject)
-            except TimeoutError:
-                raise XfrmError(operation, subject, errno_.ETIMEDOUT,
-                                f"no answer in {ANSWER_TIMEOUT:g} s") from None
-
-    async def _collect(self, seq: int, operation: str, subject: str) -> list[nlmsg]:
-        loop = asyncio.get_running_loop()
-        out: list[nlmsg] = []
-        while True:
-            data = await loop.sock_recv(self._sock, 1 << 16)
-            for offset, length, msg_type, flags, msg_seq in _headers(data):
-                if msg_seq != seq:
-                    continue  # a stale answer to an abandoned request
-                if msg_type == NLMSG_DONE:
-                    return out
-                if msg_type == NLMSG_ERROR:
-                    code, text = _error(data, offset, length, flags)
-                    if code == 0:
-                        return out
-                    raise XfrmError(operation, subject, -code, text)
-                cls = MESSAGE_CLASSES.get(msg_type)
-                if cls is not None:
-                    out.append(_decode(cls, data, offset))
-
-    async def notifications(self) -> AsyncIterator[nlmsg]:
-        """Decoded messages of the multicast groups this socket was opened with."""
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = await loop.sock_recv(self._sock, 1 << 16)
-            except OSError as e:
-                if e.errno == errno_.ENOBUFS:  # we fell behind; the kernel dropped some
-                    continue
-                raise
-            for offset, _, msg_type, _, _ in _headers(data):
-                cls = MESSAGE_CLASSES.get(msg_type)
-                if cls is not None:
-                    yield _decode(cls, data, offset)
-
-
-def _headers(data: bytes) -> list[tuple[int, int, int, int, int]]:
-    """(offset, length, type, flags, seq) of each netlink message in a datagram."""
-    out, offset = [], 0
-    while offset + _HEADER.size <= len(data):
-        length, msg_type, flags, seq, _ = _HEADER.unpack_from(data, offset)
-        if length < _HEADER.size or offset + length > len(data):
-            break
-        out.append((offset, length, msg_type, flags, seq))
-        offset += (length + 3) & ~3
-    return out
-
-
-def _error(data: bytes, offset: int, length: int, flags: int) -> tuple[int, str]:
-    """struct nlmsgerr { int error; struct nlmsghdr msg; } + extended-ack attributes (the
-    request itself is left out: NETLINK_CAP_ACK)."""
-    (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
-    text = ""
-    if flags & NLM_F_ACK_TLVS:
-        pos, end = offset + _HEADER.size + 4 + _HEADER.size, offset + length
-        while pos + 4 <= end:
-            nla_len, nla_type = struct.unpack_from("=HH", data, pos)
-            if nla_len < 4:
-                break
-            if nla_type == NLMSGERR_ATTR_MSG:
-                text = bytes(data[pos + 4:pos + nla_len]).split(b"\0")[0].decode(errors="replace")
-            pos += (nla_len + 3) & ~3
-    return code, text
-
-
-def _decode(cls: type[nlmsg], data: bytes, offset: int) -> Any:
-    msg = cls(data, offset=offset)
-    msg.decode()
-    return msg
+    protocol = s.NETLINK_XFRM
+    protocol_name = "NETLINK_XFRM"
+    message_classes = MESSAGE_CLASSES
+    message_names = MESSAGE_NAMES
+    error = XfrmError
+    unavailable = XfrmUnavailable

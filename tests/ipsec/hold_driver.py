@@ -1,9 +1,11 @@
 """Drive one `ResponderHold` from stdin, inside a gateway's namespace (tests/ipsec/test_hold.py).
 
-    ip netns exec GW python -m tests.ipsec.hold_driver LINK DEVICE MAX_TIME
+    ip netns exec GW python -m tests.ipsec.hold_driver LINK DEVICE MAX_TIME [MAX_PACKETS]
 
-Commands, one per line: `hold`, `release`, `close`. Each answers one JSON line with the time
-it completed ({"t": ..., "holding": ...}); the log goes to stderr.
+Commands, one per line: `hold`, `release`, `status`, `close`. Each answers one JSON line with
+the time it completed, whether it holds and how many packet notices the queue's socket has
+read ({"t": ..., "holding": ..., "seen": ...}); the log goes to stderr. MAX_PACKETS replaces
+the hold's queue length (to see it overflow).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import sys
 import time
 
+from ipsec.strongswan import hold as hold_module
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
 
 
@@ -39,4 +42,6 @@ async def main(link: str, device: str, max_time: float) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) > 4:
+        hold_module.MAX_PACKETS = int(sys.argv[4])
     asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))

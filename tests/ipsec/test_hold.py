@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from ipsec import nfqueue
+from ipsec import netlink, nfqueue
+from ipsec.strongswan.hold import chain_name
 
 REPO = Path(__file__).resolve().parents[2]
 RATE = 1000
@@ -83,16 +84,29 @@ class Topology:
         for ns in (self.lan, self.gw, self.far):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
-    def python(self, ns: str, *args: str, **kw: Any) -> subprocess.Popen[str]:
-        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, *args], cwd=REPO,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True, **kw)
+    def python(self, ns: str, *args: str, as_nobody: bool = False,
+               **kw: Any) -> subprocess.Popen[str]:
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+            if as_nobody else []
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *user, sys.executable, *args],
+                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                             **kw)
         self.procs.append(p)
         return p
 
-    def driver(self, device: str = "ipsec0", max_time: float = 5.0) -> Driver:
+    def driver(self, device: str = "ipsec0", max_time: float = 5.0,
+               max_packets: int | None = None, as_nobody: bool = False) -> Driver:
+        extra = [] if max_packets is None else [str(max_packets)]
         return Driver(self.python(self.gw, "-m", "tests.ipsec.hold_driver", "ab", device,
-                                  str(max_time), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  str(max_time), *extra, as_nobody=as_nobody,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=open(self.root / "driver.log", "a")))
+
+    def rule_packets(self) -> int:
+        """Packets the hold's NFQUEUE rule has seen, held or passed straight through."""
+        out = sh("ip", "netns", "exec", self.gw, "iptables", "-t", "mangle", "-L",
+                 chain_name("ab"), "-v", "-x", "-n")
+        return sum(int(line.split()[0]) for line in out.splitlines() if "NFQUEUE" in line)
 
     def iptables(self) -> str:
         return sh("ip", "netns", "exec", self.gw, "iptables", "-t", "mangle", "-S")
@@ -169,6 +183,8 @@ def test_held_packets_wait_then_all_leave_in_order(topo: Topology) -> None:
     released = driver.do("release")
     assert released["holding"] is False
     sent, received = flow.done()
+    after = driver.do("status")
+    through_rule = topo.rule_packets()
     driver.do("close")
 
     seqs = [seq for seq, _ in received]
@@ -184,6 +200,41 @@ def test_held_packets_wait_then_all_leave_in_order(topo: Topology) -> None:
     position = {seq: i for i, seq in enumerate(seqs)}
     assert [position[s] for s in in_hold] == sorted(position[s] for s in in_hold)
     assert "QKDGW-HOLD" not in topo.iptables(), "close left the chain behind"
+    # Every packet since the hold began met the rule; after the release they passed
+    # straight through in the kernel: the gateway heard of none of them.
+    after_release = [t for t in sent if t > released["t"]]
+    assert through_rule >= len(in_hold) + len(after_release)
+    assert len(after_release) >= 0.5 * RATE
+    assert after["seen"] == released["seen"]
+
+
+def test_a_hold_that_overflows_lets_the_rest_through_at_once(topo: Topology) -> None:
+    """Past MAX_PACKETS the queue fails open: later packets pass unheld, none is dropped."""
+    driver = topo.driver(max_packets=50)
+    flow = topo.flow(seconds=1.5)
+    time.sleep(0.5)
+    driver.do("hold")
+    time.sleep(0.4)
+    released = driver.do("release")
+    sent, received = flow.done()
+    driver.do("close")
+    assert sorted(seq for seq, _ in received) == list(range(len(sent)))
+    # The queue's length was held, plus what came during the release's few milliseconds
+    # (the first accept makes room before the length goes to 0).
+    assert 50 <= released["seen"] <= 55, released
+    arrivals = sorted(t for _, t in received)
+    longest = max(b - a for a, b in itertools.pairwise(arrivals))
+    assert longest < 0.1, f"traffic stopped for {longest:.3f} s: the overflow was held too"
+
+
+def test_without_the_right_to_hold_it_says_why_and_holds_nothing(topo: Topology) -> None:
+    driver = topo.driver(as_nobody=True)
+    assert driver.do("hold")["holding"] is False
+    driver.do("close")
+    log = (topo.root / "driver.log").read_text()
+    assert "cannot hold traffic during rotations" in log, log
+    assert "NFQUEUE" in log and "Operation not permitted" in log, log
+    assert "QKDGW-HOLD" not in topo.iptables()
 
 
 def test_a_hold_nobody_releases_ends_after_max_time(topo: Topology) -> None:
@@ -248,23 +299,37 @@ def test_a_gateway_killed_while_holding_leaves_traffic_flowing(topo: Topology) -
 
 
 def test_codec_round_trip() -> None:
-    bind = nfqueue.bind_request(7, 1, maxlen=100)
-    msg = nfqueue.nfqnl_config_msg(bind)
+    bind = nfqueue.bind_msg(7, maxlen=100)
+    bind["header"]["type"] = nfqueue.msg_type(nfqueue.NFQNL_MSG_CONFIG)
+    bind.encode()
+    msg = nfqueue.nfqnl_config_msg(bytes(bind.data))
     msg.decode()
     assert msg["header"]["type"] == (3 << 8) | 2  # NFNL_SUBSYS_QUEUE, NFQNL_MSG_CONFIG
     assert msg["res_id"] == 7
     assert msg.get_attr("NFQA_CFG_CMD")["command"] == nfqueue.NFQNL_CFG_CMD_BIND
     assert msg.get_attr("NFQA_CFG_PARAMS")["copy_mode"] == nfqueue.NFQNL_COPY_META
     assert msg.get_attr("NFQA_CFG_QUEUE_MAXLEN") == 100
-    verdict = nfqueue.nfqnl_packet_msg(nfqueue.accept_request(7, 2, 5))
-    verdict.decode()
-    assert verdict.get_attr("NFQA_VERDICT_HDR") == {"verdict": nfqueue.NF_ACCEPT, "id": 5}
-    # A packet notice and an error answer in one read.
-    pkt = nfqueue.nfqnl_packet_msg()
-    pkt["header"]["type"] = nfqueue.msg_type(nfqueue.NFQNL_MSG_PACKET)
-    pkt["attrs"] = [["NFQA_PACKET_HDR", {"packet_id": 42, "hw_protocol": 0x800, "hook": 4}]]
-    pkt.encode()
-    err = (36).to_bytes(4, "little") + (2).to_bytes(2, "little") + bytes(2) + \
-        (9).to_bytes(4, "little") + bytes(4) + (-2).to_bytes(4, "little", signed=True) + bytes(16)
-    packets, acks = nfqueue.parse(bytes(pkt.data) + err)
-    assert packets == [42] and acks == {9: 2}
+    assert msg.get_attr("NFQA_CFG_FLAGS") == nfqueue.NFQA_CFG_F_FAIL_OPEN
+    verdict = nfqueue.accept_msg(7, 2**32 + 5)  # ids are 32-bit serial numbers
+    verdict.encode()
+    back = nfqueue.nfqnl_packet_msg(bytes(verdict.data))
+    back.decode()
+    assert back.get_attr("NFQA_VERDICT_HDR") == {"verdict": nfqueue.NF_ACCEPT, "id": 5}
+    # Two packet notices in one read, as the socket decodes them: the newest id counts.
+    data = b""
+    for packet_id in (41, 42):
+        pkt = nfqueue.nfqnl_packet_msg()
+        pkt["header"]["type"] = nfqueue.msg_type(nfqueue.NFQNL_MSG_PACKET)
+        pkt["attrs"] = [["NFQA_PACKET_HDR", {"packet_id": packet_id, "hw_protocol": 0x800,
+                                             "hook": 4}]]
+        pkt.encode()
+        data += bytes(pkt.data)
+    sock = nfqueue.NfQueueSocket(7)
+    try:
+        for offset, _, msg_type, _, _ in netlink.headers(data):
+            notice = sock.message_classes[msg_type](data, offset=offset)
+            notice.decode()
+            sock.unsolicited(notice)
+    finally:
+        sock.close()
+    assert (sock.seen, sock.last_id) == (2, 42)
