@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import statistics
 import sys
 import tempfile
@@ -90,8 +89,7 @@ async def measure(w: sw.World, rotations: int, rate: int) -> dict[str, Any]:
         for t in flow["lost_at"]:
             kind, _ = min(starts, key=lambda s: abs(s[1] - t))
             lost[kind, direction] = lost.get((kind, direction), 0) + 1
-    holds = [(int(m[1]), float(m[2])) for m in re.finditer(
-        r"held (\d+) packet\(s\) for (\d+) ms", (w.root / "gw-b.log").read_text())]
+    holds = [(packets, ms) for packets, ms, _ in w.holds("b")]
     return {"ppk": [x for _, x in ppk], "child": [x for _, x in child], "lost": lost,
             "flows": flows, "holds": holds}
 

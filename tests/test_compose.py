@@ -175,3 +175,16 @@ def test_no_key_material_in_the_containers_logs(stack: dict[str, Any]) -> None:
 
     assert "rekeyed" in stack["logs"]
     assert not re.search(r"\b[0-9a-f]{64}\b", stack["logs"])
+
+
+def test_the_responder_gateway_holds_its_traffic_during_rotations(
+        stack: dict[str, Any]) -> None:
+    """Site B answers the IKE exchanges: its gateway holds its tunnel traffic while each
+    new IKE SA comes up (ipsec/strongswan/hold.py), in its container as on a host."""
+    import re
+
+    assert "cannot hold traffic" not in stack["logs"]
+    holds = re.findall(r"gw-b\S*\s*\|.*held (\d+) packet\(s\) for \d+ ms \(epoch \d+,"
+                       r" released: Commit\)", stack["logs"])
+    assert holds, "no hold in gw-b's log"
+    assert not re.search(r"gw-a\S*\s*\|.*held \d+ packet", stack["logs"])

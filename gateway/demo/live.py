@@ -39,6 +39,7 @@ from gateway.demo.sites import (
     Sites,
     until,
 )
+from ipsec.netlink import SO_RCVBUFFORCE
 
 Plane = Literal["auto", "xfrm", "strongswan"]
 FLOW_PORT = 5001
@@ -47,7 +48,6 @@ IN_FLIGHT = 0.5
 #: After the traffic stops, the last packets get this long to arrive before the count.
 DRAIN = 1.0
 ETH_P_ALL = 0x0003
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; the socket module does not name it (needs root)
 LANS = (IPv4Network(LAN_A), IPv4Network(LAN_B))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import time
 from typing import Any
@@ -82,3 +83,10 @@ class World(Sites, StrongswanSites):
                 if v is not None:
                     await v.close()
         return samples
+
+    def holds(self, site: str) -> list[tuple[int, int, str]]:
+        """(packets held, milliseconds, what released it) of each hold in the gateway's log
+        (ipsec/strongswan/hold.py)."""
+        return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(
+            r"held (\d+) packet\(s\) for (\d+) ms \([^,]*, released: ([^)]*)\)",
+            (self.root / f"gw-{site}.log").read_text())]

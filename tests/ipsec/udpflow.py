@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from ipsec.netlink import SO_RCVBUFFORCE
+
 HEADER = struct.Struct("!Id")  # sequence number, send time
 
 
@@ -57,8 +59,8 @@ def recv(port: int, out: Path) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     # Room for a burst (packets held during a rotation arrive together): a loss must be the
     # network's, never this socket's.
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
+    try:  # past the rmem_max limit when allowed (root)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
     except PermissionError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     sock.bind(("0.0.0.0", port))
