@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from cryptography import x509
+
 from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.config import SiteConfig
@@ -158,13 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     audit = _add(sub, "audit", _usage(None), "check the audit trail")
     asub = audit.add_subparsers(title="audit commands", metavar="CMD")
     audit.set_defaults(handler=_usage(audit))
-    p = _add(asub, "verify", _cmd_audit_verify, "verify the hash chain of an audit trail",
+    p = _add(asub, "verify", _cmd_audit_verify, "verify an audit trail (and its peer's)",
              "Check every record of FILE: its hash, its link to the record before, its\n"
-             "sequence number. Exit 0 if the chain is intact, 1 if not (each break is named).\n"
-             "--head compares the last record with a hash kept elsewhere, which also catches\n"
-             "records cut off the end.")
+             "sequence number. Exit 0 if the trail is intact, 1 if not (each break is named).\n"
+             "--cert checks the signed checkpoints with the site's gateway certificate (its\n"
+             "peer_channel.cert): rewriting signed history needs the site's key.\n"
+             "--peer checks FILE and the peer site's trail against each other: each holds the\n"
+             "other's head as of every completed epoch, so a trail cut short, rewritten or\n"
+             "replaced at one site is found from the other's. --head compares the last record\n"
+             "with a hash kept elsewhere. See docs/operations.md.")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--head", metavar="HASH", help="the expected hash of the last record")
+    p.add_argument("--cert", type=Path, metavar="CERT.pem",
+                   help="check checkpoint signatures with this site's gateway certificate")
+    p.add_argument("--peer", type=Path, metavar="PEER_FILE",
+                   help="the peer site's audit trail, to check both against each other")
+    p.add_argument("--peer-cert", type=Path, metavar="CERT.pem",
+                   help="check the peer trail's checkpoints with the peer's certificate")
 
     kms = _add(sub, "kms", _usage(None), "talk to this site's KME (ETSI GS QKD 014 client)",
                "Query this site's KME as the gateway would, to check a KME before\n"
@@ -337,17 +349,51 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from gateway.audit import verify
+def _certificate(path: Path | None) -> x509.Certificate | None:
+    if path is None:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{path}: not a PEM certificate") from None
 
-    if not args.file.exists():
-        raise ConfigError(f"{args.file}: no such file")
-    result = verify(args.file, args.head)
-    for problem in result.problems:
-        print(f"BROKEN: {problem}")
-    print(f"{args.file}: {result.records} records, head seq {result.head.seq}"
-          f" {result.head.hash}: {'OK' if result.ok else 'NOT INTACT'}")
-    return EXIT_OK if result.ok else EXIT_FAILED
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from gateway.audit import cross_verify, verify
+
+    for path in (args.file, args.peer):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+    if args.peer_cert is not None and args.peer is None:
+        raise ConfigError("--peer-cert needs --peer")
+    cross = args.peer is not None
+    results = [(args.file, verify(args.file, args.head, cert=_certificate(args.cert),
+                                  keep_hashes=cross), args.cert)]
+    if cross:
+        results.append((args.peer, verify(args.peer, cert=_certificate(args.peer_cert),
+                                          keep_hashes=True), args.peer_cert))
+    ok = True
+    for path, result, cert in results:
+        for problem in result.problems:
+            print(f"BROKEN: {f'{path}: ' if cross else ''}{problem}")
+        signed = (f", {result.checkpoints} signed checkpoints"
+                  + (" checked" if cert else " (not checked: no --cert)")
+                  + (f", {result.unsigned_tail} records after the last"
+                     if result.unsigned_tail else "")) if result.checkpoints else ""
+        print(f"{path}: {result.records} records, head seq {result.head.seq}"
+              f" {result.head.hash}{signed}: {'OK' if result.ok else 'NOT INTACT'}")
+        ok = ok and result.ok
+    if cross:
+        (a_path, a, _), (b_path, b, _) = results
+        problems = cross_verify(a, b, mine_name=str(a_path), peer_name=str(b_path))
+        for problem in problems:
+            print(f"BROKEN: {problem}")
+        checked = sum(1 for *_, site, _h in a.peer_heads if site == b.site) + \
+            sum(1 for *_, site, _h in b.peer_heads if site == a.site)
+        print(f"anchors: {checked} peer heads checked between site {a.site or '?'} and site"
+              f" {b.site or '?'}: {'OK' if not problems else 'MISMATCH'}")
+        ok = ok and not problems
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def _peer_sae(args: argparse.Namespace) -> tuple[SiteConfig, str]:

@@ -6,33 +6,49 @@ that feeds its core events and carries out the actions it returns, in order. Sin
 awaited in order (an inbound key is installed before the Accept or Commit that announces it
 is sent); KMS fetches and sends run concurrently and come back as events.
 
-A graceful stop (SIGTERM, Ctrl-C) leaves every data plane on its current key and keeps the
-state files; the next start resumes from them.
+A graceful stop (SIGTERM, Ctrl-C) leaves each data plane as its sink's stop behaviour says
+and keeps the state files; the next start resumes from them.
+
+Failing closed does not rest on the happy path:
+- each link runs under a supervisor: an exception nobody foresaw blocks the link's traffic,
+  raises the `link-failed` alarm, writes an audit record and restarts the link from its saved
+  state, with backoff; a task a link spawned (a send, a KMS fetch) that fails unexpectedly
+  fails its link the same way;
+- a watchdog blocks a link whose key is past its hard lifetime when the link's own task has
+  not (it is stuck, say in a sink), and restarts it; `run()` adds a thread that ends the
+  process if the event loop itself stops turning, leaving the data planes to their own
+  lifetimes and the service manager to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
-import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditError, AuditLog, Head, Signer
 from gateway.config import LinkConfig, SiteConfig
 from gateway.core.events import (
+    AckReceived,
     Action,
     ActivateOutbound,
+    Alarm,
     Block,
     ClearAlarm,
+    CommitReceived,
     Event,
     FetchQkdKeys,
     FetchQkdKeysById,
@@ -55,18 +71,20 @@ from gateway.core.events import (
     received,
 )
 from gateway.core.machine import (
+    CoreError,
     IllegalEvent,
     LinkIdentity,
     LinkMachine,
     PeerMessageRejected,
 )
-from gateway.core.messages import Message
+from gateway.core.messages import Ack, AuditHead, Commit, Message
+from gateway.core.snapshot import Snapshot
 from gateway.files import write_private
 from gateway.metrics import Metrics
 from gateway.peer import PeerClient, PeerServer, certificate_sha256
 from gateway.sink import Sink, SinkContext, SinkError
 from kms.configfile import ConfigError
-from kms.errors import KmsError
+from kms.errors import KmsError, quote_remote
 
 log = logging.getLogger("gateway")
 
@@ -78,11 +96,39 @@ SINK_TIMEOUT = 30.0
 #: that is safe: a stale state file resynchronises like a lost one (stale-epoch abort).
 STATE_FLUSH_INTERVAL = 1.0
 
+#: A failed link is restarted after this, doubling up to RESTART_BACKOFF_MAX while it keeps
+#: failing: a bug that fires at once must not spin, one that fires rarely must not linger.
+RESTART_BACKOFF = 1.0
+RESTART_BACKOFF_MAX = 60.0
+#: The watchdog looks at every link this often ...
+WATCHDOG_PERIOD = 0.5
+#: ... and acts when a key is this far past its hard lifetime without the link's own task
+#: having blocked it (the task does so at the deadline, within milliseconds, when healthy).
+WATCHDOG_SLACK = 1.0
+#: An event loop that has not run the watchdog for this long is stuck (a handler spinning,
+#: a blocking call): `run()` ends the process, so the data planes' own lifetimes take over
+#: and the service manager restarts it. Far above any pause a healthy daemon makes.
+LOOP_STALL_LIMIT = 10.0
+#: Exit status after a stalled event loop (EX_SOFTWARE).
+EXIT_STALLED = 70
+
 #: Record kinds that go to the audit trail (key handling); all are logged.
 AUDITED = {"fetched", "offered", "derived", "installed", "activated", "rekeyed", "retired",
            "discarded", "rejected", "unconfirmed"}
 #: ... and those logged at INFO (the rest at DEBUG: one line per epoch is enough for people).
 LOGGED = {"rekeyed", "discarded", "rejected", "unconfirmed", "rekey-deferred"}
+
+
+class LinkFailure(Exception):
+    """A link's task cannot go on; the supervisor blocks the link and restarts it."""
+
+
+@dataclass(frozen=True)
+class _TaskFailed(Event):
+    """A task the link spawned ended with an exception nobody foresaw."""
+
+    what: str
+    error: BaseException
 
 
 @dataclass
@@ -97,17 +143,28 @@ class LinkRunner:
     last_latency: float | None = None
     last_rekey: dict[str, Any] = field(default_factory=dict)
     kms_status: dict[str, Any] = field(default_factory=dict)
+    #: When the key the sinks send on reaches its hard lifetime; None while blocked. The
+    #: watchdog holds the link to it even when this task is stuck.
+    active_until: float | None = None
+    #: The task running `run()`; the watchdog cancels it when the link is stuck.
+    task: asyncio.Task[None] | None = None
+    stuck: str = ""  # why the watchdog cancelled the task
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    async def run(self) -> None:
-        await self.execute(self.machine.start(time.time()))
+    async def run(self, *, plane_blocked: bool = False) -> None:
+        m = self.machine
+        if m.outbound is not None and not plane_blocked:  # adopted after a restart
+            self.active_until = m.outbound.activated_at + m.policy.hard_lifetime
+        await self.execute(m.start(time.time(), plane_blocked=plane_blocked))
         while not self.daemon.stopping:
             event = await self._next_event()
+            if isinstance(event, _TaskFailed):
+                raise LinkFailure(f"{event.what} failed") from event.error
             try:
-                actions = self.machine.handle(event, time.time())
+                actions = m.handle(event, time.time())
             except PeerMessageRejected as e:
                 self.daemon.rejected(self.name, e.reason, str(e))
                 continue
@@ -115,6 +172,9 @@ class LinkRunner:
                 log.error("link %s: %s (ignored)", self.name, e)
                 continue
             await self.execute(actions)
+            if isinstance(event, CommitReceived | AckReceived) and any(
+                    isinstance(a, Record) and a.kind == "rekeyed" for a in actions):
+                self.daemon.peer_head(self, event.message)
 
     async def _next_event(self) -> Event:
         """The next queued event (events first: they may change what is due), else a Tick
@@ -133,22 +193,36 @@ class LinkRunner:
         except TimeoutError:
             return Tick()
 
-    def spawn(self, coroutine: Any) -> None:
-        task = asyncio.create_task(coroutine)
+    def spawn(self, what: str, coroutine: Any) -> None:
+        """Run COROUTINE beside the link; if it fails unexpectedly, the link fails."""
+        task = asyncio.create_task(coroutine, name=f"link-{self.name}-{what}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self.tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.queue.put_nowait(_TaskFailed(what, t.exception()))  # type: ignore[arg-type]
+
+        task.add_done_callback(done)
+
+    def cancel_tasks(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
 
     async def execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Send):
-                self.spawn(self.peer.send(a.message))
+                self.spawn("send", self.peer.send(self.daemon.stamp(a.message)))
             elif isinstance(a, FetchQkdKeys):
-                self.spawn(self._fetch(a))
+                self.spawn("enc_keys", self._fetch(a))
             elif isinstance(a, FetchQkdKeysById):
-                self.spawn(self._fetch_by_id(a))
+                self.spawn("dec_keys", self._fetch_by_id(a))
             elif isinstance(a, InstallInbound):
                 await self._install(a)
             elif isinstance(a, ActivateOutbound):
+                o = self.machine.outbound
+                self.active_until = (o.activated_at if o else time.time()) + \
+                    self.machine.policy.hard_lifetime
                 await self._each_sink("activate", lambda s, m=a.material: s.activate_outbound(m))
             elif isinstance(a, RetireInbound):
                 await self._each_sink("retire inbound", lambda s, r=a.ref: s.retire_inbound(r))
@@ -157,6 +231,7 @@ class LinkRunner:
                                       lambda s, r=a.ref: s.retire_outbound(r))
             elif isinstance(a, Block):
                 log.warning("link %s: traffic blocked: %s", self.name, a.reason)
+                self.active_until = None
                 await self._each_sink("block", lambda s, why=a.reason: s.block(self.name, why))
             elif isinstance(a, RaiseAlarm | ClearAlarm):
                 self.daemon.alarm(self.name, a)
@@ -219,7 +294,9 @@ class LinkRunner:
             "last_rekey": self.last_rekey,
             "next_rekey_in": None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
-            "alarms": {k.value: v for k, v in m.alarms.items()},
+            "alarms": {**{k.value: v for k, v in m.alarms.items()},
+                       **({Alarm.LINK_FAILED.value: self.daemon.failed[self.name]}
+                          if self.name in self.daemon.failed else {})},
             "kms": {"ok": m.kms.ok, "reason": m.kms.reason, **self.kms_status},
         }
 
@@ -235,9 +312,13 @@ class Daemon:
         self._servers: list[web.AppRunner] = []
         self._peer_server: PeerServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._identities: dict[str, LinkIdentity] = {}
+        self._blocking: set[asyncio.Task[None]] = set()  # the watchdog's blocks in progress
         self.audit: AuditLog | None = None
         self.started = time.time()
         self.dirty: set[str] = set()  # links whose state changed since the last flush
+        self.failed: dict[str, str] = {}  # link -> why, while its link-failed alarm is raised
+        self.heartbeat = time.monotonic()  # the watchdog's last round (for the stall thread)
         self.stopping = False
         self.stop_requested = asyncio.Event()  # `qkdgw stop`, SIGTERM, SIGINT
 
@@ -248,15 +329,24 @@ class Daemon:
         c.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (c.state_dir / "links").mkdir(exist_ok=True, mode=0o700)
         self._lock()
-        self.audit = AuditLog(c.audit_path, c.site)
+        try:
+            signer = Signer.from_files(c.peer_channel.cert, c.peer_channel.key)
+        except (OSError, ValueError, AuditError) as e:
+            raise ConfigError(f"peer_channel: cannot sign audit checkpoints with"
+                              f" {c.peer_channel.key}: {e}") from None
+        self.audit = AuditLog(c.audit_path, c.site, signer)
         gateway, cert_sha256 = certificate_sha256(c.peer_channel.cert)
         for link in c.links:
             identity = LinkIdentity(
                 link=link.name, role=Role(link.role), gateway=gateway, cert_sha256=cert_sha256,
                 sae_id=c.kms.sae_id, peer_gateway=link.peer.name, peer_sae_id=link.peer.sae_id,
                 kem=link.kem)
-            machine = LinkMachine(identity, c.link_policy(link), now=time.time(),
-                                  snapshot=self._load_snapshot(link.name))
+            self._identities[link.name] = identity
+            try:
+                machine = self._machine(link, self._load_snapshot(link.name))
+            except CoreError as e:
+                raise ConfigError(f"{self._state_path(link.name)}: {e}; move it away to start"
+                                  " this link afresh (the peer resynchronises)") from None
             context = SinkContext(link.name, machine.policy, self, c.peer_channel.listen,
                                   link.peer.address)
             sinks: list[Sink] = [s.build(context) for s in link.sinks]
@@ -274,12 +364,20 @@ class Daemon:
         if c.metrics is not None:
             await self._serve_metrics()
         self._write_audit("started", detail=f"{len(self.runners)} link(s)")
+        self._checkpoint()
         await self._poll_kms_once()  # know the KMS before the first exchange
-        self._tasks.append(asyncio.create_task(self._poll_kms()))
-        self._tasks.append(asyncio.create_task(self._flush_state_periodically()))
+        self._tasks.append(asyncio.create_task(self._poll_kms(), name="kms-status"))
+        self._tasks.append(asyncio.create_task(self._flush_state_periodically(),
+                                               name="state-flush"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         for runner in self.runners.values():
-            self._tasks.append(asyncio.create_task(runner.run(), name=f"link-{runner.name}"))
+            self._tasks.append(asyncio.create_task(self._supervise(runner.name),
+                                                   name=f"link-{runner.name}"))
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
+
+    def _machine(self, link: LinkConfig, snapshot: Snapshot | None) -> LinkMachine:
+        return LinkMachine(self._identities[link.name], self.config.link_policy(link),
+                           now=time.time(), snapshot=snapshot)
 
     async def stop(self) -> None:
         """Stop; each sink leaves its data plane as its stop behaviour says (a key file
@@ -288,21 +386,24 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         for runner in self.runners.values():
-            for task in list(runner.tasks):
-                task.cancel()
+            runner.cancel_tasks()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_state()
         for runner in self.runners.values():
             await runner.peer.close()
             for sink in runner.sinks:
-                with contextlib.suppress(Exception):
+                try:
                     await sink.close()
+                except Exception as e:  # one sink's failure must not keep the others open
+                    log.error("link %s: closing %s failed: %s", runner.name, sink.name,
+                              _describe(e))
         if self._peer_server is not None:
             await self._peer_server.stop()
         for server in self._servers:
             await server.cleanup()
         await self.kme.close()
         self._write_audit("stopped")
+        self._checkpoint()
         if self.audit is not None:
             self.audit.close()
         with contextlib.suppress(FileNotFoundError):
@@ -320,18 +421,117 @@ class Daemon:
                               " directory") from None
         self._lock_fd = fd
 
-    def _load_snapshot(self, link: str) -> dict[str, Any] | None:
-        path = self.config.state_dir / "links" / f"{link}.json"
-        if not path.exists():
-            return None
+    def _state_path(self, link: str) -> Path:
+        return self.config.state_dir / "links" / f"{link}.json"
+
+    def _load_snapshot(self, link: str) -> Snapshot | None:
+        path = self._state_path(link)
         try:
-            snapshot = json.loads(path.read_text())
-            if not isinstance(snapshot, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable link state ({e}); move it away to start"
-                              " this link afresh (the peer resynchronises)") from None
-        return snapshot
+            return Snapshot.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as e:
+            raise CoreError(f"unreadable link state ({_invalid(e)})") from None
+
+    # -- supervision --------------------------------------------------------------------------
+
+    async def _supervise(self, name: str) -> None:
+        """Run the link; when it fails, block it, say so, and run it again from its saved
+        state (with backoff while it keeps failing)."""
+        backoff = RESTART_BACKOFF
+        plane_blocked = False
+        while True:
+            runner = self.runners[name]
+            runner.task = asyncio.create_task(runner.run(plane_blocked=plane_blocked),
+                                              name=f"link-{name}-run")
+            began = time.monotonic()
+            try:
+                await runner.task
+                return  # the daemon stops
+            except asyncio.CancelledError:
+                if not runner.stuck or (task := asyncio.current_task()) is None \
+                        or task.cancelling():
+                    raise  # the daemon stops
+                why = runner.stuck
+            except Exception as e:
+                log.error("link %s: unexpected failure", name, exc_info=True)
+                why = _describe(e)
+            if self.stopping:
+                return
+            if time.monotonic() - began > RESTART_BACKOFF_MAX:
+                backoff = RESTART_BACKOFF  # it ran well for a while: a new failure
+            await self._link_failed(runner, why, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+            self.runners[name] = self._restarted(runner)
+            plane_blocked = True
+
+    async def _link_failed(self, runner: LinkRunner, why: str, restart_in: float) -> None:
+        """Fail closed: the link's traffic blocked, its in-flight work dropped, the alarm
+        raised, the audit trail told. The state in memory is not saved (it may be half
+        changed); the restart takes the last saved state, which the protocol absorbs."""
+        name = runner.name
+        runner.cancel_tasks()
+        self.dirty.discard(name)
+        detail = f"{why}; traffic blocked, restarting in {restart_in:g} s"
+        self.failed[name] = detail
+        log.error("link %s: ALARM %s: %s", name, Alarm.LINK_FAILED.value, detail,
+                  extra={"link": name, "alarm": Alarm.LINK_FAILED.value})
+        self.metrics.alarm.labels(name, Alarm.LINK_FAILED.value).set(1)
+        self.metrics.failures.labels(name, "link-failed").inc()
+        self._write_audit("link-failed", link=name, epoch=runner.machine.current_epoch,
+                          detail=detail)
+        await self._block(runner, f"link failed: {why}")
+
+    async def _block(self, runner: LinkRunner, reason: str) -> None:
+        """Block every sink of the link, whatever state its task is in."""
+        runner.active_until = None
+        for sink in runner.sinks:
+            try:
+                async with asyncio.timeout(SINK_TIMEOUT):
+                    await sink.block(runner.name, reason)
+            except Exception as e:
+                log.error("link %s: blocking %s failed: %s", runner.name, sink.name,
+                          _describe(e))
+                self.metrics.failures.labels(runner.name, "sink").inc()
+
+    def _restarted(self, old: LinkRunner) -> LinkRunner:
+        """A new runner for the link, from its saved state (afresh if that is unreadable:
+        the peer resynchronises), with the same sinks and peer channel."""
+        try:
+            snapshot = self._load_snapshot(old.name)
+        except CoreError as e:
+            path = self._state_path(old.name)
+            aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log.error("link %s: %s: %s; moved to %s, starting afresh", old.name, path, e, aside)
+            self._write_audit("state-discarded", link=old.name, detail=f"{e}")
+            snapshot = None
+        machine = self._machine(old.config, snapshot)
+        return LinkRunner(self, old.config, machine, old.sinks, old.peer)
+
+    async def _watchdog(self) -> None:
+        """Hold every link to its hard lifetime, whatever its task is doing."""
+        while True:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            self.heartbeat = time.monotonic()
+            now = time.time()
+            for runner in list(self.runners.values()):
+                due = runner.active_until
+                if due is None or now < due + WATCHDOG_SLACK:
+                    continue
+                why = f"its key passed its hard lifetime {now - due:.1f} s ago and the link" \
+                      " did not block it"
+                log.error("link %s: watchdog: %s", runner.name, why)
+                runner.stuck = f"watchdog: {why}"
+                runner.active_until = None
+                # Not awaited here: a sink that hangs must not hold up the other links.
+                blocking = asyncio.create_task(self._block(runner, "hard lifetime (watchdog)"))
+                self._blocking.add(blocking)
+                blocking.add_done_callback(self._blocking.discard)
+                if runner.task is not None:
+                    runner.task.cancel()
 
     # -- events in --------------------------------------------------------------------------
 
@@ -355,43 +555,72 @@ class Daemon:
             await self._poll_kms_once()
 
     async def _poll_kms_once(self) -> None:
-        by_peer: dict[str, list[LinkRunner]] = {}
+        by_peer: dict[str, list[str]] = {}
         for runner in self.runners.values():
-            by_peer.setdefault(runner.config.peer.sae_id, []).append(runner)
-        for peer_sae, runners in by_peer.items():
+            by_peer.setdefault(runner.config.peer.sae_id, []).append(runner.name)
+        for peer_sae, names in by_peer.items():
             try:
-                st = await self.kme.status(peer_sae)
-            except KmsError as e:
-                for r in runners:
-                    self.metrics.kms_up.labels(r.name).set(0)
-                    r.kms_status = {"error": str(e)}
-                    await r.queue.put(KmsUnreachable(str(e)))
-                continue
-            ext = st.status_extension or {}
-            qber, rate, up = ext.get("qber"), ext.get("key_rate"), ext.get("link_up")
-            event = KmsStatusObserved(
-                stored_key_count=st.stored_key_count, key_size=st.key_size,
-                kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID,
-                qber=float(qber) if isinstance(qber, int | float) else None,
-                key_rate=float(rate) if isinstance(rate, int | float) else None,
-                link_up=up if isinstance(up, bool) else None)
+                await self._poll_status(peer_sae, names)
+            except Exception as e:  # never foreseen: no QKD for these links, and say why
+                log.error("KMS status for %s: unexpected failure", peer_sae, exc_info=True)
+                for name in names:
+                    await self.runners[name].queue.put(KmsUnreachable(
+                        f"status poll failed: {_describe(e)}"))
+
+    async def _poll_status(self, peer_sae: str, names: list[str]) -> None:
+        runners = [self.runners[n] for n in names]
+        try:
+            st = await self.kme.status(peer_sae)
+        except KmsError as e:
             for r in runners:
-                m = self.metrics
-                m.kms_up.labels(r.name).set(1)
-                m.kms_stored.labels(r.name).set(st.stored_key_count)
-                if event.qber is not None:
-                    m.kms_qber.labels(r.name).set(event.qber)
-                if event.key_rate is not None:
-                    m.kms_key_rate.labels(r.name).set(event.key_rate)
-                r.kms_status = {"stored_key_count": st.stored_key_count, "qber": event.qber,
-                                "key_rate": event.key_rate, "link_up": event.link_up,
-                                "kme": st.source_KME_ID}
-                await r.queue.put(event)
+                self.metrics.kms_up.labels(r.name).set(0)
+                r.kms_status = {"error": str(e)}
+                await r.queue.put(KmsUnreachable(str(e)))
+            return
+        ext = st.status_extension or {}
+        qber, rate, up = ext.get("qber"), ext.get("key_rate"), ext.get("link_up")
+        event = KmsStatusObserved(
+            stored_key_count=st.stored_key_count, key_size=st.key_size,
+            kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID,
+            qber=float(qber) if isinstance(qber, int | float) else None,
+            key_rate=float(rate) if isinstance(rate, int | float) else None,
+            link_up=up if isinstance(up, bool) else None)
+        for r in runners:
+            m = self.metrics
+            m.kms_up.labels(r.name).set(1)
+            m.kms_stored.labels(r.name).set(st.stored_key_count)
+            if event.qber is not None:
+                m.kms_qber.labels(r.name).set(event.qber)
+            if event.key_rate is not None:
+                m.kms_key_rate.labels(r.name).set(event.key_rate)
+            r.kms_status = {"stored_key_count": st.stored_key_count, "qber": event.qber,
+                            "key_rate": event.key_rate, "link_up": event.link_up,
+                            "kme": st.source_KME_ID}
+            await r.queue.put(event)
 
     # -- effects out ------------------------------------------------------------------------
 
+    def stamp(self, message: Message) -> Message:
+        """Commit and Ack carry this site's audit head: the peer records it in its trail."""
+        if isinstance(message, Commit | Ack) and self.audit is not None:
+            head = self.audit.head
+            return message.model_copy(update={"audit": AuditHead(
+                site=self.config.site, seq=head.seq, hash=head.hash)})
+        return message
+
+    def peer_head(self, runner: LinkRunner, message: Message) -> None:
+        """Record the peer's audit head from the Commit or Ack that completed an epoch."""
+        head = message.audit if isinstance(message, Commit | Ack) else None
+        if head is not None:
+            self._write_audit("peer-head", link=runner.name, epoch=message.epoch,
+                              peer=Head(head.seq, head.hash), peer_site=head.site)
+
     def record(self, runner: LinkRunner, r: Record) -> None:
         link = runner.name
+        if r.kind == "activated" and link in self.failed:
+            del self.failed[link]
+            log.info("link %s: alarm %s cleared", link, Alarm.LINK_FAILED.value)
+            self.metrics.alarm.labels(link, Alarm.LINK_FAILED.value).set(0)
         ids = ",".join(r.key_ids) or "-"
         latency = f" in {r.latency * 1e3:.1f} ms" if r.latency is not None else ""
         log.log(logging.INFO if r.kind in LOGGED else logging.DEBUG,
@@ -423,9 +652,24 @@ class Daemon:
     def _write_audit(self, event: str, **fields: Any) -> None:
         if self.audit is None:
             return
+        checkpoints = self.audit.checkpoints
         head = self.audit.append(event, **fields)
         self.metrics.audit_records.set(head.seq)
-        log.debug("audit head %d %s", head.seq, head.hash)
+        if self.audit.checkpoints != checkpoints:
+            self._log_head()
+
+    def _checkpoint(self) -> None:
+        if self.audit is not None:
+            self.metrics.audit_records.set(self.audit.checkpoint().seq)
+            self._log_head()
+
+    def _log_head(self) -> None:
+        """The head of every signed checkpoint goes to the log: shipped off the host, it
+        pins the trail (`qkdgw audit verify --head`)."""
+        assert self.audit is not None
+        head = self.audit.head
+        log.info("audit checkpoint: seq %d head %s", head.seq, head.hash,
+                 extra={"audit_seq": head.seq, "audit_head": head.hash})
 
     def alarm(self, link: str, a: RaiseAlarm | ClearAlarm) -> None:
         if isinstance(a, RaiseAlarm):
@@ -437,16 +681,17 @@ class Daemon:
             self.metrics.alarm.labels(link, a.alarm.value).set(0)
 
     def rejected(self, link: str, reason: str, detail: str) -> None:
-        log.warning("link %s: peer message rejected: %s", link, detail,
+        """A peer message or channel refused. LINK is one of ours or "" (the peer named an
+        unknown one: the detail says which, escaped; the metric label stays bounded)."""
+        log.warning("link %s: peer message rejected: %s", link or "-", quote_remote(detail),
                     extra={"link": link, "reason": reason})
-        self.metrics.rejected.labels(link, reason).inc()
+        self.metrics.rejected.labels(link or "-", reason).inc()
 
     def _flush_state(self) -> None:
         dirty, self.dirty = self.dirty, set()
         for link in dirty:
             snapshot = self.runners[link].machine.snapshot()
-            path = self.config.state_dir / "links" / f"{link}.json"
-            write_private(path, json.dumps(snapshot, separators=(",", ":")).encode())
+            write_private(self._state_path(link), snapshot.model_dump_json().encode())
 
     async def _flush_state_periodically(self) -> None:
         while True:
@@ -559,6 +804,45 @@ def _cause(detail: str) -> str:
     return "other"
 
 
+def _describe(e: BaseException) -> str:
+    """An exception in one escaped line: its type and message (and its cause's)."""
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if e.__cause__ is not None:
+        text += f" ({_describe(e.__cause__)})"
+    return quote_remote(text)
+
+
+def _invalid(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        first = e.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "file"
+        return quote_remote(f"{where}: {first['msg']}")
+    return quote_remote(str(getattr(e, "strerror", None) or e))
+
+
+class LoopWatchdog(threading.Thread):
+    """Ends the process when the event loop has not turned for LIMIT seconds: a handler
+    that spins or blocks would otherwise hold every link, past any hard lifetime. The
+    stacks of all threads go to stderr first, to show where it was stuck."""
+
+    def __init__(self, beat: Any, limit: float = LOOP_STALL_LIMIT) -> None:
+        super().__init__(name="loop-watchdog", daemon=True)
+        self._beat, self._limit = beat, limit
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(min(1.0, self._limit / 4)):
+            stalled = time.monotonic() - self._beat()
+            if stalled > self._limit:
+                log.critical("event loop stalled for %.1f s: exiting so the data planes'"
+                             " own lifetimes take over", stalled)
+                faulthandler.dump_traceback(all_threads=True)
+                os._exit(EXIT_STALLED)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 async def run(config: SiteConfig) -> None:
     """Run until `qkdgw stop`, SIGTERM or SIGINT."""
     daemon = Daemon(config)
@@ -571,8 +855,11 @@ async def run(config: SiteConfig) -> None:
     except BaseException:
         await daemon.stop()
         raise
+    watchdog = LoopWatchdog(lambda: daemon.heartbeat)
+    watchdog.start()
     try:
         await stop.wait()
     finally:
+        watchdog.stop()
         await daemon.stop()
 

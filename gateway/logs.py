@@ -1,6 +1,8 @@
 """Log setup: text for people, JSON lines for collectors.
 
-Nothing in this project logs key bytes; records carry key IDs and fingerprints only.
+Nothing in this project logs key bytes; records carry key IDs and fingerprints only. A log
+line is one line: text a peer or a KME controls may reach a message, so the text format
+escapes every control character in it (a peer cannot forge a line); JSON escapes them anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +16,26 @@ from typing import Literal
 LogFormat = Literal["text", "json"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """TEXT with control characters (C0, DEL, C1, line and paragraph separators) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch, f"\\x{ord(ch):02x}"
+                                                            if ord(ch) < 0x100
+                                                            else f"\\u{ord(ch):04x}")
+                   for ch in text)
+
+
+class TextFormatter(logging.Formatter):
+    """`asctime level logger: message`, the message on one line; a traceback follows."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).replace(record.message, one_line(record.message))
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,7 +58,7 @@ def setup(level: int = logging.INFO, fmt: LogFormat = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

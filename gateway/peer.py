@@ -24,6 +24,7 @@ from aiohttp import web
 
 from gateway.config import PeerChannelConfig, PeerConfig
 from gateway.core.messages import MAX_MESSAGE_BYTES, Message, MessageError, decode, encode
+from kms.errors import quote_remote
 from kms.tlsctx import client_context, peer_common_name, server_context
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ class PeerServer:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         who = peer_common_name(ssl_object.getpeercert() if ssl_object else None)
         if link not in self.peers:
-            self._reject(link, "unknown-link", f"channel for unknown link {link!r} from {who}")
-            return web.json_response({"error": f"no link {link!r}"}, status=404)
+            self._reject("", "unknown-link", f"channel for unknown link"
+                         f" {quote_remote(link)!r} from {who}")
+            return web.json_response({"error": "no such link"}, status=404)
         if who != self.peers[link]:
             self._reject(link, "wrong-peer", f"certificate {who!r} is not the pinned peer"
                          f" {self.peers[link]!r}")
@@ -98,7 +100,9 @@ class PeerServer:
             # The peer went away during the handshake (it restarts, or gave up): it will
             # connect again; nothing to answer and nothing to log as an error.
             log.info("link %s: %s closed the channel during the handshake", link, who)
-            return ws
+            # Not the half-prepared WebSocket: aiohttp would finish it ("Call .prepare()
+            # first"); a plain answer to the gone peer ends quietly.
+            return web.Response(status=400)
         async for frame in ws:
             if frame.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                 continue
@@ -162,7 +166,7 @@ class PeerClient:
         async for frame in ws:
             if frame.type is aiohttp.WSMsgType.TEXT:
                 log.warning("link %s: peer %s refused a message: %s", self.link,
-                            self.peer.name, frame.data[:300])
+                            self.peer.name, quote_remote(frame.data))
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None

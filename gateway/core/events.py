@@ -27,6 +27,9 @@ class Alarm(StrEnum):
     PEER_UNREACHABLE = "peer-unreachable"  # exchanges with the peer keep failing
     EXCHANGE_FAILED = "exchange-failed"  # the peer refused or failed an exchange
     SINK_FAILED = "sink-failed"  # a sink could not install a key
+    #: The link's task failed unexpectedly (raised by the daemon, not the core): traffic
+    #: blocked and the link restarted from its saved state.
+    LINK_FAILED = "link-failed"
 
 
 # -- the key material sinks receive --------------------------------------------------------

@@ -21,6 +21,7 @@ Make-before-break, as invariants the property tests check:
 
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -63,6 +64,7 @@ from gateway.core.events import (
     Tick,
 )
 from gateway.core.messages import (
+    MAX_EPOCH,
     Abort,
     AbortReason,
     Accept,
@@ -73,6 +75,7 @@ from gateway.core.messages import (
     RekeyRequest,
 )
 from gateway.core.policy import Mode, Policy
+from gateway.core.snapshot import USED_KEY_IDS_PERSISTED, OutboundRef, PendingRef, Snapshot
 from kdf import (
     InvalidKeyError,
     Kem,
@@ -89,13 +92,10 @@ from kms.models import QkdKey
 #: Key IDs remembered to refuse their reuse. A QKD key is used once; this many covers days of
 #: rekeys at a one-minute cadence, and the KME refuses reuse as well.
 USED_KEY_IDS_REMEMBERED = 4096
-#: ... of which a snapshot keeps the most recent (the KME refuses older ones anyway).
-USED_KEY_IDS_PERSISTED = 64
 #: Consecutive failed exchanges before the peer-unreachable alarm.
 FAILURES_BEFORE_ALARM = 3
 #: How far back the QKD supply is estimated from the pool's trend, seconds.
 SUPPLY_WINDOW = 300.0
-SNAPSHOT_VERSION = 1
 
 
 class State(StrEnum):
@@ -249,7 +249,10 @@ TRANSITIONS: tuple[Transition, ...] = (
        ((S.OFFERED, S.IDLE), (S.OFFERED, S.FETCHING), (S.FETCHING, S.IDLE),
         (S.INSTALLING, S.IDLE), (S.ACCEPTED, S.IDLE))),
     _t(None, RekeyRequestReceived, "_rekey_requested", (), "I: start an exchange if none is"
-       " in progress", ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED))),
+       " in progress; after the responder restarted, resend the Offer at once, or start"
+       " over if only its Ack was missing",
+       ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED), (S.COMMITTED, S.FETCHING),
+        (S.COMMITTED, S.OFFERED))),
     _t(None, KmsStatusObserved, "_kms_status", (), "track KMS health and key supply"),
     _t(None, KmsUnreachable, "_kms_unreachable", (), "the KMS cannot be reached"),
     _t(None, Tick, "_tick", (), "timers: a scheduled rekey starts (I); an exchange past"
@@ -268,7 +271,7 @@ class LinkMachine:
         policy: Policy,
         *,
         now: float,
-        snapshot: dict[str, Any] | None = None,
+        snapshot: Snapshot | None = None,
         rng: Callable[[int], bytes] = os.urandom,
         kem: Kem | None = None,
     ) -> None:
@@ -313,9 +316,15 @@ class LinkMachine:
     def role(self) -> Role:
         return self.identity.role
 
-    def start(self, now: float) -> list[Action]:
-        """First actions: block until a key exists, and get an epoch going."""
+    def start(self, now: float, *, plane_blocked: bool = False) -> list[Action]:
+        """First actions: block until a key exists, and get an epoch going.
+
+        PLANE_BLOCKED: the driver has blocked the data plane (a link restarted after a
+        failure): the snapshot's outbound key is no longer in use and is retired."""
         out: list[Action] = []
+        if plane_blocked and self.outbound is not None:
+            o, self.outbound, self.blocked = self.outbound, None, True
+            out.append(RetireOutbound(o.ref))
         if self.outbound is None:
             out.append(Block("no key yet"))
         if self.role is Role.INITIATOR:
@@ -348,22 +357,18 @@ class LinkMachine:
     def current_epoch(self) -> int:
         return self.outbound.ref.epoch if self.outbound else 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         """State that survives a restart. No key material: keys are never stored."""
         o = self.outbound
-        return {
-            "version": SNAPSHOT_VERSION,
-            "link": self.identity.link,
-            "role": self.role.value,
-            "max_epoch": self.max_epoch,
-            "peer_out": self.peer_out,
-            "outbound": None if o is None else {
-                "epoch": o.ref.epoch, "spi_in": o.ref.spi_in, "spi_out": o.ref.spi_out,
-                "suite": o.suite, "activated_at": o.activated_at},
-            "inbound": [_ref_dict(i) for i in self.inbound.values()],
-            "old_outbound": [_ref_dict(o) for o in self.old_outbound.values()],
-            "used_key_ids": list(self.used_key_ids)[-USED_KEY_IDS_PERSISTED:],
-        }
+        return Snapshot(
+            link=self.identity.link, role=self.role.value, max_epoch=self.max_epoch,
+            peer_out=self.peer_out,
+            outbound=None if o is None else OutboundRef(
+                epoch=o.ref.epoch, spi_in=o.ref.spi_in, spi_out=o.ref.spi_out, suite=o.suite,
+                activated_at=o.activated_at),
+            inbound=[_pending(i) for i in self.inbound.values()],
+            old_outbound=[_pending(o) for o in self.old_outbound.values()],
+            used_key_ids=list(self.used_key_ids)[-USED_KEY_IDS_PERSISTED:])
 
     # -- initiator: starting an exchange ---------------------------------------------------
 
@@ -380,14 +385,38 @@ class LinkMachine:
     def _rekey_requested(self, event: RekeyRequestReceived, now: float) -> list[Action]:
         if self.role is Role.RESPONDER:
             raise PeerMessageRejected("role-conflict", "a rekey request reached the responder")
-        self._check_link(event.message.link)
-        self._note_peer_out(event.message.out, now)
+        m = event.message
+        self._check_link(m.link)
+        self._note_peer_out(m.out, now)
+        a = self.attempt
+        if m.reason is RekeyReason.RESTART and a is not None:
+            # The responder restarted: what it got of this exchange may be lost. Resend the
+            # Offer now rather than at the next (backed-off) retransmission (a duplicate is
+            # harmless); if it had seen this epoch, a Commit in flight can no longer be
+            # confirmed: start over at once.
+            if self.state is State.OFFERED and a.offer is not None:
+                a.next_send, a.send_interval = now + self.policy.retransmit, \
+                    self.policy.retransmit
+                return [Send(a.offer)]
+            if self.state is State.COMMITTED and m.epoch >= a.epoch:
+                self.attempt, self.state = None, State.IDLE
+                return [Record("unconfirmed", a.epoch, a.key_ids, detail="the responder"
+                               " restarted before its Ack")] + \
+                    self._start_exchange(now, "the responder restarted")
         if self.state is not State.IDLE:
             return []
-        return self._start_exchange(now, f"peer asked: {event.message.reason}")
+        return self._start_exchange(now, f"peer asked: {m.reason}")
 
     def _start_exchange(self, now: float, reason: str) -> list[Action]:
         self.next_rekey_at = None
+        if self.max_epoch >= MAX_EPOCH:
+            # Only a peer can have pushed the numbers this far (a stale-epoch Abort or an
+            # Offer names any epoch up to the bound). Keep the current key; the hard
+            # lifetime blocks the link if nobody resets the state files.
+            self.attempt, self.state = None, State.IDLE
+            self.next_rekey_at = now + self._next_backoff()
+            return self._alarm(Alarm.EXCHANGE_FAILED, f"epoch numbers exhausted ({MAX_EPOCH});"
+                               " reset both sites' state for this link")
         if self.ahead and self._qkd_usable(now):
             keys, self.ahead = self.ahead, ()
             self.attempt = Attempt(epoch=0, started=now)
@@ -840,6 +869,12 @@ class LinkMachine:
     # -- KMS view ---------------------------------------------------------------------------
 
     def _kms_status(self, event: KmsStatusObserved, now: float) -> list[Action]:
+        for name, value in (("qber", event.qber), ("key_rate", event.key_rate),
+                            ("stored_key_count", event.stored_key_count)):
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 1e15):
+                # The driver bounds what a KME says; this is the core's own guard: a NaN
+                # would pass the QBER gate and make every deadline NaN.
+                raise IllegalEvent(f"KMS status with {name} {value!r}")
         k = self.kms
         was_ok = k.ok
         k.stored, k.key_rate = event.stored_key_count, event.key_rate
@@ -1041,30 +1076,27 @@ class LinkMachine:
         self._persisted = key
         return [Persist()]
 
-    def _restore(self, snap: dict[str, Any]) -> None:
-        if snap.get("version") != SNAPSHOT_VERSION or snap.get("link") != self.identity.link \
-                or snap.get("role") != self.role.value:
-            raise CoreError(f"state of another link, role or version: {snap.get('link')!r}"
-                            f" {snap.get('role')!r} v{snap.get('version')!r}")
+    def _restore(self, snap: Snapshot) -> None:
+        if snap.link != self.identity.link or snap.role != self.role.value:
+            raise CoreError(f"state of another link or role: {snap.link!r} {snap.role!r}")
         link = self.identity.link
-        self.max_epoch = int(snap["max_epoch"])
-        self.peer_out = int(snap["peer_out"])
-        if snap["outbound"] is not None:
-            o = snap["outbound"]
-            self.outbound = Outbound(EpochRef(link, o["epoch"], o["spi_in"], o["spi_out"]),
-                                     o["suite"], float(o["activated_at"]))
+        self.max_epoch, self.peer_out = snap.max_epoch, snap.peer_out
+        if snap.outbound is not None:
+            o = snap.outbound
+            self.outbound = Outbound(EpochRef(link, o.epoch, o.spi_in, o.spi_out), o.suite,
+                                     o.activated_at)
             self.blocked = False
-        for i in snap["inbound"]:
-            self.inbound[i["epoch"]] = _ref_from(link, i)
-        for o in snap["old_outbound"]:
-            self.old_outbound[o["epoch"]] = _ref_from(link, o)
-        self._remember_key_ids(tuple(snap["used_key_ids"]))
+        for i in snap.inbound:
+            self.inbound[i.epoch] = _inbound(link, i)
+        for i in snap.old_outbound:
+            self.old_outbound[i.epoch] = _inbound(link, i)
+        self._remember_key_ids(tuple(snap.used_key_ids))
 
 
-def _ref_dict(i: Inbound) -> dict[str, Any]:
-    return {"epoch": i.ref.epoch, "spi_in": i.ref.spi_in, "spi_out": i.ref.spi_out,
-            "retire_at": i.retire_at}
+def _pending(i: Inbound) -> PendingRef:
+    return PendingRef(epoch=i.ref.epoch, spi_in=i.ref.spi_in, spi_out=i.ref.spi_out,
+                      retire_at=i.retire_at)
 
 
-def _ref_from(link: str, d: dict[str, Any]) -> Inbound:
-    return Inbound(EpochRef(link, d["epoch"], d["spi_in"], d["spi_out"]), d["retire_at"])
+def _inbound(link: str, p: PendingRef) -> Inbound:
+    return Inbound(EpochRef(link, p.epoch, p.spi_in, p.spi_out), p.retire_at)

@@ -11,14 +11,20 @@ One epoch, initiator I, responder R (docs/protocol.md):
 
 Every message names its link and epoch, and carries `out`, the epoch the sender currently
 sends on (0: none): that is how each side learns when the other has moved past an epoch.
-Messages are JSON with base64 byte strings. Anything malformed, oversized or with unknown
-members is a `MessageError` naming the problem; the receiver never acts on it.
+Commit and Ack also carry the sender's audit head (`audit`: site, sequence number and hash of
+the last record of its audit trail), which the receiver records in its own trail: rewriting
+one site's history is then visible from the other site (docs/operations.md).
+
+Messages are JSON with base64 byte strings. Anything malformed, oversized, nested too deep,
+with a member given twice, a number out of range or unknown members is a `MessageError`
+naming the problem (peer-controlled text in it escaped); the receiver never acts on it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -32,6 +38,7 @@ from pydantic import (
     ValidationError,
 )
 
+from kms.errors import quote_remote
 from kms.models import EntityId, KeyId
 
 PROTOCOL_VERSION: Literal[1] = 1
@@ -41,6 +48,14 @@ MAX_MESSAGE_BYTES = 16 * 1024
 NONCE_SIZE = 32
 CONFIRM_SIZE = 48
 MAX_KEY_IDS = 4
+#: Epoch numbers stay at or below this. At one rekey a second it lasts 8.9 million years, and
+#: every epoch the core derives from one (the next, a peer's `current`) stays an exact JSON
+#: number and far inside the 64-bit integers the data planes and state files hold.
+MAX_EPOCH = 2**48
+#: Audit sequence numbers (a site's whole trail) stay at or below this (exact in JSON).
+MAX_AUDIT_SEQ = 2**53 - 1
+#: Nesting deeper than this is refused before it is parsed further: messages are flat.
+MAX_DEPTH = 8
 
 
 class MessageError(ValueError):
@@ -63,7 +78,7 @@ _B64 = (BeforeValidator(_b64),
 Nonce = Annotated[bytes, *_B64, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
 Confirm = Annotated[bytes, *_B64, Field(min_length=CONFIRM_SIZE, max_length=CONFIRM_SIZE)]
 PublicValue = Annotated[bytes, *_B64, Field(min_length=1, max_length=4096)]
-Epoch = Annotated[int, Field(ge=0, lt=2**63)]
+Epoch = Annotated[int, Field(ge=0, le=MAX_EPOCH)]
 Spi = Annotated[int, Field(ge=0x100, lt=2**32)]
 Name = Annotated[EntityId, Field(max_length=64)]
 
@@ -86,9 +101,20 @@ class RekeyReason(StrEnum):
     OPERATOR = "operator"
 
 
-class _Message(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True,
                               hide_input_in_errors=True)
+
+
+class AuditHead(_Strict):
+    """The last record of the sender's audit trail when it sent the message."""
+
+    site: Name
+    seq: int = Field(ge=0, le=MAX_AUDIT_SEQ)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class _Message(_Strict):
 
     v: Literal[1] = PROTOCOL_VERSION
     link: Name
@@ -126,12 +152,14 @@ class Commit(_Message):
     #: QKD key IDs the initiator already holds for the next epoch: the responder fetches
     #: them now, so the next exchange does not wait for either KME.
     next_key_ids: tuple[KeyId, ...] = Field(default=(), max_length=MAX_KEY_IDS)
+    audit: AuditHead | None = None
 
 
 class Ack(_Message):
     type: Literal["ack"] = "ack"
     nonce_i: Nonce
     nonce_r: Nonce
+    audit: AuditHead | None = None
 
 
 class Abort(_Message):
@@ -155,9 +183,46 @@ def encode(message: Message) -> bytes:
     return message.model_dump_json(exclude_none=True).encode()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise MessageError(f"{name} is not a number this protocol accepts")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise MessageError(f"member {quote_remote(name)!r} given more than once")
+    return dict(pairs)
+
+
+def _depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    if limit < 0:
+        raise MessageError(f"message nested more than {MAX_DEPTH} levels deep")
+    children = value.values() if isinstance(value, dict) else \
+        value if isinstance(value, list) else ()
+    for child in children:
+        _depth(child, limit - 1)
+
+
+def _prescan(raw: bytes) -> None:
+    """What the schema cannot see: a member given twice (the schema would keep the last),
+    NaN or infinities, nesting; RecursionError and huge numbers become a MessageError."""
+    try:
+        tree = json.loads(raw, object_pairs_hook=_no_duplicates,
+                          parse_constant=_refuse_constant)
+    except MessageError:
+        raise
+    except RecursionError:
+        raise MessageError(f"message nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError):
+        raise MessageError("message is not JSON") from None
+    _depth(tree)
+
+
 def decode(raw: bytes) -> Message:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    _prescan(raw)
     try:
         return _ADAPTER.validate_json(raw, strict=True)
     except ValidationError as e:
@@ -166,7 +231,7 @@ def decode(raw: bytes) -> Message:
             raise MessageError("message is not JSON") from None
         if first["type"] in ("model_attributes_type", "dict_type", "model_type"):
             raise MessageError("message is not a JSON object") from None
-        where = ".".join(str(p) for p in first["loc"][1:]) or "message"
+        where = quote_remote(".".join(str(p) for p in first["loc"][1:])) or "message"
         if where == "v":
             raise MessageError(f"unsupported protocol version (this gateway speaks"
                                f" {PROTOCOL_VERSION})") from None

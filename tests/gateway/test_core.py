@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import uuid
 from dataclasses import replace
 
@@ -156,10 +155,12 @@ def test_snapshots_hold_no_key_material() -> None:
     w = World(seed=9)
     w.kms_status()
     w.run_for(25)
-    text = json.dumps(w.i.snapshot) + json.dumps(w.r.snapshot)
+    assert w.i.snapshot is not None and w.r.snapshot is not None
+    text = w.i.snapshot.model_dump_json() + w.r.snapshot.model_dump_json()
     for key in list(w.epoch_keys.values()) + list(w.kms.reserved.values()):
         assert key.hex() not in text
-    assert w.i.snapshot is not None and w.i.snapshot["outbound"]["epoch"] == w.i.plane.outbound
+    assert w.i.snapshot.outbound is not None
+    assert w.i.snapshot.outbound.epoch == w.i.plane.outbound
 
 
 # -- hostile and malformed input -----------------------------------------------------------

@@ -148,7 +148,7 @@ def test_graceful_stop_and_restart_resume(sites: Sites) -> None:
     epoch = max(sites.epochs("a"))
     assert (state / "ab.psk").exists()  # the data plane keeps its key
     assert file_mode(state / "links" / "ab.json") == 0o600
-    assert sites.audit("a")[-1]["event"] == "stopped"
+    assert [r["event"] for r in sites.audit("a")[-2:]] == ["stopped", "checkpoint"]
     sites.start_site("a")
     sites.start_site("b")
     sites.wait_until("resumed with later epochs", lambda: sites.converged()

@@ -14,21 +14,17 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-import yaml
 
 from gateway.config import SiteConfig
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.daemon import Daemon
-from gateway.initdemo import DemoLayout, init_demo
+from gateway.initdemo import DemoLayout
 from gateway.logs import JsonFormatter
 from kdf import Purpose
-from tests.helpers import SimProcess, free_base_port, start_sim
+from tests.helpers import SimProcess
 
 
 class RecordingSink:
@@ -57,21 +53,6 @@ class RecordingSink:
 
     async def close(self) -> None:
         pass
-
-
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[DemoLayout, SimProcess]]:
-    layout = init_demo(tmp_path, base_port=free_base_port(24))
-    for site in ("a", "b"):
-        path = layout.site_config(site)
-        config = yaml.safe_load(path.read_text())
-        config["policy"].update(interval=0.5, hard_lifetime=10.0, grace=0.2)
-        config["kms_status_interval"] = 0.5
-        path.write_text(yaml.safe_dump(config))
-    sim = start_sim(layout.kms_config, layout.admin_port,
-                    [layout.kme_port("a"), layout.kme_port("b")], tmp_path / "sim.log")
-    yield layout, sim
-    sim.stop()
 
 
 def _spy_on_kme(daemon: Daemon, seen: list[bytes]) -> None:

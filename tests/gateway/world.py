@@ -47,6 +47,7 @@ from gateway.core.events import (
 from gateway.core.machine import LinkIdentity, LinkMachine, PeerMessageRejected
 from gateway.core.messages import Message, decode, encode
 from gateway.core.policy import Mode, Policy
+from gateway.core.snapshot import Snapshot
 from kms.models import QkdKey
 
 CERT_I = hashlib.sha256(b"gw-a certificate").digest()
@@ -111,7 +112,7 @@ class Side:
         self.policy = policy
         self.name = "I" if role is Role.INITIATOR else "R"
         self.plane = DataPlane()
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: Snapshot | None = None
         self.alarms: set[str] = set()
         self.records: list[Record] = []
         self.rejected: list[str] = []
