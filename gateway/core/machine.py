@@ -159,6 +159,8 @@ class Attempt:
     epoch: int
     started: float
     request: int | None = None
+    #: Its QKD keys were fetched ahead, and announced in the Commit of this epoch.
+    announced_in: int | None = None
     qkd_keys: tuple[QkdKey, ...] = ()
     key_ids: tuple[str, ...] = ()
     # initiator
@@ -250,9 +252,9 @@ TRANSITIONS: tuple[Transition, ...] = (
         (S.INSTALLING, S.IDLE), (S.ACCEPTED, S.IDLE))),
     _t(None, RekeyRequestReceived, "_rekey_requested", (), "I: start an exchange if none is"
        " in progress; after the responder restarted, resend the Offer at once, or start"
-       " over if only its Ack was missing",
-       ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED), (S.COMMITTED, S.FETCHING),
-        (S.COMMITTED, S.OFFERED))),
+       " over if the responder's copy of the key or its Ack is lost",
+       ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED), (S.OFFERED, S.FETCHING),
+        (S.COMMITTED, S.FETCHING), (S.COMMITTED, S.OFFERED))),
     _t(None, KmsStatusObserved, "_kms_status", (), "track KMS health and key supply"),
     _t(None, KmsUnreachable, "_kms_unreachable", (), "the KMS cannot be reached"),
     _t(None, Tick, "_tick", (), "timers: a scheduled rekey starts (I); an exchange past"
@@ -302,6 +304,7 @@ class LinkMachine:
         self.ahead: tuple[QkdKey, ...] = ()
         self.ahead_request: int | None = None
         self.ahead_ids: tuple[str, ...] = ()  # what the request in flight fetches
+        self.ahead_for = 0  # I: the epoch whose Commit announces the keys fetched ahead
         self._last_ack: Ack | None = None
         self._restored = snapshot is not None
         self._persisted: tuple[Any, ...] | None = None
@@ -388,24 +391,39 @@ class LinkMachine:
         m = event.message
         self._check_link(m.link)
         self._note_peer_out(m.out, now)
-        a = self.attempt
-        if m.reason is RekeyReason.RESTART and a is not None:
-            # The responder restarted: what it got of this exchange may be lost. Resend the
-            # Offer now rather than at the next (backed-off) retransmission (a duplicate is
-            # harmless); if it had seen this epoch, a Commit in flight can no longer be
-            # confirmed: start over at once.
-            if self.state is State.OFFERED and a.offer is not None:
-                a.next_send, a.send_interval = now + self.policy.retransmit, \
-                    self.policy.retransmit
-                return [Send(a.offer)]
-            if self.state is State.COMMITTED and m.epoch >= a.epoch:
-                self.attempt, self.state = None, State.IDLE
-                return [Record("unconfirmed", a.epoch, a.key_ids, detail="the responder"
-                               " restarted before its Ack")] + \
-                    self._start_exchange(now, "the responder restarted")
+        if m.reason is RekeyReason.RESTART:
+            return self._peer_restarted(m, now)
         if self.state is not State.IDLE:
             return []
         return self._start_exchange(now, f"peer asked: {m.reason}")
+
+    def _peer_restarted(self, m: RekeyRequest, now: float) -> list[Action]:
+        """The responder restarted: what it held of an exchange in progress is gone, and so
+        are its copies of keys fetched ahead (the KME hands a key out once). Go on at once,
+        rather than at the next backed-off retransmission or after a failed exchange."""
+        why = "the responder restarted"
+        # It may have fetched the keys announced in a Commit only if it had seen that
+        # epoch (its request names the highest epoch it knows).
+        out = self._drop_ahead(f"{why} (its copy is gone)") \
+            if self.ahead and m.epoch >= self.ahead_for else []
+        a = self.attempt
+        if self.state is State.OFFERED and a is not None and a.offer is not None:
+            if a.announced_in is None or m.epoch < a.announced_in:
+                # It can still fetch these keys: resend (a duplicate is harmless).
+                a.next_send, a.send_interval = now + self.policy.retransmit, \
+                    self.policy.retransmit
+                return out + [Send(a.offer)]
+            return out + self._give_up(now, f"{why}: its copy of the QKD key is gone") + \
+                self._start_exchange(now, why)
+        if self.state is State.COMMITTED and a is not None and m.epoch >= a.epoch:
+            # It had this epoch's Offer; its Ack can no longer come.
+            self.attempt, self.state = None, State.IDLE
+            return out + [Record("unconfirmed", a.epoch, a.key_ids,
+                                 detail=f"{why} before its Ack")] + \
+                self._start_exchange(now, why)
+        if self.state is State.IDLE:
+            return out + self._start_exchange(now, f"peer asked: {m.reason}")
+        return out
 
     def _start_exchange(self, now: float, reason: str) -> list[Action]:
         self.next_rekey_at = None
@@ -419,7 +437,7 @@ class LinkMachine:
                                " reset both sites' state for this link")
         if self.ahead and self._qkd_usable(now):
             keys, self.ahead = self.ahead, ()
-            self.attempt = Attempt(epoch=0, started=now)
+            self.attempt = Attempt(epoch=0, started=now, announced_in=self.ahead_for)
             return [Record("rekey-started", self.max_epoch + 1, detail=f"{reason}, QKD key"
                            " fetched ahead")] + self._send_offer(now, keys)
         out = self._drop_ahead("the KMS is not usable") if self.ahead else []
@@ -497,6 +515,7 @@ class LinkMachine:
         self._request += 1
         self.ahead_request = self._request
         if self.role is Role.INITIATOR:
+            self.ahead_for = self.max_epoch
             return [FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
         self.ahead_ids = key_ids
         return [FetchQkdKeysById(self._request, key_ids, self.policy.qkd_key_bits)]

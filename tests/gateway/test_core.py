@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from dataclasses import replace
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.core.events import (
     Alarm,
     Block,
     KmsStatusObserved,
     RekeyRequested,
+    RetireOutbound,
     Send,
     SinkInstalled,
     received,
 )
 from gateway.core.machine import TRANSITIONS, IllegalEvent, LinkMachine, State
 from gateway.core.messages import (
+    MAX_EPOCH,
     MAX_MESSAGE_BYTES,
+    Abort,
+    AbortReason,
     Accept,
     MessageError,
     Offer,
@@ -27,6 +33,7 @@ from gateway.core.messages import (
     encode,
 )
 from gateway.core.policy import Mode, Policy
+from gateway.core.snapshot import Snapshot
 from tests.gateway.world import CERT_I, CERT_R, FAST, World, policy
 
 # -- happy path and modes ------------------------------------------------------------------
@@ -392,3 +399,128 @@ def test_the_documented_state_machine_is_the_code() -> None:
     block = doc.split("<!-- generated: begin -->\n")[1].split("<!-- generated: end -->")[0]
     assert block == f"```mermaid\n{mermaid()}\n```\n\n{table()}\n", \
         "regenerate: python -m gateway.core.diagram"
+
+
+# -- numbers from outside stay within bounds ------------------------------------------------
+
+
+def test_an_abort_naming_the_last_epoch_leaves_the_link_on_its_key_then_blocked() -> None:
+    """A peer (or a stale-epoch Abort) can push epoch numbers to MAX_EPOCH: the initiator
+    cannot go on, says so, keeps its key until the hard lifetime, then blocks."""
+    w = World(seed=20)
+    w.kms_status()
+    w.run_for(3)
+    epoch = w.i.plane.outbound
+    original = w._send
+
+    def stale(side: object, message: object) -> None:
+        if isinstance(message, Accept):  # R answers the next Offer with the largest epoch
+            offer = w.r.machine.attempt.offer  # type: ignore[union-attr]
+            assert offer is not None
+            message = Abort(link="ab", epoch=offer.epoch, nonce_i=offer.nonce,
+                            reason=AbortReason.STALE_EPOCH, current=MAX_EPOCH)
+        original(side, message)  # type: ignore[arg-type]
+
+    w._send = stale  # type: ignore[method-assign]
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(1)
+    m = w.i.machine
+    assert m.max_epoch == MAX_EPOCH and "exhausted" in m.alarms[Alarm.EXCHANGE_FAILED]
+    assert w.i.plane.outbound == epoch and not w.i.plane.blocked  # still on its key
+    w.run_for(FAST.hard_lifetime)
+    assert w.i.plane.blocked and "hard-lifetime" in w.i.alarms and not w.violations
+    assert m.state is State.IDLE and m.next_deadline() is not None  # alive, retrying
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b'{"v":1,"v":1,"type":"ack"}', "member 'v' given more than once"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":NaN}', "NaN is not a number"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":Infinity}', "Infinity is not a number"),
+    (b"[" * 2000 + b"]" * 2000, "nested more than"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":1,"x":[[[[[[[[[[1]]]]]]]]]]}', "nested more"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":' + b"9" * 5000 + b"}", "not JSON"),
+    (b'{"v":1,"type":"ack","link":"ab","epoch":9223372036854775807}', "epoch: Input should"
+     " be less than or equal to 281474976710656"),
+])
+def test_codec_refuses_what_the_schema_alone_would_not(raw: bytes, problem: str) -> None:
+    with pytest.raises(MessageError, match=problem):
+        decode(raw)
+
+
+def test_peer_controlled_names_are_escaped_in_errors() -> None:
+    nonce = "A" * 43 + "="
+    raw = json.dumps({"v": 1, "type": "ack", "link": "ab", "epoch": 1, "nonce_i": nonce,
+                      "nonce_r": nonce, "EVIL\nX: forged log line": 1}).encode()
+    with pytest.raises(MessageError) as e:
+        decode(raw)
+    assert "\n" not in str(e.value) and "EVIL" in str(e.value)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_restarted_responder_gets_an_offer_at_once(ahead: bool) -> None:
+    """R restarts while I's Offer goes unanswered: I answers R's restart request at once,
+    not at its next backed-off retransmission. An Offer with keys fetched ahead is given up
+    for fresh keys (R's copies are gone with its process; the KME hands a key out once)."""
+    p = policy(prefetch=ahead)
+    w = World(seed=21, policy_i=p, policy_r=p)
+    w.kms_status()
+    w.run_for(3)
+    assert bool(w.i.machine.ahead) is ahead and bool(w.r.machine.ahead) is ahead
+    w.loss = 1.0  # R is gone: I's Offer goes unanswered, its retransmissions back off
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(FAST.retransmit + 2 * FAST.retransmit_max)
+    a = w.i.machine.attempt
+    assert w.i.machine.state is State.OFFERED and a is not None
+    assert (a.announced_in is not None) is ahead
+    assert a.send_interval == FAST.retransmit_max
+    w.loss = 0.0
+    w.r.restart()  # R's first act: a rekey request (restart)
+    w.run_for(0.05)  # a few messages each way, far less than the retransmission interval
+    assert w.converged() and not w.violations
+    assert w.i.plane.outbound == (a.epoch + 1 if ahead else a.epoch)
+    assert not [r for r in w.r.records if r.kind == "discarded" and "dec_keys" in r.detail]
+
+
+def test_state_files_are_checked_like_peer_input() -> None:
+    w = World(seed=22)
+    w.kms_status()
+    w.run_for(3)
+    good = w.i.machine.snapshot().model_dump(mode="json")
+    assert Snapshot.model_validate(good) == w.i.machine.snapshot()
+    for change, problem in (
+        ({"max_epoch": 2**63 - 1}, "max_epoch"),
+        ({"outbound": {**good["outbound"], "activated_at": float("inf")}}, "activated_at"),
+        ({"outbound": {**good["outbound"], "spi_in": 2**40}}, "spi_in"),
+        ({"used_key_ids": ["not-a-uuid"]}, "used_key_ids"),
+        ({"inbound": [good["outbound"] | {"retire_at": None}] * 0 + [
+            {"epoch": 1, "spi_in": 256, "spi_out": 256}] * 65}, "inbound"),
+        ({"extra": 1}, "extra"),
+    ):
+        with pytest.raises(ValidationError, match=problem):
+            Snapshot.model_validate({**good, **change})
+
+
+def test_a_restart_after_a_failure_starts_blocked_and_retires_the_old_key() -> None:
+    w = World(seed=23)
+    w.kms_status()
+    w.run_for(3)
+    snapshot = w.i.machine.snapshot()
+    assert snapshot.outbound is not None
+    m = LinkMachine(w.i.machine.identity, FAST, now=w.now, snapshot=snapshot)
+    actions = m.start(w.now, plane_blocked=True)
+    assert m.blocked and m.outbound is None and Block("no key yet") in actions
+    assert any(isinstance(a, RetireOutbound) and a.ref.epoch == snapshot.outbound.epoch
+               for a in actions)
+
+
+def test_a_kms_status_with_nan_is_refused_and_changes_nothing() -> None:
+    w = World(seed=24)
+    w.kms_status()
+    m = w.i.machine
+    before = copy.deepcopy(m.kms)
+    for bad in ({"qber": float("nan")}, {"key_rate": float("inf")}, {"key_rate": -1.0}):
+        event = KmsStatusObserved(**{"stored_key_count": 5, "key_size": 256, "kme_id": "kme-a",
+                                     "peer_kme_id": "kme-b", **bad})  # type: ignore[arg-type]
+        with pytest.raises(IllegalEvent, match="KMS status with"):
+            m.handle(event, w.now)
+    assert m.kms == before and m.next_deadline() == m.next_deadline()  # not NaN
