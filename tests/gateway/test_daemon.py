@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import signal
 import ssl
 import subprocess
@@ -73,6 +74,16 @@ def test_one_minute_of_rekeys_every_second(sites: Sites) -> None:
                             str(sites.layout.state_dir(site) / "audit.jsonl")],
                            capture_output=True, text=True, check=False)
         assert r.returncode == 0 and "OK" in r.stdout, r.stdout
+    # each trail holds the other's head as of every epoch, and checkpoints signed by its site
+    trails = {s: str(sites.layout.state_dir(s) / "audit.jsonl") for s in ("a", "b")}
+    certs = {s: str(sites.layout.pki / f"gw-{s}.pem") for s in ("a", "b")}
+    r = subprocess.run([*qkdgw_command(), "audit", "verify", trails["a"], "--cert", certs["a"],
+                        "--peer", trails["b"], "--peer-cert", certs["b"]],
+                       capture_output=True, text=True, check=False)
+    anchors = re.search(r"anchors: (\d+) peer heads checked between site a and site b: OK",
+                        r.stdout)
+    assert r.returncode == 0 and anchors and int(anchors[1]) >= 100, r.stdout
+    assert r.stdout.count("signed checkpoints checked") == 2
 
 
 def _outage(sites: Sites, seconds: float) -> float:
