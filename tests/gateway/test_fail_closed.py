@@ -193,3 +193,26 @@ def test_a_spawned_task_that_fails_fails_its_link(setup: tuple[DemoLayout, SimPr
                      and "link-failed" not in _alarms(a))
 
     _run(layout, scenario)
+
+
+def test_a_stalled_event_loop_ends_the_process_with_the_stacks() -> None:
+    """The loop-stall thread `qkdgw run` starts: a loop blocked in a handler (here: a
+    synchronous sleep) makes the process exit 70 after the limit, printing where it was."""
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio, time\n"
+        "from gateway.daemon import LoopWatchdog\n"
+        "async def main():\n"
+        "    beat = time.monotonic()\n"
+        "    LoopWatchdog(lambda: beat, limit=0.5).start()\n"
+        "    await asyncio.sleep(0.1)\n"
+        "    time.sleep(30)  # a handler that blocks the loop\n"
+        "asyncio.run(main())\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 70, r.stderr
+    assert time.monotonic() - t0 < 20  # it did not wait for the blocking call to end
+    assert "event loop stalled" in r.stderr and 'File "<string>", line 7 in main' in r.stderr
