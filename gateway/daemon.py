@@ -200,8 +200,9 @@ class LinkRunner:
 
         def done(t: asyncio.Task[Any]) -> None:
             self.tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                self.queue.put_nowait(_TaskFailed(what, t.exception()))  # type: ignore[arg-type]
+            error = None if t.cancelled() else t.exception()
+            if error is not None:
+                self.queue.put_nowait(_TaskFailed(what, error))
 
         task.add_done_callback(done)
 
