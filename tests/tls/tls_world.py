@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -62,8 +63,9 @@ class World(Sites):
     tag = "qt"
 
     def __init__(self, root: Path, policy: dict[str, Any],
-                 kind: Literal["stunnel", "python"]) -> None:
+                 kind: Literal["stunnel", "python"], **sink_options: Any) -> None:
         self.kind = kind
+        self.sink_options = sink_options  # more fields for both sites' tls_psk sinks
         super().__init__(root, policy)
 
     def psk_file(self, site: str) -> Path:
@@ -71,7 +73,8 @@ class World(Sites):
 
     def sink(self, site: str) -> dict[str, Any]:
         sink: dict[str, Any] = {"type": "tls_psk", "path": str(self.psk_file(site)),
-                                "role": "client" if site == "a" else "server"}
+                                "role": "client" if site == "a" else "server",
+                                **self.sink_options}
         if self.kind == "stunnel":
             sink["reload_pid_file"] = str(self.root / f"stunnel-{site}.pid")
         return sink
@@ -104,6 +107,14 @@ ciphersuites = {SUITE}
         wait_until(f"stunnel-{site} socket", functools.partial(_listening, ns, port))
         self.note(f"stunnel-{site} socket up (stunnel starts at the first connection)")
 
+    def start_guard(self, site: str) -> None:
+        """`qkdgw tls-guard` beside SITE's stunnel, as its own process: it outlives the
+        gateway and ends each identity at its deadline."""
+        qkdgw = str(Path(sys.executable).with_name("qkdgw"))
+        self.spawn(f"guard-{site}", f"gw-{site}", [qkdgw, "tls-guard", "-c", f"site-{site}.yaml"])
+        wait_until(f"guard-{site} up", functools.partial(
+            _says, self.root / f"guard-{site}.log", "guarding"))
+
     def start_echo(self) -> None:
         self.spawn("echo", "lan-b", [sys.executable, "-m", "tests.tls.tlsload", "echo",
                                      str(APP_PORT)], env=self.env())
@@ -131,14 +142,28 @@ ciphersuites = {SUITE}
                     str(seconds), "--out", out, "--psk-file", str(self.psk_file("a"))]
             self.spawn("load", "gw-a", argv, env=self.env())
 
-    def try_psk(self, identity: str, key: bytes) -> bool:
+    def try_psk(self, identity: str, key: bytes, timeout: float = 10.0) -> bool:
         """An independent client (openssl s_client in gw-a) with IDENTITY and KEY: does the
-        server at gw-b echo through it?"""
-        out = run("ip", "netns", "exec", self.ns["gw-a"], "sh", "-c",
-                  f"echo qkdgw-probe | timeout 3 openssl s_client -quiet -connect"
-                  f" {GW_B}:{TLS_PORT} -tls1_3 -ciphersuites {SUITE} -psk {key.hex()}"
-                  f" -psk_identity {identity} 2>/dev/null", check=False)
-        return "qkdgw-probe" in out
+        server at gw-b echo a line through it? stdin stays open until the echo or the end of
+        the handshake (with -no_ign_eof an EOF would end the connection before the echo):
+        an answer takes milliseconds, neither within TIMEOUT is an error, not a refusal."""
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns["gw-a"], "openssl", "s_client", "-quiet",
+             "-no_ign_eof", "-connect", f"{GW_B}:{TLS_PORT}", "-tls1_3", "-ciphersuites", SUITE,
+             "-psk", key.hex(), "-psk_identity", identity],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(b"qkdgw-probe\n")
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"s_client with {identity}: no echo and no refusal within"
+                                   f" {timeout} s")
+            return proc.stdout.readline() == b"qkdgw-probe\n"  # b"": it exited, refused
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def _listening(ns: str, port: str) -> bool:
