@@ -38,7 +38,7 @@ def beside(path: Path, suffix: str) -> Path:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold FILE.lock: changes to FILE and FILE.expiry by one writer at a time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds keys
     fd = os.open(beside(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -66,7 +66,7 @@ def guarded(path: Path) -> bool:
 def hold_guard(path: Path) -> int | None:
     """Take FILE.guard for this process's lifetime: the file descriptor, or None if another
     guard holds it. A sink's brief look at the lock may collide: try for a second."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds keys
     fd = os.open(beside(path, GUARD), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + 1.0
     while True:

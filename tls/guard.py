@@ -4,11 +4,12 @@ The sink writes each identity's deadline (its epoch's hard lifetime) to FILE.exp
 (tls/expiry.py). The guard is a process of its own beside the TLS service (its own systemd
 unit, or started with the service), so it outlives a killed gateway: for each tls_psk sink
 of the site it removes every identity from FILE at its deadline (one without a deadline at
-once), leaves the placeholder when none is left, and reloads the service as the sink does
-(SIGHUP through `reload_pid_file`, the `hook` with QKDGW_EVENT=expire). It wakes at the
-earliest deadline and at least every second (to see new deadlines), and changes the files
-only under FILE.lock, like the sink. `--once` is one pass without a reload, for before the
-service starts (ExecStartPre=): it then never reads an expired identity.
+once), leaves the placeholder when none is left (or no file is there yet: the service can
+start before the gateway), and reloads the service as the sink does (SIGHUP through
+`reload_pid_file`, the `hook` with QKDGW_EVENT=expire). It wakes at the earliest deadline and
+at least every second (to see new deadlines), and changes the files only under FILE.lock,
+like the sink. `--once` is one pass without a reload, for before the service starts
+(ExecStartPre=): it then never reads an expired identity.
 """
 
 from __future__ import annotations
@@ -66,12 +67,13 @@ def sweep(target: Target, now: float) -> tuple[list[str], float | None]:
     with expiry.locked(path):
         try:
             found = pskfile.loads(path.read_bytes())
-        except FileNotFoundError:
-            return [], None  # the gateway has not written it yet
-        except pskfile.PskFileError as e:  # fail closed: nothing in it can be checked
-            target.problem(f"{path}: {e}: replaced by the placeholder")
+        except (FileNotFoundError, pskfile.PskFileError) as e:
+            # No file yet: the service can start before the gateway. Unreadable: fail
+            # closed, nothing in it can be checked.
+            if not isinstance(e, FileNotFoundError):
+                target.problem(f"{path}: {e}: replaced by the placeholder")
+                target.reload_due = True
             write_private(path, pskfile.dumps([pskfile.placeholder(target.link)]))
-            target.reload_due = True
             return [], None
         try:
             deadlines = expiry.read(path)

@@ -47,7 +47,8 @@ def test_sweep_removes_what_is_past_its_deadline_or_has_none(tmp_path: Path) -> 
     assert guard.sweep(t, now + 10) == ([], None)
     assert path.read_bytes() == placeholder  # the placeholder stays as it is
     path.unlink()
-    assert guard.sweep(t, now) == ([], None)  # no file yet: the gateway writes it
+    assert guard.sweep(t, now) == ([], None)  # no file yet: the service can start anyway
+    assert identities(path) == ["qkdgw-ab-blocked"] and not t.reload_due
 
 
 def test_sweep_fails_closed_on_files_it_cannot_read(tmp_path: Path,
@@ -115,7 +116,7 @@ def test_the_guard_ends_identities_at_their_deadlines_with_no_gateway(
     config, path, service = site
     proc = subprocess.Popen(qkdgw("tls-guard", "-c", str(config)), stderr=subprocess.PIPE)
     try:
-        while not expiry.guarded(path):  # up, and the file not there yet: it waits
+        while not expiry.guarded(path):  # up (the file not there yet: the placeholder)
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.05)
         with expiry.locked(path):  # as the sink writes

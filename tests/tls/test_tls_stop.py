@@ -11,7 +11,6 @@ also checks that stunnel is up and serving the file: the placeholder left in it 
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ import pytest
 
 from tests.netns_sites import until
 from tests.tls import tls_world as tw
-from tls import pskfile
+from tls import expiry, pskfile
 
 POLICY = {"interval": 1.0, "jitter": 0.0, "hard_lifetime": 9.0, "grace": 1.0}
 #: After the hard lifetime, the guard's wake-up and stunnel's reload get this long.
@@ -37,7 +36,8 @@ NO_GUARD = "no `qkdgw tls-guard`"
 class Last:
     identity: str
     key: bytes = field(repr=False)  # never in a failure report
-    ends: float  # activation + hard lifetime, wall clock
+    ends: float  # B's activation of the epoch + hard lifetime (admin socket), wall clock
+    deadline: float  # what B's sink wrote to FILE.expiry for it
 
 
 @pytest.fixture
@@ -75,27 +75,35 @@ async def up(w: tw.World, *, guard: bool) -> Last:
         return bool((await w.link("b"))["epoch"] >= first + 2)
 
     await until("two rotations", rotated)
+    path = w.psk_file("b")
     while True:
         status = await w.link("b")
         now = time.time()
-        ident, key = pskfile.loads(w.psk_file("b").read_bytes())[0]
+        with expiry.locked(path):
+            ident, key = pskfile.loads(path.read_bytes())[0]
+            deadlines = expiry.read(path)
         if pskfile.epoch_of(ident) == status["epoch"]:  # else a rotation came between
-            last = Last(ident, key, now - status["key_age"] + POLICY["hard_lifetime"])
+            last = Last(ident, key, now - status["key_age"] + POLICY["hard_lifetime"],
+                        deadlines[ident])
             break
         await asyncio.sleep(0.05)
+    assert last.deadline <= last.ends  # never past the hard lifetime as the core counts it
     assert w.try_psk(last.identity, last.key)  # the probe works: the tests can fail
     return last
 
 
-def refused_by(w: tw.World, last: Last, bound: float) -> float:
-    """Probe until LAST is refused; when it was. Fails if it is still accepted at BOUND."""
+def refused_by(w: tw.World, last: Last, bound: float) -> tuple[float | None, float]:
+    """Probe until LAST is refused: when it was last accepted (None: never) and when
+    refused (the probes' start times). Fails if it is still accepted at BOUND."""
+    accepted = None
     while True:
         started = time.time()
         if not w.try_psk(last.identity, last.key):
-            return started
+            return accepted, started
+        accepted = started
         assert started < bound, f"{last.identity} still accepted {started - bound:.1f} s" \
                                 f" past the bound"
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def only_placeholder_and_stunnel_serves_it(w: tw.World) -> None:
@@ -109,12 +117,13 @@ def test_a_stopped_gateway_blocks_the_plane_at_once(make: Callable[..., tw.World
     last = asyncio.run(up(w, guard=False))
     w.kill("gw-b")  # SIGTERM; returns once it exited
     stopped = time.time()
-    refused = refused_by(w, last, stopped + AT_ONCE)
+    _, refused = refused_by(w, last, stopped + AT_ONCE)
     assert not w.try_psk(last.identity, last.key)
     only_placeholder_and_stunnel_serves_it(w)
     log = (w.root / "gw-b.log").read_text()
     assert log.count(NO_GUARD) == 1, "the sink did not warn (once) that no guard runs"
-    print(f"\nSIGTERM, on_stop block: refused {refused - stopped:+.2f} s after the exit")
+    print(f"\nSIGTERM, on_stop block: refused {refused - stopped:+.2f} s after the exit,"
+          f" {last.deadline - refused:.1f} s before the deadline")
 
 
 def test_keep_serves_past_a_stop_until_the_hard_lifetime(make: Callable[..., tw.World]
@@ -124,16 +133,15 @@ def test_keep_serves_past_a_stop_until_the_hard_lifetime(make: Callable[..., tw.
     w.kill("gw-b")
     stopped = time.time()
     assert last.identity in dict(pskfile.loads(w.psk_file("b").read_bytes()))
-    deadline = json.loads(Path(f"{w.psk_file('b')}.expiry").read_text())
-    assert stopped < deadline[last.identity] <= last.ends
-    accepted = time.time()
-    assert w.try_psk(last.identity, last.key), "on_stop: keep, yet refused after the stop"
-    refused = refused_by(w, last, last.ends + MARGIN)
+    assert expiry.read(w.psk_file("b"))[last.identity] == last.deadline > stopped
+    accepted, refused = refused_by(w, last, last.ends + MARGIN)
+    assert accepted is not None, "on_stop: keep, yet refused right after the stop"
     assert not w.try_psk(last.identity, last.key)
     only_placeholder_and_stunnel_serves_it(w)
     assert NO_GUARD not in (w.root / "gw-b.log").read_text()
-    print(f"\nSIGTERM, on_stop keep: accepted {accepted - stopped:+.2f} s after the exit,"
-          f" refused {refused - last.ends:+.2f} s from the hard lifetime's end")
+    print(f"\nSIGTERM, on_stop keep: accepted until {accepted - last.deadline:+.2f} s,"
+          f" refused from {refused - last.deadline:+.2f} s of the deadline"
+          f" ({last.ends - last.deadline:.3f} s before the hard lifetime's end)")
 
 
 def test_a_killed_gateways_key_ends_at_its_hard_lifetime(make: Callable[..., tw.World]
@@ -142,11 +150,12 @@ def test_a_killed_gateways_key_ends_at_its_hard_lifetime(make: Callable[..., tw.
     last = asyncio.run(up(w, guard=True))
     w.kill("gw-b", signal.SIGKILL)
     killed = time.time()
-    assert w.try_psk(last.identity, last.key)  # nothing cleaned up: still the key
-    refused = refused_by(w, last, last.ends + MARGIN)
+    accepted, refused = refused_by(w, last, last.ends + MARGIN)
+    assert accepted is not None  # nothing cleaned up: still the key, until the deadline
     assert not w.try_psk(last.identity, last.key)
     only_placeholder_and_stunnel_serves_it(w)
     assert NO_GUARD not in (w.root / "gw-b.log").read_text()
-    print(f"\nSIGKILL: accepted right after, refused"
-          f" {refused - last.ends:+.2f} s from the hard lifetime's end"
-          f" ({refused - killed:.1f} s after the kill)")
+    print(f"\nSIGKILL: accepted until {accepted - last.deadline:+.2f} s, refused from"
+          f" {refused - last.deadline:+.2f} s of the deadline ({refused - killed:.1f} s"
+          f" after the kill; deadline {last.ends - last.deadline:.3f} s before the hard"
+          f" lifetime's end)")
