@@ -157,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the daemon to finish (default: 30)")
 
+    p = _add(sub, "tls-guard", _cmd_tls_guard,
+             "end TLS PSK identities at their hard lifetime, also when the gateway is gone",
+             "For each tls_psk sink of the site: remove every identity from its PSK file at\n"
+             "its deadline (FILE.expiry, written by the gateway), leave the placeholder when\n"
+             "none is left, and reload the service as the sink does. Run it beside the TLS\n"
+             "service as a process of its own, so it outlives a killed gateway. Runs until\n"
+             "SIGTERM. See docs/tls.md.")
+    _site_arg(p)
+    p.add_argument("--once", action="store_true",
+                   help="one pass, no reload, then exit (before the service starts:"
+                        " ExecStartPre=)")
+
     audit = _add(sub, "audit", _usage(None), "check the audit trail")
     asub = audit.add_subparsers(title="audit commands", metavar="CMD")
     audit.set_defaults(handler=_usage(audit))
@@ -346,6 +358,14 @@ def _cmd_stop(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         time.sleep(0.05)
     print(f"site {data['stopping']} stopped")
+    return EXIT_OK
+
+
+def _cmd_tls_guard(args: argparse.Namespace) -> int:
+    from tls import guard
+
+    found = guard.targets(SiteConfig.load(args.config), str(args.config))
+    asyncio.run(guard.run(found, once=args.once))
     return EXIT_OK
 
 

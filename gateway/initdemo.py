@@ -104,6 +104,9 @@ links:
 def _site_yaml(d: DemoLayout, site: str) -> str:
     peer = "b" if site == "a" else "a"
     role = "initiator" if site == "a" else "responder"
+    role_note = ("the initiator fetches QKD keys as master SAE" if site == "a"
+                 else "the responder gets the same QKD keys by ID as slave SAE")
+    tls_role = "client" if site == "a" else "server"
     return f"""\
 # Gateway of site {site.upper()} for the qkd-gateway demo: `qkdgw run -c site-{site}.yaml`.
 # Reference: docs/configuration.md.
@@ -129,7 +132,7 @@ policy:
   hard_lifetime: {DEMO_INTERVAL * 4}           # no fresh key by then: traffic blocked
 links:
   - name: ab
-    role: {role}            # the initiator fetches QKD keys as master SAE
+    role: {role}            # {role_note}
     peer:
       address: {d.host}:{d.gateway_port(peer)}
       name: gw-{peer}                 # pinned: the peer's certificate commonName
@@ -137,6 +140,11 @@ links:
     sinks:
       - type: file             # the epoch's TLS PSK, for any PSK-capable service
         path: state-{site}/ab.psk
+      # For stunnel (docs/tls.md), uncomment these instead of the two lines above:
+      # - type: tls_psk
+      #   path: state-{site}/ab-{tls_role}.psk
+      #   role: {tls_role}           # this site's TLS side: it runs the stunnel {tls_role}
+      #   reload_pid_file: stunnel-{site}.pid
 """
 
 

@@ -1,12 +1,35 @@
-"""Running an operator's hook command after a sink changed something, with bounded time and a
-clear error. The hook learns what happened from its environment, never the key."""
+"""Telling a service that its key file changed: SIGHUP through a pid file, or an operator's
+hook command with bounded time and a clear error. The hook learns what happened from its
+environment, never the key."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+from pathlib import Path
 
 from gateway.sink import SinkError
+
+
+def sighup(pid_file: Path) -> str | None:
+    """SIGHUP to the process in PID_FILE; or why there is none to signal (the service is not
+    running: it reads the file when it starts)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except FileNotFoundError:
+        return "no such file"
+    except ValueError:
+        pid = 0
+    if pid <= 0:  # kill(0 or -1) would signal a whole process group, or everything
+        raise SinkError(f"{pid_file}: does not hold a process id")
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return "no such process"
+    except PermissionError:
+        raise SinkError(f"{pid_file}: not allowed to signal process {pid}") from None
+    return None
 
 
 async def run_hook(argv: list[str], env: dict[str, str], timeout: float) -> None:

@@ -12,9 +12,12 @@ applications that do not install the gateway's dependencies.
 from __future__ import annotations
 
 import re
+import secrets
 
 #: PSK identities name the link and the epoch; they travel in clear in the ClientHello.
 IDENTITY = re.compile(r"qkdgw-(?P<link>[A-Za-z0-9._-]+)-e(?P<epoch>[0-9]+)$")
+#: The identity of a file with nothing valid in it (see placeholder).
+PLACEHOLDER = re.compile(r"qkdgw-(?P<link>[A-Za-z0-9._-]+)-blocked$")
 #: stunnel requires at least 16 key bytes; the key schedule's TLS PSK has 32.
 MIN_KEY = 16
 
@@ -25,6 +28,13 @@ class PskFileError(ValueError):
 
 def identity(link: str, epoch: int) -> str:
     return f"qkdgw-{link}-e{epoch}"
+
+
+def placeholder(link: str) -> tuple[str, bytes]:
+    """The only entry of a file with no valid key: a random key nobody has. stunnel refuses
+    an empty file (and keeps its old secrets when a reload fails), so blocking must leave a
+    valid file in which every new handshake fails."""
+    return f"qkdgw-{link}-blocked", secrets.token_bytes(32)
 
 
 def epoch_of(ident: str) -> int | None:

@@ -6,10 +6,12 @@ What stunnel and Python 3.13 do with the files is tested in test_tls_rotation.py
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from gateway.core.policy import Policy
 from gateway.sink import SinkContext, SinkError
 from kdf.schedule import EpochKeys, Purpose
 from kms.configfile import HostPort
-from tls import pskfile
+from tls import expiry, pskfile
 from tls.sink import TlsPskSink, TlsPskSinkConfig
 
 
@@ -122,6 +124,106 @@ def test_a_restarted_gateway_adopts_the_file(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def test_each_identity_has_a_deadline_beside_the_file_and_never_outlives_it(
+        tmp_path: Path) -> None:
+    async def go() -> None:
+        sink = build(tmp_path)
+        await sink.start()
+        assert expiry.read(sink.config.path) == {}  # the placeholder has none
+        before = time.time()
+        m1, m2 = material(1), material(2)
+        await sink.install_inbound(m1)
+        await sink.activate_outbound(m1)
+        await sink.install_inbound(m2)
+        deadlines = expiry.read(sink.config.path)
+        assert set(deadlines) == {"qkdgw-ab-e1", "qkdgw-ab-e2"}
+        # From when the gateway first saw the epoch: activating does not move it.
+        assert before + Policy().hard_lifetime <= deadlines["qkdgw-ab-e1"] \
+            <= time.time() + Policy().hard_lifetime
+        sidecar = expiry.beside(sink.config.path, expiry.EXPIRY)
+        assert stat.S_IMODE(sidecar.stat().st_mode) == 0o600
+        assert m1.key(Purpose.TLS_PSK).hex() not in sidecar.read_text()
+        sink.deadlines[1] = time.time() - 1  # e1's hard lifetime is over
+        await sink.activate_outbound(m2)
+        assert [i for i, _ in read(sink)] == ["qkdgw-ab-e2"]
+        assert list(expiry.read(sink.config.path)) == ["qkdgw-ab-e2"]
+        sink.deadlines[2] = time.time() - 1
+        await sink.install_inbound(material(3))  # e3 not yet active: the server lists it
+        assert [i for i, _ in read(sink)] == ["qkdgw-ab-e3"]
+
+    asyncio.run(go())
+
+
+def test_a_restart_adopts_only_identities_before_their_deadline(tmp_path: Path) -> None:
+    path = tmp_path / "p"
+    k = [os.urandom(32) for _ in range(4)]
+    path.write_bytes(pskfile.dumps([("qkdgw-ab-e4", k[0]), ("qkdgw-ab-e3", k[1]),
+                                    ("qkdgw-ab-e2", k[2]), ("qkdgw-ab-e1", k[3])]))
+    now = time.time()
+    expiry.write(path, {"qkdgw-ab-e4": now + 60, "qkdgw-ab-e3": now - 1,
+                        "qkdgw-ab-e1": now + 60})  # e2: none, so none left
+
+    async def go() -> TlsPskSink:
+        sink = build(tmp_path)
+        await sink.start()
+        return sink
+
+    sink = asyncio.run(go())
+    assert sink.current == 4 and set(sink.keys) == {1, 4}
+    assert sink.deadlines == {4: now + 60, 1: now + 60}  # the old deadlines, not new ones
+    assert read(sink) == [("qkdgw-ab-e4", k[0]), ("qkdgw-ab-e1", k[3])]
+    expiry.write(path, {"qkdgw-ab-e4": now - 1, "qkdgw-ab-e1": now - 1})
+    sink = asyncio.run(go())
+    assert sink.keys == {} and [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
+    (tmp_path / "p.expiry").write_text("[1, 2]")  # not ours: adopt nothing
+    path.write_bytes(pskfile.dumps([("qkdgw-ab-e4", k[0])]))
+    sink = asyncio.run(go())
+    assert sink.keys == {} and [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
+
+
+def test_on_stop_block_leaves_the_placeholder_keep_leaves_the_file(tmp_path: Path) -> None:
+    async def go(on_stop: str) -> list[tuple[str, bytes]]:
+        sink = build(tmp_path / on_stop, on_stop=on_stop)
+        await sink.start()
+        m = material(1)
+        await sink.install_inbound(m)
+        await sink.activate_outbound(m)
+        await sink.close()
+        return read(sink)
+
+    assert [i for i, _ in asyncio.run(go("block"))] == ["qkdgw-ab-blocked"]
+    assert expiry.read(tmp_path / "block" / "p") == {}
+    assert [i for i, _ in asyncio.run(go("keep"))] == ["qkdgw-ab-e1"]
+    assert list(expiry.read(tmp_path / "keep" / "p")) == ["qkdgw-ab-e1"]
+    with pytest.raises(ValidationError, match="on_stop"):
+        TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": "/x", "role": "server",
+                                         "on_stop": "remove"})
+
+
+def test_warns_once_while_no_guard_holds_the_file(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        sink = build(tmp_path)
+        await sink.start()  # the placeholder needs no guard
+        assert "tls-guard" not in caplog.text
+        for epoch in (1, 2):
+            await sink.install_inbound(material(epoch))
+        assert caplog.text.count("no `qkdgw tls-guard` holds") == 1
+        fd = expiry.hold_guard(sink.config.path)  # as a running guard does
+        assert fd is not None
+        try:
+            assert expiry.hold_guard(sink.config.path) is None  # one guard per file
+            await sink.install_inbound(material(3))
+            assert "tls-guard now guards" in caplog.text
+        finally:
+            os.close(fd)
+        await sink.install_inbound(material(4))
+        assert caplog.text.count("no `qkdgw tls-guard` holds") == 2  # gone again: said again
+
+    with caplog.at_level(logging.INFO, logger="tls.sink"):
+        asyncio.run(go())
+
+
 def test_reload_signals_the_pid_file_and_tolerates_a_stopped_service(tmp_path: Path) -> None:
     async def go() -> None:
         proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
@@ -139,9 +241,11 @@ def test_reload_signals_the_pid_file_and_tolerates_a_stopped_service(tmp_path: P
         pid_file.unlink()
         await sink.install_inbound(material(2))
         assert [i for i, _ in read(sink)] == ["qkdgw-ab-e2", "qkdgw-ab-e1"]
-        pid_file.write_text("garbage")
-        with pytest.raises(SinkError, match="does not hold a process id"):
-            await sink.install_inbound(material(3))
+        # kill(0) or kill(-1) would signal a process group, or everything
+        for epoch, garbage in enumerate(("garbage", "0", "-1"), 3):
+            pid_file.write_text(garbage)
+            with pytest.raises(SinkError, match="does not hold a process id"):
+                await sink.install_inbound(material(epoch))
 
     asyncio.run(go())
 
