@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Run the gateway of one site until `qkdgw stop`, SIGTERM or Ctrl-C: poll the\n"
              "KME, talk to the peer gateways over mutual TLS, rekey every link as its policy\n"
              "says and install the keys in the configured sinks. On stop each sink leaves its\n"
-             "data plane as documented (kernel SAs deleted, policies left blocking; a key\n"
-             "file kept); the next start resumes. See docs/operations.md.")
+             "data plane as documented (kernel SAs deleted, policies left blocking; a TLS\n"
+             "PSK file left with a placeholder; a `file` sink's key kept); the next start\n"
+             "resumes. See docs/operations.md.")
     _site_arg(p)
 
     p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms")
@@ -151,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "stop", _cmd_stop, "stop the daemon",
              "Ask the running daemon to stop, as SIGTERM does. Each sink leaves its data\n"
              "plane as configured: kernel SAs are deleted and the policies left blocking\n"
-             "(xfrm `on_stop: block`, the default) or removed (`on_stop: remove`); a key\n"
-             "file stays. Returns once the daemon has stopped (or --timeout passed).")
+             "(xfrm `on_stop: block`, the default) or removed (`on_stop: remove`); a TLS\n"
+             "PSK file gets its placeholder (tls_psk `on_stop: block`, the default) or is kept\n"
+             "(`keep`); a `file` sink's key stays. Returns once the daemon has stopped (or\n"
+             "--timeout passed).")
     _site_arg(p)
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for the daemon to finish (default: 30)")

@@ -28,14 +28,14 @@ def qkdgw(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 COMMANDS = [["demo"], ["init-demo"], ["kms-sim"], ["check-config"], ["kms"], ["kms", "status"],
             ["kms", "enc-keys"], ["kms", "dec-keys"], ["run"], ["status"], ["rekey"],
-            ["audit"], ["audit", "verify"]]
+            ["audit"], ["audit", "verify"], ["tls-guard"]]
 
 
 def test_top_level_help_lists_every_command() -> None:
     r = qkdgw("--help")
     assert r.returncode == 0
     for cmd in ("demo", "init-demo", "kms-sim", "check-config", "kms", "run", "status",
-                "rekey", "audit"):
+                "rekey", "audit", "tls-guard"):
         assert f"\n    {cmd} " in r.stdout
     assert qkdgw("--version").stdout.startswith("qkd-gateway ")
 
