@@ -174,7 +174,8 @@ def test_no_key_material_in_the_containers_logs(stack: dict[str, Any]) -> None:
     import re
 
     assert "rekeyed" in stack["logs"]
-    assert not re.search(r"\b[0-9a-f]{64}\b", stack["logs"])
+    # (the audit trail's head, a SHA-256 of a public record, is the one allowed)
+    assert not re.search(r"(?<!head )\b[0-9a-f]{64}\b", stack["logs"])
 
 
 def test_the_responder_gateway_holds_its_traffic_during_rotations(
