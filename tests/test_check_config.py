@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from gateway.initdemo import DemoLayout
 from tests.helpers import qkdgw_command
 
@@ -70,3 +72,24 @@ def test_invalid_utf8_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "latin1.yaml"
     path.write_bytes("site: caf\u00e9\n".encode("latin-1"))
     refused(path, str(path), "not UTF-8", "byte offset 9")
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("hard_lifetime: 120", "hard_lifetime: .inf", "policy.hard_lifetime"),
+    ("interval: 30", "interval: .nan", "policy.interval"),
+    ("kms_status_interval: 2", "kms_status_interval: -.inf", "kms_status_interval"),
+    ("    role: initiator", "    role: initiator\n    policy: {retransmit: .inf}",
+     "links.0.policy.retransmit"),
+])
+def test_infinity_and_nan_are_refused_naming_the_field(demo: DemoLayout, old: str, new: str,
+                                                       message: str) -> None:
+    text = demo_text(demo)
+    assert old in text
+    refused(site(demo, "inf", text.replace(old, new)),
+            f": {message}: Input should be a finite number", "  line ")
+
+
+def test_a_duration_beyond_a_year_is_refused(demo: DemoLayout) -> None:
+    text = demo_text(demo).replace("hard_lifetime: 120", "hard_lifetime: 1e12")
+    refused(site(demo, "long", text), "  line 22: policy.hard_lifetime: Input should be less"
+            " than or equal to 31536000")
