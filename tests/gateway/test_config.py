@@ -81,6 +81,8 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
      "connection.x: a value longer than 65535 bytes"),
     (lambda c: c["links"][0]["sinks"].append(strongswan(extra={"x": ["1" * 65536]})),
      "connection.x: a value longer than 65535 bytes"),
+    (lambda c: c["links"][0]["sinks"].append(strongswan(extra={"x": ["1" * 60_000] * 5})),
+     "connection: 300"),
     (lambda c: c["links"][0]["sinks"].append(strongswan(
         extra={"x": {"y": {"z": {"a": {"b": {"c": {"d": "1"}}}}}}})),
      "connection.x.y.z.a: nested deeper than 4 sections"),
