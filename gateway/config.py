@@ -59,6 +59,9 @@ class PolicyConfig(ConfigModel):
     qber_threshold: float | None = Field(default=None, gt=0, lt=0.5)
     reserve_keys: int | None = Field(default=None, ge=0, le=MAX_RESERVE_KEYS)
     qkd_share: float | None = Field(default=None, gt=0, le=1)
+    prefetch: bool | None = Field(
+        default=None, description="fetch the next epoch's QKD key ahead; off for KMEs that"
+                                  " serve only the keys of their latest enc_keys call")
 
     def set_fields(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -93,3 +93,11 @@ def test_a_duration_beyond_a_year_is_refused(demo: DemoLayout) -> None:
     text = demo_text(demo).replace("hard_lifetime: 120", "hard_lifetime: 1e12")
     refused(site(demo, "long", text), "  line 22: policy.hard_lifetime: Input should be less"
             " than or equal to 31536000")
+
+
+def test_prefetch_is_accepted_and_shown(demo: DemoLayout) -> None:
+    text = demo_text(demo).replace("  interval: 30", "  interval: 30\n  prefetch: false")
+    r = check(site(demo, "prefetch", text))
+    assert r.returncode == 0, r.stderr
+    assert "1 sink(s), prefetch off" in r.stdout
+    assert "prefetch on" in check(demo.site_config("a")).stdout

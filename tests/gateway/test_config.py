@@ -49,6 +49,20 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     assert site.links[0].sinks[0].path == demo.root / "state-a" / "ab.psk"
 
 
+@pytest.mark.parametrize("site,link,expected", [
+    (None, None, True), (False, None, False), (None, False, False), (False, True, True)])
+def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, site: bool | None,
+                                           link: bool | None, expected: bool) -> None:
+    def edit(c: dict) -> None:  # type: ignore[type-arg]
+        if site is not None:
+            c["policy"]["prefetch"] = site
+        if link is not None:
+            c["links"][0]["policy"] = {"prefetch": link}
+
+    config = SiteConfig.load(edited(tmp_path, demo, edit))
+    assert config.link_policy(config.links[0]).prefetch is expected
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c["policy"].update(mode="qkd-only"), "policy.mode: Input should be"),
     (lambda c: c["policy"].update(interval=-1), "policy.interval: Input should be greater"),
