@@ -343,6 +343,8 @@ class StrongswanSink:
             vici = await Vici.connect(self.config.vici)
             try:
                 version = (await vici.request("version")).get("version", "?")
+                if not isinstance(version, str):
+                    raise ViciError("VICI version: charon's version is not text")
             except ViciError:
                 await vici.close()
                 raise
@@ -393,6 +395,10 @@ class StrongswanSink:
         for event in events:
             for name, sa in event.items():
                 if name == self.conn and isinstance(sa, dict):
+                    if not isinstance(sa.get("uniqueid"), str) \
+                            or not isinstance(sa.get("child-sas", {}), dict):
+                        raise ViciError(f"list-sas: an IKE SA of {self.conn} without a uniqueid"
+                                        " or with child-sas not a section")
                     out.append(sa)
         return out
 
