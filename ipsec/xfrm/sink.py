@@ -41,6 +41,7 @@ from pydantic import BeforeValidator, Field, IPvAnyAddress, model_validator
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.sink import SinkContext, SinkError
+from ipsec.netlink import NetlinkDecodeError
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.kernel import XfrmKernel
 from ipsec.xfrm.netlink import XfrmError, XfrmSocket
@@ -377,10 +378,14 @@ class XfrmSink:
         """Soft and hard expiry of our SAs, and ACQUIREs for our policies."""
         try:
             async for msg in sock.notifications():
-                if msg["header"]["type"] == s.XFRM_MSG_EXPIRE:
-                    self._expired(SaState.from_message(msg), hard=bool(msg["hard"]), msg=msg)
-                else:
-                    self._acquired(Selector.from_fields(msg))
+                try:
+                    if msg["header"]["type"] == s.XFRM_MSG_EXPIRE:
+                        self._expired(SaState.from_message(msg), hard=bool(msg["hard"]),
+                                      msg=msg)
+                    else:
+                        self._acquired(Selector.from_fields(msg))
+                except NetlinkDecodeError as e:  # one notification lost, not the listener
+                    log.error("link %s: xfrm notification skipped: %s", self.context.link, e)
         except OSError as e:
             log.error("link %s: xfrm notifications lost: %s", self.context.link, e)
         finally:
