@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext
+from gateway.sink import SinkContext, SinkError
 from ipsec import netlink, nfqueue
 from ipsec.netlink import NetlinkDecodeError, NetlinkSocket
 from ipsec.xfrm import structs as s
@@ -38,7 +38,7 @@ from ipsec.xfrm.objects import (
     Selector,
     Template,
 )
-from ipsec.xfrm.sink import XfrmSinkConfig
+from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
 from kms.configfile import HostPort
 
 HEADER = struct.Struct("=IHHII")
@@ -232,6 +232,17 @@ async def test_a_policy_dump_with_an_impossible_selector_is_an_xfrm_error() -> N
         assert e.value.errno == errno.EBADMSG
 
 
+async def test_a_dump_that_does_not_decode_stops_the_xfrm_sink_with_a_sink_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = XfrmKernel()
+    monkeypatch.setattr("ipsec.xfrm.sink.XfrmKernel", lambda: kernel)
+    sink = xfrm_sink(Events())
+    with fake_kernel(kernel.socket) as theirs:
+        theirs.send(with_length(sa_message(), 100) + done())
+        with pytest.raises(SinkError, match=r"cannot set up XFRM: .*does not decode"):
+            await sink.start()
+
+
 class Events:
     def __init__(self) -> None:
         self.soft: list[str] = []
@@ -240,13 +251,17 @@ class Events:
         self.soft.append(detail)
 
 
-async def test_the_xfrm_listener_survives_a_notification_that_does_not_decode() -> None:
-    events = Events()
+def xfrm_sink(events: Events) -> XfrmSink:
     config = XfrmSinkConfig.model_validate({
         "type": "xfrm", "local": str(A), "remote": str(B), "local_subnets": ["10.1.0.0/16"],
         "remote_subnets": ["10.2.0.0/16"]})
-    sink = config.build(SinkContext("ab", Policy(), events, HostPort("192.0.2.1", 9443),
+    return config.build(SinkContext("ab", Policy(), events, HostPort("192.0.2.1", 9443),
                                     HostPort("198.51.100.1", 9443)))
+
+
+async def test_the_xfrm_listener_survives_a_notification_that_does_not_decode() -> None:
+    events = Events()
+    sink = xfrm_sink(events)
     sink.outbound[0x4242] = sink.out_reqids[0]
     bad_selector = s.xfrm_user_acquire()
     bad_selector.update({"sel_family": socket.AF_INET, "sel_prefixlen_s": 77})
