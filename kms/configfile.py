@@ -34,7 +34,7 @@ M = TypeVar("M", bound=BaseModel)
 #: A site or simulator configuration is a few KB; this is far beyond any real one.
 MAX_CONFIG_BYTES = 1 << 20
 #: Nesting levels (mappings and lists, the top level counting as one): the deepest real
-#: configuration (a strongSwan connection's children) has six.
+#: configuration (a strongSwan connection's CHILD SA traffic selectors) has nine.
 MAX_DEPTH = 64
 #: Values (scalars, lists and mappings) in one file, an alias counting as all it stands for.
 MAX_VALUES = 100_000
