@@ -72,6 +72,7 @@ class _Loader(yaml.SafeLoader):
         super().__init__(text)
         self.name = name  # in every mark, so in every error
         self.depth = 0  # levels above the node being composed
+        self.values = 0  # in the document so far, aliases expanded
         #: node -> (values, levels) it stands for, aliases expanded
         self.extent: dict[yaml.Node, tuple[int, int]] = {}
         #: id() of each mapping or list built -> its keys or indexes -> their lines
@@ -93,7 +94,9 @@ class _Loader(yaml.SafeLoader):
             if self.depth + levels > MAX_DEPTH:
                 raise _Refused(None, None, f"alias *{event.anchor} nests deeper than"
                                f" {MAX_DEPTH} levels", mark)
+            self.values += values
         else:
+            self.values += 1
             self.depth += 1
             try:
                 node = super().compose_node(parent, index)
@@ -106,7 +109,7 @@ class _Loader(yaml.SafeLoader):
             values = 1 + sum(self.extent[c][0] for c in children)
             levels = 1 + max((self.extent[c][1] for c in children), default=0)
             self.extent[node] = values, levels
-        if values > MAX_VALUES:
+        if self.values > MAX_VALUES:
             raise _Refused(None, None, f"more than {MAX_VALUES} values (each alias counted as"
                            " the values it stands for)", mark)
         return node
