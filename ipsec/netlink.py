@@ -71,6 +71,12 @@ class NetlinkDecodeError(NetlinkError):
         self.detail = detail
         super().__init__("decode", what, errno_.EBADMSG, detail)
 
+    def in_answer(self, error: type[NetlinkError], operation: str,
+                  subject: str) -> NetlinkError:
+        """This, as the protocol's ERROR of the request OPERATION on SUBJECT."""
+        return error(operation, subject, self.errno,
+                     f"the answer does not decode: {self.subject}: {self.detail}")
+
 
 class NetlinkSocket:
     """One netlink socket of PROTOCOL in the calling process's network namespace."""
@@ -132,8 +138,7 @@ class NetlinkSocket:
                 raise self.error(operation, subject, errno_.ETIMEDOUT,
                                  f"no answer in {self.answer_timeout:g} s") from None
             except NetlinkDecodeError as e:
-                raise self.error(operation, subject, errno_.EBADMSG,
-                                 f"the answer does not decode: {e.subject}: {e.detail}") from None
+                raise e.in_answer(self.error, operation, subject) from None
 
     def unsolicited(self, msg: nlmsg) -> None:
         """A message read while waiting for an answer that is not part of it: a stale answer

@@ -42,7 +42,7 @@ class XfrmKernel:
         try:
             return [SaState.from_message(m) for m in answer]
         except NetlinkDecodeError as e:
-            raise XfrmError("XFRM_MSG_GETSA", "all SAs", e.errno, str(e)) from None
+            raise e.in_answer(XfrmError, "XFRM_MSG_GETSA", "all SAs") from None
 
     async def set_policy(self, policy: PolicySpec) -> None:
         """XFRM_MSG_UPDPOLICY: creates the policy, or replaces the one with the same
@@ -67,4 +67,4 @@ class XfrmKernel:
             return [PolicyState.from_message(m) for m in answer
                     if m["dir"] <= s.XFRM_POLICY_FWD]
         except NetlinkDecodeError as e:
-            raise XfrmError("XFRM_MSG_GETPOLICY", "all policies", e.errno, str(e)) from None
+            raise e.in_answer(XfrmError, "XFRM_MSG_GETPOLICY", "all policies") from None
