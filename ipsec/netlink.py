@@ -281,7 +281,7 @@ def decode(cls: type[nlmsg], data: bytes, offset: int, length: int) -> Any:
         end = (need + 3) & ~3  # where the attributes start, then where each ends
         for slot in msg.get("attrs", ()):
             attr, nla = slot.cell
-            (announced,) = _NLA_HEADER.unpack_from(buf, nla.offset)[:1]
+            announced, _ = _NLA_HEADER.unpack_from(buf, nla.offset)
             fixed = _NLA_HEADER.size + _fixed_size(getattr(nla, "fields", ()))
             if announced != nla.length or announced < fixed:
                 raise NetlinkDecodeError(name, f"attribute {attr} of {announced} bytes"
