@@ -114,7 +114,10 @@ class Vici:
                                     f" most {MAX_MESSAGE}): session closed")
         if length == 0:
             raise ViciProtocolError("empty VICI packet from charon")
-        return Packet.parse(await self._reader.readexactly(length))
+        try:
+            return Packet.parse(await self._reader.readexactly(length))
+        except struct.error:
+            raise ViciProtocolError("VICI event packet from charon without its name") from None
 
     async def _exchange(self, packet: bytes, stream: str | None,
                         timeout: float) -> tuple[int, Section, list[Section]]:

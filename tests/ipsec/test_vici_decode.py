@@ -103,6 +103,7 @@ def test_every_truncation_within_an_item_is_a_protocol_error(cut: int) -> None:
 
 @pytest.mark.parametrize("answer,problem", [
     (frame(b""), "empty VICI packet"),
+    (frame(bytes([Packet.EVENT])), "event packet from charon without its name"),
     (struct.pack("!I", 1 << 30), "announced a VICI message of 1073741824 bytes"),
     (response(b"\x01\x01s" * 50_000 + b"\x03\x01k\x00\x01v" + b"\x02" * 50_000),
      "nested deeper than 32 sections"),
