@@ -274,7 +274,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         p = site.link_policy(link)
         print(f"  link {link.name}: {link.role} to {link.peer.name} at {link.peer.address},"
               f" {p.mode.value}, rekey every {p.interval:g} s, hard lifetime"
-              f" {p.hard_lifetime:g} s, {len(link.sinks)} sink(s)")
+              f" {p.hard_lifetime:g} s, {len(link.sinks)} sink(s),"
+              f" prefetch {'on' if p.prefetch else 'off'}")
     return EXIT_OK
 
 

@@ -10,29 +10,22 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
 from gateway.core.policy import Mode, Policy
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.xfrm.sink import REQIDS_PER_LINK, XfrmSinkConfig
 from kms.config import KmsClientConfig
-from kms.configfile import Address, FilePath, load_yaml_model
+from kms.configfile import Address, ConfigModel, FilePath, Seconds, load_yaml_model
 from kms.models import EntityId
 from tls.file import FileSinkConfig
 from tls.sink import TlsPskSinkConfig
 
+#: More keys than any KME stores (ETSI GS QKD 014 `max_key_count`s are thousands).
+MAX_RESERVE_KEYS = 1_000_000
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-class PeerChannelConfig(_Strict):
+class PeerChannelConfig(ConfigModel):
     """This gateway's end of the mutual-TLS channel to its peers."""
 
     listen: Address
@@ -41,7 +34,7 @@ class PeerChannelConfig(_Strict):
     key: FilePath
 
 
-class PeerConfig(_Strict):
+class PeerConfig(ConfigModel):
     """The gateway at the other end of a link."""
 
     address: Address = Field(description="where its peer channel listens")
@@ -49,23 +42,26 @@ class PeerConfig(_Strict):
     sae_id: EntityId = Field(description="its SAE ID at its KME")
 
 
-class PolicyConfig(_Strict):
+class PolicyConfig(ConfigModel):
     """Rekey policy; every field optional, see gateway.core.policy.Policy for defaults."""
 
     mode: Mode | None = None
-    interval: PositiveFloat | None = None
+    interval: Seconds | None = None
     jitter: float | None = Field(default=None, ge=0, lt=0.5)
-    hard_lifetime: PositiveFloat | None = None
-    grace: PositiveFloat | None = None
-    retransmit: PositiveFloat | None = None
-    retransmit_max: PositiveFloat | None = None
-    attempt_timeout: PositiveFloat | None = None
-    retry_backoff: PositiveFloat | None = None
-    retry_backoff_max: PositiveFloat | None = None
+    hard_lifetime: Seconds | None = None
+    grace: Seconds | None = None
+    retransmit: Seconds | None = None
+    retransmit_max: Seconds | None = None
+    attempt_timeout: Seconds | None = None
+    retry_backoff: Seconds | None = None
+    retry_backoff_max: Seconds | None = None
     qkd_key_bits: int | None = Field(default=None, ge=128, le=8192, multiple_of=8)
     qber_threshold: float | None = Field(default=None, gt=0, lt=0.5)
-    reserve_keys: int | None = Field(default=None, ge=0)
+    reserve_keys: int | None = Field(default=None, ge=0, le=MAX_RESERVE_KEYS)
     qkd_share: float | None = Field(default=None, gt=0, le=1)
+    prefetch: bool | None = Field(
+        default=None, description="fetch the next epoch's QKD key ahead; off for KMEs that"
+                                  " serve only the keys of their latest enc_keys call")
 
     def set_fields(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -75,7 +71,7 @@ SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig | 
                        Field(discriminator="type")]
 
 
-class LinkConfig(_Strict):
+class LinkConfig(ConfigModel):
     name: EntityId
     role: Literal["initiator", "responder"] = Field(
         description="the initiator fetches QKD keys as master SAE and starts each rekey")
@@ -85,23 +81,23 @@ class LinkConfig(_Strict):
     sinks: list[SinkConfig] = Field(default_factory=list)
 
 
-class AdminConfig(_Strict):
+class AdminConfig(ConfigModel):
     """The local control socket of `qkdgw status` and `qkdgw rekey` (mode 0600)."""
 
     socket: FilePath | None = None
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(ConfigModel):
     """Prometheus metrics and /healthz over HTTP; keep it on loopback or a management net."""
 
     listen: Address
 
 
-class SiteConfig(_Strict):
+class SiteConfig(ConfigModel):
     site: EntityId
     state_dir: FilePath = Field(description="snapshots, audit log and admin socket (0700)")
     kms: KmsClientConfig
-    kms_status_interval: PositiveFloat = Field(
+    kms_status_interval: Seconds = Field(
         default=10.0, description="seconds between KMS status polls")
     peer_channel: PeerChannelConfig
     policy: PolicyConfig = PolicyConfig()

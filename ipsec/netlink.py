@@ -10,17 +10,25 @@ holds key bytes.
 
 A protocol subclasses `NetlinkSocket` with its number, the classes of the messages it reads
 and its error classes.
+
+Decoding is strict (`decode`): pyroute2 reads a struct or attribute cut short from whatever
+bytes follow, or keeps an attribute it cannot decode as raw bytes. Here that is a
+NetlinkDecodeError; a request whose answer does not decode fails with the protocol's error
+(errno EBADMSG), and a notification that does not decode is logged and skipped, as the
+kernel drops notifications when the socket's buffer overflows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as errno_
 import itertools
+import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
 from pyroute2.netlink import (
@@ -39,6 +47,10 @@ NETLINK_EXT_ACK = 11
 NLMSGERR_ATTR_MSG = 1
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h; the socket module does not name it
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
+_NLA_HEADER = struct.Struct("=HH")  # struct nlattr
+_ERROR_SIZE = 4 + _HEADER.size  # struct nlmsgerr without the request's payload
+
+log = logging.getLogger(__name__)
 
 
 class NetlinkError(Exception):
@@ -49,6 +61,21 @@ class NetlinkError(Exception):
         self.operation, self.subject, self.errno = operation, subject, errno
         reason = os.strerror(errno) + (f" ({kernel_says})" if kernel_says else "")
         super().__init__(f"{operation} {subject}: {reason}")
+
+
+class NetlinkDecodeError(NetlinkError):
+    """A message from the kernel that does not decode: cut short, or a value out of range.
+    `detail` says what was wrong."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        self.detail = detail
+        super().__init__("decode", what, errno_.EBADMSG, detail)
+
+    def in_answer(self, error: type[NetlinkError], operation: str,
+                  subject: str) -> NetlinkError:
+        """This, as the protocol's ERROR of the request OPERATION on SUBJECT."""
+        return error(operation, subject, self.errno,
+                     f"the answer does not decode: {self.subject}: {self.detail}")
 
 
 class NetlinkSocket:
@@ -110,6 +137,8 @@ class NetlinkSocket:
             except TimeoutError:
                 raise self.error(operation, subject, errno_.ETIMEDOUT,
                                  f"no answer in {self.answer_timeout:g} s") from None
+            except NetlinkDecodeError as e:
+                raise e.in_answer(self.error, operation, subject) from None
 
     def unsolicited(self, msg: nlmsg) -> None:
         """A message read while waiting for an answer that is not part of it: a stale answer
@@ -127,8 +156,21 @@ class NetlinkSocket:
                 if e.errno == errno_.ENOBUFS:  # we fell behind; the kernel dropped some
                     continue
                 raise
-            out += [_decode(cls, data, offset) for offset, _, msg_type, _, _ in headers(data)
-                    if (cls := self.message_classes.get(msg_type)) is not None]
+            out += self._notices(data)
+
+    def _notices(self, data: bytes) -> list[nlmsg]:
+        """The messages of `message_classes` in DATA; what does not decode is logged and
+        skipped."""
+        out: list[nlmsg] = []
+        try:
+            for offset, length, msg_type, _, _ in headers(data):
+                cls = self.message_classes.get(msg_type)
+                if cls is not None:
+                    with _skipped(self.protocol_name):
+                        out.append(decode(cls, data, offset, length))
+        except NetlinkDecodeError as e:
+            log.error("%s: a datagram skipped: %s", self.protocol_name, e)
+        return out
 
     async def _collect(self, seq: int, operation: str, subject: str) -> list[nlmsg]:
         loop = asyncio.get_running_loop()
@@ -144,7 +186,8 @@ class NetlinkSocket:
                 cls = self.message_classes.get(msg_type)
                 if msg_seq != seq:
                     if cls is not None:
-                        self.unsolicited(_decode(cls, data, offset))
+                        with _skipped(self.protocol_name):
+                            self.unsolicited(decode(cls, data, offset, length))
                     continue
                 if msg_type == NLMSG_DONE:
                     return out
@@ -154,10 +197,11 @@ class NetlinkSocket:
                         return out
                     raise self.error(operation, subject, -code, text)
                 if cls is not None:
-                    out.append(_decode(cls, data, offset))
+                    out.append(decode(cls, data, offset, length))
 
     async def notifications(self) -> AsyncIterator[nlmsg]:
-        """Decoded messages of the multicast groups this socket was opened with."""
+        """Decoded messages of the multicast groups this socket was opened with (those that
+        do not decode are logged and skipped)."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -166,19 +210,30 @@ class NetlinkSocket:
                 if e.errno == errno_.ENOBUFS:  # we fell behind; the kernel dropped some
                     continue
                 raise
-            for offset, _, msg_type, _, _ in headers(data):
-                cls = self.message_classes.get(msg_type)
-                if cls is not None:
-                    yield _decode(cls, data, offset)
+            for msg in self._notices(data):
+                yield msg
+
+
+@contextlib.contextmanager
+def _skipped(protocol: str) -> Iterator[None]:
+    """A message not asked for that does not decode: logged, and the others still read."""
+    try:
+        yield
+    except NetlinkDecodeError as e:
+        log.error("%s: a message skipped: %s", protocol, e)
 
 
 def headers(data: bytes) -> list[tuple[int, int, int, int, int]]:
     """(offset, length, type, flags, seq) of each netlink message in a datagram."""
     out, offset = [], 0
-    while offset + _HEADER.size <= len(data):
+    while offset < len(data):
+        if offset + _HEADER.size > len(data):
+            raise NetlinkDecodeError("netlink datagram", f"{len(data) - offset} bytes left at"
+                                     f" byte {offset}, less than a message header")
         length, msg_type, flags, seq, _ = _HEADER.unpack_from(data, offset)
         if length < _HEADER.size or offset + length > len(data):
-            break
+            raise NetlinkDecodeError("netlink datagram", f"the message at byte {offset}"
+                                     f" announces {length} bytes, {len(data) - offset} left")
         out.append((offset, length, msg_type, flags, seq))
         offset += (length + 3) & ~3
     return out
@@ -187,21 +242,56 @@ def headers(data: bytes) -> list[tuple[int, int, int, int, int]]:
 def error(data: bytes, offset: int, length: int, flags: int) -> tuple[int, str]:
     """struct nlmsgerr { int error; struct nlmsghdr msg; } + extended-ack attributes (the
     request itself is left out: NETLINK_CAP_ACK)."""
+    if length < _HEADER.size + _ERROR_SIZE:
+        raise NetlinkDecodeError("NLMSG_ERROR", f"{length} bytes, struct nlmsgerr needs"
+                                 f" {_HEADER.size + _ERROR_SIZE}")
     (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
     text = ""
     if flags & NLM_F_ACK_TLVS:
-        pos, end = offset + _HEADER.size + 4 + _HEADER.size, offset + length
+        pos, end = offset + _HEADER.size + _ERROR_SIZE, offset + length
         while pos + 4 <= end:
             nla_len, nla_type = struct.unpack_from("=HH", data, pos)
             if nla_len < 4:
                 break
             if nla_type == NLMSGERR_ATTR_MSG:
-                text = bytes(data[pos + 4:pos + nla_len]).split(b"\0")[0].decode(errors="replace")
+                text = bytes(data[pos + 4:min(pos + nla_len, end)]).split(b"\0")[0].decode(
+                    errors="replace")
             pos += (nla_len + 3) & ~3
     return code, text
 
 
-def _decode(cls: type[nlmsg], data: bytes, offset: int) -> Any:
-    msg = cls(data, offset=offset)
-    msg.decode()
+def _fixed_size(fields: Any) -> int:
+    """Bytes of a pyroute2 field list, leaving out a trailing "s" (the rest, any length)."""
+    return sum(struct.calcsize(fmt) for _, fmt in fields if fmt != "s")
+
+
+def decode(cls: type[nlmsg], data: bytes, offset: int, length: int) -> Any:
+    """The message of LENGTH bytes at OFFSET in DATA, as CLS, with every attribute decoded.
+
+    Raises NetlinkDecodeError, naming the struct or attribute, when the message or one of
+    its attributes is shorter than its struct or does not decode."""
+    name = cls.__name__
+    need = _HEADER.size + _fixed_size(cls.fields)
+    if length < need:
+        raise NetlinkDecodeError(name, f"{length} bytes, the struct needs {need}")
+    buf = bytes(data[offset:offset + length])  # nothing past the message to read by mistake
+    try:
+        msg = cls(buf)
+        msg.decode()
+        end = (need + 3) & ~3  # where the attributes start, then where each ends
+        for slot in msg.get("attrs", ()):
+            attr, nla = slot.cell
+            announced, _ = _NLA_HEADER.unpack_from(buf, nla.offset)
+            fixed = _NLA_HEADER.size + _fixed_size(getattr(nla, "fields", ()))
+            if announced != nla.length or announced < fixed:
+                raise NetlinkDecodeError(name, f"attribute {attr} of {announced} bytes"
+                                         f" ({nla.length} there, its struct needs {fixed})")
+            nla.decode()
+            end = nla.offset + ((nla.length + 3) & ~3)
+        if end < length:
+            raise NetlinkDecodeError(name, f"{length - end} bytes after the last attribute")
+    except NetlinkDecodeError:
+        raise
+    except Exception as e:  # pyroute2 raises struct.error, its own errors, ValueError, ...
+        raise NetlinkDecodeError(name, f"{type(e).__name__}: {e}") from None
     return msg

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import Field, field_validator
 
 from kms.client import KmeClient, RetryPolicy, Timeouts
-from kms.configfile import FilePath
+from kms.configfile import ConfigModel, FilePath, Seconds
 from kms.models import EntityId
 
 
-class KmsClientConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class KmsClientConfig(ConfigModel):
     url: str = Field(description="KME base URL, https://HOST:PORT")
     sae_id: EntityId = Field(description="this gateway's SAE ID (its client certificate CN)")
     ca: FilePath = Field(description="CA that issued the KME's server certificate")
     cert: FilePath = Field(description="this SAE's client certificate")
     key: FilePath = Field(description="its private key (mode 0600)")
-    connect_timeout: PositiveFloat = 3.0
-    read_timeout: PositiveFloat = 10.0
+    connect_timeout: Seconds = 3.0
+    read_timeout: Seconds = 10.0
     attempts: int = Field(default=3, ge=1, le=10, description="tries per call, see retries")
 
     @field_validator("url")

@@ -1,7 +1,13 @@
-"""Loading YAML configuration into pydantic models, with errors that name the field.
+"""Loading YAML configuration into pydantic models, with errors that name the file, the field
+and the line.
 
 Shared by the simulator's and the gateway's configuration (the gateway imports it; this
-package imports nothing of the gateway).
+package imports nothing of the gateway). A configuration file is small, plain YAML: the
+loader refuses what only an attacker or a slip would write, before anything expands or
+recurses on it: files over MAX_CONFIG_BYTES, text that is not UTF-8, nesting deeper than
+MAX_DEPTH, more than MAX_VALUES values with aliases expanded (a 2 KB alias bomb stands for
+gigabytes), duplicate keys (YAML would keep the last one silently). Models built on
+`ConfigModel` refuse unknown fields, NaN and infinities (YAML's `.nan`, `.inf`).
 """
 
 from __future__ import annotations
@@ -9,17 +15,183 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ValidationError, ValidationInfo
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
 
 M = TypeVar("M", bound=BaseModel)
+
+#: A site or simulator configuration is a few KB; this is far beyond any real one.
+MAX_CONFIG_BYTES = 1 << 20
+#: Nesting levels (mappings and lists, the top level counting as one): the deepest real
+#: configuration (a strongSwan connection's CHILD SA traffic selectors) has nine.
+MAX_DEPTH = 64
+#: Values (scalars, lists and mappings) in one file, an alias counting as all it stands for.
+MAX_VALUES = 100_000
+#: No duration in any configuration is longer than a year.
+MAX_SECONDS = 365 * 24 * 3600
+
+Loc = tuple[int | str, ...]
 
 
 class ConfigError(Exception):
     """A configuration file that cannot be used; the message names the file and the field."""
+
+
+class ConfigModel(BaseModel):
+    """A section of a configuration file: unknown fields are errors, values immutable, and no
+    number NaN or infinite (a NaN compares false with everything, an infinite lifetime
+    never expires)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: A duration in seconds: positive, at most MAX_SECONDS.
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a configuration file must not contain."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing deep nesting, too many values and duplicate keys, and
+    keeping the line of every mapping key and list item (for validation errors)."""
+
+    def __init__(self, text: str, name: str) -> None:
+        super().__init__(text)
+        self.name = name  # in every mark, so in every error
+        self.depth = 0  # levels above the node being composed
+        self.values = 0  # in the document so far, aliases expanded
+        #: node -> (values, levels) it stands for, aliases expanded
+        self.extent: dict[yaml.Node, tuple[int, int]] = {}
+        #: id() of each mapping or list built -> its keys or indexes -> their lines
+        self.lines: dict[int, dict[Any, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """The node, refused if it nests too deep or stands for too many values: counted
+        with every alias expanded, as whatever reads the configuration would expand it."""
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
+        if self.depth >= MAX_DEPTH:
+            raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if node not in self.extent:
+                raise _Refused(None, None, f"alias *{event.anchor} stands for a value that"
+                               " contains it", mark)
+            values, levels = self.extent[node]
+            if self.depth + levels > MAX_DEPTH:
+                raise _Refused(None, None, f"alias *{event.anchor} nests deeper than"
+                               f" {MAX_DEPTH} levels", mark)
+            self.values += values
+        else:
+            self.values += 1
+            self.depth += 1
+            try:
+                node = super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+            assert node is not None  # an event that starts a node was peeked
+            children = ([n for pair in node.value for n in pair]
+                        if isinstance(node, yaml.MappingNode) else
+                        node.value if isinstance(node, yaml.SequenceNode) else [])
+            values = 1 + sum(self.extent[c][0] for c in children)
+            levels = 1 + max((self.extent[c][1] for c in children), default=0)
+            self.extent[node] = values, levels
+        if self.values > MAX_VALUES:
+            raise _Refused(None, None, f"more than {MAX_VALUES} values (each alias counted as"
+                           " the values it stands for)", mark)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            data = super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:  # e.g. an integer of 5000 digits
+            raise _Refused(None, None, str(e), node.start_mark) from None
+        if isinstance(node, yaml.MappingNode) and isinstance(data, dict):
+            self.lines[id(data)] = {k.value: k.start_mark.line + 1 for k, _ in node.value
+                                    if isinstance(k, yaml.ScalarNode)}
+        elif isinstance(node, yaml.SequenceNode) and isinstance(data, list):
+            self.lines[id(data)] = {i: n.start_mark.line + 1 for i, n in enumerate(node.value)}
+        return data
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False
+                          ) -> dict[Hashable, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base class says so
+                if key in seen:
+                    raise _Refused(None, None, f"duplicate key {key!r} (first on line"
+                                   f" {seen[key]})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def line_of(self, data: Any, loc: Loc) -> int | None:
+        """The line of the last part of LOC found in DATA (parts not in the file, such as a
+        union member's name, are skipped)."""
+        line = None
+        for part in loc:
+            lines = self.lines.get(id(data), {})
+            if part in lines:
+                try:
+                    data = data[part]
+                except (LookupError, TypeError):  # a key written as 1, looked up as "1"
+                    break
+                line = lines[part]
+        return line
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return str(e)
+    mark = e.problem_mark
+    context = f" ({e.context})" if e.context else ""
+    what = "" if isinstance(e, _Refused) else "not valid YAML: "
+    return f"{what}line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}"
+
+
+def _read_yaml(path: Path) -> tuple[Any, Callable[[Loc], int | None]]:
+    """PATH's content, and where in it each location is: its line, if known.
+
+    Raises ConfigError naming the file (and the line or byte) for everything refused."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a configuration"
+                          " file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: line {line}, byte offset {e.start}:"
+                          f" {e.reason}") from None
+    loader = _Loader(text, str(path))
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+    finally:
+        loader.dispose()
+    return data, lambda loc: loader.line_of(data, loc)
 
 
 class HostPort(NamedTuple):
@@ -56,10 +228,14 @@ def _parse_host_port(value: Any) -> HostPort:
 Address = Annotated[HostPort, BeforeValidator(_parse_host_port)]
 
 
-def format_validation_error(source: str, error: ValidationError) -> str:
+def format_validation_error(source: str, error: ValidationError,
+                            line_of: Callable[[Loc], int | None] = lambda loc: None) -> str:
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for e in error.errors(include_url=False):
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        line = line_of(e["loc"])
+        if line is not None:
+            where = f"line {line}: {where}"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {where}: {msg}")
     return "\n".join(lines)
@@ -67,20 +243,13 @@ def format_validation_error(source: str, error: ValidationError) -> str:
 
 def load_yaml_model(path: Path, model: type[M]) -> M:
     """Read PATH as YAML and validate it as MODEL; relative paths inside resolve next to it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data, line_of = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         return model.model_validate(data, context={"base_dir": path.parent.resolve()})
     except ValidationError as e:
-        raise ConfigError(format_validation_error(str(path), e)) from None
+        raise ConfigError(format_validation_error(str(path), e, line_of)) from None
 
 
 def resolve_path(value: Any, context: Any) -> Any:

@@ -23,13 +23,13 @@ import contextlib
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import Field
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.files import write_private
 from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
-from kms.configfile import FilePath
+from kms.configfile import ConfigModel, FilePath, Seconds
 from tls.hook import run_hook
 
 log = logging.getLogger(__name__)
@@ -37,16 +37,14 @@ log = logging.getLogger(__name__)
 PURPOSES = {p.name.lower(): p for p in Purpose}
 
 
-class FileSinkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class FileSinkConfig(ConfigModel):
     type: Literal["file"]
     path: FilePath
     purpose: Literal["tls_psk", "ike_ppk", "esp_i2r", "esp_r2i"] = "tls_psk"
     format: Literal["hex", "base64", "raw"] = "hex"
     hook: list[str] | None = Field(default=None, min_length=1,
                                    description="command and arguments, run after each change")
-    hook_timeout: PositiveFloat = 10.0
+    hook_timeout: Seconds = 10.0
 
     def build(self, context: SinkContext) -> FileSink:
         return FileSink(self)  # a file has no limits to report

@@ -35,22 +35,20 @@ import logging
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import Field
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.files import write_private
 from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
-from kms.configfile import FilePath
+from kms.configfile import ConfigModel, FilePath, Seconds
 from tls import expiry, pskfile
 from tls.hook import run_hook, sighup
 
 log = logging.getLogger(__name__)
 
 
-class TlsPskSinkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class TlsPskSinkConfig(ConfigModel):
     type: Literal["tls_psk"]
     path: FilePath = Field(description="the PSK secrets file (stunnel: PSKsecrets)")
     role: Literal["server", "client"] = Field(
@@ -60,7 +58,7 @@ class TlsPskSinkConfig(BaseModel):
                                   " change (stunnel re-reads PSKsecrets on SIGHUP)")
     hook: list[str] | None = Field(default=None, min_length=1,
                                    description="command and arguments, run after each change")
-    hook_timeout: PositiveFloat = 10.0
+    hook_timeout: Seconds = 10.0
     on_stop: Literal["block", "keep"] = Field(
         default="block", description="block: leave the placeholder (no new handshake works);"
                                      " keep: leave the identities until their deadlines")

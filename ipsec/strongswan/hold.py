@@ -30,9 +30,10 @@ import socket
 import time
 import zlib
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ipsec.nfqueue import NfQueueError, NfQueueSocket
+from kms.configfile import ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,7 @@ MAX_PACKETS = 10_000
 IPTABLES_WAIT = 5
 
 
-class HoldConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class HoldConfig(ConfigModel):
     device: str = Field(default="ipsec0", min_length=1, max_length=15,
                         description="kernel-libipsec's TUN device (charon.plugins."
                                     "kernel-libipsec); without it there is nothing to hold")

@@ -44,13 +44,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+from vici.protocol import Message
 
 from gateway.core.events import EpochMaterial, EpochRef, Role
 from gateway.sink import SinkContext, SinkError
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
-from ipsec.strongswan.vici import Section, Vici, ViciConnectionError, ViciError
+from ipsec.strongswan.vici import MAX_MESSAGE, Section, Vici, ViciConnectionError, ViciError
 from kdf.schedule import Purpose
+from kms.configfile import ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,14 @@ OWNED_KEYS = ("ppk_id", "ppk_required", "unique", "rekey_time", "reauth_time", "
 PPK_SINCE = (5, 7)
 #: What operators try before they read RFC 8784: the epoch key as the IKE AUTH secret.
 AUTH_PSK_WORDS = ("psk", "auth", "auth-psk", "ike-psk", "secret")
+#: Sections in a connection, the connection counting as one: swanctl.conf nests two
+#: (connections.<name>.children.<child>); some room for what later versions add.
+MAX_CONNECTION_DEPTH = 4
+#: VICI prefixes a key with its length in one byte, a value with its length in two.
+MAX_VICI_KEY, MAX_VICI_VALUE = 255, 65_535
 
 
-class StrongswanSinkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class StrongswanSinkConfig(ConfigModel):
     type: Literal["strongswan"]
     vici: Path = Field(default=Path("/var/run/charon.vici"),
                        description="charon's VICI socket (charon.plugins.vici.socket)")
@@ -130,6 +135,10 @@ class StrongswanSinkConfig(BaseModel):
                 raise ValueError(f"connection: {local}.auth psk needs an id: the operator's"
                                  " own IKE secret, never the epoch key, is found by it")
         _check_values(c, "connection")
+        size = len(Message.serialize({"x" * 64: _vici_value(c)}))
+        if size > MAX_MESSAGE // 2:  # the gateway adds its own keys, a PPK id, the command
+            raise ValueError(f"connection: {size} bytes as a VICI message; charon takes at"
+                             f" most {MAX_MESSAGE} in all")
         return self
 
     def conn_name(self, link: str) -> str:
@@ -139,16 +148,24 @@ class StrongswanSinkConfig(BaseModel):
         return StrongswanSink(self, context)
 
 
-def _check_values(section: Mapping[str, Any], where: str) -> None:
-    """VICI carries sections, lists of strings and strings: nothing else."""
+def _check_values(section: Mapping[str, Any], where: str, depth: int = 1) -> None:
+    """VICI carries sections, lists of strings and strings, of bounded length: nothing else."""
+    if depth > MAX_CONNECTION_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_CONNECTION_DEPTH} sections")
     for key, value in section.items():
+        if len(str(key).encode()) > MAX_VICI_KEY:
+            raise ValueError(f"{where}: a key longer than {MAX_VICI_KEY} bytes")
         if isinstance(value, dict):
-            _check_values(value, f"{where}.{key}")
-        elif isinstance(value, list):
+            _check_values(value, f"{where}.{key}", depth + 1)
+            continue
+        if isinstance(value, list):
             if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
                 raise ValueError(f"{where}.{key}: a list may hold only strings and numbers")
         elif not isinstance(value, str | int | bool):
             raise ValueError(f"{where}.{key}: {type(value).__name__} is not a swanctl value")
+        if any(len(str(v).encode()) > MAX_VICI_VALUE
+               for v in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"{where}.{key}: a value longer than {MAX_VICI_VALUE} bytes")
 
 
 def _vici_value(value: Any) -> Any:
@@ -326,6 +343,8 @@ class StrongswanSink:
             vici = await Vici.connect(self.config.vici)
             try:
                 version = (await vici.request("version")).get("version", "?")
+                if not isinstance(version, str):
+                    raise ViciError("VICI version: charon's version is not text")
             except ViciError:
                 await vici.close()
                 raise
@@ -376,6 +395,10 @@ class StrongswanSink:
         for event in events:
             for name, sa in event.items():
                 if name == self.conn and isinstance(sa, dict):
+                    if not isinstance(sa.get("uniqueid"), str) \
+                            or not isinstance(sa.get("child-sas", {}), dict):
+                        raise ViciError(f"list-sas: an IKE SA of {self.conn} without a uniqueid"
+                                        " or with child-sas not a section")
                     out.append(sa)
         return out
 

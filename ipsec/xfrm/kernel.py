@@ -6,6 +6,7 @@ import errno
 
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 
+from ipsec.netlink import NetlinkDecodeError
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.netlink import XfrmError, XfrmSocket
 from ipsec.xfrm.objects import PolicyId, PolicySpec, PolicyState, SaId, SaSpec, SaState
@@ -38,7 +39,10 @@ class XfrmKernel:
         """Every SA of this namespace (XFRM_MSG_GETSA dump)."""
         answer = await self.socket.request(s.xfrm_dump(), s.XFRM_MSG_GETSA, "all SAs",
                                            dump=True)
-        return [SaState.from_message(m) for m in answer]
+        try:
+            return [SaState.from_message(m) for m in answer]
+        except NetlinkDecodeError as e:
+            raise e.in_answer(XfrmError, "XFRM_MSG_GETSA", "all SAs") from None
 
     async def set_policy(self, policy: PolicySpec) -> None:
         """XFRM_MSG_UPDPOLICY: creates the policy, or replaces the one with the same
@@ -59,4 +63,8 @@ class XfrmKernel:
         which have no selector of their own, are left out)."""
         answer = await self.socket.request(s.xfrm_dump(), s.XFRM_MSG_GETPOLICY,
                                            "all policies", dump=True)
-        return [PolicyState.from_message(m) for m in answer if m["dir"] <= s.XFRM_POLICY_FWD]
+        try:
+            return [PolicyState.from_message(m) for m in answer
+                    if m["dir"] <= s.XFRM_POLICY_FWD]
+        except NetlinkDecodeError as e:
+            raise e.in_answer(XfrmError, "XFRM_MSG_GETPOLICY", "all policies") from None

@@ -1,6 +1,7 @@
 """SAs and policies as typed values, and their translation to and from kernel messages.
 
-Pure: builds and reads `ipsec.xfrm.structs` messages, does no I/O.
+Pure: builds and reads `ipsec.xfrm.structs` messages, does no I/O. A message read with a
+value no SA or policy can have is a NetlinkDecodeError.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
+from ipsec.netlink import NetlinkDecodeError
 from ipsec.xfrm import structs as s
 
 IPAddress = IPv4Address | IPv6Address
@@ -122,11 +124,20 @@ class Selector:
 
     @classmethod
     def from_fields(cls, m: Any, prefix: str = "sel_") -> Selector:
+        """The selector in M's fields. Host bits are dropped: the kernel keeps them as given
+        (`ip xfrm policy add src 10.1.2.3/16`), and matches on the prefix alone."""
         fam = m[prefix + "family"]
-        net = IPv4Network if fam == socket.AF_INET else IPv6Network
-        return cls(net((unpacked(m[prefix + "saddr"], fam), m[prefix + "prefixlen_s"])),
-                   net((unpacked(m[prefix + "daddr"], fam), m[prefix + "prefixlen_d"])),
-                   m[prefix + "proto"], m[prefix + "sport"], m[prefix + "dport"])
+        net, bits = (IPv4Network, 32) if fam == socket.AF_INET else (IPv6Network, 128)
+        ends = []
+        for end in ("s", "d"):
+            length = m[f"{prefix}prefixlen_{end}"]
+            if length > bits:
+                raise NetlinkDecodeError("xfrm_selector", f"prefix length {length} for a"
+                                         f" {bits}-bit address")
+            addr = unpacked(m[f"{prefix}{end}addr"], fam)
+            ends.append(net((addr, length), strict=False))
+        return cls(ends[0], ends[1], m[prefix + "proto"], m[prefix + "sport"],
+                   m[prefix + "dport"])
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,8 @@ class SaState:
                    bytes=m[prefix + "curlft_bytes"], packets=m[prefix + "curlft_packets"],
                    add_time=m[prefix + "curlft_add_time"],
                    replay_window=esn["replay_window"] if esn else m[prefix + "replay_window"],
-                   algorithm=aead["alg_name"].rstrip(b"\0").decode() if aead else "")
+                   algorithm=aead["alg_name"].rstrip(b"\0").decode(errors="replace")
+                   if aead else "")
 
 
 @dataclass(frozen=True)

@@ -37,17 +37,11 @@ import zlib
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    IPvAnyAddress,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, IPvAnyAddress, model_validator
 
 from gateway.core.events import EpochMaterial, EpochRef
 from gateway.sink import SinkContext, SinkError
+from ipsec.netlink import NetlinkDecodeError
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.kernel import XfrmKernel
 from ipsec.xfrm.netlink import XfrmError, XfrmSocket
@@ -64,6 +58,7 @@ from ipsec.xfrm.objects import (
     Selector,
     Template,
 )
+from kms.configfile import MAX_SECONDS, ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -98,28 +93,22 @@ def _subnet(value: Any) -> Any:
 Subnet = Annotated[IPv4Network | IPv6Network, BeforeValidator(_subnet)]
 
 
-class SoftLimits(BaseModel):
+class SoftLimits(ConfigModel):
     """Reaching one makes the link rekey now (the kernel reports it per SA)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bytes: int | None = Field(default=None, gt=0)
-    packets: int | None = Field(default=SOFT_PACKETS, gt=0)
-    seconds: int | None = Field(default=None, gt=0)
+    bytes: int | None = Field(default=None, gt=0, lt=s.XFRM_INF)
+    packets: int | None = Field(default=SOFT_PACKETS, gt=0, lt=s.XFRM_INF)
+    seconds: int | None = Field(default=None, gt=0, le=MAX_SECONDS)
 
 
-class HardLimits(BaseModel):
+class HardLimits(ConfigModel):
     """Reaching one makes the kernel delete the SA: traffic stops until the next epoch."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bytes: int | None = Field(default=None, gt=0)
-    packets: int | None = Field(default=None, gt=0)
+    bytes: int | None = Field(default=None, gt=0, lt=s.XFRM_INF)
+    packets: int | None = Field(default=None, gt=0, lt=s.XFRM_INF)
 
 
-class XfrmSinkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class XfrmSinkConfig(ConfigModel):
     type: Literal["xfrm"]
     mode: Literal["tunnel", "transport"] = "tunnel"
     local: IPvAnyAddress = Field(description="this gateway's ESP endpoint address")
@@ -389,10 +378,14 @@ class XfrmSink:
         """Soft and hard expiry of our SAs, and ACQUIREs for our policies."""
         try:
             async for msg in sock.notifications():
-                if msg["header"]["type"] == s.XFRM_MSG_EXPIRE:
-                    self._expired(SaState.from_message(msg), hard=bool(msg["hard"]), msg=msg)
-                else:
-                    self._acquired(Selector.from_fields(msg))
+                try:
+                    if msg["header"]["type"] == s.XFRM_MSG_EXPIRE:
+                        self._expired(SaState.from_message(msg), hard=bool(msg["hard"]),
+                                      msg=msg)
+                    else:
+                        self._acquired(Selector.from_fields(msg))
+                except NetlinkDecodeError as e:  # one notification lost, not the listener
+                    log.error("link %s: xfrm notification skipped: %s", self.context.link, e)
         except OSError as e:
             log.error("link %s: xfrm notifications lost: %s", self.context.link, e)
         finally:

@@ -7,27 +7,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveFloat,
-    PositiveInt,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
-from kms.configfile import Address, FilePath, load_yaml_model
+from kms.configfile import (
+    MAX_SECONDS,
+    Address,
+    ConfigModel,
+    FilePath,
+    Seconds,
+    load_yaml_model,
+)
 from kms.models import EntityId
 
 #: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0).
 QBER_LIMIT = 0.11
+#: Key sizes up to 64 Kbit: ETSI GS QKD 014 sets no limit; real KMEs serve at most 8 Kbit.
+MAX_KEY_BITS = 65_536
+#: Keys in a pool: the pool's bits (keys × key_size) stay well within a float.
+MAX_KEY_COUNT = 100_000_000
+#: Keys in one enc_keys answer.
+MAX_KEYS_PER_REQUEST = 10_000
+#: Secret key rate, bit/s: a thousand times beyond any QKD link.
+MAX_KEY_RATE = 1e12
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class KmeConfig(_Strict):
+class KmeConfig(ConfigModel):
     """One KME: where it listens, how it proves itself, which SAEs it serves."""
 
     id: EntityId
@@ -38,12 +42,12 @@ class KmeConfig(_Strict):
         min_length=1, description="SAE IDs (client certificate commonNames) this KME serves")
 
 
-class Outage(_Strict):
+class Outage(ConfigModel):
     """A scheduled outage of the quantum channel, in seconds after the simulator starts."""
 
-    start: float = Field(ge=0)
-    duration: PositiveFloat
-    every: PositiveFloat | None = None
+    start: float = Field(ge=0, le=MAX_SECONDS)
+    duration: Seconds
+    every: Seconds | None = None
 
     @model_validator(mode="after")
     def _period_fits(self) -> Outage:
@@ -52,21 +56,22 @@ class Outage(_Strict):
         return self
 
 
-class LinkConfig(_Strict):
+class LinkConfig(ConfigModel):
     """A QKD link between two KMEs and the key supply it models."""
 
     name: EntityId
     kmes: tuple[EntityId, EntityId]
-    key_size: PositiveInt = 256
-    min_key_size: PositiveInt = 64
-    max_key_size: PositiveInt = 8192
-    max_key_count: PositiveInt = 10_000
-    max_key_per_request: PositiveInt = 128
-    initial_key_count: int | None = Field(default=None, ge=0)
-    key_rate: float = Field(default=10_000.0, ge=0, description="secret key rate, bit/s")
+    key_size: int = Field(default=256, gt=0, le=MAX_KEY_BITS)
+    min_key_size: int = Field(default=64, gt=0, le=MAX_KEY_BITS)
+    max_key_size: int = Field(default=8192, gt=0, le=MAX_KEY_BITS)
+    max_key_count: int = Field(default=10_000, gt=0, le=MAX_KEY_COUNT)
+    max_key_per_request: int = Field(default=128, gt=0, le=MAX_KEYS_PER_REQUEST)
+    initial_key_count: int | None = Field(default=None, ge=0, le=MAX_KEY_COUNT)
+    key_rate: float = Field(default=10_000.0, ge=0, le=MAX_KEY_RATE,
+                            description="secret key rate, bit/s")
     qber: float = Field(default=0.02, ge=0, lt=QBER_LIMIT)
-    ageing_half_life: PositiveFloat | None = None
-    reserved_key_ttl: PositiveFloat = 300.0
+    ageing_half_life: Seconds | None = None
+    reserved_key_ttl: Seconds = 300.0
     outages: tuple[Outage, ...] = ()
 
     @model_validator(mode="after")
@@ -87,7 +92,7 @@ class LinkConfig(_Strict):
         return self.max_key_count if self.initial_key_count is None else self.initial_key_count
 
 
-class AdminConfig(_Strict):
+class AdminConfig(ConfigModel):
     listen: Address
 
     @model_validator(mode="after")
@@ -97,7 +102,7 @@ class AdminConfig(_Strict):
         return self
 
 
-class SimConfig(_Strict):
+class SimConfig(ConfigModel):
     ca: FilePath = Field(description="CA that issued the SAE client certificates")
     admin: AdminConfig | None = None
     kmes: list[KmeConfig] = Field(min_length=2)
