@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -25,6 +24,8 @@ from pathlib import Path
 from gateway.files import write_private
 
 EXPIRY, LOCK, GUARD = ".expiry", ".lock", ".guard"
+#: Deadlines are Unix times before the year 5000; anything else is not what the sink wrote.
+MAX_TIME = 95_617_584_000
 
 
 class ExpiryError(ValueError):
@@ -86,10 +87,11 @@ def read(path: Path) -> dict[str, float]:
         data = json.loads(beside(path, EXPIRY).read_bytes())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
-        raise ExpiryError(f"{beside(path, EXPIRY)}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ExpiryError(f"{beside(path, EXPIRY)}: unreadable ({type(e).__name__})") from None
+    # Compared, not converted: a 400-digit integer must be refused, not overflow a float.
     if not isinstance(data, dict) or not all(
-            isinstance(k, str) and isinstance(v, int | float) and math.isfinite(v)
+            isinstance(k, str) and type(v) in (int, float) and 0 <= v <= MAX_TIME
             for k, v in data.items()):
         raise ExpiryError(f"{beside(path, EXPIRY)}: not a map of identities to times")
     return {k: float(v) for k, v in data.items()}

@@ -289,3 +289,17 @@ def test_the_documented_sample_sinks_are_valid() -> None:
     docs = list(yaml.safe_load_all(sample.read_text()))
     roles = [TlsPskSinkConfig.model_validate(d["sinks"][0]).role for d in docs]
     assert roles == ["server", "client"]
+
+
+@pytest.mark.parametrize("content", ['{"qkdgw-ab-e1": 1e999}', '{"qkdgw-ab-e1": 1%s}' % ("0" * 400),
+                                     "[" * 100_000, '{"qkdgw-ab-e1": NaN}',
+                                     '{"qkdgw-ab-e1": true}', '{"qkdgw-ab-e1": -5}'])
+def test_a_corrupt_expiry_file_is_refused_not_a_crash(tmp_path: Path, content: str) -> None:
+    """Every number from a file is bounded where it is parsed; the sink and the guard then
+    take every identity as expired (fail closed)."""
+    from tls import expiry
+
+    path = tmp_path / "ab.psk"
+    expiry.beside(path, expiry.EXPIRY).write_text(content)
+    with pytest.raises(expiry.ExpiryError, match=r"ab\.psk\.expiry"):
+        expiry.read(path)
