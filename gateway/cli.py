@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
              " plaintext from a socket on the link.\nExit status 0 when nothing was lost and"
              " nothing crossed in clear.\n\n--kms-only runs the smaller demo that needs no"
              " root: QKD keys fetched on two sites.")
-    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--duration", type=_finite, default=None, metavar="SECONDS",
                    help="stop after this long with a summary (default: until Ctrl-C)")
-    p.add_argument("--rekey-interval", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--rekey-interval", type=_finite, default=2.0, metavar="SECONDS",
                    help="seconds between rekeys (default: 2)")
-    p.add_argument("--rate", type=float, default=1000.0, metavar="PPS",
+    p.add_argument("--rate", type=_finite, default=1000.0, metavar="PPS",
                    help="UDP packets per second each way (default: 1000)")
     p.add_argument("--plane", choices=("auto", "xfrm", "strongswan"), default="auto",
                    help="data plane (default: auto, by whether the kernel has ESP)")
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
              "(`keep`); a `file` sink's key stays. Returns once the daemon has stopped (or\n"
              "--timeout passed).")
     _site_arg(p)
-    p.add_argument("--timeout", type=float, default=30.0,
+    p.add_argument("--timeout", type=_finite, default=30.0,
                    help="seconds to wait for the daemon to finish (default: 30)")
 
     p = _add(sub, "tls-guard", _cmd_tls_guard,
@@ -222,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", action="store_true", help="use the GET form (one KEY_ID)")
     p.add_argument("--json", action="store_true", help="print key IDs and fingerprints as JSON")
     return parser
+
+
+def _finite(text: str) -> float:
+    """A number option: NaN and infinities would make every comparison with it false."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _usage(parser: argparse.ArgumentParser | None) -> Handler:
@@ -518,7 +530,8 @@ def _fault(kind: Literal["kms-outage", "qber-spike"], value: str) -> Fault:
         fault: Fault | None = Fault(kind, float(at), float(seconds))
     except ValueError:
         fault = None
-    if not sep or fault is None or fault.at < 0 or fault.seconds <= 0:
+    if not sep or fault is None or not 0 <= fault.at < math.inf \
+            or not 0 < fault.seconds < math.inf:
         raise ConfigError(f"--{kind} {value!r}: expected AT:SECONDS, e.g. 10:5 (from 10 s"
                           " after the start, for 5 s)")
     return fault

@@ -59,6 +59,11 @@ def test_every_command_has_help(cmd: list[str]) -> None:
     (["demo", "--qber-spike", "5:-1"], "--qber-spike '5:-1': expected AT:SECONDS"),
     (["demo", "--rekey-interval", "0.1"], "--rekey-interval must be between 0.5 and 3600"),
     (["check-config", "/nonexistent.yaml"], "/nonexistent.yaml: cannot read: No such file"),
+    (["demo", "--duration", "nan"], "argument --duration: 'nan' is not a finite number"),
+    (["demo", "--rate", "inf"], "argument --rate: 'inf' is not a finite number"),
+    (["demo", "--kms-outage", "nan:5"], "--kms-outage 'nan:5': expected AT:SECONDS"),
+    (["demo", "--qber-spike", "1:inf"], "--qber-spike '1:inf': expected AT:SECONDS"),
+    (["stop", "-c", "x.yaml", "--timeout", "NaN"], "--timeout: 'NaN' is not a finite number"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
     r = qkdgw(*args)
