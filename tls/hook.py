@@ -11,17 +11,23 @@ from pathlib import Path
 
 from gateway.sink import SinkError
 
+PID_MAX_LIMIT = 2**22
+
 
 def sighup(pid_file: Path) -> str | None:
     """SIGHUP to the process in PID_FILE; or why there is none to signal (the service is not
     running: it reads the file when it starts)."""
     try:
-        pid = int(pid_file.read_text().strip())
+        with pid_file.open("rb") as f:
+            text = f.read(64)  # a pid file holds a number and a newline
+        pid = int(text.strip())
     except FileNotFoundError:
         return "no such file"
-    except ValueError:
+    except (ValueError, OSError):
         pid = 0
-    if pid <= 0:  # kill(0 or -1) would signal a whole process group, or everything
+    # kill(0 or -1) would signal a whole process group, or everything; Linux pids stay below
+    # 2**22 (PID_MAX_LIMIT).
+    if not 0 < pid <= PID_MAX_LIMIT:
         raise SinkError(f"{pid_file}: does not hold a process id")
     try:
         os.kill(pid, signal.SIGHUP)

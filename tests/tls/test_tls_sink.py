@@ -241,8 +241,8 @@ def test_reload_signals_the_pid_file_and_tolerates_a_stopped_service(tmp_path: P
         pid_file.unlink()
         await sink.install_inbound(material(2))
         assert [i for i, _ in read(sink)] == ["qkdgw-ab-e2", "qkdgw-ab-e1"]
-        # kill(0) or kill(-1) would signal a process group, or everything
-        for epoch, garbage in enumerate(("garbage", "0", "-1"), 3):
+        # kill(0) or kill(-1) would signal a process group, or everything; no pid is that big
+        for epoch, garbage in enumerate(("garbage", "0", "-1", "9" * 40, "1" * 5000), 3):
             pid_file.write_text(garbage)
             with pytest.raises(SinkError, match="does not hold a process id"):
                 await sink.install_inbound(material(epoch))
