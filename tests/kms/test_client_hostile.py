@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,7 +44,7 @@ STATUS = {
 
 def keys_json(number: int = 1, size: int = 256) -> bytes:
     return json.dumps({"keys": [
-        {"key_ID": str(uuid.uuid4()), "key": base64.b64encode(bytes(size // 8)).decode()}
+        {"key_ID": str(uuid.uuid4()), "key": base64.b64encode(os.urandom(size // 8)).decode()}
         for _ in range(number)]}).encode()
 
 
@@ -289,3 +290,15 @@ async def test_lying_framing_is_a_kms_error(demo: DemoLayout, kme: HostileKme, a
         with pytest.raises(KmsError) as e:
             await call(c, op)
     assert printable(e.value)
+
+
+async def test_an_unparsable_answer_is_never_quoted(demo: DemoLayout, kme: HostileKme) -> None:
+    """Found by the hypothesis KME: with `Content-Length: 0` the keys were read as the next
+    status line, and aiohttp's error, quoting them, reached our KmsError."""
+    body = keys_json()
+    kme.respond = lambda r: Answer(200, body, content_length=0)
+    async with client(demo, kme) as c:
+        with pytest.raises(KmsError) as e:
+            await call(c, "enc_keys")
+    key = json.loads(body)["keys"][0]["key"]
+    assert key[:12] not in str(e.value) and "Bad status line" in str(e.value)
