@@ -6,25 +6,34 @@ Reference with every field: docs/kms-simulator.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     model_validator,
 )
 
 from kms.configfile import Address, FilePath, load_yaml_model
-from kms.models import EntityId
+from kms.models import MAX_COUNT, MAX_KEY_BITS, MAX_KEY_RATE, EntityId
 
 #: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0).
 QBER_LIMIT = 0.11
 
+#: Longest duration in the file, seconds (a year): every instant computed from it stays a
+#: finite float.
+MAX_SECONDS = 365 * 86400.0
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+KeyBits = Annotated[int, Field(gt=0, le=MAX_KEY_BITS)]
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown fields are errors; no NaN or infinity anywhere (YAML has .nan and .inf)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class KmeConfig(_Strict):
@@ -41,9 +50,9 @@ class KmeConfig(_Strict):
 class Outage(_Strict):
     """A scheduled outage of the quantum channel, in seconds after the simulator starts."""
 
-    start: float = Field(ge=0)
-    duration: PositiveFloat
-    every: PositiveFloat | None = None
+    start: float = Field(ge=0, le=MAX_SECONDS)
+    duration: Seconds
+    every: Seconds | None = None
 
     @model_validator(mode="after")
     def _period_fits(self) -> Outage:
@@ -57,16 +66,17 @@ class LinkConfig(_Strict):
 
     name: EntityId
     kmes: tuple[EntityId, EntityId]
-    key_size: PositiveInt = 256
-    min_key_size: PositiveInt = 64
-    max_key_size: PositiveInt = 8192
-    max_key_count: PositiveInt = 10_000
-    max_key_per_request: PositiveInt = 128
+    key_size: KeyBits = 256
+    min_key_size: KeyBits = 64
+    max_key_size: KeyBits = 8192
+    max_key_count: Count = 10_000
+    max_key_per_request: Count = 128
     initial_key_count: int | None = Field(default=None, ge=0)
-    key_rate: float = Field(default=10_000.0, ge=0, description="secret key rate, bit/s")
+    key_rate: float = Field(default=10_000.0, ge=0, le=MAX_KEY_RATE,
+                            description="secret key rate, bit/s")
     qber: float = Field(default=0.02, ge=0, lt=QBER_LIMIT)
-    ageing_half_life: PositiveFloat | None = None
-    reserved_key_ttl: PositiveFloat = 300.0
+    ageing_half_life: Seconds | None = None
+    reserved_key_ttl: Seconds = 300.0
     outages: tuple[Outage, ...] = ()
 
     @model_validator(mode="after")
@@ -100,6 +110,10 @@ class AdminConfig(_Strict):
 class SimConfig(_Strict):
     ca: FilePath = Field(description="CA that issued the SAE client certificates")
     admin: AdminConfig | None = None
+    request_timeout: float = Field(
+        default=20.0, gt=0, le=3600,
+        description="seconds a client has for its TLS handshake and for each whole request"
+                    " (head and body); idle connections close after it too")
     kmes: list[KmeConfig] = Field(min_length=2)
     links: list[LinkConfig] = Field(min_length=1)
 
