@@ -146,6 +146,13 @@ def test_a_half_sent_request_head_is_closed(demo: DemoLayout,
         assert _read_to_close(s) == b""
 
 
+def test_a_client_that_never_starts_tls_is_closed(guarded: tuple[SimProcess, int]) -> None:
+    """asyncio's own TLS handshake timeout is 60 s; the simulator's is request_timeout."""
+    with socket.create_connection(("127.0.0.1", guarded[1]), timeout=LIVENESS) as s:
+        s.sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        assert s.recv(4096) == b""
+
+
 def test_a_half_sent_body_is_answered_400_and_closed(demo: DemoLayout,
                                                      guarded: tuple[SimProcess, int]) -> None:
     with _tls(demo, guarded[1]) as s:
