@@ -467,12 +467,12 @@ class KmeClient:
                 self.url, operation,
                 f"HTTP {status} with a body that is not an ETSI 014 Error object"
                 + ("" if status in ETSI_STATUSES else _UNSPECIFIED))
-        message = err.message
+        note = ""
         if ambiguous is not None and status == 400:
-            message += f" (an earlier attempt failed with '{ambiguous.reason}': its answer" \
-                       " may have delivered these keys and been lost)"
+            note = f" (an earlier attempt failed with '{ambiguous.reason}': its answer may" \
+                   " have delivered these keys and been lost)"
         cls = HTTP_ERRORS.get(status, KmsHttpError)
-        return cls(self.url, operation, status, message, err.details or ())
+        return cls(self.url, operation, status, err.message, err.details or (), note=note)
 
     def _parse(
         self, raw: bytes, model: type[M], operation: str, expect: Expect | None = None

@@ -60,7 +60,9 @@ class KmsError(Exception):
 
 
 class KmsHttpError(KmsError):
-    """The KME answered with an ETSI 014 Error object and a non-200 status."""
+    """The KME answered with an ETSI 014 Error object and a non-200 status.
+
+    `message` is the KME's, escaped; `note` is ours (never cut by the escaping limit)."""
 
     status: int = 0
 
@@ -71,11 +73,13 @@ class KmsHttpError(KmsError):
         status: int,
         message: str,
         details: Sequence[Mapping[str, Any]] = (),
+        *,
+        note: str = "",
     ) -> None:
         self.status = status
         self.message = quote_remote(message)
         self.details = tuple(details)
-        super().__init__(kme, operation, f"HTTP {status}: {self.message}")
+        super().__init__(kme, operation, f"HTTP {status}: {self.message}{note}")
 
 
 class KmsBadRequest(KmsHttpError):

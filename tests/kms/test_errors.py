@@ -41,3 +41,10 @@ def test_always_one_printable_line(text: str) -> None:
 def test_kme_messages_in_errors_are_escaped() -> None:
     e = KmsBadRequest("https://kme", "dec_keys", 400, "gone\n2026-01-01 CRITICAL forged")
     assert str(e) == "KME https://kme dec_keys: HTTP 400: gone\\n2026-01-01 CRITICAL forged"
+
+
+def test_our_note_survives_a_long_kme_message() -> None:
+    e = KmsBadRequest("https://kme", "dec_keys", 400, "x" * 10_000,
+                      note=" (an earlier attempt failed)")
+    assert str(e).endswith("x…" + " (an earlier attempt failed)")
+    assert e.message == "x" * MAX_QUOTED + "…"
