@@ -174,7 +174,7 @@ class Simulator:
             result = await serve(request, kme, self.clock())
         except Refusal as r:
             log.info("%s %s from %s: %d %s", kme.id, op,
-                     self._caller(request) or "(no certificate)", r.status,
+                     quote_remote(self._caller(request) or "(no certificate)"), r.status,
                      quote_remote(r.message))
             response = _error(r.status, r.message, r.details)
             if r.close:
