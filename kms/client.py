@@ -19,13 +19,22 @@ Retries (`RetryPolicy`), by what a repeat can cost:
 - `dec_keys` hands over keys that already exist and removes them from the KME. A repeat cannot
   consume anything new, so it is retried after transport failures too; if the repeat is told
   the keys are gone (400), the error says an earlier answer may have been lost in transit.
+
+A hostile or broken KME cannot hold a call or steer it elsewhere: every attempt ends within
+`Timeouts.total` however the answer trickles in, so a whole call ends within
+`KmeClient.max_call_seconds`; redirects are never followed (a 3xx is a `KmsProtocolError`,
+since ETSI 014 specifies only 200, 400, 401 and 503, and following one could send the request
+to, and take keys from, a server nobody authenticated). Whatever the KME controls that ends
+up in an error or a log line is escaped (`kms.errors.quote_remote`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
+import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +53,7 @@ from kms.errors import (
     KmsProtocolError,
     KmsTimeout,
     KmsTlsError,
+    quote_remote,
 )
 from kms.models import (
     Error,
@@ -66,22 +76,57 @@ Method = Literal["GET", "POST"]
 #: is a broken or hostile KME, and reading it whole would let it exhaust our memory.
 MAX_RESPONSE_BYTES = 1 << 20
 
+#: The statuses ETSI GS QKD 014 v1.1.1 specifies; any other is the KME's own invention.
+ETSI_STATUSES = frozenset({200, 400, 401, 503})
+
+#: Unknown member names warned about per client; past it a KME inventing names cannot
+#: flood the log or grow our memory.
+MAX_WARNED = 32
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number of seconds")
+
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. `connect` covers TCP + TLS; `read` is the wait for each chunk of the answer."""
+    """Seconds, for each attempt of a call.
+
+    `connect` covers TCP + TLS; `read` is the longest wait for any chunk of the answer;
+    `total` bounds the whole attempt: connecting, sending, and reading the answer to its last
+    byte. Without it a KME that sends a byte just inside `read` each time holds a call for as
+    long as it likes. 15 s: a KME answers in milliseconds and even a 1 MiB answer over a slow
+    WAN takes a few seconds, while the gateway's rekey and status intervals are tens of
+    seconds, so a stuck attempt is cut well before the next one is due.
+    """
 
     connect: float = 3.0
     read: float = 10.0
+    total: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "total"):
+            _positive(name, getattr(self, name))
+        if self.connect > self.total or self.read > self.total:
+            raise ValueError("total must be at least connect and read: it bounds both")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter; `attempts` counts the first try."""
+    """Exponential backoff with jitter; `attempts` counts the first try (1 to 10)."""
 
     attempts: int = 3
     backoff: float = 0.1
     max_backoff: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.attempts <= 10:
+            raise ValueError("attempts must be from 1 to 10")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds, 0 or more")
 
     def delay(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
@@ -115,11 +160,27 @@ def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
     return None
 
 
+_UNSPECIFIED = " (a status ETSI GS QKD 014 does not specify)"
+
+#: Where aiohttp starts quoting the bytes it could not parse.
+_QUOTED_BYTES = re.compile(r"\n|b'|b\"|bytearray\(|<RawResponseMessage")
+
+
+def _wire_problem(e: BaseException) -> str:
+    """What went wrong on the wire, without the bytes aiohttp quotes in its errors: an
+    answer that fails to parse may be a key container, and its keys must not reach a log."""
+    text = e.message if isinstance(e, aiohttp.ClientResponseError) else str(e)
+    text = _QUOTED_BYTES.split(str(text), maxsplit=1)[0].strip().rstrip(":(").strip()
+    return quote_remote(text or type(e).__name__, limit=120)
+
+
 def _describe(error: ValidationError) -> str:
+    """The first problems of a rejected answer, escaped: locations and messages can carry
+    member names the KME chose."""
     parts = []
     for e in error.errors(include_url=False, include_input=False, include_context=False)[:3]:
-        where = ".".join(str(p) for p in e["loc"]) or "body"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        where = quote_remote(".".join(str(p) for p in e["loc"]) or "body", limit=80)
+        parts.append(f"{where}: {quote_remote(e['msg'].removeprefix('Value error, '))}")
     more = error.error_count() - len(parts)
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
@@ -146,6 +207,14 @@ class KmeClient:
         self._session: aiohttp.ClientSession | None = None
         self._default_size: dict[str, int] = {}
         self._warned: set[tuple[str, str]] = set()
+
+    @property
+    def max_call_seconds(self) -> float:
+        """The longest one call can take: every attempt ends within `Timeouts.total`, and
+        at most `max_backoff` passes between two. (enc_keys without a size first asks the
+        KME's status, once per peer: that is a second call.)"""
+        attempts = self._retry.attempts
+        return attempts * self._timeouts.total + (attempts - 1) * self._retry.max_backoff
 
     async def __aenter__(self) -> Self:
         return self
@@ -287,7 +356,7 @@ class KmeClient:
         for attempt in range(self._retry.attempts):
             last = attempt == self._retry.attempts - 1
             try:
-                status, raw = await self._once(operation, method, url, params, body)
+                status, raw, location = await self._once(operation, method, url, params, body)
             except _Ambiguous as e:
                 if not retry_sent or last:
                     raise e.error from None
@@ -303,6 +372,12 @@ class KmeClient:
                              self.url, operation, attempt + 1, self._retry.attempts)
                 elif status == 200:
                     return raw
+                elif 300 <= status < 400:
+                    raise KmsProtocolError(
+                        self.url, operation,
+                        f"HTTP {status}: the KME redirected to"
+                        f" {quote_remote(location or '(no Location)')}, which is refused"
+                        " (ETSI GS QKD 014 specifies no redirects)")
                 else:
                     raise self._http_error(operation, status, raw, ambiguous)
             await asyncio.sleep(self._retry.delay(attempt))
@@ -315,10 +390,14 @@ class KmeClient:
         url: str,
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None,
         body: Mapping[str, Any] | None,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, str | None]:
+        """One attempt: (status, body, Location header), all within `Timeouts.total`."""
         sent = False
+        deadline = asyncio.timeout(self._timeouts.total)
         try:
-            async with self._http().request(method, url, params=params, json=body) as resp:
+            async with deadline, self._http().request(
+                method, url, params=params, json=body, allow_redirects=False
+            ) as resp:
                 sent = True
                 declared = resp.content_length
                 if declared is not None and declared > self._max_bytes:
@@ -331,40 +410,51 @@ class KmeClient:
                     if len(raw) > self._max_bytes:
                         raise KmsProtocolError(self.url, operation,
                                                f"answer exceeds the {self._max_bytes}-byte limit")
-                return resp.status, bytes(raw)
+                return resp.status, bytes(raw), resp.headers.get("Location")
         except KmsError:
             raise
         except aiohttp.ClientConnectorCertificateError as e:
             raise KmsTlsError(self.url, operation,
                               f"server certificate not trusted: {e.certificate_error}") from None
         except aiohttp.ClientSSLError as e:
-            raise KmsTlsError(self.url, operation, f"TLS handshake failed: {e}") from None
+            raise KmsTlsError(self.url, operation,
+                              f"TLS handshake failed: {quote_remote(str(e))}") from None
         except aiohttp.ConnectionTimeoutError:
             raise KmsTimeout(self.url, operation,
                              f"no connection within {self._timeouts.connect} s",
                              request_sent=False) from None
         except aiohttp.ClientConnectorError as e:
-            raise KmsConnectionError(self.url, operation,
-                                     f"cannot connect: {e.os_error.strerror or e}") from None
+            raise KmsConnectionError(
+                self.url, operation,
+                f"cannot connect: {quote_remote(e.os_error.strerror or str(e))}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             tls = _ssl_cause(e)
             if tls is not None:
                 # TLS 1.3 reports a refused client certificate after the handshake, when
                 # the request is already on its way; the KME refused it, so nothing was done.
-                raise KmsTlsError(self.url, operation,
-                                  f"the KME refused the TLS session: {tls.reason or tls}") from None
-            if isinstance(e, (aiohttp.SocketTimeoutError, TimeoutError)):
+                raise KmsTlsError(
+                    self.url, operation,
+                    f"the KME refused the TLS session: {quote_remote(tls.reason or str(tls))}"
+                ) from None
+            # The deadline may expire before the request is out; counting it as sent is the
+            # safe side (enc_keys is then not repeated).
+            if deadline.expired():
                 error: KmsError = KmsTimeout(
+                    self.url, operation,
+                    f"answer not complete within {self._timeouts.total} s", request_sent=True)
+            elif isinstance(e, (aiohttp.SocketTimeoutError, TimeoutError)):
+                error = KmsTimeout(
                     self.url, operation,
                     f"no answer within {self._timeouts.read} s", request_sent=True)
             elif sent:
-                error = KmsConnectionError(self.url, operation,
-                                           f"connection lost while reading the answer: {e}")
+                error = KmsConnectionError(
+                    self.url, operation,
+                    f"connection lost while reading the answer: {_wire_problem(e)}")
             else:
                 error = KmsConnectionError(
                     self.url, operation,
-                    f"the KME closed the connection without answering ({e}); under TLS 1.3"
-                    " this is also how a KME refuses our client certificate")
+                    f"the KME closed the connection without answering ({_wire_problem(e)});"
+                    " under TLS 1.3 this is also how a KME refuses our client certificate")
             raise _Ambiguous(error) from None
 
     def _http_error(
@@ -375,13 +465,14 @@ class KmeClient:
         except ValidationError:
             return KmsProtocolError(
                 self.url, operation,
-                f"HTTP {status} with a body that is not an ETSI 014 Error object")
-        message = err.message
+                f"HTTP {status} with a body that is not an ETSI 014 Error object"
+                + ("" if status in ETSI_STATUSES else _UNSPECIFIED))
+        note = ""
         if ambiguous is not None and status == 400:
-            message += f" (an earlier attempt failed with '{ambiguous.reason}': its answer" \
-                       " may have delivered these keys and been lost)"
+            note = f" (an earlier attempt failed with '{ambiguous.reason}': its answer may" \
+                   " have delivered these keys and been lost)"
         cls = HTTP_ERRORS.get(status, KmsHttpError)
-        return cls(self.url, operation, status, message, err.details or ())
+        return cls(self.url, operation, status, err.message, err.details or (), note=note)
 
     def _parse(
         self, raw: bytes, model: type[M], operation: str, expect: Expect | None = None
@@ -393,10 +484,15 @@ class KmeClient:
                 self.url, operation,
                 f"malformed {model.__name__}: {_describe(e)}") from None
         for name in _unknown_members(result):
-            if (operation, name) not in self._warned:
-                self._warned.add((operation, name))
-                log.warning("KME %s %s: ignoring member %r that ETSI GS QKD 014 does not"
-                            " define", self.url, operation, name)
+            if (operation, name) in self._warned or len(self._warned) > MAX_WARNED:
+                continue
+            self._warned.add((operation, name))
+            if len(self._warned) > MAX_WARNED:
+                log.warning("KME %s %s: more members that ETSI GS QKD 014 does not define;"
+                            " no longer reported", self.url, operation)
+            else:
+                log.warning("KME %s %s: ignoring member '%s' that ETSI GS QKD 014 does not"
+                            " define", self.url, operation, quote_remote(name, limit=60))
         return result
 
 

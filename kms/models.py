@@ -8,12 +8,19 @@ input: a rejected key container must not leak its key into a log line.
 
 A delivered container is checked against what was asked by passing a validation context:
 ``KeyContainer.model_validate_json(body, context=Expect(size_bits=256, count=2))``.
+
+Every number is bounded where it is parsed, so nothing downstream meets a value it cannot
+hold: counts below 2**32, sizes at most 2**20 bits, and anywhere in an object (extensions and
+unknown members included) no NaN, no infinity (pydantic's JSON parser, like Python's, accepts
+`NaN` and `Infinity`, and reads 1e400 as infinity) and no integer beyond ±(2**53 − 1), the
+range RFC 7493 (I-JSON) calls interoperable.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -23,15 +30,66 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    NonNegativeInt,
-    PositiveInt,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
+from kms.errors import quote_remote
+
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
-Extension = dict[str, Any]
+#: Largest count (keys stored, keys per request, SAEs): far above any QKD link, and every
+#: consumer (metrics, rates, arithmetic on counts) holds it exactly.
+MAX_COUNT = 2**32 - 1
+#: Largest key size, in bits (128 KiB): ETSI's examples stop at 1024; a key container of
+#: the client's 1 MiB answer limit holds only a handful of keys this large.
+MAX_KEY_BITS = 2**20
+#: Largest integer anywhere in an object: RFC 7493 (I-JSON) §2.2, exact in a double.
+MAX_JSON_INT = 2**53 - 1
+#: Deepest nesting of an extension: vendors' extensions are shallow; this bounds the work
+#: any value can cost.
+MAX_DEPTH = 32
+#: Largest secret key rate a status may report, bit/s: three orders of magnitude above
+#: today's fastest QKD links, finite for every rate computation.
+MAX_KEY_RATE = 1e12
+
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+PositiveCount = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+KeyBits = Annotated[int, Field(gt=0, le=MAX_KEY_BITS)]
+
+
+def _check_json(value: Any, where: str = "", depth: int = 0) -> None:
+    """Raise ValueError, naming WHERE in the object, unless VALUE is JSON the gateway can
+    hold (see the module doc)."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where or 'value'}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            raise ValueError(f"{where or 'value'}: integer beyond ±(2**53 − 1), the range of"
+                             " RFC 7493 (I-JSON)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where or 'value'}: number is not finite (NaN or infinity)")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_json(item, f"{where}.{quote_remote(name, limit=40)}".lstrip("."), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]", depth + 1)
+    else:
+        raise ValueError(f"{where or 'value'}: {type(value).__name__} is not a JSON value")
+
+
+def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
+    _check_json(value)
+    return value
+
+
+#: An ETSI 014 extension object: any JSON object whose numbers the gateway can hold.
+Extension = Annotated[dict[str, Any], AfterValidator(_bounded_json)]
 
 
 def _check_key_id(value: str) -> str:
@@ -67,8 +125,15 @@ class Etsi014Model(BaseModel):
     """Common configuration: strict types, unknown members kept, inputs never echoed."""
 
     model_config = ConfigDict(
-        strict=True, extra="allow", frozen=True, hide_input_in_errors=True
+        strict=True, extra="allow", frozen=True, hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
+
+    @model_validator(mode="after")
+    def _unknown_members_bounded(self) -> Etsi014Model:
+        for name, value in (self.model_extra or {}).items():
+            _check_json(value, quote_remote(name, limit=40))
+        return self
 
     def unknown_fields(self) -> list[str]:
         """Members that ETSI GS QKD 014 does not define for this object."""
@@ -84,21 +149,46 @@ class Expect:
     key_ids: tuple[str, ...] | None = None
 
 
+def _reading(ext: dict[str, Any], name: str, high: float) -> None:
+    value = ext[name]
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 0 <= value <= high:
+        raise ValueError(f"{name} must be a number from 0 to {high:g}")
+
+
 class Status(Etsi014Model):
-    """§6.1 Status: a KME's key supply for one master/slave SAE pair."""
+    """§6.1 Status: a KME's key supply for one master/slave SAE pair.
+
+    `qber`, `key_rate` and `link_up` read the link from `status_extension` members of those
+    names (the simulator's; other KMEs may send them too). A member that is present but not
+    readable makes the whole status invalid: a QBER nobody can read must never pass the
+    gateway's QBER gate as "unknown".
+    """
 
     source_KME_ID: EntityId
     target_KME_ID: EntityId
     master_SAE_ID: EntityId
     slave_SAE_ID: EntityId
-    key_size: PositiveInt
-    stored_key_count: NonNegativeInt
-    max_key_count: NonNegativeInt
-    max_key_per_request: PositiveInt
-    max_key_size: PositiveInt
-    min_key_size: PositiveInt
-    max_SAE_ID_count: NonNegativeInt
+    key_size: KeyBits
+    stored_key_count: Count
+    max_key_count: Count
+    max_key_per_request: PositiveCount
+    max_key_size: KeyBits
+    min_key_size: KeyBits
+    max_SAE_ID_count: Count
     status_extension: Extension | None = None
+
+    @field_validator("status_extension")
+    @classmethod
+    def _readings(cls, ext: dict[str, Any] | None) -> dict[str, Any] | None:
+        if ext is not None:
+            if "qber" in ext:
+                _reading(ext, "qber", 1.0)
+            if "key_rate" in ext:
+                _reading(ext, "key_rate", MAX_KEY_RATE)
+            if "link_up" in ext and not isinstance(ext["link_up"], bool):
+                raise ValueError("link_up must be true or false")
+        return ext
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> Status:
@@ -106,12 +196,30 @@ class Status(Etsi014Model):
             raise ValueError("key_size must lie between min_key_size and max_key_size")
         return self
 
+    @property
+    def qber(self) -> float | None:
+        """Quantum bit error rate of the link, a fraction from 0 to 1; None: not reported."""
+        value = (self.status_extension or {}).get("qber")
+        return None if value is None else float(value)
+
+    @property
+    def key_rate(self) -> float | None:
+        """Secret key rate now, bit/s, finite; None: not reported."""
+        value = (self.status_extension or {}).get("key_rate")
+        return None if value is None else float(value)
+
+    @property
+    def link_up(self) -> bool | None:
+        """Whether the quantum channel works now; None: not reported."""
+        value = (self.status_extension or {}).get("link_up")
+        return None if value is None else bool(value)
+
 
 class KeyRequest(Etsi014Model):
     """§6.2 Key request: the body of a POST enc_keys."""
 
-    number: PositiveInt | None = None
-    size: PositiveInt | None = None
+    number: PositiveCount | None = None
+    size: KeyBits | None = None
     additional_slave_SAE_IDs: list[EntityId] | None = None
     extension_mandatory: list[Extension] | None = None
     extension_optional: list[Extension] | None = None

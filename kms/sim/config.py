@@ -6,6 +6,7 @@ Reference with every field: docs/kms-simulator.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
@@ -17,18 +18,13 @@ from kms.configfile import (
     Seconds,
     load_yaml_model,
 )
-from kms.models import EntityId
+from kms.models import MAX_COUNT, MAX_KEY_BITS, MAX_KEY_RATE, EntityId
 
 #: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0).
 QBER_LIMIT = 0.11
-#: Key sizes up to 64 Kbit: ETSI GS QKD 014 sets no limit; real KMEs serve at most 8 Kbit.
-MAX_KEY_BITS = 65_536
-#: Keys in a pool: the pool's bits (keys × key_size) stay well within a float.
-MAX_KEY_COUNT = 100_000_000
-#: Keys in one enc_keys answer.
-MAX_KEYS_PER_REQUEST = 10_000
-#: Secret key rate, bit/s: a thousand times beyond any QKD link.
-MAX_KEY_RATE = 1e12
+
+KeyBits = Annotated[int, Field(gt=0, le=MAX_KEY_BITS)]
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
 
 
 class KmeConfig(ConfigModel):
@@ -61,12 +57,12 @@ class LinkConfig(ConfigModel):
 
     name: EntityId
     kmes: tuple[EntityId, EntityId]
-    key_size: int = Field(default=256, gt=0, le=MAX_KEY_BITS)
-    min_key_size: int = Field(default=64, gt=0, le=MAX_KEY_BITS)
-    max_key_size: int = Field(default=8192, gt=0, le=MAX_KEY_BITS)
-    max_key_count: int = Field(default=10_000, gt=0, le=MAX_KEY_COUNT)
-    max_key_per_request: int = Field(default=128, gt=0, le=MAX_KEYS_PER_REQUEST)
-    initial_key_count: int | None = Field(default=None, ge=0, le=MAX_KEY_COUNT)
+    key_size: KeyBits = 256
+    min_key_size: KeyBits = 64
+    max_key_size: KeyBits = 8192
+    max_key_count: Count = 10_000
+    max_key_per_request: Count = 128
+    initial_key_count: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     key_rate: float = Field(default=10_000.0, ge=0, le=MAX_KEY_RATE,
                             description="secret key rate, bit/s")
     qber: float = Field(default=0.02, ge=0, lt=QBER_LIMIT)
@@ -105,6 +101,10 @@ class AdminConfig(ConfigModel):
 class SimConfig(ConfigModel):
     ca: FilePath = Field(description="CA that issued the SAE client certificates")
     admin: AdminConfig | None = None
+    request_timeout: float = Field(
+        default=20.0, gt=0, le=3600,
+        description="seconds a client has for its TLS handshake and for each whole request"
+                    " (head and body); idle connections close after it too")
     kmes: list[KmeConfig] = Field(min_length=2)
     links: list[LinkConfig] = Field(min_length=1)
 

@@ -3,6 +3,12 @@
 Each KME listens on its own port with its own certificate and identifies the calling SAE by
 the commonName of its client certificate (verified against the configured CA). The link
 logic lives in `service`; faults in `faults`; this module only does HTTP.
+
+Whatever a client sends, a bad request is a 400 with an ETSI 014 Error naming the problem,
+never a 503 or a traceback: bodies over 64 KiB, JSON nested past the parser's limit or
+holding NaN, numbers with thousands of digits or in other scripts' digits, requests the HTTP
+parser refuses. A client gets `request_timeout` seconds for its TLS handshake and for each
+whole request, so half-sent requests cannot hold connections open.
 """
 
 from __future__ import annotations
@@ -10,17 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pydantic_core
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kms.models import Etsi014Model, KeyIds, KeyRequest
+from kms.configfile import MAX_SECONDS
+from kms.errors import quote_remote
+from kms.models import MAX_COUNT, Etsi014Model, KeyIds, KeyRequest
 from kms.sim.config import KmeConfig, SimConfig
 from kms.sim.faults import Fault, FaultKind, FaultSpec, FaultTable, corrupt
 from kms.sim.service import LinkService, Network, Refusal
@@ -30,6 +41,16 @@ log = logging.getLogger("kms.sim")
 
 #: How often timed faults and outages are looked at when no request comes in.
 TICK_SECONDS = 0.1
+
+#: Largest request body: a key IDs object for 128 keys is ~6 KiB.
+MAX_BODY = 64 * 1024
+
+#: A query number: ASCII digits only (str.isdigit and int() also take '١٢٨'), and few
+#: enough of them that int() never meets Python's 4300-digit limit.
+_QUERY_NUMBER = re.compile(r"[0-9]{1,10}")
+
+#: Where aiohttp's parser errors start quoting the bytes they refused.
+_QUOTED_BYTES = re.compile(r"\n|b'|b\"|bytearray\(")
 
 T = TypeVar("T", bound=Etsi014Model)
 A = TypeVar("A", bound=BaseModel)
@@ -70,7 +91,7 @@ class Simulator:
             self._admin = web.AppRunner(self._admin_app(), access_log=None)
             await self._admin.setup()
             a = self.config.admin.listen
-            await web.TCPSite(self._admin, a.host, a.port).start()
+            await _Site(self._admin, a.host, a.port, None, self.config.request_timeout).start()
             log.info("admin interface on http://%s", a)
         self._ticker = asyncio.create_task(self._tick())
 
@@ -88,7 +109,8 @@ class Simulator:
         runner = web.AppRunner(self._kme_app(kme), access_log=None, handle_signals=False)
         await runner.setup()
         where = kme.config.listen
-        await web.TCPSite(runner, where.host, where.port, ssl_context=self._ssl[kme.id]).start()
+        await _Site(runner, where.host, where.port, self._ssl[kme.id],
+                    self.config.request_timeout).start()
         kme.runner = runner
         log.info("KME %s (SAE %s) on https://%s", kme.id, ", ".join(kme.config.saes), where)
 
@@ -117,7 +139,7 @@ class Simulator:
     # -- the KME API ---------------------------------------------------------------------
 
     def _kme_app(self, kme: Kme) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=MAX_BODY)
         route = "/api/v1/keys/{sae}/"
         app.router.add_get(route + "status", self._endpoint(kme, "status", self._status))
         for method in ("GET", "POST"):
@@ -153,8 +175,12 @@ class Simulator:
             result = await serve(request, kme, self.clock())
         except Refusal as r:
             log.info("%s %s from %s: %d %s", kme.id, op,
-                     self._caller(request) or "(no certificate)", r.status, r.message)
-            return _error(r.status, r.message, r.details)
+                     quote_remote(self._caller(request) or "(no certificate)"), r.status,
+                     quote_remote(r.message))
+            response = _error(r.status, r.message, r.details)
+            if r.close:
+                response.force_close()
+            return response
         except Exception:
             # The spec's only server-side error is 503; the traceback goes to our log.
             log.exception("%s %s: internal error", kme.id, op)
@@ -178,7 +204,8 @@ class Simulator:
         if request.method == "GET":
             req = _validated(KeyRequest, _query_ints(request, ("number", "size")))
         else:
-            req = await _body(request, KeyRequest, empty_ok=True)
+            req = await _body(request, KeyRequest, empty_ok=True,
+                              timeout=self.config.request_timeout)
         return self.network.enc_keys(kme.config, self._caller(request), request.match_info["sae"],
                                  req, now)
 
@@ -192,7 +219,8 @@ class Simulator:
                 raise Refusal(400, "key_ID query parameter is required")
             _validated(KeyIds, {"key_IDs": [{"key_ID": i} for i in ids]})
         else:
-            req = await _body(request, KeyIds, empty_ok=False)
+            req = await _body(request, KeyIds, empty_ok=False,
+                              timeout=self.config.request_timeout)
             if req.unknown_fields():
                 raise Refusal(400, "unknown member(s) in key IDs: "
                               + ", ".join(req.unknown_fields()))
@@ -309,11 +337,11 @@ class Simulator:
 
 
 class _AdminBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Seconds(_AdminBody):
-    seconds: float = Field(gt=0)
+    seconds: float = Field(gt=0, le=MAX_SECONDS)
 
 
 class _Qber(_AdminBody):
@@ -321,7 +349,7 @@ class _Qber(_AdminBody):
 
 
 class _Pool(_AdminBody):
-    stored_keys: int = Field(ge=0)
+    stored_keys: int = Field(ge=0, le=MAX_COUNT)
 
 
 def _error(status: int, message: str, details: list[dict[str, object]] | None = None
@@ -345,8 +373,9 @@ def _query_ints(request: web.Request, names: tuple[str, ...]) -> dict[str, int]:
     for name in names:
         if name in request.query:
             text = request.query[name]
-            if not text.isdigit() or int(text) == 0:
-                raise Refusal(400, f"{name} must be a positive integer")
+            if not _QUERY_NUMBER.fullmatch(text) or not 0 < int(text) <= MAX_COUNT:
+                raise Refusal(400, f"{name} must be a positive integer in ASCII digits,"
+                              f" at most {MAX_COUNT}")
             values[name] = int(text)
     return values
 
@@ -364,24 +393,106 @@ def _first_problem(e: ValidationError) -> str:
     return f"{where}: {first['msg'].removeprefix('Value error, ')}"
 
 
-async def _body(request: web.Request, model: type[T], *, empty_ok: bool) -> T:
-    raw = await request.read()
+def _parse_json(raw: bytes) -> object:
+    """RAW as JSON, or ValueError naming the problem. pydantic's parser, not Python's json:
+    it refuses NaN and Infinity here and stops at a nesting limit instead of hitting
+    RecursionError; numbers past ±(2**53 − 1) or infinite are left to the models."""
+    return pydantic_core.from_json(raw, allow_inf_nan=False)
+
+
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole body, at most MAX_BODY bytes, within TIMEOUT seconds; else a Refusal."""
+    too_large = f"request body exceeds the {MAX_BODY}-byte limit"
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise Refusal(400, too_large, close=True)
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise Refusal(400, too_large, close=True) from None
+    except TimeoutError:
+        raise Refusal(400, f"request body not complete within {timeout} s",
+                      close=True) from None
+
+
+async def _body(request: web.Request, model: type[T], *, empty_ok: bool, timeout: float) -> T:
+    raw = await _read_body(request, timeout)
     if not raw.strip():
         if empty_ok:
             return model()
         raise Refusal(400, "request body is empty")
     try:
-        data = json.loads(raw)
-    except ValueError:
-        raise Refusal(400, "request body is not JSON") from None
+        data = _parse_json(raw)
+    except ValueError as e:
+        raise Refusal(400, _json_problem(e)) from None
     return _validated(model, data)
+
+
+def _json_problem(e: ValueError) -> str:
+    if "recursion limit" in str(e):
+        return "request body is nested too deeply"
+    if "number out of range" in str(e):
+        return "request body holds a number out of range"
+    return "request body is not JSON"
 
 
 async def _admin_body(request: web.Request, model: type[A]) -> A:
     try:
-        return model.model_validate(await request.json())
+        return model.model_validate(_parse_json(await request.read()))
+    except web.HTTPRequestEntityTooLarge:
+        raise _admin_error("request body too large") from None
     except (ValueError, ValidationError) as e:
         raise _admin_error(str(e)) from None
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's connection handler, except that a request its HTTP parser refuses (request
+    line or headers too long, not HTTP at all) is answered with an ETSI 014 Error and logged
+    as one escaped line, not as a traceback."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:  # a fault of ours: aiohttp's answer, with its traceback
+            return super().handle_error(request, status, exc, message)
+        text = str(getattr(exc, "message", None) or message or exc or "")
+        problem = quote_remote(_QUOTED_BYTES.split(text, maxsplit=1)[0].strip().rstrip(":"))
+        log.info("malformed HTTP request from %s: %s", request.remote, problem)
+        response = _error(status, f"malformed HTTP request: {problem}")
+        response.force_close()
+        return response
+
+
+class _Site(web.BaseSite):
+    """A listener whose connections are `_Protocol`s that close after TIMEOUT seconds
+    without a whole request (aiohttp's keep-alive timer, which also runs while a request
+    head is half sent), and whose TLS handshake is bounded by the same TIMEOUT."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None, timeout: float) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host, self._port, self._timeout = host, port, timeout
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        # access_log=None: no access log, as AppRunner(access_log=None) passes it to aiohttp
+        # (whose annotation says Logger).
+        self._server = await loop.create_server(
+            lambda: _Protocol(server, loop=loop, keepalive_timeout=self._timeout,
+                              access_log=None),  # type: ignore[arg-type]
+            self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=self._timeout if self._ssl_context else None)
 
 
 async def serve(config: SimConfig) -> None:

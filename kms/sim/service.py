@@ -22,12 +22,15 @@ KEYS_NOT_FOUND = "one or more keys specified are not found on KME"
 
 
 class Refusal(Exception):
-    """An ETSI 014 error answer: 400, 401 or 503 with an Error body."""
+    """An ETSI 014 error answer: 400, 401 or 503 with an Error body; CLOSE: and the
+    connection closed after it (the request was not read to its end)."""
 
-    def __init__(self, status: int, message: str, details: Sequence[dict[str, object]] = ()):
+    def __init__(self, status: int, message: str, details: Sequence[dict[str, object]] = (),
+                 *, close: bool = False):
         self.status = status
         self.message = message
         self.details = list(details)
+        self.close = close
         super().__init__(f"{status} {message}")
 
 

@@ -239,3 +239,83 @@ def test_status_with_one_field_replaced(field: str, value: Any) -> None:
             assert type(v) is int and v >= 0
         elif name.endswith("_ID"):
             assert type(v) is str and v
+
+
+# -- bounds: every number a KME sends is one the gateway can hold ---------------------------
+
+
+@pytest.mark.parametrize("field,limit", [
+    ("stored_key_count", 2**32 - 1), ("max_key_count", 2**32 - 1),
+    ("max_key_per_request", 2**32 - 1), ("max_SAE_ID_count", 2**32 - 1),
+    ("max_key_size", 2**20), ("key_size", 2**20),
+])
+def test_status_counts_and_sizes_are_bounded(field: str, limit: int) -> None:
+    big = {**SPEC_STATUS, "max_key_size": 2**20}
+    Status.model_validate({**big, field: limit})
+    for value in (limit + 1, 10**400):
+        with pytest.raises(ValidationError, match=field):
+            Status.model_validate_json(json.dumps({**big, field: value}))
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400",
+                                 str(2**53), str(-(2**53)), "1" + "0" * 400])
+@pytest.mark.parametrize("model,template", [
+    (Status, {**SPEC_STATUS, "status_extension": {"x": ["@"]}}),
+    (Status, {**SPEC_STATUS, "vendor": {"x": "@"}}),
+    (KeyContainer, {**SPEC_KEY_CONTAINER, "key_container_extension": {"x": "@"}}),
+    (KeyContainer, {"keys": [{**SPEC_KEY_CONTAINER["keys"][0], "key_extension": {"x": "@"}}]}),
+    (KeyRequest, {"number": 1, "extension_optional": [{"x": "@"}]}),
+    (Error, {"message": "m", "details": [{"x": "@"}]}),
+])
+def test_no_json_number_the_gateway_cannot_hold_anywhere(raw: str, model: type[Any],
+                                                         template: dict[str, Any]) -> None:
+    """Python's json and pydantic's parser both accept NaN and Infinity, and 1e400 parses as
+    infinity: refused wherever it hides, as are integers past ±(2**53 − 1) (RFC 7493)."""
+    text = json.dumps(template).replace('"@"', raw)
+    with pytest.raises(ValidationError, match=r"finite|2\*\*53"):
+        model.model_validate_json(text)
+    model.model_validate_json(text.replace(raw, str(2**53 - 1)))
+
+
+def test_extensions_nested_too_deep_are_refused() -> None:
+    deep: Any = 1
+    for _ in range(40):
+        deep = {"x": deep}
+    with pytest.raises(ValidationError, match="deeper than 32"):
+        Status.model_validate({**SPEC_STATUS, "status_extension": deep})
+
+
+def test_status_link_readings() -> None:
+    st_ = Status.model_validate({**SPEC_STATUS, "status_extension": {
+        "qber": 0.02, "key_rate": 50000, "link_up": False, "link": "qkd-ab"}})
+    assert (st_.qber, st_.key_rate, st_.link_up) == (0.02, 50000.0, False)
+    assert type(st_.key_rate) is float
+    bare = Status.model_validate(SPEC_STATUS)
+    assert (bare.qber, bare.key_rate, bare.link_up) == (None, None, None)
+    edge = Status.model_validate({**SPEC_STATUS, "status_extension": {
+        "qber": 1, "key_rate": 1e12, "link_up": True}})
+    assert (edge.qber, edge.key_rate) == (1.0, 1e12)
+
+
+@pytest.mark.parametrize("member,value", [
+    ("qber", -0.01), ("qber", 1.01), ("qber", "0.02"), ("qber", True), ("qber", None),
+    ("qber", [0.02]), ("key_rate", -1), ("key_rate", 1.1e12), ("key_rate", False),
+    ("key_rate", "fast"), ("link_up", 1), ("link_up", "true"), ("link_up", None),
+])
+def test_unreadable_link_readings_make_the_status_invalid(member: str, value: Any) -> None:
+    """Fail closed: a QBER the gateway cannot read must never pass its QBER gate."""
+    with pytest.raises(ValidationError, match=f"(?s)status_extension.*{member}"):
+        Status.model_validate({**SPEC_STATUS, "status_extension": {member: value}})
+
+
+@settings(max_examples=300)
+@given(ext=st.dictionaries(st.sampled_from(["qber", "key_rate", "link_up", "other"]),
+                           json_values | st.floats() | st.integers(), max_size=4))
+def test_link_readings_are_typed_finite_and_in_range(ext: dict[str, Any]) -> None:
+    try:
+        s = Status.model_validate({**SPEC_STATUS, "status_extension": ext})
+    except ValidationError:
+        return
+    assert s.qber is None or (type(s.qber) is float and 0.0 <= s.qber <= 1.0)
+    assert s.key_rate is None or (type(s.key_rate) is float and 0.0 <= s.key_rate <= 1e12)
+    assert s.link_up is None or type(s.link_up) is bool

@@ -41,6 +41,17 @@ def test_demo_config_loads_with_paths_resolved(demo: DemoLayout) -> None:
     (lambda c: c["kmes"][0].update(listen="127.0.0.1"), "kmes.0.listen: '127.0.0.1' is not"),
     (lambda c: c["admin"].update(listen="0.0.0.0:9000"), "loopback only"),
     (lambda c: c.pop("ca"), "ca: Field required"),
+    # numbers from the file are bounded where they are parsed (YAML has .inf and .nan)
+    (lambda c: c["links"][0].update(key_rate=float("inf")), "links.0.key_rate"),
+    (lambda c: c["links"][0].update(key_rate=1e13), "links.0.key_rate"),
+    (lambda c: c["links"][0].update(qber=float("nan")), "links.0.qber"),
+    (lambda c: c["links"][0].update(max_key_count=2**32), "links.0.max_key_count"),
+    (lambda c: c["links"][0].update(max_key_size=2**21), "links.0.max_key_size"),
+    (lambda c: c["links"][0].update(reserved_key_ttl=float("inf")), "links.0.reserved_key_ttl"),
+    (lambda c: c["links"][0].update(outages=[{"start": float("nan"), "duration": 1}]),
+     "links.0.outages.0.start"),
+    (lambda c: c.update(request_timeout=0), "request_timeout"),
+    (lambda c: c.update(request_timeout=float("inf")), "request_timeout"),
 ])
 def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: object,
                                message: str) -> None:
