@@ -578,14 +578,10 @@ class Daemon:
                 r.kms_status = {"error": str(e)}
                 await r.queue.put(KmsUnreachable(str(e)))
             return
-        ext = st.status_extension or {}
-        qber, rate, up = ext.get("qber"), ext.get("key_rate"), ext.get("link_up")
-        event = KmsStatusObserved(
+        event = KmsStatusObserved(  # every number bounded by the client's Status model
             stored_key_count=st.stored_key_count, key_size=st.key_size,
-            kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID,
-            qber=float(qber) if isinstance(qber, int | float) else None,
-            key_rate=float(rate) if isinstance(rate, int | float) else None,
-            link_up=up if isinstance(up, bool) else None)
+            kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
+            key_rate=st.key_rate, link_up=st.link_up)
         for r in runners:
             m = self.metrics
             m.kms_up.labels(r.name).set(1)
