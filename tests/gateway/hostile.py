@@ -6,6 +6,7 @@ sends it, and answers with whatever the test crafts.
               ◀──wss, mTLS── HostilePeer client (as gw-b): crafted frames
 
 It runs its own event loop in a thread, so synchronous tests (and hypothesis) can drive it.
+Also what the hostile-peer and hostile-KME tests check of the gateway under test afterwards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 import threading
 import time
@@ -143,3 +145,25 @@ class HostilePeer:
                 f"https://{host}:{port}/v1/links/{self.link}/channel", ssl=self._client_ssl,
                 server_hostname=self._target_name, max_msg_size=0)
         return self._ws
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process PID so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy(pid: int, seconds: float = 2.0) -> float:
+    """The share of one core process PID used over SECONDS."""
+    before, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - t0)
+
+
+def check_log(log: str) -> None:
+    """Nothing went wrong unseen, and nobody forged a line: no traceback, no link failed,
+    every line one the gateway wrote (they start with the date)."""
+    assert "Traceback" not in log, log[-3000:]
+    assert "link-failed" not in log, [ln for ln in log.splitlines() if "link-failed" in ln]
+    for line in log.splitlines():
+        assert line[:4].isdigit(), f"a forged or broken log line: {line!r}"
