@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 from kms.tlsctx import server_context
 from tests.gateway.hostile import busy, check_log
 from tests.gateway.sites import Sites
+from tests.kms.answers import Plan, plans
 from tests.kms.hostile import Answer, HostileKme, Request
-from tests.kms.test_client_fuzz import Plan, plans
 
 pytestmark = pytest.mark.slow
 
