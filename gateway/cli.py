@@ -441,6 +441,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                     faults=faults, keep=args.keep))
     except DemoError as e:
         raise ConfigError(str(e)) from None
+    except RuntimeError as e:  # a command building the sites failed (it says which, and why)
+        print(f"qkdgw demo: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _fault(kind: Literal["kms-outage", "qber-spike"], value: str) -> Fault:

@@ -74,6 +74,8 @@ def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
                         " `sudo ./bootstrap demo` (or `sudo .venv/bin/qkdgw demo`)")
     if shutil.which("ip") is None:
         raise DemoError("`ip` is missing: apt-get install iproute2")
+    if shutil.which("sysctl") is None:
+        raise DemoError("`sysctl` is missing: apt-get install procps")
     if plane == "auto":
         plane = "xfrm" if kernel_has_esp() else "strongswan"
     if plane == "strongswan":
