@@ -76,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
              " Linux): the KMS simulator\nfor a QKD link, two gateways, the tunnel (the xfrm"
              " sink where the kernel has ESP,\nstrongSwan with kernel-libipsec where it has"
              " not), UDP both ways between the LANs;\nshow a live view; remove everything at"
-             " the end (Ctrl-C too). The summary line is\ncounted: sent/received per packet,"
-             " plaintext from a socket on the link.\nExit status 0 when nothing was lost and"
-             " nothing crossed in clear.\n\n--kms-only runs the smaller demo that needs no"
+             " the end. The summary line is counted:\nsent/received per packet, plaintext from a"
+             " socket on the link.\n\nWithout --duration it runs until Ctrl-C, which ends it"
+             " the same way: the summary,\nthe cleanup and its exit status. Exit status 0 when"
+             " nothing was lost and nothing\ncrossed in clear, 1 otherwise; 130 when Ctrl-C"
+             " came before the traffic started\n(nothing counted). SIGTERM and SIGHUP act as"
+             " Ctrl-C (143, 129).\n\n--kms-only runs the smaller demo that needs no"
              " root: QKD keys fetched on two sites.")
     p.add_argument("--duration", type=_finite, default=None, metavar="SECONDS",
                    help="stop after this long with a summary (default: until Ctrl-C)")
@@ -520,6 +523,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                     faults=faults, keep=args.keep))
     except DemoError as e:
         raise ConfigError(str(e)) from None
+    except RuntimeError as e:  # a command building the sites failed (it says which, and why)
+        print(f"qkdgw demo: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _fault(kind: Literal["kms-outage", "qber-spike"], value: str) -> Fault:

@@ -84,7 +84,11 @@ def stack(docker: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
         started = time.monotonic()
         sh(str(COMPOSE / "up"), env=env, timeout=900)
         built = time.monotonic() - started
-        wait_until("both gateways on a first epoch", lambda: _converged(compose), 90)
+        try:
+            wait_until("both gateways on a first epoch", lambda: _converged(compose), 90)
+        except TimeoutError as e:
+            pytest.fail(f"{e}\n{compose('ps', check=False)}"
+                        f"\n{compose('logs', '--no-color', '--tail', '60', check=False)}")
         bridge = "br-" + sh("docker", "network", "inspect", "-f", "{{.Id}}",
                             f"{project}_wan").strip()[:12]
         pcap = out / "wan.pcap"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +40,67 @@ def demo_namespaces() -> list[str]:
 
 
 def demo_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
-    return [p for p in out.stdout.splitlines() if "qkdgw-demo-" in p]
+    """Processes of any demo run: the demo starts each in its files' directory (and charon's
+    command line names it until it execs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if "/qkdgw-demo-" in cwd or "/qkdgw-demo-" in args:
+            found.append(f"{proc.name} {args} (in {cwd})")
+    return found
 
 
-def run_demo(*args: str, interrupt_after: float | None = None) -> dict[str, Any]:
-    proc = subprocess.Popen([*qkdgw_command(), "demo", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    if interrupt_after is not None:
-        time.sleep(interrupt_after)
-        proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=180)
+def run_demo(*args: str) -> dict[str, Any]:
+    proc = subprocess.run([*qkdgw_command(), "demo", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=180, check=False)
+    return _result(proc.returncode, proc.stdout)
+
+
+def _result(rc: int, out: str) -> dict[str, Any]:
     m = SUMMARY.search(out)
-    return {"rc": proc.returncode, "out": out,
-            "summary": tuple(map(int, m.groups())) if m else None}
+    return {"rc": rc, "out": out, "summary": tuple(map(int, m.groups())) if m else None}
+
+
+def ctrl_c(*args: str, when: Callable[[str], bool]) -> dict[str, Any]:
+    """Run `qkdgw demo ARGS` on a terminal (a pseudo-terminal it controls) and press Ctrl-C
+    there once its output so far satisfies WHEN: the terminal sends SIGINT to its whole
+    foreground process group, as a user's terminal does."""
+    master, slave = os.openpty()
+    # setsid --ctty: a new session whose controlling terminal is that pseudo-terminal.
+    proc = subprocess.Popen(["setsid", "--ctty", "--wait", *qkdgw_command(), "demo", *args],
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out, pressed = b"", False
+    deadline = time.monotonic() + 300  # a guard against hanging, not a measurement
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the demo has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not pressed and when(out.decode(errors="replace")):
+                os.write(master, b"\x03")  # Ctrl-C
+                pressed = True
+        proc.wait(timeout=60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert pressed, out.decode(errors="replace")
+    return _result(proc.returncode, out.decode(errors="replace"))
 
 
 def test_demo_rekeys_with_traffic_counts_loss_and_sends_nothing_in_clear() -> None:
@@ -84,11 +133,28 @@ def test_kms_outage_shows_the_fallback_and_the_alarm() -> None:
     assert r["summary"][5] == 0  # nothing in clear, also while the KMEs were away
 
 
-def test_ctrl_c_cleans_up_everything() -> None:
-    r = run_demo("--rekey-interval", "1", interrupt_after=12)
-    assert "interrupted; rekeys:" in r["out"], r["out"]
+def test_ctrl_c_prints_the_counted_summary_and_cleans_up_everything() -> None:
+    """Ctrl-C is how the demo ends without --duration: the same summary, its exit status."""
+    rekeys_seen = re.compile(r" rekeys ([3-9]|\d\d+) ")  # in the live view
+    r = ctrl_c("--rekey-interval", "1", "--rate", "300",
+               when=lambda out: rekeys_seen.search(out) is not None)
+    print("\n" + "\n".join(r["out"].strip().splitlines()[-3:]))
+    assert "Ctrl-C: stopping" in r["out"], r["out"]
+    assert r["summary"] is not None, r["out"]
+    rekeys, sent, lost, a_to_b, b_to_a, plaintext = r["summary"]
+    assert rekeys >= 3 and sent > 0
+    assert lost == a_to_b + b_to_a == 0 and plaintext == 0, r["out"]
+    assert r["rc"] == 0, r["out"]  # the summary's status: nothing lost, nothing in clear
     assert "cleaned up" in r["out"]
-    assert r["rc"] == 1
+    assert demo_namespaces() == [] and demo_processes() == []
+
+
+def test_ctrl_c_while_building_says_nothing_was_counted_and_cleans_up() -> None:
+    r = ctrl_c("--rekey-interval", "1", when=lambda out: "building two sites" in out)
+    assert "interrupted before the traffic started: nothing counted" in r["out"], r["out"]
+    assert r["summary"] is None
+    assert r["rc"] == 128 + signal.SIGINT
+    assert "cleaned up" in r["out"]
     assert demo_namespaces() == [] and demo_processes() == []
 
 

@@ -74,6 +74,8 @@ def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
                         " `sudo ./bootstrap demo` (or `sudo .venv/bin/qkdgw demo`)")
     if shutil.which("ip") is None:
         raise DemoError("`ip` is missing: apt-get install iproute2")
+    if shutil.which("sysctl") is None:
+        raise DemoError("`sysctl` is missing: apt-get install procps")
     if plane == "auto":
         plane = "xfrm" if kernel_has_esp() else "strongswan"
     if plane == "strongswan":
@@ -90,17 +92,19 @@ def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
 def kernel_has_esp() -> bool:
     """Can this kernel hold an ESP SA with AES-GCM? Tried in a scratch namespace."""
     ns = f"qdprobe{os.getpid()}"
-    added = subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False)
+    added = subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False,
+                           process_group=0)  # not stopped half-way by Ctrl-C (as sites.run)
     if added.returncode != 0:
         return False
     try:
         probe = subprocess.run(
             ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
              "proto", "esp", "spi", "0x100", "mode", "tunnel", "aead", "rfc4106(gcm(aes))",
-             "0x" + "00" * 36, "128"], capture_output=True, check=False)
+             "0x" + "00" * 36, "128"], capture_output=True, check=False, process_group=0)
         return probe.returncode == 0
     finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False,
+                       process_group=0)
 
 
 class XfrmSites(Sites):
@@ -251,7 +255,7 @@ class Demo:
         self.plane, self.rate = plane, rate
         self.flows: list[Flow] = []
         self.wire: Wire | None = None
-        self.first_epoch = 0
+        self.first_epoch = self.last_epoch = 0
         self.events: list[str] = []
 
     async def up(self) -> None:
@@ -267,7 +271,7 @@ class Demo:
         s.start_gateway("a")
         s.start_gateway("b")
         await until("the first epoch on both sites", s.converged, 60)
-        self.first_epoch = (await s.link("a"))["epoch"]
+        self.first_epoch = self.last_epoch = (await s.link("a"))["epoch"]
         self.wire = Wire(s.ns["wan"], "wan-a")
         for src, dst in (("a", "b"), ("b", "a")):
             flow = Flow(f"{src}->{dst}",
@@ -308,6 +312,7 @@ class Demo:
 
     async def view(self, elapsed: float, duration: float | None, compact: bool = False) -> str:
         a, b = await self.sites.link("a"), await self.sites.link("b")
+        self.last_epoch = a["epoch"]
         kms = a.get("kms") or {}
         alarms = sorted(set(a.get("alarms") or {}) | set(b.get("alarms") or {}))
         if compact:
@@ -343,7 +348,10 @@ class Demo:
         for flow in self.flows:
             flow.stop.set()
         await asyncio.sleep(DRAIN)
-        rekeys = (await self.sites.link("a"))["epoch"] - self.first_epoch
+        # If the gateway is gone (its log says why), the last epoch seen.
+        with contextlib.suppress(OSError):
+            self.last_epoch = (await self.sites.link("a"))["epoch"]
+        rekeys = self.last_epoch - self.first_epoch
         sent = lost = 0
         by_direction = []
         for flow in self.flows:
@@ -365,58 +373,94 @@ class Demo:
         self.sites.teardown()
 
 
+#: Signals that end the demo as Ctrl-C does: with the summary and the cleanup.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
                    faults: list[Fault], keep: Path | None) -> int:
+    """Run the demo; the exit status. Ctrl-C (or SIGTERM, SIGHUP) ends it as --duration
+    does: the counted summary, the cleanup, and the summary's status (0: nothing lost,
+    nothing in clear). Before the traffic started there is nothing to count: 128 + signal.
+
+    The demo's processes run in their own process group, so Ctrl-C on a terminal reaches
+    only the demo, which then stops them in order (gateways before their data planes)."""
     chosen = preflight(plane)
-    root = keep or Path(tempfile.mkdtemp(prefix="qkdgw-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
-    demo = Demo(chosen, root, interval, rate)
-    tty = sys.stdout.isatty()
-    print(f"building two sites ({chosen} data plane), files in {root} ...", flush=True)
-    task = asyncio.current_task()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: task.cancel() if task else None)
-    interrupted = False
+    stopped_by: list[signal.Signals] = []
+    body: asyncio.Task[None] | None = None
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopped_by:
+            stopped_by.append(sig)
+            if body is not None:
+                body.cancel()
+        else:
+            print(f"\n{sig.name}: still counting and cleaning up, a few seconds", flush=True)
+
+    for sig in STOP_SIGNALS:  # before anything is made that would need cleaning up
+        loop.add_signal_handler(sig, stop, sig)
+    root = keep or Path(tempfile.mkdtemp(prefix="qkdgw-demo-"))
+    demo: Demo | None = None
+    tty = sys.stdout.isatty()
+    status = 1
     try:
-        await demo.up()
-        start = time.monotonic()
-        pending = sorted(faults, key=lambda f: f.at)
-        spikes: list[float] = []
-        shown = 0
-        while duration is None or time.monotonic() - start < duration:
-            elapsed = time.monotonic() - start
-            while pending and pending[0].at <= elapsed:
-                fault = pending.pop(0)
-                demo.fault(fault)
-                if fault.kind == "qber-spike":
-                    spikes.append(elapsed + fault.seconds)
-            if spikes and spikes[0] <= elapsed:
-                spikes.pop(0)
-                demo.end_qber_spike()
-            text = await demo.view(elapsed, duration, compact=not tty)
-            if tty:  # redraw in place
-                sys.stdout.write((f"\x1b[{shown}A\x1b[J" if shown else "") + text + "\n")
-                shown = text.count("\n") + 1
-            else:  # a log: one line a second
-                sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-            await asyncio.sleep(1.0 - (time.monotonic() - start) % 1.0)
-    except asyncio.CancelledError:
-        interrupted = True
-    try:
+        root.mkdir(parents=True, exist_ok=True)
+        demo = Demo(chosen, root, interval, rate)
+        print(f"building two sites ({chosen} data plane), files in {root} ...", flush=True)
+        if not stopped_by:
+            body = asyncio.create_task(_live(demo, duration, faults, tty))
+            try:
+                await body
+            except asyncio.CancelledError:
+                if not stopped_by:  # cancelled from outside, not by a signal
+                    raise
+        if stopped_by:
+            print(("\n" if tty else "") + f"{_signal_name(stopped_by[0])}: stopping", flush=True)
         if demo.flows:
             line, ok = await demo.finish()
-            print(("interrupted; " if interrupted else "") + line, flush=True)
-        else:
-            ok = False
+            print(line, flush=True)
+            status = 0 if ok else 1
+        elif stopped_by:
+            print("interrupted before the traffic started: nothing counted", flush=True)
+            status = 128 + stopped_by[0]
     finally:
-        demo.down()
+        if demo is not None:
+            demo.down()
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
     print("cleaned up: namespaces, processes" + ("" if keep else " and files") + " removed")
-    return 0 if ok and not interrupted else 1
+    return status
 
 
+def _signal_name(sig: signal.Signals) -> str:
+    return "Ctrl-C" if sig == signal.SIGINT else sig.name
+
+
+async def _live(demo: Demo, duration: float | None, faults: list[Fault], tty: bool) -> None:
+    """Bring the sites up, then the live view until DURATION (or cancelled)."""
+    await demo.up()
+    start = time.monotonic()
+    pending = sorted(faults, key=lambda f: f.at)
+    spikes: list[float] = []
+    shown = 0
+    while duration is None or time.monotonic() - start < duration:
+        elapsed = time.monotonic() - start
+        while pending and pending[0].at <= elapsed:
+            fault = pending.pop(0)
+            demo.fault(fault)
+            if fault.kind == "qber-spike":
+                spikes.append(elapsed + fault.seconds)
+        if spikes and spikes[0] <= elapsed:
+            spikes.pop(0)
+            demo.end_qber_spike()
+        text = await demo.view(elapsed, duration, compact=not tty)
+        if tty:  # redraw in place
+            sys.stdout.write((f"\x1b[{shown}A\x1b[J" if shown else "") + text + "\n")
+            shown = text.count("\n") + 1
+        else:  # a log: one line a second
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        await asyncio.sleep(1.0 - (time.monotonic() - start) % 1.0)

@@ -40,7 +40,8 @@ HOST = {"a": HOST_A, "b": HOST_B}
 
 
 def run(*argv: str, check: bool = True) -> str:
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    # Its own process group, as spawn's: Ctrl-C is for the demo, which finishes in order.
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, process_group=0)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout
@@ -154,9 +155,12 @@ class Sites:
     def spawn(self, name: str, ns: str, argv: list[str], env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
+        # Their own process group: Ctrl-C on a terminal reaches the whole foreground group,
+        # and these must stay up for the summary, then stop in order (teardown) when the
+        # demo, the only one that gets it, says so.
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns[ns], *argv], cwd=self.root,
                                 stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, process_group=0)
         self.procs[name] = proc
         return proc
 

@@ -31,6 +31,20 @@ PRELOAD_SOURCE = Path(__file__).with_name("xstate_preload.c")
 MODULES = ("esp4", "esp6", "xfrm_user", "veth", "gcm", "seqiv", "ctr", "ghash_generic",
            "sch_netem", "sch_prio", "cls_u32")
 
+#: The guest's modules live in /usr/lib/uml/modules/VERSION, but modprobe looks in
+#: /lib/modules/VERSION, and the guest's root is the host's `/` (hostfs, writable): a fresh
+#: machine has no /lib/modules to mount over, and the guest must not create one on the host.
+#: So the guest builds a module tree in its own /run (a tmpfs): /run/uml/lib/modules/VERSION
+#: -> the UML modules, runs `modprobe -d /run/uml`, and points the kernel's own module loader
+#: (/proc/sys/kernel/modprobe, also what iptables calls) at a wrapper that does the same.
+MODULE_SETUP = (
+    "mkdir -p /run/uml/lib/modules",
+    'ln -s /usr/lib/uml/modules/"$(uname -r)" /run/uml/lib/modules/"$(uname -r)"',
+    "printf '#!/bin/sh\\nexec /sbin/modprobe -d /run/uml \"$@\"\\n' > /run/uml/modprobe",
+    "chmod 755 /run/uml/modprobe",
+    "echo /run/uml/modprobe > /proc/sys/kernel/modprobe",
+)
+
 #: Guest memory: two daemons, the KMS simulator, the test driver, ping and tcpdump.
 MEMORY = "1536M"
 
@@ -84,8 +98,10 @@ class GuestRun:
 
     def explain(self) -> str:
         """Everything that helps when a guest run failed."""
+        modules = _read(self.workdir / "modules.log")
         return (f"guest exit {self.returncode} after {self.seconds:.1f} s\n"
-                f"--- stderr (tail)\n{self.stderr[-4000:]}\n"
+                + (f"--- modules that did not load\n{modules}" if modules else "")
+                + f"--- stderr (tail)\n{self.stderr[-4000:]}\n"
                 f"--- console (tail)\n{self.console[-2000:]}")
 
 
@@ -104,10 +120,10 @@ def boot(argv: list[str], workdir: Path, *, timeout: float, memory: str = MEMORY
         "#!/bin/sh",
         *(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
         "mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs run /run",
-        "mount -t tmpfs mods /lib/modules",
-        'ln -s /usr/lib/uml/modules/"$(uname -r)" /lib/modules/"$(uname -r)"',
+        *MODULE_SETUP,
         "mkdir -p /run/netns",
-        f"for m in {' '.join(MODULES)}; do modprobe $m || echo \"no module $m\"; done"
+        f"for m in {' '.join(MODULES)}; do /sbin/modprobe -d /run/uml $m"
+        " || echo \"no module $m\"; done"
         f" > {w}/modules.log 2>&1",
         "ip link set lo up",
         f"cd {shlex.quote(str(REPO))}",
