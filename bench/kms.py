@@ -27,8 +27,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.config import SiteConfig
 from gateway.initdemo import init_demo
+from gateway.site import SiteConfig
 from kms.client import KmeClient
 from tests.helpers import free_base_port, start_sim
 

@@ -35,6 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.sink import Role
 from gateway.core.events import (
     FetchQkdKeys,
     FetchQkdKeysById,
@@ -42,7 +43,6 @@ from gateway.core.events import (
     KmsStatusObserved,
     QkdKeysFetched,
     RekeyRequested,
-    Role,
     Send,
     SinkInstalled,
     Tick,

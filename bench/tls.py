@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def worker(seconds: float, rounds: int, rotate_every: float) -> None:
     import tempfile
 
-    from gateway.files import write_private
+    from common.files import write_private
     from tls import pskfile
     from tls.pyssl import PskStore, client_context, server_context
 

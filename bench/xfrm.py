@@ -33,6 +33,8 @@ from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
+from common.sink import RekeyCause
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.ipsec import xfrm_world as w
@@ -87,7 +89,7 @@ async def netlink_ops(world: w.World) -> dict[str, float]:
 
 
 class _Quiet:
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """Not part of this benchmark."""
 
 
@@ -95,13 +97,12 @@ async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dic
     import yaml
     from pyroute2.netns import popns, pushns
 
-    from gateway.core.events import EpochMaterial, EpochRef, Role
+    from common.config import HostPort
+    from common.sink import EpochMaterial, EpochRef, Role, SinkContext
     from gateway.core.policy import Policy
-    from gateway.sink import SinkContext
     from ipsec.xfrm.objects import SaId, SaSpec
     from ipsec.xfrm.sink import XfrmSinkConfig
     from kdf.schedule import EpochKeys
-    from kms.configfile import HostPort
 
     grace = w.POLICIES["bench"]["grace"]
     sinks = {}

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 
+from common.config import ConfigError
+from common.sink import SinkError
+from common.tlsctx import client_context
 from gateway import __version__, logs
 from gateway.audit import AuditError
-from gateway.config import SiteConfig
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
-from gateway.sink import SinkError
+from gateway.site import SiteConfig, guard_tls
 from kdf import fingerprint
-from kms.configfile import ConfigError
 from kms.errors import KmsError
-from kms.tlsctx import client_context
 
 if TYPE_CHECKING:
     from gateway.demo.live import Fault
@@ -381,10 +381,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_tls_guard(args: argparse.Namespace) -> int:
-    from tls import guard
-
-    found = guard.targets(SiteConfig.load(args.config), str(args.config))
-    asyncio.run(guard.run(found, once=args.once))
+    guard_tls(SiteConfig.load(args.config), str(args.config), once=args.once)
     return EXIT_OK
 
 

@@ -1,25 +1,26 @@
 """A site's configuration (`site.yaml`): its KME, its peer channel, its links, their policy and
 sinks, and where the daemon keeps its state.
 
-Reference with every field: docs/configuration.md. Errors name the field.
+Generic over the sink configurations: which sinks exist is decided at the top, in the
+composition root (gateway/site.py, whose `SiteConfig` is the one to load); this module knows
+only the sink contract (common.sink.SinkConfig). Reference with every field:
+docs/configuration.md. Errors name the field.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import Field, model_validator
 
+from common.config import Address, ConfigModel, FilePath, Seconds, load_yaml_model
+from common.sink import KeyLifetimes, SinkConfig
 from gateway.core.policy import Mode, Policy
-from ipsec.strongswan.sink import StrongswanSinkConfig
-from ipsec.xfrm.sink import REQIDS_PER_LINK, XfrmSinkConfig
 from kms.config import KmsClientConfig
-from kms.configfile import Address, ConfigModel, FilePath, Seconds, load_yaml_model
 from kms.models import EntityId
-from tls.file import FileSinkConfig
-from tls.sink import TlsPskSinkConfig
+
+S = TypeVar("S", bound=SinkConfig)
 
 #: More keys than any KME stores (ETSI GS QKD 014 `max_key_count`s are thousands).
 MAX_RESERVE_KEYS = 1_000_000
@@ -67,18 +68,14 @@ class PolicyConfig(ConfigModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
-SinkConfig = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig | TlsPskSinkConfig,
-                       Field(discriminator="type")]
-
-
-class LinkConfig(ConfigModel):
+class LinkConfig(ConfigModel, Generic[S]):
     name: EntityId
     role: Literal["initiator", "responder"] = Field(
         description="the initiator fetches QKD keys as master SAE and starts each rekey")
     peer: PeerConfig
     kem: Literal["ML-KEM-768", "ML-KEM-1024"] = "ML-KEM-768"
     policy: PolicyConfig = PolicyConfig()
-    sinks: list[SinkConfig] = Field(default_factory=list)
+    sinks: list[S] = Field(default_factory=list)
 
 
 class AdminConfig(ConfigModel):
@@ -93,7 +90,7 @@ class MetricsConfig(ConfigModel):
     listen: Address
 
 
-class SiteConfig(ConfigModel):
+class SiteConfig(ConfigModel, Generic[S]):
     site: EntityId
     state_dir: FilePath = Field(description="snapshots, audit log and admin socket (0700)")
     kms: KmsClientConfig
@@ -105,10 +102,10 @@ class SiteConfig(ConfigModel):
     metrics: MetricsConfig | None = None
     audit_log: FilePath | None = Field(default=None,
                                        description="default: STATE_DIR/audit.jsonl")
-    links: list[LinkConfig] = Field(min_length=1)
+    links: list[LinkConfig[S]] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _consistent(self) -> SiteConfig:
+    def _consistent(self) -> Self:
         names = [link.name for link in self.links]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -118,21 +115,24 @@ class SiteConfig(ConfigModel):
                 self.link_policy(link)
             except ValueError as e:
                 raise ValueError(f"link {link.name}: policy: {e}") from None
-        reqids: list[tuple[int, str]] = sorted(
-            (sink.reqid_base(link.name), link.name) for link in self.links
-            for sink in link.sinks if isinstance(sink, XfrmSinkConfig))
-        for (a, link_a), (b, link_b) in itertools.pairwise(reqids):
-            if b - a < REQIDS_PER_LINK:
-                raise ValueError(f"xfrm sinks of links {link_a} and {link_b}: reqid ranges"
-                                 f" overlap ({a} and {b}; each needs {REQIDS_PER_LINK}): set"
-                                 " `reqid` on one of them")
+        by_type: dict[type[SinkConfig], list[tuple[str, SinkConfig]]] = {}
+        for link in self.links:
+            for sink in link.sinks:
+                by_type.setdefault(type(sink), []).append((link.name, sink))
+        for kind, sinks in by_type.items():
+            kind.check_together(sinks)  # e.g. reqid ranges of xfrm sinks across links
         return self
 
-    def link_policy(self, link: LinkConfig) -> Policy:
+    def link_policy(self, link: LinkConfig[S]) -> Policy:
         """Defaults, overridden by the site's `policy:`, overridden by the link's."""
         return Policy(**{**self.policy.set_fields(), **link.policy.set_fields()})
 
-    def link(self, name: str | None) -> LinkConfig:
+    def lifetimes(self, link: LinkConfig[S]) -> KeyLifetimes:
+        """What the link's sinks mirror into their data planes."""
+        p = self.link_policy(link)
+        return KeyLifetimes(hard_lifetime=p.hard_lifetime, attempt_timeout=p.attempt_timeout)
+
+    def link(self, name: str | None) -> LinkConfig[S]:
         """The link called NAME, or the only link when NAME is None."""
         if name is None:
             if len(self.links) > 1:
@@ -154,5 +154,5 @@ class SiteConfig(ConfigModel):
         return self.audit_log or self.state_dir / "audit.jsonl"
 
     @classmethod
-    def load(cls, path: Path) -> SiteConfig:
+    def load(cls, path: Path) -> Self:
         return load_yaml_model(path, cls)

@@ -39,6 +39,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from common.config import ConfigError
+from common.files import write_private
+from common.sink import RekeyCause, Role, Sink, SinkContext, SinkError
+from common.text import quote_remote
 from gateway.audit import AuditError, AuditLog, Head, Signer
 from gateway.config import LinkConfig, SiteConfig
 from gateway.core.events import (
@@ -63,7 +67,6 @@ from gateway.core.events import (
     RekeyRequested,
     RetireInbound,
     RetireOutbound,
-    Role,
     Send,
     SinkFailed,
     SinkInstalled,
@@ -79,12 +82,9 @@ from gateway.core.machine import (
 )
 from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.snapshot import Snapshot
-from gateway.files import write_private
 from gateway.metrics import Metrics
 from gateway.peer import PeerClient, PeerServer, certificate_sha256
-from gateway.sink import Sink, SinkContext, SinkError
-from kms.configfile import ConfigError
-from kms.errors import KmsError, quote_remote
+from kms.errors import KmsError
 
 log = logging.getLogger("gateway")
 
@@ -134,7 +134,7 @@ class _TaskFailed(Event):
 @dataclass
 class LinkRunner:
     daemon: Daemon
-    config: LinkConfig
+    config: LinkConfig[Any]
     machine: LinkMachine
     sinks: list[Sink]
     peer: PeerClient
@@ -303,7 +303,7 @@ class LinkRunner:
 
 
 class Daemon:
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig[Any]) -> None:
         self.config = config
         self.metrics = Metrics()
         self.fingerprints: dict[str, dict[int, str]] = {}
@@ -348,7 +348,7 @@ class Daemon:
             except CoreError as e:
                 raise ConfigError(f"{self._state_path(link.name)}: {e}; move it away to start"
                                   " this link afresh (the peer resynchronises)") from None
-            context = SinkContext(link.name, machine.policy, self, c.peer_channel.listen,
+            context = SinkContext(link.name, c.lifetimes(link), self, c.peer_channel.listen,
                                   link.peer.address)
             sinks: list[Sink] = [s.build(context) for s in link.sinks]
             self.runners[link.name] = LinkRunner(self, link, machine, sinks,
@@ -376,7 +376,7 @@ class Daemon:
                                                    name=f"link-{runner.name}"))
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
 
-    def _machine(self, link: LinkConfig, snapshot: Snapshot | None) -> LinkMachine:
+    def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None) -> LinkMachine:
         return LinkMachine(self._identities[link.name], self.config.link_policy(link),
                            now=time.time(), snapshot=snapshot)
 
@@ -539,10 +539,10 @@ class Daemon:
     async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
         await self.runners[link].queue.put(received(message, peer_cert))
 
-    def soft_limit(self, link: str, detail: str) -> None:
-        """A sink reports a soft limit (SinkEvents): the link rekeys now."""
-        log.info("link %s: soft limit reached: %s", link, detail)
-        self.runners[link].queue.put_nowait(RekeyRequested(f"soft-limit: {detail}"))
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
+        """A sink says its data plane needs a new key (SinkEvents): the link rekeys now."""
+        log.info("link %s: rekey needed (%s): %s", link, cause.value, detail)
+        self.runners[link].queue.put_nowait(RekeyRequested(f"{cause.value}: {detail}"))
 
     def rekey(self, link: str | None) -> list[str]:
         names = [link] if link else list(self.runners)
@@ -840,7 +840,7 @@ class LoopWatchdog(threading.Thread):
         self._stop.set()
 
 
-async def run(config: SiteConfig) -> None:
+async def run(config: SiteConfig[Any]) -> None:
     """Run until `qkdgw stop`, SIGTERM or SIGINT."""
     daemon = Daemon(config)
     stop = daemon.stop_requested

@@ -13,29 +13,19 @@ import sys
 import time
 from typing import Literal
 
+from common.text import quote_remote
+
 LogFormat = Literal["text", "json"]
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def one_line(text: str) -> str:
-    """TEXT with control characters (C0, DEL, C1, line and paragraph separators) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch, f"\\x{ord(ch):02x}"
-                                                            if ord(ch) < 0x100
-                                                            else f"\\u{ord(ch):04x}")
-                   for ch in text)
 
 
 class TextFormatter(logging.Formatter):
     """`asctime level logger: message`, the message on one line; a traceback follows."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).replace(record.message, one_line(record.message))
+        line = super().formatMessage(record)
+        return line.replace(record.message, quote_remote(record.message, limit=None))
 
 
 class JsonFormatter(logging.Formatter):

@@ -22,10 +22,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from common.text import quote_remote
+from common.tlsctx import client_context, peer_common_name, server_context
 from gateway.config import PeerChannelConfig, PeerConfig
 from gateway.core.messages import MAX_MESSAGE_BYTES, Message, MessageError, decode, encode
-from kms.errors import quote_remote
-from kms.tlsctx import client_context, peer_common_name, server_context
 
 log = logging.getLogger(__name__)
 

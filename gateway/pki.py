@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.files import write_private
+from common.files import write_private
 
 #: Demo certificates outlive any demo or CI run; a production PKI issues its own.
 VALIDITY = datetime.timedelta(days=825)

@@ -2,10 +2,11 @@
 transcript encoding and the key schedule. No I/O.
 """
 
+from kdf.backends import kem_by_name
 from kdf.catkdf import HASHES, catkdf
 from kdf.errors import BackendUnavailable, InvalidKeyError, KdfError
 from kdf.fingerprint import fingerprint
-from kdf.kem import Encapsulation, Kem, KemPrivateKey, MlKem768, MlKem1024, kem_by_name
+from kdf.kem import Encapsulation, Kem, KemPrivateKey, MlKem768, MlKem1024
 from kdf.schedule import EpochKeys, Purpose, derive_epoch
 from kdf.transcript import Party, Transcript
 from kdf.x25519 import X25519PrivateKey

@@ -168,23 +168,3 @@ class MlKem1024(_PycaMlKem):
     ciphertext_size = 1568
     _private = mlkem.MLKEM1024PrivateKey
     _public = mlkem.MLKEM1024PublicKey
-
-
-#: The default backend's classes by algorithm name.
-CRYPTOGRAPHY_KEMS: dict[str, type[Kem]] = {k.name: k for k in (MlKem768, MlKem1024)}
-
-BACKENDS = ("cryptography", "oqs")
-
-
-def kem_by_name(name: str, backend: str = "cryptography") -> Kem:
-    """The KEM NAME from BACKEND; a clear error if either is unknown or not installed."""
-    if backend == "cryptography":
-        if name not in CRYPTOGRAPHY_KEMS:
-            raise KdfError(f"the cryptography backend has no KEM {name!r}: it has "
-                           + ", ".join(CRYPTOGRAPHY_KEMS) + " (the oqs backend has more)")
-        return CRYPTOGRAPHY_KEMS[name]()
-    if backend == "oqs":
-        from kdf.oqs import OqsKem
-
-        return OqsKem(name)
-    raise KdfError(f"unknown KEM backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -45,6 +45,8 @@ from urllib.parse import quote
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from common.text import quote_remote
+from common.tlsctx import client_context
 from kms.errors import (
     HTTP_ERRORS,
     KmsConnectionError,
@@ -53,7 +55,6 @@ from kms.errors import (
     KmsProtocolError,
     KmsTimeout,
     KmsTlsError,
-    quote_remote,
 )
 from kms.models import (
     Error,
@@ -65,7 +66,6 @@ from kms.models import (
     QkdKey,
     Status,
 )
-from kms.tlsctx import client_context
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
+from common.config import ConfigModel, FilePath
 from kms.client import KmeClient, RetryPolicy, Timeouts
-from kms.configfile import ConfigModel, FilePath
 from kms.models import EntityId
 
 #: Seconds, finite and positive; an hour is far past any useful wait on a KME.

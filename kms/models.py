@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from kms.errors import quote_remote
+from common.text import quote_remote
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 

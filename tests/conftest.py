@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, settings
 
 from gateway import pki
-from gateway.config import SiteConfig
 from gateway.initdemo import DemoLayout, init_demo
+from gateway.site import SiteConfig
 from kms.client import KmeClient
 from tests.helpers import SimProcess, free_base_port, start_sim
 

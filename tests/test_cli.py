@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.config import SiteConfig
 from gateway.initdemo import CERTS, DemoLayout
+from gateway.site import SiteConfig
 from tests.helpers import SimProcess, free_base_port, qkdgw_command
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.files import write_private
+from common.files import write_private
 
 EXPIRY, LOCK, GUARD = ".expiry", ".lock", ".guard"
 #: Deadlines are Unix times before the year 5000; anything else is not what the sink wrote.

@@ -21,15 +21,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Self
 
 from pydantic import Field
 
-from gateway.core.events import EpochMaterial, EpochRef
-from gateway.files import write_private
-from gateway.sink import SinkContext, SinkError
+from common.config import FilePath, Seconds
+from common.files import write_private
+from common.sink import EpochMaterial, EpochRef, SinkConfig, SinkContext, SinkError
 from kdf import Purpose
-from kms.configfile import ConfigModel, FilePath, Seconds
+from tls import pskfile
 from tls.hook import run_hook
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 PURPOSES = {p.name.lower(): p for p in Purpose}
 
 
-class FileSinkConfig(ConfigModel):
+class FileSinkConfig(SinkConfig):
     type: Literal["file"]
     path: FilePath
     purpose: Literal["tls_psk", "ike_ppk", "esp_i2r", "esp_r2i"] = "tls_psk"
@@ -48,6 +49,11 @@ class FileSinkConfig(ConfigModel):
 
     def build(self, context: SinkContext) -> FileSink:
         return FileSink(self)  # a file has no limits to report
+
+    @classmethod
+    def check_together(cls, sinks: Sequence[tuple[str, Self]]) -> None:
+        """Two sinks writing one file would undo each other."""
+        pskfile.check_distinct([(link, sink.path) for link, sink in sinks], "file")
 
 
 class FileSink:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.config import SiteConfig
-from gateway.files import write_private
-from gateway.sink import SinkError
-from kms.configfile import ConfigError
+from common.config import ConfigError
+from common.files import write_private
+from common.sink import SinkError
 from tls import expiry, pskfile
 from tls.hook import run_hook, sighup
 from tls.sink import TlsPskSinkConfig
@@ -46,18 +46,12 @@ class Target:
             log.error("link %s: %s", self.link, what)
 
 
-def targets(site: SiteConfig, config: str) -> list[Target]:
-    """The site's tls_psk sinks; an error if there is none or two share a file."""
-    found = [Target(link.name, sink) for link in site.links for sink in link.sinks
-             if isinstance(sink, TlsPskSinkConfig)]
-    if not found:
+def targets(sinks: Sequence[tuple[str, TlsPskSinkConfig]], config: str) -> list[Target]:
+    """What to guard: the site's tls_psk sinks, as (link, sink) pairs (their configuration
+    made sure no two share a file); an error if there is none."""
+    if not sinks:
         raise ConfigError(f"{config}: no tls_psk sink: nothing to guard")
-    paths = [t.config.path for t in found]
-    shared = sorted({str(p) for p in paths if paths.count(p) > 1})
-    if shared:
-        raise ConfigError(f"{config}: {', '.join(shared)}: the file of more than one tls_psk"
-                          " sink")
-    return found
+    return [Target(link, sink) for link, sink in sinks]
 
 
 def sweep(target: Target, now: float) -> tuple[list[str], float | None]:

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from gateway.sink import SinkError
+from common.sink import SinkError
 
 PID_MAX_LIMIT = 2**22
 

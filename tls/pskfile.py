@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from pathlib import Path
 
 #: PSK identities name the link and the epoch; they travel in clear in the ClientHello.
 IDENTITY = re.compile(r"qkdgw-(?P<link>[A-Za-z0-9._-]+)-e(?P<epoch>[0-9]+)$")
@@ -24,6 +25,16 @@ MIN_KEY = 16
 
 class PskFileError(ValueError):
     """The file is not a PSK secrets file; the message names the line (never the key)."""
+
+
+def check_distinct(files: list[tuple[str, Path]], kind: str) -> None:
+    """ValueError if two sinks of KIND, as (link, path) pairs, write the same file."""
+    seen: dict[Path, str] = {}
+    for link, path in files:
+        if path in seen:
+            raise ValueError(f"{kind} sinks of links {seen[path]} and {link} write the same"
+                             f" file {path}: give each its own")
+        seen[path] = link
 
 
 def identity(link: str, epoch: int) -> str:

@@ -33,22 +33,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Self
 
 from pydantic import Field
 
-from gateway.core.events import EpochMaterial, EpochRef
-from gateway.files import write_private
-from gateway.sink import SinkContext, SinkError
+from common.config import FilePath, Seconds
+from common.files import write_private
+from common.sink import EpochMaterial, EpochRef, SinkConfig, SinkContext, SinkError
 from kdf import Purpose
-from kms.configfile import ConfigModel, FilePath, Seconds
 from tls import expiry, pskfile
 from tls.hook import run_hook, sighup
 
 log = logging.getLogger(__name__)
 
 
-class TlsPskSinkConfig(ConfigModel):
+class TlsPskSinkConfig(SinkConfig):
     type: Literal["tls_psk"]
     path: FilePath = Field(description="the PSK secrets file (stunnel: PSKsecrets)")
     role: Literal["server", "client"] = Field(
@@ -64,7 +64,12 @@ class TlsPskSinkConfig(ConfigModel):
                                      " keep: leave the identities until their deadlines")
 
     def build(self, context: SinkContext) -> TlsPskSink:
-        return TlsPskSink(self, context.link, context.policy.hard_lifetime)
+        return TlsPskSink(self, context.link, context.lifetimes.hard_lifetime)
+
+    @classmethod
+    def check_together(cls, sinks: Sequence[tuple[str, Self]]) -> None:
+        """Two sinks writing one file would undo each other (and confuse the guard)."""
+        pskfile.check_distinct([(link, sink.path) for link, sink in sinks], "tls_psk")
 
 
 class TlsPskSink:

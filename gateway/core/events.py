@@ -6,17 +6,12 @@ out the actions it gets back, in order. Nothing here does I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
+from common.sink import EpochMaterial, EpochRef
 from gateway.core.messages import Abort, Accept, Ack, Commit, Message, Offer, RekeyRequest
-from kdf import EpochKeys, Purpose
 from kms.models import QkdKey
-
-
-class Role(StrEnum):
-    INITIATOR = "initiator"
-    RESPONDER = "responder"
 
 
 class Alarm(StrEnum):
@@ -30,49 +25,6 @@ class Alarm(StrEnum):
     #: The link's task failed unexpectedly (raised by the daemon, not the core): traffic
     #: blocked and the link restarted from its saved state.
     LINK_FAILED = "link-failed"
-
-
-# -- the key material sinks receive --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EpochMaterial:
-    """One epoch of one link, as the sinks need it. Only the fingerprint is ever shown."""
-
-    link: str
-    epoch: int
-    role: Role
-    suite: str
-    key_ids: tuple[str, ...]
-    spi_in: int  # SPI (or identifier) of the SA this side receives on
-    spi_out: int  # ... and of the SA it sends on (the peer's spi_in)
-    keys: EpochKeys = field(repr=False)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.keys.fingerprint
-
-    def key(self, purpose: Purpose) -> bytes:
-        return self.keys.key(purpose)
-
-    @property
-    def inbound_esp(self) -> bytes:
-        """AES-256-GCM key + salt of the SA this side receives on."""
-        return self.key(Purpose.ESP_R2I if self.role is Role.INITIATOR else Purpose.ESP_I2R)
-
-    @property
-    def outbound_esp(self) -> bytes:
-        return self.key(Purpose.ESP_I2R if self.role is Role.INITIATOR else Purpose.ESP_R2I)
-
-
-@dataclass(frozen=True)
-class EpochRef:
-    """An epoch known by number and SPIs only (e.g. after a restart: keys are never stored)."""
-
-    link: str
-    epoch: int
-    spi_in: int
-    spi_out: int
 
 
 # -- events --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from common.sink import EpochMaterial, EpochRef, Role
 from gateway.core.events import (
     AbortReceived,
     AcceptReceived,
@@ -39,8 +40,6 @@ from gateway.core.events import (
     Block,
     ClearAlarm,
     CommitReceived,
-    EpochMaterial,
-    EpochRef,
     Event,
     FetchQkdKeys,
     FetchQkdKeysById,
@@ -57,7 +56,6 @@ from gateway.core.events import (
     RekeyRequestReceived,
     RetireInbound,
     RetireOutbound,
-    Role,
     Send,
     SinkFailed,
     SinkInstalled,

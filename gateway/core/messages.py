@@ -38,7 +38,7 @@ from pydantic import (
     ValidationError,
 )
 
-from kms.errors import quote_remote
+from common.text import quote_remote
 from kms.models import EntityId, KeyId
 
 PROTOCOL_VERSION: Literal[1] = 1

@@ -11,10 +11,10 @@ import errno
 import tempfile
 from pathlib import Path
 
-from gateway.config import SiteConfig
+from common.config import ConfigError
 from gateway.initdemo import init_demo
+from gateway.site import SiteConfig
 from kdf import fingerprint
-from kms.configfile import ConfigError
 from kms.errors import KmsBadRequest
 from kms.sim.config import SimConfig
 from kms.sim.server import Simulator

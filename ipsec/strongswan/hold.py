@@ -32,8 +32,8 @@ import zlib
 
 from pydantic import Field
 
+from common.config import ConfigModel
 from ipsec.nfqueue import NfQueueError, NfQueueSocket
-from kms.configfile import ConfigModel
 
 log = logging.getLogger(__name__)
 

@@ -47,12 +47,18 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 from vici.protocol import Message
 
-from gateway.core.events import EpochMaterial, EpochRef, Role
-from gateway.sink import SinkContext, SinkError
+from common.sink import (
+    EpochMaterial,
+    EpochRef,
+    RekeyCause,
+    Role,
+    SinkConfig,
+    SinkContext,
+    SinkError,
+)
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.vici import MAX_MESSAGE, Section, Vici, ViciConnectionError, ViciError
 from kdf.schedule import Purpose
-from kms.configfile import ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,7 @@ MAX_CONNECTION_DEPTH = 4
 MAX_VICI_KEY, MAX_VICI_VALUE = 255, 65_535
 
 
-class StrongswanSinkConfig(ConfigModel):
+class StrongswanSinkConfig(SinkConfig):
     type: Literal["strongswan"]
     vici: Path = Field(default=Path("/var/run/charon.vici"),
                        description="charon's VICI socket (charon.plugins.vici.socket)")
@@ -190,8 +196,8 @@ class StrongswanSink:
         self.conn = config.conn_name(context.link)
         self.name = f"strongswan:{self.conn}"
         self.children = list(config.connection["children"])
-        policy = context.policy
-        self.reauth_after = math.ceil(policy.hard_lifetime + BACKSTOP_SLACK)
+        lifetimes = context.lifetimes
+        self.reauth_after = math.ceil(lifetimes.hard_lifetime + BACKSTOP_SLACK)
         self.vici: Vici | None = None
         self.role: Role | None = None
         #: epoch -> (PPK id, PPK): the live epochs' keys, kept to re-inject after a restart.
@@ -492,8 +498,9 @@ class StrongswanSink:
             if self.role is Role.RESPONDER and self.active is not None:
                 # The initiator's charon would notice only by dead peer detection: a new
                 # epoch now is faster (the core asks the initiator for it).
-                self.context.events.soft_limit(
-                    self.context.link, "charon restarted: its IKE SAs are gone")
+                self.context.events.rekey_needed(
+                    self.context.link, RekeyCause.PLANE_RESTARTED,
+                    "charon restarted: its IKE SAs are gone")
         if self.current is None:
             return
         shared = (await self.vici_request("get-shared")).get("keys", [])

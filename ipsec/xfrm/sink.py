@@ -34,13 +34,21 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BeforeValidator, Field, IPvAnyAddress, model_validator
 
-from gateway.core.events import EpochMaterial, EpochRef
-from gateway.sink import SinkContext, SinkError
+from common.config import MAX_SECONDS, ConfigModel
+from common.sink import (
+    EpochMaterial,
+    EpochRef,
+    RekeyCause,
+    SinkConfig,
+    SinkContext,
+    SinkError,
+)
 from ipsec.netlink import NetlinkDecodeError
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.kernel import XfrmKernel
@@ -58,7 +66,6 @@ from ipsec.xfrm.objects import (
     Selector,
     Template,
 )
-from kms.configfile import MAX_SECONDS, ConfigModel
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,7 @@ class HardLimits(ConfigModel):
     packets: int | None = Field(default=None, gt=0, lt=s.XFRM_INF)
 
 
-class XfrmSinkConfig(ConfigModel):
+class XfrmSinkConfig(SinkConfig):
     type: Literal["xfrm"]
     mode: Literal["tunnel", "transport"] = "tunnel"
     local: IPvAnyAddress = Field(description="this gateway's ESP endpoint address")
@@ -165,6 +172,16 @@ class XfrmSinkConfig(ConfigModel):
     def build(self, context: SinkContext) -> XfrmSink:
         return XfrmSink(self, context)
 
+    @classmethod
+    def check_together(cls, sinks: Sequence[tuple[str, Self]]) -> None:
+        """Each link's sink uses REQIDS_PER_LINK reqids from its base: no two may overlap."""
+        bases = sorted((sink.reqid_base(link), link) for link, sink in sinks)
+        for (a, link_a), (b, link_b) in itertools.pairwise(bases):
+            if b - a < REQIDS_PER_LINK:
+                raise ValueError(f"xfrm sinks of links {link_a} and {link_b}: reqid ranges"
+                                 f" overlap ({a} and {b}; each needs {REQIDS_PER_LINK}): set"
+                                 " `reqid` on one of them")
+
 
 class XfrmSink:
     def __init__(self, config: XfrmSinkConfig, context: SinkContext) -> None:
@@ -182,16 +199,16 @@ class XfrmSink:
         self.kernel: XfrmKernel | None = None
         self._listener: asyncio.Task[None] | None = None
         self._last_acquire = 0.0
-        policy = context.policy
+        lifetimes = context.lifetimes
         soft, hard = config.soft_limits, config.hard_limits
         limits = {"soft_bytes": soft.bytes, "soft_packets": soft.packets,
                   "soft_seconds": soft.seconds, "hard_bytes": hard.bytes,
                   "hard_packets": hard.packets}
         self.out_lifetime = Lifetime(
-            **limits, hard_seconds=math.ceil(policy.hard_lifetime + BACKSTOP_SLACK))
+            **limits, hard_seconds=math.ceil(lifetimes.hard_lifetime + BACKSTOP_SLACK))
         # An inbound SA is installed up to an attempt's length before the peer sends on it.
         self.in_lifetime = Lifetime(**limits, hard_seconds=math.ceil(
-            policy.hard_lifetime + policy.attempt_timeout + BACKSTOP_SLACK))
+            lifetimes.hard_lifetime + lifetimes.attempt_timeout + BACKSTOP_SLACK))
 
     # -- policies ------------------------------------------------------------------------
 
@@ -407,9 +424,10 @@ class XfrmSink:
             if sa.spi == self.current:
                 self.current = None  # the out policies now drop (no SA for their reqid)
         limit = _limit_reached(msg, hard)
-        self.context.events.soft_limit(
-            link, f"{direction} SA {sa.spi:#010x} reached its {'hard' if hard else 'soft'}"
-                  f" {limit} limit")
+        self.context.events.rekey_needed(
+            link, RekeyCause.HARD_LIMIT if hard else RekeyCause.SOFT_LIMIT,
+            f"{direction} SA {sa.spi:#010x} reached its {'hard' if hard else 'soft'} {limit}"
+            " limit")
 
     def _acquired(self, selector: Selector) -> None:
         if not any(sel.covers(selector) for sel in self.config.selectors()):
@@ -418,8 +436,9 @@ class XfrmSink:
         if now - self._last_acquire < ACQUIRE_HOLDOFF:
             return
         self._last_acquire = now
-        self.context.events.soft_limit(
-            self.context.link, f"no SA for outbound traffic {selector}: dropped, rekeying")
+        self.context.events.rekey_needed(
+            self.context.link, RekeyCause.NO_SA,
+            f"no SA for outbound traffic {selector}: dropped, rekeying")
 
 
 def _limit_reached(msg: object, hard: bool) -> str:

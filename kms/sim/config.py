@@ -10,7 +10,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from kms.configfile import (
+from common.config import (
     MAX_SECONDS,
     Address,
     ConfigModel,

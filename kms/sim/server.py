@@ -29,13 +29,13 @@ import pydantic_core
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kms.configfile import MAX_SECONDS
-from kms.errors import quote_remote
+from common.config import MAX_SECONDS
+from common.text import quote_remote
+from common.tlsctx import peer_common_name, server_context
 from kms.models import MAX_COUNT, Etsi014Model, KeyIds, KeyRequest
 from kms.sim.config import KmeConfig, SimConfig
 from kms.sim.faults import Fault, FaultKind, FaultSpec, FaultTable, corrupt
 from kms.sim.service import LinkService, Network, Refusal
-from kms.tlsctx import peer_common_name, server_context
 
 log = logging.getLogger("kms.sim")
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway.config import SiteConfig
+from common.config import ConfigError
 from gateway.core.policy import Mode
 from gateway.initdemo import DemoLayout
-from kms.configfile import ConfigError
+from gateway.site import SiteConfig
 from kms.sim.config import SimConfig
 
 XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",

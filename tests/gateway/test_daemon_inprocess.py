@@ -18,11 +18,11 @@ from typing import Any
 
 import aiohttp
 
-from gateway.config import SiteConfig
-from gateway.core.events import EpochMaterial, EpochRef
+from common.sink import EpochMaterial, EpochRef, RekeyCause
 from gateway.daemon import Daemon
 from gateway.initdemo import DemoLayout
 from gateway.logs import JsonFormatter
+from gateway.site import SiteConfig
 from kdf import Purpose
 from tests.helpers import SimProcess
 
@@ -115,7 +115,7 @@ def test_no_key_material_in_any_output_and_soft_limits(
                            and ma.current_epoch == mb.current_epoch):
                     await asyncio.sleep(0.001)  # no exchange in flight (it would satisfy
                 epoch = ma.current_epoch  # the soft limit by itself)
-                d.soft_limit("ab", "byte limit of the inbound SA")
+                d.rekey_needed("ab", RekeyCause.SOFT_LIMIT, "byte limit of the inbound SA")
                 t0 = time.monotonic()
                 while ma.current_epoch == epoch:
                     assert time.monotonic() - t0 < 0.3, "no rekey after the soft limit"

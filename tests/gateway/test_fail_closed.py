@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import SiteConfig
-from gateway.core.events import EpochMaterial, EpochRef
+from common.sink import EpochMaterial, EpochRef
 from gateway.daemon import Daemon
 from gateway.initdemo import DemoLayout
+from gateway.site import SiteConfig
 from tests.helpers import SimProcess
 
 pytestmark = pytest.mark.slow

@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core.events import EpochMaterial, Role
+from common.config import HostPort
+from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
 from kdf import Purpose
 from kdf.schedule import EpochKeys
-from kms.configfile import HostPort
 from tls.file import FileSinkConfig
 
 SECRET = bytes(range(48))
 
 
 class NoEvents:
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         raise AssertionError("a file sink has no limits to report")
 
 

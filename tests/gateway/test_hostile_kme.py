@@ -30,7 +30,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kms.tlsctx import server_context
+from common.tlsctx import server_context
 from tests.gateway.hostile import busy, check_log
 from tests.gateway.sites import Sites
 from tests.kms.answers import Plan, plans

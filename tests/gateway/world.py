@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.sink import Role
 from gateway.core.events import (
     Action,
     ActivateOutbound,
@@ -38,7 +39,6 @@ from gateway.core.events import (
     Record,
     RetireInbound,
     RetireOutbound,
-    Role,
     Send,
     SinkInstalled,
     Tick,

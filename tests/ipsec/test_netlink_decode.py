@@ -21,8 +21,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.config import HostPort
+from common.sink import RekeyCause, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
 from ipsec import netlink, nfqueue
 from ipsec.netlink import NetlinkDecodeError, NetlinkSocket
 from ipsec.xfrm import structs as s
@@ -39,7 +40,6 @@ from ipsec.xfrm.objects import (
     Template,
 )
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
-from kms.configfile import HostPort
 
 HEADER = struct.Struct("=IHHII")
 KEY = bytes(range(36))
@@ -247,7 +247,7 @@ class Events:
     def __init__(self) -> None:
         self.soft: list[str] = []
 
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
 
 

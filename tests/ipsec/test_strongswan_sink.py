@@ -19,15 +19,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import SiteConfig
-from gateway.core.events import EpochMaterial, Role
+from common.config import HostPort
+from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
+from gateway.site import SiteConfig
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.sink import StrongswanSink, StrongswanSinkConfig, ppk_id
 from ipsec.strongswan.vici import Vici, ViciError
 from kdf.schedule import EpochKeys, Purpose
-from kms.configfile import HostPort
 from tests.ipsec import strongswan_world as sw
 
 
@@ -132,7 +131,7 @@ class Events:
     def __init__(self) -> None:
         self.soft: list[str] = []
 
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
 
 
@@ -183,7 +182,7 @@ def test_install_loads_the_ppk_and_the_connection_and_retire_unloads(charon: sw.
 
 
 def sink_ref(m: EpochMaterial) -> Any:
-    from gateway.core.events import EpochRef
+    from common.sink import EpochRef
 
     return EpochRef(m.link, m.epoch, m.spi_in, m.spi_out)
 

@@ -19,9 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vici.protocol import Message, Packet
 
-from gateway.core.events import EpochMaterial, Role
+from common.config import HostPort
+from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.strongswan.vici import (
     MAX_MESSAGE,
@@ -31,7 +31,6 @@ from ipsec.strongswan.vici import (
     ViciProtocolError,
 )
 from kdf.schedule import EpochKeys
-from kms.configfile import HostPort
 from tests.ipsec import strongswan_world as sw
 
 
@@ -172,7 +171,7 @@ def material(epoch: int) -> EpochMaterial:
 
 
 class Events:
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         pass
 
 

@@ -21,12 +21,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway.core.events import EpochMaterial, Role
+from common.config import HostPort
+from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
 from kdf.schedule import EpochKeys
-from kms.configfile import HostPort
 
 T = TypeVar("T")
 CONTROL_PORT = 9443
@@ -131,7 +130,7 @@ class Events:
     def __init__(self) -> None:
         self.soft: list[str] = []
 
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
 
 

@@ -460,7 +460,7 @@ async def phase_soft(w: World) -> dict[str, Any]:
     w.kill("gw-b")
     logs = {s: (w.out / f"gw-{s}.log").read_text() for s in ("a", "b")}
     return {"rekeys": after - before, "ping": ping, "soft_packets": SOFT_PACKETS,
-            "soft_limit_lines": {s: sum("soft limit reached" in line
+            "soft_limit_lines": {s: sum("rekey needed (soft-limit)" in line
                                         for line in logs[s].splitlines()) for s in logs}}
 
 

@@ -26,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from common.tlsctx import server_context
 from gateway.initdemo import DemoLayout
 from kms import KeyBatch, KmeClient, KmsError, RetryPolicy, Timeouts
 from kms.models import Status
-from kms.tlsctx import server_context
 from tests.kms.answers import Plan, plans
 from tests.kms.hostile import Answer, HostileKme, Request
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from common.tlsctx import server_context
 from gateway.initdemo import DemoLayout
 from kms import (
     KmeClient,
@@ -25,7 +26,6 @@ from kms import (
     RetryPolicy,
     Timeouts,
 )
-from kms.tlsctx import server_context
 from tests.kms.hostile import Answer, HostileKme
 
 #: Liveness bound for one call in these tests (attempts of at most 2 s, at most 2 of them):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from kms.configfile import (
+from common.config import (
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
     MAX_VALUES,

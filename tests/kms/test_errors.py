@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kms.errors import MAX_QUOTED, KmsBadRequest, quote_remote
+from common.text import MAX_QUOTED, quote_remote
+from kms.errors import KmsBadRequest
 
 
 @pytest.mark.parametrize("text,shown", [

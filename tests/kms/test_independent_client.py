@@ -53,7 +53,7 @@ def test_our_keys_match_theirs(demo: DemoLayout, sim: SimProcess) -> None:
     """Keys fetched by the independent client as master, by ours as slave."""
     import asyncio
 
-    from gateway.config import SiteConfig
+    from gateway.site import SiteConfig
 
     code, container = client(demo, "a", "sae-a").get_key("sae-b", number=2, size=256)
     assert code == 200

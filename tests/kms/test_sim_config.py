@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import ConfigError
 from gateway.initdemo import DemoLayout
-from kms.configfile import ConfigError
 from kms.sim.config import SimConfig
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import SiteConfig
 from gateway.initdemo import init_demo
+from gateway.site import SiteConfig
 from tests.tls.tls_world import REPO, listening_locally, sample_conf
 from tls import pskfile
 from tls.sink import TlsPskSinkConfig

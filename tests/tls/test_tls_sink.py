@@ -18,17 +18,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.core.events import EpochMaterial, EpochRef, Role
+from common.config import HostPort
+from common.sink import EpochMaterial, EpochRef, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
-from gateway.sink import SinkContext, SinkError
 from kdf.schedule import EpochKeys, Purpose
-from kms.configfile import HostPort
 from tls import expiry, pskfile
 from tls.sink import TlsPskSink, TlsPskSinkConfig
 
 
 class Events:
-    def soft_limit(self, link: str, detail: str) -> None:
+    def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         raise AssertionError("a TLS PSK file has no limits")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from kms.configfile import ConfigError, check_secret_file
+from common.config import ConfigError, check_secret_file
 
 
 def _load(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
