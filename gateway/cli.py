@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                "Run `qkdgw COMMAND --help` for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"qkd-gateway {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; `run` also checks every move of the rekey core"
+                             " against its transition table")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="log line format on stderr (default: text)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -297,7 +299,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from gateway.daemon import run
 
-    asyncio.run(run(SiteConfig.load(args.config)))
+    asyncio.run(run(SiteConfig.load(args.config), debug=args.verbose))
     return EXIT_OK
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -51,6 +51,7 @@ from gateway.core.events import (
     ActivateOutbound,
     Alarm,
     Block,
+    Cause,
     ClearAlarm,
     CommitReceived,
     Event,
@@ -64,6 +65,7 @@ from gateway.core.events import (
     QkdKeysFetched,
     RaiseAlarm,
     Record,
+    RecordKind,
     RekeyRequested,
     RetireInbound,
     RetireOutbound,
@@ -113,10 +115,11 @@ LOOP_STALL_LIMIT = 10.0
 EXIT_STALLED = 70
 
 #: Record kinds that go to the audit trail (key handling); all are logged.
-AUDITED = {"fetched", "offered", "derived", "installed", "activated", "rekeyed", "retired",
-           "discarded", "rejected", "unconfirmed"}
+K = RecordKind
+AUDITED = {K.FETCHED, K.OFFERED, K.DERIVED, K.INSTALLED, K.ACTIVATED, K.REKEYED, K.RETIRED,
+           K.DISCARDED, K.REJECTED, K.UNCONFIRMED}
 #: ... and those logged at INFO (the rest at DEBUG: one line per epoch is enough for people).
-LOGGED = {"rekeyed", "discarded", "rejected", "unconfirmed", "rekey-deferred"}
+LOGGED = {K.REKEYED, K.DISCARDED, K.REJECTED, K.UNCONFIRMED, K.REKEY_DEFERRED}
 
 
 class LinkFailure(Exception):
@@ -173,7 +176,7 @@ class LinkRunner:
                 continue
             await self.execute(actions)
             if isinstance(event, CommitReceived | AckReceived) and any(
-                    isinstance(a, Record) and a.kind == "rekeyed" for a in actions):
+                    isinstance(a, Record) and a.kind is K.REKEYED for a in actions):
                 self.daemon.peer_head(self, event.message)
 
     async def _next_event(self) -> Event:
@@ -212,34 +215,40 @@ class LinkRunner:
 
     async def execute(self, actions: list[Action]) -> None:
         for a in actions:
-            if isinstance(a, Send):
-                self.spawn("send", self.peer.send(self.daemon.stamp(a.message)))
-            elif isinstance(a, FetchQkdKeys):
-                self.spawn("enc_keys", self._fetch(a))
-            elif isinstance(a, FetchQkdKeysById):
-                self.spawn("dec_keys", self._fetch_by_id(a))
-            elif isinstance(a, InstallInbound):
-                await self._install(a)
-            elif isinstance(a, ActivateOutbound):
-                o = self.machine.outbound
-                self.active_until = (o.activated_at if o else time.time()) + \
-                    self.machine.policy.hard_lifetime
-                await self._each_sink("activate", lambda s, m=a.material: s.activate_outbound(m))
-            elif isinstance(a, RetireInbound):
-                await self._each_sink("retire inbound", lambda s, r=a.ref: s.retire_inbound(r))
-            elif isinstance(a, RetireOutbound):
-                await self._each_sink("retire outbound",
-                                      lambda s, r=a.ref: s.retire_outbound(r))
-            elif isinstance(a, Block):
-                log.warning("link %s: traffic blocked: %s", self.name, a.reason)
-                self.active_until = None
-                await self._each_sink("block", lambda s, why=a.reason: s.block(self.name, why))
-            elif isinstance(a, RaiseAlarm | ClearAlarm):
-                self.daemon.alarm(self.name, a)
-            elif isinstance(a, Record):
-                self.daemon.record(self, a)
-            elif isinstance(a, Persist):
-                self.daemon.dirty.add(self.name)
+            match a:
+                case Send():
+                    self.spawn("send", self.peer.send(self.daemon.stamp(a.message)))
+                case FetchQkdKeys():
+                    self.spawn("enc_keys", self._fetch(a))
+                case FetchQkdKeysById():
+                    self.spawn("dec_keys", self._fetch_by_id(a))
+                case InstallInbound():
+                    await self._install(a)
+                case ActivateOutbound():
+                    o = self.machine.outbound
+                    self.active_until = (o.activated_at if o else time.time()) + \
+                        self.machine.policy.hard_lifetime
+                    await self._each_sink("activate",
+                                          lambda s, m=a.material: s.activate_outbound(m))
+                case RetireInbound():
+                    await self._each_sink("retire inbound",
+                                          lambda s, r=a.ref: s.retire_inbound(r))
+                case RetireOutbound():
+                    await self._each_sink("retire outbound",
+                                          lambda s, r=a.ref: s.retire_outbound(r))
+                case Block():
+                    log.warning("link %s: traffic blocked: %s", self.name, a.reason)
+                    self.active_until = None
+                    await self._each_sink("block",
+                                          lambda s, why=a.reason: s.block(self.name, why))
+                case RaiseAlarm() | ClearAlarm():
+                    self.daemon.alarm(self.name, a)
+                case Record():
+                    self.daemon.record(self, a)
+                case Persist():
+                    self.daemon.dirty.add(self.name)
+                case _:
+                    assert_never(a)
 
     async def _install(self, a: InstallInbound) -> None:
         epoch = a.material.epoch
@@ -263,7 +272,7 @@ class LinkRunner:
             except (SinkError, TimeoutError, OSError) as e:
                 log.error("link %s: %s failed in %s: %s", self.name, what, sink.name,
                           e or type(e).__name__)
-                self.daemon.metrics.failures.labels(self.name, "sink").inc()
+                self.daemon.metrics.failures.labels(self.name, Cause.SINK.value).inc()
 
     async def _fetch(self, a: FetchQkdKeys) -> None:
         try:
@@ -288,7 +297,7 @@ class LinkRunner:
         return {
             "link": self.name, "role": m.role.value, "peer": self.config.peer.name,
             "mode": m.policy.mode.value, "state": m.state.value, "epoch": m.current_epoch,
-            "blocked": m.blocked, "suite": o.suite if o else None,
+            "blocked": m.blocked, "suite": o.suite.name if o else None,
             "key_age": None if o is None else round(now - o.activated_at, 3),
             "fingerprint": self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
             "rekeys": m.rekeys, "last_rekey_latency": self.last_latency,
@@ -303,8 +312,11 @@ class LinkRunner:
 
 
 class Daemon:
-    def __init__(self, config: SiteConfig[Any]) -> None:
+    def __init__(self, config: SiteConfig[Any], *, debug: bool = False) -> None:
+        """DEBUG (`qkdgw -v run`): each link's core also holds every move to its row of the
+        transition table (a mismatch fails the link, and says where)."""
         self.config = config
+        self.debug = debug
         self.metrics = Metrics()
         self.fingerprints: dict[str, dict[int, str]] = {}
         self.runners: dict[str, LinkRunner] = {}
@@ -378,7 +390,7 @@ class Daemon:
 
     def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None) -> LinkMachine:
         return LinkMachine(self._identities[link.name], self.config.link_policy(link),
-                           now=time.time(), snapshot=snapshot)
+                           now=time.time(), snapshot=snapshot, check_transitions=self.debug)
 
     async def stop(self) -> None:
         """Stop; each sink leaves its data plane as its stop behaviour says (a key file
@@ -479,7 +491,7 @@ class Daemon:
         log.error("link %s: ALARM %s: %s", name, Alarm.LINK_FAILED.value, detail,
                   extra={"link": name, "alarm": Alarm.LINK_FAILED.value})
         self.metrics.alarm.labels(name, Alarm.LINK_FAILED.value).set(1)
-        self.metrics.failures.labels(name, "link-failed").inc()
+        self.metrics.failures.labels(name, Cause.LINK_FAILED.value).inc()
         self._write_audit("link-failed", link=name, epoch=runner.machine.current_epoch,
                           detail=detail)
         await self._block(runner, f"link failed: {why}")
@@ -494,7 +506,7 @@ class Daemon:
             except Exception as e:
                 log.error("link %s: blocking %s failed: %s", runner.name, sink.name,
                           _describe(e))
-                self.metrics.failures.labels(runner.name, "sink").inc()
+                self.metrics.failures.labels(runner.name, Cause.SINK.value).inc()
 
     def _restarted(self, old: LinkRunner) -> LinkRunner:
         """A new runner for the link, from its saved state (afresh if that is unreadable:
@@ -614,7 +626,7 @@ class Daemon:
 
     def record(self, runner: LinkRunner, r: Record) -> None:
         link = runner.name
-        if r.kind == "activated" and link in self.failed:
+        if r.kind is K.ACTIVATED and link in self.failed:
             del self.failed[link]
             log.info("link %s: alarm %s cleared", link, Alarm.LINK_FAILED.value)
             self.metrics.alarm.labels(link, Alarm.LINK_FAILED.value).set(0)
@@ -624,13 +636,13 @@ class Daemon:
                 "link %s epoch %d %s%s key_ids=%s fingerprint=%s%s", link, r.epoch, r.kind,
                 latency, ids, r.fingerprint or "-", f" ({r.detail})" if r.detail else "",
                 extra={"link": link, "epoch": r.epoch, "event": r.kind})
-        if r.kind in ("activated", "rekeyed") and r.fingerprint:
+        if r.kind in (K.ACTIVATED, K.REKEYED) and r.fingerprint:
             prints = self.fingerprints.setdefault(link, {})
             prints[r.epoch] = r.fingerprint
             for old in sorted(prints)[:-16]:
                 del prints[old]
-        if r.kind == "rekeyed":
-            suite = runner.machine.outbound.suite if runner.machine.outbound else ""
+        if r.kind is K.REKEYED:
+            suite = runner.machine.outbound.suite.name if runner.machine.outbound else ""
             self.metrics.rekeys.labels(link, suite).inc()
             if r.latency is not None:
                 runner.last_latency = round(r.latency, 6)
@@ -638,11 +650,11 @@ class Daemon:
             o = runner.machine.outbound
             runner.last_rekey = {"epoch": r.epoch, "started_at": r.started,
                                  "activated_at": o.activated_at if o else None}
-        elif r.kind == "discarded" and r.detail:
-            self.metrics.failures.labels(link, _cause(r.detail)).inc()
+        elif r.kind is K.DISCARDED and r.cause is not None:
+            self.metrics.failures.labels(link, r.cause.value).inc()
         if r.kind in AUDITED:
-            sinks = [s.name for s in runner.sinks] if r.kind in ("installed", "activated",
-                                                                 "retired") else []
+            sinks = [s.name for s in runner.sinks] \
+                if r.kind in (K.INSTALLED, K.ACTIVATED, K.RETIRED) else []
             self._write_audit(r.kind, link=link, epoch=r.epoch, key_ids=r.key_ids,
                               fingerprint=r.fingerprint, sinks=sinks, detail=r.detail)
 
@@ -790,17 +802,6 @@ async def _owner_only(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-def _cause(detail: str) -> str:
-    """A short failure cause for the metrics label, from a discard reason."""
-    text = detail.lower()
-    for needle, cause in (("confirmation", "confirm"), ("no answer", "timeout"),
-                          ("aborted", "peer-abort"), ("sink", "sink"), ("kms", "kms"),
-                          ("dec_keys", "kms"), ("superseded", "superseded")):
-        if needle in text:
-            return cause
-    return "other"
-
-
 def _describe(e: BaseException) -> str:
     """An exception in one escaped line: its type and message (and its cause's)."""
     text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -840,9 +841,9 @@ class LoopWatchdog(threading.Thread):
         self._stop.set()
 
 
-async def run(config: SiteConfig[Any]) -> None:
+async def run(config: SiteConfig[Any], *, debug: bool = False) -> None:
     """Run until `qkdgw stop`, SIGTERM or SIGINT."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, debug=debug)
     stop = daemon.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

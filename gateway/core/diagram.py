@@ -27,7 +27,7 @@ def table() -> str:
     for t in TRANSITIONS:
         to = ", ".join(sorted({b.value for _, b in t.edges})) or "(stays)"
         rows.append(f"| {t.state.value if t.state else 'any'} | `{t.event.__name__}` |"
-                    f" `{t.handler}` | {to} | {t.note} |")
+                    f" `{t.handler.__name__}` | {to} | {t.note} |")
     return "\n".join(rows)
 
 

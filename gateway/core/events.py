@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeAlias
 
 from common.sink import EpochMaterial, EpochRef
 from gateway.core.messages import Abort, Accept, Ack, Commit, Message, Offer, RekeyRequest
@@ -139,12 +140,8 @@ class SinkFailed(Event):
 # -- actions -------------------------------------------------------------------------------
 
 
-class Action:
-    """Base of everything the core asks the driver to do."""
-
-
 @dataclass(frozen=True)
-class FetchQkdKeys(Action):
+class FetchQkdKeys:
     """enc_keys as master SAE; answer with QkdKeysFetched or QkdFetchFailed."""
 
     request: int
@@ -153,7 +150,7 @@ class FetchQkdKeys(Action):
 
 
 @dataclass(frozen=True)
-class FetchQkdKeysById(Action):
+class FetchQkdKeysById:
     """dec_keys as slave SAE; answer with QkdKeysFetched or QkdFetchFailed."""
 
     request: int
@@ -162,33 +159,33 @@ class FetchQkdKeysById(Action):
 
 
 @dataclass(frozen=True)
-class Send(Action):
+class Send:
     message: Message
 
 
 @dataclass(frozen=True)
-class InstallInbound(Action):
+class InstallInbound:
     """Install the epoch's inbound key in every sink; answer SinkInstalled or SinkFailed."""
 
     material: EpochMaterial
 
 
 @dataclass(frozen=True)
-class ActivateOutbound(Action):
+class ActivateOutbound:
     """Send on the epoch's key from now on (its inbound counterpart exists at the peer)."""
 
     material: EpochMaterial
 
 
 @dataclass(frozen=True)
-class RetireInbound(Action):
+class RetireInbound:
     """Remove the key this side receives on for the epoch: the peer no longer sends on it."""
 
     ref: EpochRef
 
 
 @dataclass(frozen=True)
-class RetireOutbound(Action):
+class RetireOutbound:
     """Remove the key this side sent on for the epoch: a newer one has replaced it, or it
     expired."""
 
@@ -196,41 +193,78 @@ class RetireOutbound(Action):
 
 
 @dataclass(frozen=True)
-class Block(Action):
+class Block:
     """Drop the link's traffic: no valid key (fail closed, never clear text)."""
 
     reason: str
 
 
 @dataclass(frozen=True)
-class RaiseAlarm(Action):
+class RaiseAlarm:
     alarm: Alarm
     detail: str
 
 
 @dataclass(frozen=True)
-class ClearAlarm(Action):
+class ClearAlarm:
     alarm: Alarm
 
 
+class RecordKind(StrEnum):
+    """What a `Record` tells (docs/operations.md lists them, tests hold the list to this)."""
+
+    REKEY_STARTED = "rekey-started"  # I begins an exchange
+    REKEY_DEFERRED = "rekey-deferred"  # a rekey was asked for during an exchange
+    FETCHED = "fetched"  # QKD keys from the KME (also those fetched ahead)
+    OFFERED = "offered"  # I sent an Offer
+    DERIVED = "derived"  # the epoch's keys derived
+    INSTALLED = "installed"  # the epoch's inbound key is in the data plane
+    ACTIVATED = "activated"  # this side sends on the epoch's key
+    REKEYED = "rekeyed"  # the epoch is done on this side
+    RETIRED = "retired"  # an epoch's inbound or outbound key left the data plane
+    DISCARDED = "discarded"  # keys of an abandoned exchange (or fetched ahead), never used
+    REJECTED = "rejected"  # R refused an Offer
+    UNCONFIRMED = "unconfirmed"  # I switched, but the Ack never came
+
+
+class Cause(StrEnum):
+    """Why keys or an exchange were given up: the `cause` label of qkdgw_rekey_failures."""
+
+    TIMEOUT = "timeout"  # no answer within attempt_timeout
+    PEER_ABORT = "peer-abort"  # the peer gave the exchange up
+    PEER_RESTART = "peer-restart"  # the responder restarted (its copy of the keys is gone)
+    CONFIRM = "confirm"  # a key confirmation did not verify
+    INVALID_KEY = "invalid-key"  # a public value the exchange cannot use
+    KMS = "kms"  # a KME could not deliver
+    SINK = "sink"  # a data plane refused a key
+    SUPERSEDED = "superseded"  # a newer Offer took over
+    ABANDONED = "abandoned"  # keys that came for an exchange already given up
+    DROPPED = "dropped"  # keys fetched ahead that can no longer be used
+    LINK_FAILED = "link-failed"  # the daemon restarted a failed link (not from the core)
+
+
 @dataclass(frozen=True)
-class Record(Action):
-    """A key-handling event for the audit trail, logs and metrics.
+class Record:
+    """A key-handling event for the audit trail, logs and metrics. Carries key IDs and
+    fingerprints, never key bytes."""
 
-    kind: fetched, offered, derived, installed, activated, rekeyed, retired, discarded,
-    rejected, aborted. Carries key IDs and fingerprints, never key bytes.
-    """
-
-    kind: str
+    kind: RecordKind
     epoch: int
     key_ids: tuple[str, ...] = ()
     fingerprint: str = ""
     detail: str = ""
-    latency: float | None = None  # "rekeyed": seconds since the exchange started here
-    started: float | None = None  # "rekeyed": when the exchange started here
+    latency: float | None = None  # REKEYED: seconds since the exchange started here
+    started: float | None = None  # REKEYED: when the exchange started here
+    cause: Cause | None = None  # DISCARDED: why
 
 
 @dataclass(frozen=True)
-class Persist(Action):
+class Persist:
     """The link's persistent state changed: save `machine.snapshot()` (no secrets in it),
     now or a little later, so a restart resumes."""
+
+
+#: Everything the core asks the driver to do; a driver handles each (mypy checks it does).
+Action: TypeAlias = (FetchQkdKeys | FetchQkdKeysById | Send | InstallInbound | ActivateOutbound
+                     | RetireInbound | RetireOutbound | Block | RaiseAlarm | ClearAlarm | Record
+                     | Persist)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -81,6 +82,27 @@ PublicValue = Annotated[bytes, *_B64, Field(min_length=1, max_length=4096)]
 Epoch = Annotated[int, Field(ge=0, le=MAX_EPOCH)]
 Spi = Annotated[int, Field(ge=0x100, lt=2**32)]
 Name = Annotated[EntityId, Field(max_length=64)]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What an epoch's key is made of; its `name` travels in the Offer. Without QKD (`pqc+`)
+    only in pqc-fallback mode, while the KMS cannot deliver."""
+
+    qkd: bool
+    kem: str
+
+    @property
+    def name(self) -> str:
+        return f"{'qkd' if self.qkd else 'pqc'}+{self.kem}+X25519/CatKDF-SHA-384"
+
+    @classmethod
+    def parse(cls, name: str) -> Suite | None:
+        """The suite NAME names, or None if it is not one this gateway can make."""
+        head, _, rest = name.partition("+")
+        kem = rest.partition("+")[0]
+        suite = cls(head == "qkd", kem)
+        return suite if head in ("qkd", "pqc") and suite.name == name else None
 
 
 class AbortReason(StrEnum):

@@ -331,7 +331,7 @@ def test_machine_paces_rekeys_to_a_scarce_supply() -> None:
 
 def test_every_transition_has_a_handler_and_a_note() -> None:
     for t in TRANSITIONS:
-        assert callable(getattr(LinkMachine, t.handler)), t
+        assert getattr(LinkMachine, t.handler.__name__) is t.handler, t  # the one it names
         assert t.note
     pairs = [(t.state, t.event) for t in TRANSITIONS]
     assert len(pairs) == len(set(pairs))
@@ -524,3 +524,27 @@ def test_a_kms_status_with_nan_is_refused_and_changes_nothing() -> None:
         with pytest.raises(IllegalEvent, match="KMS status with"):
             m.handle(event, w.now)
     assert m.kms == before and m.next_deadline() == m.next_deadline()  # not NaN
+
+
+def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
+    """The initiator switches on the Accept: answering a retransmitted Offer with it while
+    the responder's sink is still installing would have the initiator send on a key the
+    responder cannot yet receive (found by the property tests once sinks took time)."""
+    w = World(seed=26)
+    w.kms_status()
+    w.run_for(3)
+    w.sink_delay = 1.0
+    w.i.feed(RekeyRequested("operator"))
+    while w.r.machine.state is not State.INSTALLING:
+        assert w.step(until=w.now + 1)
+    offer = w.r.machine.attempt.offer  # type: ignore[union-attr]
+    assert offer is not None
+    m = w.r.machine
+    assert not [a for a in m.handle(received(offer, CERT_I), w.now) if isinstance(a, Send)]
+    while m.state is not State.ACCEPTED:  # the key is in, the Accept on its way
+        assert w.step(until=w.now + 2)
+    again = [a.message for a in m.handle(received(offer, CERT_I), w.now)
+             if isinstance(a, Send)]
+    assert again == [m.attempt.accept]  # type: ignore[union-attr]
+    w.run_for(2)
+    assert w.converged() and not w.violations

@@ -13,13 +13,17 @@ Examples: 150 per mode, up to 40 steps each; HYPOTHESIS_PROFILE=soak runs 20,000
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from gateway.core.events import RekeyRequested
+from gateway.core.events import RekeyRequested, received
+from gateway.core.machine import TRANSITIONS, State
+from gateway.core.messages import Abort, AbortReason, Accept, Message, Offer
 from gateway.core.policy import Mode
-from tests.gateway.world import FAST, World, policy
+from tests.gateway.world import CERT_I, FAST, Side, World, policy
 
 
 class RekeyWorld(RuleBasedStateMachine):
@@ -52,9 +56,9 @@ class RekeyWorld(RuleBasedStateMachine):
     def qber(self, qber: float) -> None:
         self.world.kms_status(ok=self.world.kms.available, qber=qber)
 
-    @rule(delay=st.sampled_from([0.0, 0.2, 2.0]))
-    def sinks(self, delay: float) -> None:
-        self.world.sink_delay = delay
+    @rule(delay=st.sampled_from([0.0, 0.2, 2.0]), fails=st.sampled_from([False, False, True]))
+    def sinks(self, delay: float, fails: bool) -> None:
+        self.world.sink_delay, self.world.sink_fails = delay, fails
 
     @rule(initiator=st.booleans())
     def restart(self, initiator: bool) -> None:
@@ -74,7 +78,7 @@ class RekeyWorld(RuleBasedStateMachine):
     def faults_stop_and_both_converge(self) -> None:
         w = self.world
         w.loss, w.duplicate, w.max_delay = 0.0, 0.0, 0.01
-        w.kms.available, w.kms_delay, w.sink_delay = True, 0.0, 0.0
+        w.kms.available, w.kms_delay, w.sink_delay, w.sink_fails = True, 0.0, 0.0, False
         w.kms_status()
         before = max(w.i.plane.sent_on + w.r.plane.sent_on, default=0)
         # Bound: the longest backoff, a failed attempt, then one full interval and exchange.
@@ -111,3 +115,117 @@ TestQkdPqc = QkdPqcWorld.TestCase
 TestQkdPqc.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None)
 TestFallback = FallbackWorld.TestCase
 TestFallback.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None)
+
+
+# -- the transition table, taken edge by edge ---------------------------------------------------
+
+
+def _random_world(seed: int, steps: int = 60) -> World:
+    """Faults as the stateful tests draw them, from a seed: the honest protocol's moves."""
+    rng = random.Random(seed)
+    p = policy(mode=rng.choice([Mode.QKD_PQC, Mode.PQC_FALLBACK]))
+    w = World(seed=seed, policy_i=p, policy_r=p)
+    w.kms_status()
+    for _ in range(steps):
+        op = rng.randrange(8)
+        if op == 0:
+            w.run_for(rng.choice([0.05, 0.3, 1.0, 3.0, 10.0, 25.0]))
+        elif op == 1:
+            w.loss, w.duplicate = rng.choice([0.0, 0.1, 0.3, 0.6]), rng.choice([0.0, 0.2, 0.5])
+            w.max_delay = rng.choice([0.001, 0.1, 1.0, 3.0])
+        elif op == 2:
+            w.kms.available = rng.random() < 0.6
+            w.kms_delay = rng.choice([0.0, 0.5, 4.0])
+            w.kms_status(ok=w.kms.available)
+        elif op == 3:
+            w.kms_status(ok=w.kms.available, qber=rng.choice([0.01, 0.05, 0.2]))
+        elif op == 4:
+            w.sink_delay, w.sink_fails = rng.choice([0.0, 0.2, 2.0]), rng.random() < 0.2
+        elif op == 5:
+            (w.i if rng.random() < 0.5 else w.r).restart()
+        elif op == 6:
+            (w.i if rng.random() < 0.5 else w.r).feed(RekeyRequested("operator"))
+        else:
+            w.run_for(rng.uniform(0.0, 2.0))
+        assert not w.violations, w.violations[:3]
+    return w
+
+
+def _offer_in_flight(w: World, **faults: float) -> Offer:
+    """Run until the responder holds an Offer (with FAULTS set on the world)."""
+    for name, value in faults.items():
+        setattr(w, name, value)
+    w.i.feed(RekeyRequested("operator"))
+    end = w.now + FAST.attempt_timeout
+    while w.r.machine.attempt is None or w.r.machine.attempt.offer is None:
+        assert w.step(until=end), "no Offer reached the responder"
+    return w.r.machine.attempt.offer
+
+
+def _abort(offer: Offer) -> Abort:
+    return Abort(link=offer.link, epoch=offer.epoch, nonce_i=offer.nonce,
+                 reason=AbortReason.CONFIRM_FAILED, current=offer.epoch)
+
+
+def _targeted() -> list[World]:
+    """What honest peers over a faulty network never do, but the handlers must handle:
+    a peer's Abort at each step, a wrong confirmation, a low-order X25519 key, a KMS slower
+    than an exchange may take."""
+    worlds = []
+    for state, faults in ((State.FETCHING, {"kms_delay": 1.0}),
+                          (State.INSTALLING, {"sink_delay": 1.0}),
+                          (State.ACCEPTED, {"max_delay": 0.5})):
+        p = policy(prefetch=False)  # R fetches when the Offer comes
+        w = World(seed=30, policy_i=p, policy_r=p)
+        w.kms_status()
+        w.run_for(3)
+        offer = _offer_in_flight(w, **faults)
+        while w.r.machine.state is not state:
+            assert w.step(until=w.now + FAST.attempt_timeout), f"R never reached {state}"
+        w.r.feed(received(_abort(offer), CERT_I))  # the initiator gave this exchange up
+        worlds.append(w)
+    w = World(seed=31)  # the responder's Accept, tampered: I's confirmation check fails
+    w.kms_status()
+    w.run_for(3)
+    send = w._send
+
+    def tamper(side: Side, message: Message) -> None:
+        if isinstance(message, Accept):
+            message = message.model_copy(update={"confirm": bytes(48)})
+        send(side, message)
+
+    w._send = tamper  # type: ignore[method-assign]
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(2)
+    worlds.append(w)
+    w = World(seed=32)  # an Offer whose X25519 key is the all-zero (low-order) point
+    w.kms_status()
+    w.run_for(3)
+    offer = _offer_in_flight(w)
+    w.run_for(1)
+    key = w.kms.enc_keys(1, FAST.qkd_key_bits)[0]
+    w.r.feed(received(offer.model_copy(update={
+        "epoch": offer.epoch + 1, "key_ids": (key.key_id,), "pk": bytes(32),
+        "nonce": bytes(32)}), CERT_I))
+    w.run_for(1)
+    worlds.append(w)
+    w = World(seed=33, policy_i=policy(prefetch=False))  # enc_keys slower than an exchange
+    w.kms_status()
+    w.run_for(3)
+    w.kms_delay = FAST.attempt_timeout + 1
+    w.i.feed(RekeyRequested("operator"))
+    w.run_for(FAST.attempt_timeout + 2)
+    worlds.append(w)
+    return worlds
+
+
+def test_every_edge_of_the_table_is_taken_and_no_move_is_missing_from_it() -> None:
+    """The machines check every move against its row as they run (a move with no row
+    raises TransitionError); here every edge the table draws must be taken too, by honest
+    peers over faulty networks or by what hostile peers and broken data planes send."""
+    taken = set()
+    for w in [*(_random_world(seed) for seed in range(200)), *_targeted()]:
+        taken |= w.moves
+    drawn = {(a, b, t.event, t.state) for t in TRANSITIONS for a, b in t.edges}
+    assert {(a.value, b.value, e.__name__) for a, b, e, _ in drawn - taken} == set()
+    assert taken <= drawn

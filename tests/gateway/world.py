@@ -40,11 +40,12 @@ from gateway.core.events import (
     RetireInbound,
     RetireOutbound,
     Send,
+    SinkFailed,
     SinkInstalled,
     Tick,
     received,
 )
-from gateway.core.machine import LinkIdentity, LinkMachine, PeerMessageRejected
+from gateway.core.machine import LinkIdentity, LinkMachine, PeerMessageRejected, State
 from gateway.core.messages import Message, decode, encode
 from gateway.core.policy import Mode, Policy
 from gateway.core.snapshot import Snapshot
@@ -129,7 +130,8 @@ class Side:
             peer_sae_id="sae-b" if initiator else "sae-a")
         rng = random.Random(self.world.rng.random())
         return LinkMachine(identity, self.policy, now=self.world.now, snapshot=self.snapshot,
-                           rng=rng.randbytes)
+                           rng=rng.randbytes,
+                           check_transitions=True)  # every move held to its table row
 
     @property
     def peer(self) -> Side:
@@ -145,11 +147,16 @@ class Side:
             self.feed(self.last_status)
 
     def feed(self, event: Event) -> None:
+        m = self.machine
+        before = m.state
+        row = m.table.get((before, type(event))) or m.table.get((None, type(event)))
         try:
-            actions = self.machine.handle(event, self.world.now)
+            actions = m.handle(event, self.world.now)
         except PeerMessageRejected as e:
             self.rejected.append(e.reason)
             return
+        if row is not None and m.state is not before:
+            self.world.moves.add((before, m.state, row.event, row.state))
         self.world.execute(self, actions)
 
 
@@ -166,10 +173,13 @@ class World:
         self.max_delay = 0.01
         self.kms_delay = 0.0
         self.sink_delay = 0.0
+        self.sink_fails = False  # every install fails (the data plane refuses keys)
         # history for the invariants
         self.epoch_keys: dict[int, bytes] = {}  # epoch -> I's outbound key (= R's inbound)
         self.key_ids_by_epoch: dict[int, tuple[str, ...]] = {}
         self.violations: list[str] = []
+        #: State changes seen: (from, to, event, the row's state or None for any-state rows).
+        self.moves: set[tuple[State, State, type[Event], State | None]] = set()
         self.i = Side(self, Role.INITIATOR, policy_i)
         self.r = Side(self, Role.RESPONDER, policy_r)
         for side in (self.i, self.r):
@@ -190,11 +200,8 @@ class World:
                 self._send(side, a.message)
             elif isinstance(a, FetchQkdKeys | FetchQkdKeysById):
                 self.later(self.kms_delay, side, a, local=True)
-            elif isinstance(a, InstallInbound):
-                m = a.material
-                side.plane.inbound[m.epoch] = m.inbound_esp
-                self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
-                self.later(self.sink_delay, side, SinkInstalled(m.epoch), local=True)
+            elif isinstance(a, InstallInbound):  # in the data plane when the sink is done
+                self.later(self.sink_delay, side, a, local=True)
             elif isinstance(a, ActivateOutbound):
                 m = a.material
                 if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
@@ -299,6 +306,14 @@ class World:
                 side.feed(QkdFetchFailed(what.request, str(e)))
             else:
                 side.feed(QkdKeysFetched(what.request, keys))
+        elif isinstance(what, InstallInbound):
+            m = what.material
+            if self.sink_fails:
+                side.feed(SinkFailed(m.epoch, "the data plane refused the key"))
+                return
+            side.plane.inbound[m.epoch] = m.inbound_esp
+            self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
+            side.feed(SinkInstalled(m.epoch))
         else:
             side.feed(what)
 

@@ -1,0 +1,420 @@
+"""The rekey core of one link: its state, the driver's interface, and the steps both roles
+share (installing and activating an epoch's keys, giving up an exchange, timers, alarms,
+persistence). The protocol's handlers are in initiator.py and responder.py; machine.py puts
+them together with the transition table.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from common.sink import EpochMaterial, EpochRef, Role
+from gateway.core.events import (
+    Action,
+    ActivateOutbound,
+    Alarm,
+    Block,
+    Cause,
+    ClearAlarm,
+    Event,
+    InstallInbound,
+    Persist,
+    RaiseAlarm,
+    Record,
+    RecordKind,
+    RetireOutbound,
+    Send,
+    SinkFailed,
+    SinkInstalled,
+    Tick,
+)
+from gateway.core.keyring import CurrentKey, KeyRing
+from gateway.core.kmsview import KmsView
+from gateway.core.messages import (
+    Abort,
+    AbortReason,
+    Accept,
+    Commit,
+    Offer,
+    RekeyReason,
+    RekeyRequest,
+    Suite,
+)
+from gateway.core.policy import Policy
+from gateway.core.qkdkeys import KeysAhead, UsedKeyIds
+from gateway.core.snapshot import Snapshot
+from gateway.core.table import CoreError, IllegalEvent, PeerMessageRejected, State, Transition
+from kdf import (
+    Kem,
+    KemPrivateKey,
+    Party,
+    Transcript,
+    X25519PrivateKey,
+    kem_by_name,
+)
+from kms.models import QkdKey
+
+#: Consecutive failed exchanges before the peer-unreachable alarm.
+FAILURES_BEFORE_ALARM = 3
+
+
+@dataclass(frozen=True)
+class LinkIdentity:
+    link: str
+    role: Role
+    gateway: str  # this gateway's peer-channel certificate commonName
+    cert_sha256: bytes  # SHA-256 of that certificate (DER)
+    sae_id: str
+    peer_gateway: str
+    peer_sae_id: str
+    kem: str = "ML-KEM-768"
+
+
+@dataclass
+class Attempt:
+    """The exchange in progress."""
+
+    epoch: int
+    started: float
+    request: int | None = None
+    #: Its QKD keys were fetched ahead, and announced in the Commit of this epoch.
+    announced_in: int | None = None
+    qkd_keys: tuple[QkdKey, ...] = ()
+    key_ids: tuple[str, ...] = ()
+    # initiator
+    dk: KemPrivateKey | None = field(default=None, repr=False)
+    x25519: X25519PrivateKey | None = field(default=None, repr=False)
+    offer: Offer | None = None
+    # responder
+    peer_cert: bytes = b""
+    accept: Accept | None = None
+    # both
+    transcript: Transcript | None = None
+    material: EpochMaterial | None = None
+    commit: Commit | None = None
+    next_send: float | None = None
+    send_interval: float = 0.0
+
+
+class LinkCore(ABC):
+    #: (state or None for any, event type) -> its row of the transition table (machine.py).
+    table: ClassVar[dict[tuple[State | None, type[Event]], Transition[Any]]] = {}
+
+    def __init__(
+        self,
+        identity: LinkIdentity,
+        policy: Policy,
+        *,
+        now: float,
+        snapshot: Snapshot | None = None,
+        rng: Callable[[int], bytes] = os.urandom,
+        kem: Kem | None = None,
+        check_transitions: bool = False,
+    ) -> None:
+        self.identity = identity
+        self.policy = policy
+        self.kem = kem or kem_by_name(identity.kem)
+        self.check_transitions = check_transitions
+        self._rng = rng
+        self.state = State.IDLE
+        self.max_epoch = 0  # the highest epoch number used or seen, never reused
+        self.keys = KeyRing(identity.link, policy)
+        self.used = UsedKeyIds()
+        self.next_keys = KeysAhead()
+        self.kms = KmsView()
+        self.attempt: Attempt | None = None
+        self.alarms: dict[Alarm, str] = {}
+        self.next_rekey_at: float | None = None
+        self.next_nudge_at: float | None = None
+        self.failures = 0
+        self.backoff = policy.retry_backoff
+        self.consumed = 0  # QKD keys fetched by this link, for the supply estimate
+        self.rekeys = 0
+        self._request = 0
+        self._restored = snapshot is not None
+        self._persisted: tuple[Any, ...] | None = None
+        if snapshot is not None:
+            self._restore(snapshot)
+            self._persisted = self._state_key()
+
+    # -- the driver's interface ------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self.identity.role
+
+    @property
+    def outbound(self) -> CurrentKey | None:
+        return self.keys.outbound
+
+    @property
+    def blocked(self) -> bool:
+        return self.keys.blocked
+
+    @property
+    def ahead(self) -> tuple[QkdKey, ...]:
+        """The QKD keys held for the next epoch."""
+        return self.next_keys.keys
+
+    @property
+    def current_epoch(self) -> int:
+        return self.keys.out_epoch
+
+    def start(self, now: float, *, plane_blocked: bool = False) -> list[Action]:
+        """First actions: block until a key exists, and get an epoch going.
+
+        PLANE_BLOCKED: the driver has blocked the data plane (a link restarted after a
+        failure): the snapshot's outbound key is no longer in use and is retired."""
+        out: list[Action] = self.keys.unplug() if plane_blocked else []
+        if self.keys.blocked:
+            out.append(Block("no key yet"))
+        if self.role is Role.INITIATOR:
+            self.next_rekey_at = now  # a fresh key now: keys are never kept across restarts
+        else:
+            out.append(Send(RekeyRequest(link=self.identity.link, epoch=self.max_epoch,
+                                         out=self.keys.out_epoch, reason=RekeyReason.RESTART)))
+            self.next_nudge_at = now + self.policy.retransmit_max
+        return out + self._persist()
+
+    def handle(self, event: Event, now: float) -> list[Action]:
+        t = self.table.get((self.state, type(event))) or self.table.get((None, type(event)))
+        if t is None:
+            raise IllegalEvent(f"{type(event).__name__} in state {self.state}")
+        before = self.state
+        out = t.handler(self, event, now)
+        if self.check_transitions:
+            t.check(before, self.state)
+        return out + self._persist()
+
+    def next_deadline(self) -> float | None:
+        times = [self.next_rekey_at, self.next_nudge_at, *self.keys.deadlines()]
+        if self.attempt is not None:
+            times += [self.attempt.started + self.policy.attempt_timeout, self.attempt.next_send]
+        due = [t for t in times if t is not None]
+        return min(due) if due else None
+
+    def snapshot(self) -> Snapshot:
+        """State that survives a restart. No key material: keys are never stored."""
+        return self.keys.save(self.identity.link, self.role, self.max_epoch,
+                              self.used.recent())
+
+    # -- steps both roles take --------------------------------------------------------------
+
+    @abstractmethod
+    def _start_exchange(self, now: float, reason: str) -> list[Action]:
+        """I: begin an epoch (a timer or a request says so)."""
+
+    def _abort_msg(self, offer: Offer, reason: AbortReason) -> Abort:
+        return Abort(link=offer.link, epoch=offer.epoch, out=self.keys.out_epoch,
+                     nonce_i=offer.nonce, reason=reason, current=self.max_epoch)
+
+    def _install(self, material: EpochMaterial) -> list[Action]:
+        self.keys.install(EpochRef(material.link, material.epoch, material.spi_in,
+                                   material.spi_out))
+        self.state = State.INSTALLING
+        return [Record(RecordKind.DERIVED, material.epoch, material.key_ids, material.fingerprint,
+                       detail=material.suite), InstallInbound(material)]
+
+    def _activate(self, material: EpochMaterial, suite: Suite, now: float) -> list[Action]:
+        was_blocked = self.keys.blocked
+        self.keys.activate(EpochRef(material.link, material.epoch, material.spi_in,
+                                    material.spi_out), suite, now)
+        out: list[Action] = [ActivateOutbound(material),
+                             Record(RecordKind.ACTIVATED, material.epoch, material.key_ids,
+                                    material.fingerprint)]
+        if was_blocked:
+            out += self._clear(Alarm.HARD_LIFETIME)
+        if suite.qkd:
+            out += self._clear(Alarm.QKD_FALLBACK)
+        else:
+            out += self._alarm(Alarm.QKD_FALLBACK, f"epoch {material.epoch} has no QKD key")
+        return out
+
+    def _succeeded(self, now: float) -> None:
+        self.attempt = None
+        self.state = State.IDLE
+        self.failures = 0
+        self.backoff = self.policy.retry_backoff
+        self.rekeys += 1
+        if self.role is Role.INITIATOR:
+            self._schedule_rekey(now)
+        for alarm in (Alarm.PEER_UNREACHABLE, Alarm.EXCHANGE_FAILED, Alarm.SINK_FAILED):
+            self.alarms.pop(alarm, None)
+
+    def _give_up(self, now: float, why: str, cause: Cause, *, failed: bool = False
+                 ) -> list[Action]:
+        """Abandon the exchange in progress. Installed inbound keys stay tracked: they are
+        retired by the usual rule, never while the peer might still use them."""
+        a = self.attempt
+        self.attempt = None
+        self.state = State.IDLE
+        out: list[Action] = []
+        if a is not None and a.epoch:
+            out.append(Record(RecordKind.DISCARDED, a.epoch, a.key_ids, detail=why,
+                              cause=cause))
+        if self.role is Role.INITIATOR and self.next_rekey_at is None:
+            self.next_rekey_at = now + self._next_backoff()
+        if failed:
+            self.failures += 1
+        return out
+
+    def _install_failed(self, event: SinkFailed, now: float) -> list[Action]:
+        a = self.attempt
+        assert a is not None
+        if event.epoch != a.epoch:
+            return self._late_install_failed(event, now)
+        out = self._late_install_failed(event, now)
+        if self.role is Role.RESPONDER and a.offer is not None:
+            out.append(Send(self._abort_msg(a.offer, AbortReason.SINK_FAILED)))
+        return out + self._give_up(now, f"sink failed: {event.reason}", Cause.SINK,
+                                   failed=True) + \
+            self._alarm(Alarm.SINK_FAILED, event.reason)
+
+    def _late_install(self, event: SinkInstalled, now: float) -> list[Action]:
+        """An install that finished after its exchange was abandoned (the key stays tracked
+        and is retired by the usual rule) or after the epoch was already retired."""
+        if event.epoch > self.max_epoch:
+            raise IllegalEvent(f"SinkInstalled for epoch {event.epoch}, never installed")
+        return []
+
+    def _late_install_failed(self, event: SinkFailed, now: float) -> list[Action]:
+        if event.epoch > self.max_epoch:
+            raise IllegalEvent(f"SinkFailed for epoch {event.epoch}, never installed")
+        return self.keys.forget(event.epoch)  # clean up
+
+    def _ignore(self, event: Event, now: float) -> list[Action]:
+        return []
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _tick(self, event: Tick, now: float) -> list[Action]:
+        out = self.keys.retire_due(now)
+        o = self.keys.expired(now)
+        if o is not None:
+            out += [Block(f"epoch {o.ref.epoch} reached its hard lifetime"),
+                    RetireOutbound(o.ref),
+                    *self._alarm(Alarm.HARD_LIFETIME, f"no fresh key for link"
+                                 f" {self.identity.link}: traffic blocked")]
+        a = self.attempt
+        if a is not None and now >= a.started + self.policy.attempt_timeout:
+            if self.state is State.COMMITTED:
+                # Our outbound already moved; only the Ack is missing. Keep everything and
+                # try a new epoch soon, which tells the peer where we are.
+                self.attempt, self.state = None, State.IDLE
+                self.next_rekey_at = now + self._next_backoff()
+                out.append(Record(RecordKind.UNCONFIRMED, a.epoch, a.key_ids,
+                                  detail="no Ack from the responder"))
+            else:
+                out += self._give_up(now, f"no answer within {self.policy.attempt_timeout} s"
+                                     f" ({self.state})", Cause.TIMEOUT, failed=True)
+            if self.failures >= FAILURES_BEFORE_ALARM:
+                out += self._alarm(Alarm.PEER_UNREACHABLE, f"{self.failures} exchanges in a"
+                                   f" row failed with {self.identity.peer_gateway}")
+        elif a is not None and a.next_send is not None and now >= a.next_send:
+            message = a.commit if self.state is State.COMMITTED else a.offer
+            if message is not None:
+                out.append(Send(message))
+            a.send_interval = min(a.send_interval * 2, self.policy.retransmit_max)
+            a.next_send = now + a.send_interval
+        if self.role is Role.INITIATOR:
+            if self.state is State.IDLE and self.next_rekey_at is not None \
+                    and now >= self.next_rekey_at:
+                out += self._start_exchange(now, "scheduled")
+        elif self.next_nudge_at is not None and now >= self.next_nudge_at:
+            self.next_nudge_at = None
+            if self.state is State.IDLE and self._needs_nudge(now):
+                out += self._nudge(now, RekeyReason.RESTART if self._restored
+                                   else RekeyReason.SOFT_LIMIT)
+        if self.role is Role.RESPONDER and self.next_nudge_at is None:
+            self.next_nudge_at = now + self.policy.retransmit_max
+        return out
+
+    def _needs_nudge(self, now: float) -> bool:
+        """The responder asks for an epoch when it has none, or its key nears expiry."""
+        o = self.keys.outbound
+        return o is None or now >= o.activated_at + 0.75 * self.policy.hard_lifetime
+
+    def _nudge(self, now: float, reason: RekeyReason) -> list[Action]:
+        self.next_nudge_at = now + self.policy.retransmit_max
+        return [Send(RekeyRequest(link=self.identity.link, epoch=self.max_epoch,
+                                  out=self.keys.out_epoch, reason=reason))]
+
+    def supply_keys_per_s(self) -> float | None:
+        return self.kms.supply_keys_per_s(self.policy.qkd_key_bits)
+
+    def _schedule_rekey(self, now: float) -> None:
+        unit = int.from_bytes(self._rng(4), "big") / 2**32
+        interval, limited = self.policy.next_interval(
+            supply_keys_per_s=self.supply_keys_per_s(), stored_keys=self.kms.stored, unit=unit)
+        self.next_rekey_at = now + interval
+        if limited:
+            self.alarms[Alarm.QKD_SUPPLY_LOW] = f"next rekey in {interval:.0f} s, paced to the" \
+                " QKD key supply"
+        else:
+            self.alarms.pop(Alarm.QKD_SUPPLY_LOW, None)
+
+    def _next_backoff(self) -> float:
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, self.policy.retry_backoff_max)
+        return delay
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _new_spi(self) -> int:
+        taken = self.keys.spis_in()
+        while True:
+            spi = int.from_bytes(self._rng(4), "big")
+            if spi >= 0x100 and spi not in taken:
+                return spi
+
+    def _check_link(self, link: str) -> None:
+        if link != self.identity.link:
+            raise PeerMessageRejected("wrong-link", f"message for link {link!r} on link"
+                                      f" {self.identity.link!r}")
+
+    def _transcript(self, o: Offer, *, initiator_cert: bytes, responder_cert: bytes, ct: bytes,
+                    pk_r: bytes, nonce_r: bytes, spi_r: int) -> Transcript:
+        me = self.identity
+        i_name, i_sae, r_name, r_sae = (
+            (me.gateway, me.sae_id, me.peer_gateway, me.peer_sae_id)
+            if me.role is Role.INITIATOR else
+            (me.peer_gateway, me.peer_sae_id, me.gateway, me.sae_id))
+        return Transcript(
+            suite=o.suite, link=o.link, epoch=o.epoch,
+            initiator=Party(i_name, initiator_cert, i_sae, o.kme_i),
+            responder=Party(r_name, responder_cert, r_sae, o.kme_r),
+            key_ids=o.key_ids, nonce_i=o.nonce, nonce_r=nonce_r, spi_i=o.spi, spi_r=spi_r,
+            ek_mlkem=o.ek, pk_x25519_i=o.pk, ct_mlkem=ct, pk_x25519_r=pk_r)
+
+    def _alarm(self, alarm: Alarm, detail: str) -> list[Action]:
+        if self.alarms.get(alarm) == detail:
+            return []
+        self.alarms[alarm] = detail
+        return [RaiseAlarm(alarm, detail)]
+
+    def _clear(self, alarm: Alarm) -> list[Action]:
+        return [ClearAlarm(alarm)] if self.alarms.pop(alarm, None) is not None else []
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _state_key(self) -> tuple[Any, ...]:
+        """Changes whenever the snapshot would: cheaper to compare than the snapshot."""
+        return (self.max_epoch, *self.keys.state_key(), self.used.last())
+
+    def _persist(self) -> list[Action]:
+        key = self._state_key()
+        if key == self._persisted:
+            return []
+        self._persisted = key
+        return [Persist()]
+
+    def _restore(self, snap: Snapshot) -> None:
+        if snap.link != self.identity.link or snap.role != self.role.value:
+            raise CoreError(f"state of another link or role: {snap.link!r} {snap.role!r}")
+        self.max_epoch = snap.max_epoch
+        self.keys.restore(snap)
+        self.used.add(snap.used_key_ids)
