@@ -31,6 +31,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,6 +39,19 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+
+class TrailEvent(StrEnum):
+    """Records the daemon and the trail write themselves (the rekey core's are its
+    RecordKinds)."""
+
+    STARTED = "started"
+    STOPPED = "stopped"
+    LINK_FAILED = "link-failed"  # a link's task failed: blocked and restarted
+    STATE_DISCARDED = "state-discarded"  # a link's state file could not be read
+    PEER_HEAD = "peer-head"  # the peer's audit head, from the Commit or Ack of an epoch
+    CHECKPOINT = "checkpoint"  # signed with the gateway's key
+
 
 GENESIS = "0" * 64
 #: A checkpoint is written after this many records (and at start and stop): what lies after
@@ -175,7 +189,7 @@ class AuditLog:
         sig = self.signer.sign(_signed_bytes(self.site, seq, self.head.hash))
         self._since_checkpoint = 0
         self.checkpoints += 1
-        return self._write("checkpoint", link="", epoch=0, key_ids=[], fingerprint="",
+        return self._write(TrailEvent.CHECKPOINT, link="", epoch=0, key_ids=[], fingerprint="",
                            sinks=[], detail="",
                            checkpoint={"cert_sha256": self.signer.cert_sha256, "sig": sig})
 
@@ -298,13 +312,13 @@ def verify(path: Path, expected_head: str | None = None, *,
             if number != seq + 1:
                 problems.append(f"line {line}: sequence {number} after {seq}")
             site = site or str(record.get("site", ""))
-            if record.get("event") == "checkpoint":
+            if record.get("event") == TrailEvent.CHECKPOINT:
                 checkpoints += 1
                 unsigned = 0
                 if cert is not None:
                     problems += _check_checkpoint(record, line, cert, cert_sha256)
             anchor = _peer_head(record)
-            if record.get("event") == "peer-head" and anchor is not None:
+            if record.get("event") == TrailEvent.PEER_HEAD and anchor is not None:
                 heads.append((line, record, *anchor))
             prev = str(record.get("hash"))
             seq = number

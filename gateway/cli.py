@@ -24,6 +24,7 @@ from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
+from gateway.status import Rekeying, SiteStatus, Stopping
 from kdf import fingerprint
 from kms.errors import KmsError
 
@@ -335,50 +336,49 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print(f"site {data['site']} (pid {data['pid']}, up {data['uptime']} s)")
+    status = SiteStatus.model_validate(data)
+    print(f"site {status.site} (pid {status.pid}, up {status.uptime} s)")
     header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",
               "alarms")
-    rows = [header]
-    for link in data["links"]:  # type: ignore[attr-defined]
-        kms = link["kms"]
-        if kms.get("stored_key_count") is not None:
-            kms_text = f"{'ok' if kms['ok'] else 'DOWN'} {kms['stored_key_count']} keys"
-            if kms.get("qber") is not None:
-                kms_text += f" QBER {kms['qber']:.3f}"
+    rows: list[tuple[str, ...]] = [header]
+    for link in status.links:
+        kms = link.kms
+        if kms.stored_key_count is not None:
+            kms_text = f"{'ok' if kms.ok else 'DOWN'} {kms.stored_key_count} keys"
+            if kms.qber is not None:
+                kms_text += f" QBER {kms.qber:.3f}"
         else:
-            kms_text = "DOWN" if not kms["ok"] else "?"
-        age = "-" if link["key_age"] is None else f"{link['key_age']:.1f} s"
-        epoch = f"{link['epoch']}" + (" BLOCKED" if link["blocked"] else "")
-        rows.append((link["link"], link["role"], link["state"], epoch, age,
-                     link["fingerprint"] or "-", link["mode"], kms_text,
-                     ", ".join(link["alarms"]) or "-"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+            kms_text = "DOWN" if not kms.ok else "?"
+        age = "-" if link.key_age is None else f"{link.key_age:.1f} s"
+        epoch = f"{link.epoch}" + (" BLOCKED" if link.blocked else "")
+        rows.append((link.link, link.role, link.state, epoch, age, link.fingerprint or "-",
+                     link.mode, kms_text, ", ".join(link.alarms) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-    audit = data["audit"]
-    print(f"audit: {audit['records']} records, head {audit['head']}")  # type: ignore[index]
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    print(f"audit: {status.audit.records} records, head {status.audit.head}")
     return EXIT_OK
 
 
 def _cmd_rekey(args: argparse.Namespace) -> int:
     data = _admin(args.config, "POST", "/rekey", {"link": args.link} if args.link else {})
-    print("rekeying: " + ", ".join(data["rekeying"]))  # type: ignore[arg-type]
+    print("rekeying: " + ", ".join(Rekeying.model_validate(data).rekeying))
     return EXIT_OK
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     import time
 
-    data = _admin(args.config, "POST", "/stop")
+    site = Stopping.model_validate(_admin(args.config, "POST", "/stop")).stopping
     sock = SiteConfig.load(args.config).admin_socket
     deadline = time.monotonic() + args.timeout
     while sock.exists():  # the daemon removes its admin socket last
         if time.monotonic() > deadline:
-            print(f"site {data['stopping']}: still stopping after {args.timeout:g} s",
+            print(f"site {site}: still stopping after {args.timeout:g} s",
                   file=sys.stderr)
             return EXIT_FAILED
         time.sleep(0.05)
-    print(f"site {data['stopping']} stopped")
+    print(f"site {site} stopped")
     return EXIT_OK
 
 

@@ -43,7 +43,7 @@ from common.config import ConfigError
 from common.files import write_private
 from common.sink import RekeyCause, Role, Sink, SinkContext, SinkError
 from common.text import quote_remote
-from gateway.audit import AuditError, AuditLog, Head, Signer
+from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
 from gateway.config import LinkConfig, SiteConfig
 from gateway.core.events import (
     AckReceived,
@@ -86,6 +86,15 @@ from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.snapshot import Snapshot
 from gateway.metrics import Metrics
 from gateway.peer import PeerClient, PeerServer, certificate_sha256
+from gateway.status import (
+    AuditStatus,
+    KmsStatus,
+    LastRekey,
+    LinkStatus,
+    Rekeying,
+    SiteStatus,
+    Stopping,
+)
 from kms.errors import KmsError
 
 log = logging.getLogger("gateway")
@@ -144,8 +153,8 @@ class LinkRunner:
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     last_latency: float | None = None
-    last_rekey: dict[str, Any] = field(default_factory=dict)
-    kms_status: dict[str, Any] = field(default_factory=dict)
+    last_rekey: LastRekey | None = None
+    kms_seen: KmsStatus = field(default_factory=lambda: KmsStatus(ok=True, reason=""))
     #: When the key the sinks send on reaches its hard lifetime; None while blocked. The
     #: watchdog holds the link to it even when this task is stuck.
     active_until: float | None = None
@@ -291,24 +300,23 @@ class LinkRunner:
         else:
             await self.queue.put(QkdKeysFetched(a.request, batch.keys))
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> LinkStatus:
         m = self.machine
         o = m.outbound
-        return {
-            "link": self.name, "role": m.role.value, "peer": self.config.peer.name,
-            "mode": m.policy.mode.value, "state": m.state.value, "epoch": m.current_epoch,
-            "blocked": m.blocked, "suite": o.suite.name if o else None,
-            "key_age": None if o is None else round(now - o.activated_at, 3),
-            "fingerprint": self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
-            "rekeys": m.rekeys, "last_rekey_latency": self.last_latency,
-            "last_rekey": self.last_rekey,
-            "next_rekey_in": None if m.next_rekey_at is None
+        alarms = {k.value: v for k, v in m.alarms.items()}
+        if self.name in self.daemon.failed:
+            alarms[Alarm.LINK_FAILED.value] = self.daemon.failed[self.name]
+        return LinkStatus(
+            link=self.name, role=m.role.value, peer=self.config.peer.name,
+            mode=m.policy.mode.value, state=m.state.value, epoch=m.current_epoch,
+            blocked=m.blocked, suite=o.suite.name if o else None,
+            key_age=None if o is None else round(now - o.activated_at, 3),
+            fingerprint=self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
+            rekeys=m.rekeys, last_rekey_latency=self.last_latency, last_rekey=self.last_rekey,
+            next_rekey_in=None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
-            "alarms": {**{k.value: v for k, v in m.alarms.items()},
-                       **({Alarm.LINK_FAILED.value: self.daemon.failed[self.name]}
-                          if self.name in self.daemon.failed else {})},
-            "kms": {"ok": m.kms.ok, "reason": m.kms.reason, **self.kms_status},
-        }
+            alarms=alarms,
+            kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}))
 
 
 class Daemon:
@@ -376,7 +384,7 @@ class Daemon:
         await self._serve_admin()
         if c.metrics is not None:
             await self._serve_metrics()
-        self._write_audit("started", detail=f"{len(self.runners)} link(s)")
+        self._write_audit(TrailEvent.STARTED, detail=f"{len(self.runners)} link(s)")
         self._checkpoint()
         await self._poll_kms_once()  # know the KMS before the first exchange
         self._tasks.append(asyncio.create_task(self._poll_kms(), name="kms-status"))
@@ -415,7 +423,7 @@ class Daemon:
         for server in self._servers:
             await server.cleanup()
         await self.kme.close()
-        self._write_audit("stopped")
+        self._write_audit(TrailEvent.STOPPED)
         self._checkpoint()
         if self.audit is not None:
             self.audit.close()
@@ -492,7 +500,7 @@ class Daemon:
                   extra={"link": name, "alarm": Alarm.LINK_FAILED.value})
         self.metrics.alarm.labels(name, Alarm.LINK_FAILED.value).set(1)
         self.metrics.failures.labels(name, Cause.LINK_FAILED.value).inc()
-        self._write_audit("link-failed", link=name, epoch=runner.machine.current_epoch,
+        self._write_audit(TrailEvent.LINK_FAILED, link=name, epoch=runner.machine.current_epoch,
                           detail=detail)
         await self._block(runner, f"link failed: {why}")
 
@@ -519,7 +527,7 @@ class Daemon:
             with contextlib.suppress(OSError):
                 path.replace(aside)
             log.error("link %s: %s: %s; moved to %s, starting afresh", old.name, path, e, aside)
-            self._write_audit("state-discarded", link=old.name, detail=f"{e}")
+            self._write_audit(TrailEvent.STATE_DISCARDED, link=old.name, detail=f"{e}")
             snapshot = None
         machine = self._machine(old.config, snapshot)
         return LinkRunner(self, old.config, machine, old.sinks, old.peer)
@@ -587,7 +595,7 @@ class Daemon:
         except KmsError as e:
             for r in runners:
                 self.metrics.kms_up.labels(r.name).set(0)
-                r.kms_status = {"error": str(e)}
+                r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
             return
         event = KmsStatusObserved(  # every number bounded by the client's Status model
@@ -602,9 +610,9 @@ class Daemon:
                 m.kms_qber.labels(r.name).set(event.qber)
             if event.key_rate is not None:
                 m.kms_key_rate.labels(r.name).set(event.key_rate)
-            r.kms_status = {"stored_key_count": st.stored_key_count, "qber": event.qber,
-                            "key_rate": event.key_rate, "link_up": event.link_up,
-                            "kme": st.source_KME_ID}
+            r.kms_seen = KmsStatus(ok=True, reason="", stored_key_count=st.stored_key_count,
+                                   qber=event.qber, key_rate=event.key_rate,
+                                   link_up=event.link_up, kme=st.source_KME_ID)
             await r.queue.put(event)
 
     # -- effects out ------------------------------------------------------------------------
@@ -621,7 +629,7 @@ class Daemon:
         """Record the peer's audit head from the Commit or Ack that completed an epoch."""
         head = message.audit if isinstance(message, Commit | Ack) else None
         if head is not None:
-            self._write_audit("peer-head", link=runner.name, epoch=message.epoch,
+            self._write_audit(TrailEvent.PEER_HEAD, link=runner.name, epoch=message.epoch,
                               peer=Head(head.seq, head.hash), peer_site=head.site)
 
     def record(self, runner: LinkRunner, r: Record) -> None:
@@ -648,8 +656,8 @@ class Daemon:
                 runner.last_latency = round(r.latency, 6)
                 self.metrics.latency.labels(link).observe(r.latency)
             o = runner.machine.outbound
-            runner.last_rekey = {"epoch": r.epoch, "started_at": r.started,
-                                 "activated_at": o.activated_at if o else None}
+            runner.last_rekey = LastRekey(epoch=r.epoch, started_at=r.started,
+                                          activated_at=o.activated_at if o else None)
         elif r.kind is K.DISCARDED and r.cause is not None:
             self.metrics.failures.labels(link, r.cause.value).inc()
         if r.kind in AUDITED:
@@ -718,15 +726,15 @@ class Daemon:
 
     # -- status, admin socket, metrics ------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SiteStatus:
         now = time.time()
         head = self.audit.head if self.audit else None
-        return {
-            "site": self.config.site, "pid": os.getpid(), "uptime": round(now - self.started, 1),
-            "audit": {"path": str(self.config.audit_path),
-                      "records": head.seq if head else 0, "head": head.hash if head else None},
-            "links": [r.status(now) for r in self.runners.values()],
-        }
+        return SiteStatus(
+            site=self.config.site, pid=os.getpid(), uptime=round(now - self.started, 1),
+            audit=AuditStatus(path=str(self.config.audit_path),
+                              records=head.seq if head else 0,
+                              head=head.hash if head else None),
+            links=[r.status(now) for r in self.runners.values()])
 
     async def _serve_admin(self) -> None:
         path = self.config.admin_socket
@@ -734,7 +742,7 @@ class Daemon:
             path.unlink()
         app = web.Application(middlewares=[_owner_only])
         async def status(_: web.Request) -> web.Response:
-            return web.json_response(self.status())
+            return web.json_response(self.status().model_dump(mode="json"))
 
         app.router.add_get("/status", status)
         app.router.add_post("/rekey", self._admin_rekey)
@@ -755,12 +763,12 @@ class Daemon:
         if link is not None and link not in self.runners:
             return web.json_response({"error": f"no link {link!r} (links: "
                                       + ", ".join(self.runners) + ")"}, status=404)
-        return web.json_response({"rekeying": self.rekey(link)})
+        return web.json_response(Rekeying(rekeying=self.rekey(link)).model_dump())
 
     async def _admin_stop(self, _: web.Request) -> web.Response:
         log.info("stop requested on the admin socket")
         self.stop_requested.set()
-        return web.json_response({"stopping": self.config.site})
+        return web.json_response(Stopping(stopping=self.config.site).model_dump())
 
     async def _serve_metrics(self) -> None:
         assert self.config.metrics is not None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import logging
 import time
 from typing import Any
@@ -122,7 +121,7 @@ def test_no_key_material_in_any_output_and_soft_limits(
                     await asyncio.sleep(0.005)
             await asyncio.sleep(0.5)
             for site, d in daemons.items():
-                outputs.append(json.dumps(d.status()))
+                outputs.append(d.status().model_dump_json())
                 outputs.append(await _get(f"http://127.0.0.1:{layout.metrics_port(site)}"
                                           "/metrics"))
         finally:

@@ -107,8 +107,7 @@ def _converged(daemons: dict[str, Daemon], beyond: int = 0) -> bool:
 
 
 def _alarms(d: Daemon) -> dict[str, str]:
-    alarms: dict[str, str] = d.status()["links"][0]["alarms"]
-    return alarms
+    return d.status().links[0].alarms
 
 
 async def _raise() -> None:

@@ -1,0 +1,117 @@
+"""What `qkdgw status --json` (the admin socket's GET /status) says about a running site: the
+operator's contract, typed. The CLI, the dashboard and fleet tools read these models;
+docs/operations.md embeds the field table `python -m gateway.status` prints.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KmsStatus(_Status):
+    """The link's KMS as the last status poll saw it."""
+
+    ok: bool = Field(description="QKD keys can be had: reachable, link up, QBER below the"
+                                 " threshold")
+    reason: str = Field(description="why not, when not ok")
+    stored_key_count: int | None = Field(default=None, description="keys the KME holds")
+    qber: float | None = Field(default=None, description="QBER the KME reports")
+    key_rate: float | None = Field(default=None, description="secret key rate, bit/s")
+    link_up: bool | None = Field(default=None, description="the quantum channel works")
+    kme: str | None = Field(default=None, description="the KME's ID")
+    error: str | None = Field(default=None, description="why the last poll failed")
+
+
+class LastRekey(_Status):
+    epoch: int = Field(description="the last epoch this side completed")
+    started_at: float | None = Field(description="when the exchange started here (Unix time)")
+    activated_at: float | None = Field(description="when this side switched to it")
+
+
+class LinkStatus(_Status):
+    link: str = Field(description="the link's name")
+    role: str = Field(description="initiator or responder")
+    peer: str = Field(description="the peer gateway's name")
+    mode: str = Field(description="qkd+pqc or pqc-fallback")
+    state: str = Field(description="the rekey core's state (docs/protocol.md)")
+    epoch: int = Field(description="the epoch this side sends on (0: none)")
+    blocked: bool = Field(description="no valid key: the link's traffic is dropped")
+    suite: str | None = Field(description="what the current key is made of")
+    key_age: float | None = Field(description="seconds since the current key was activated")
+    fingerprint: str | None = Field(description="the current key's keyed fingerprint (the"
+                                                " same on both sites)")
+    rekeys: int = Field(description="epochs completed since the daemon started")
+    last_rekey_latency: float | None = Field(description="seconds the last exchange took here")
+    last_rekey: LastRekey | None = Field(default=None, description="the last epoch this side"
+                                                                   " completed, and when")
+    next_rekey_in: float | None = Field(description="seconds to the next scheduled rekey (I)")
+    alarms: dict[str, str] = Field(description="raised alarms and their details")
+    kms: KmsStatus = Field(description="the link's KMS, as the last status poll saw it")
+
+
+class AuditStatus(_Status):
+    path: str = Field(description="the audit trail's file")
+    records: int = Field(description="records in the trail")
+    head: str | None = Field(description="the hash of the last record")
+
+
+class SiteStatus(_Status):
+    site: str = Field(description="the site's name")
+    pid: int = Field(description="the daemon's process ID")
+    uptime: float = Field(description="seconds since the daemon started")
+    audit: AuditStatus = Field(description="the audit trail (docs/operations.md#audit-trail)")
+    links: list[LinkStatus] = Field(description="one entry per link")
+
+
+class Rekeying(_Status):
+    """POST /rekey: the links asked to rekey now."""
+
+    rekeying: list[str]
+
+
+class Stopping(_Status):
+    """POST /stop: the site that stops."""
+
+    stopping: str
+
+
+NESTED = (LinkStatus, KmsStatus, LastRekey, AuditStatus)
+
+
+def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:
+    """How a field's type reads in the docs, and the model inside it, if any."""
+    args: tuple[object, ...] = getattr(kind, "__args__", ())
+    model: type[BaseModel] | None = next((m for m in NESTED if m is kind), None)
+    if model is not None:
+        return "object", model
+    if getattr(kind, "__origin__", None) is list:
+        return "list of objects", next(m for m in NESTED if m is args[0])
+    if getattr(kind, "__origin__", None) is dict:
+        return "object of strings", None
+    if type(None) in args:
+        inner, nested = _shown(next(a for a in args if a is not type(None)))
+        return f"{inner} or null", nested
+    return getattr(kind, "__name__", str(kind)), None
+
+
+def fields_table() -> str:
+    """The status fields as a Markdown table (docs/operations.md embeds it)."""
+    rows = ["| field | type | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            shown, nested = _shown(info.annotation)
+            rows.append(f"| `{prefix}{name}` | {shown} | {info.description or ''} |")
+            if nested is not None:
+                walk(nested, f"{prefix}{name}{'[]' if shown.startswith('list') else ''}.")
+
+    walk(SiteStatus, "")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(fields_table())
