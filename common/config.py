@@ -102,7 +102,8 @@ class _Loader(yaml.SafeLoader):
                 node = super().compose_node(parent, index)
             finally:
                 self.depth -= 1
-            assert node is not None  # an event that starts a node was peeked
+            if node is None:  # compose_node is called on an event that starts a node
+                raise ConfigError(f"{self.name}: the YAML ends inside a value")
             children = ([n for pair in node.value for n in pair]
                         if isinstance(node, yaml.MappingNode) else
                         node.value if isinstance(node, yaml.SequenceNode) else [])

@@ -39,7 +39,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from common.config import ConfigError
+from common.config import ConfigError, HostPort
 from common.files import write_private
 from common.sink import RekeyCause, Role, Sink, SinkContext, SinkError
 from common.text import quote_remote
@@ -383,7 +383,7 @@ class Daemon:
         await self._peer_server.start()
         await self._serve_admin()
         if c.metrics is not None:
-            await self._serve_metrics()
+            await self._serve_metrics(c.metrics.listen)
         self._write_audit(TrailEvent.STARTED, detail=f"{len(self.runners)} link(s)")
         self._checkpoint()
         await self._poll_kms_once()  # know the KMS before the first exchange
@@ -683,7 +683,8 @@ class Daemon:
     def _log_head(self) -> None:
         """The head of every signed checkpoint goes to the log: shipped off the host, it
         pins the trail (`qkdgw audit verify --head`)."""
-        assert self.audit is not None
+        if self.audit is None:
+            return
         head = self.audit.head
         log.info("audit checkpoint: seq %d head %s", head.seq, head.hash,
                  extra={"audit_seq": head.seq, "audit_head": head.hash})
@@ -770,8 +771,7 @@ class Daemon:
         self.stop_requested.set()
         return web.json_response(Stopping(stopping=self.config.site).model_dump())
 
-    async def _serve_metrics(self) -> None:
-        assert self.config.metrics is not None
+    async def _serve_metrics(self, where: HostPort) -> None:
         app = web.Application()
 
         async def metrics(_: web.Request) -> web.Response:
@@ -788,7 +788,6 @@ class Daemon:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        where = self.config.metrics.listen
         await web.TCPSite(runner, where.host, where.port).start()
         self._servers.append(runner)
         log.info("metrics on http://%s/metrics", where)

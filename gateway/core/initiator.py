@@ -33,7 +33,7 @@ from gateway.core.messages import (
 )
 from gateway.core.policy import Mode
 from gateway.core.qkd import QkdHandlers
-from gateway.core.table import PeerMessageRejected, State
+from gateway.core.table import PeerMessageRejected, State, need
 from kdf import InvalidKeyError, Purpose, X25519PrivateKey, derive_epoch
 from kms.models import QkdKey
 
@@ -88,8 +88,7 @@ class InitiatorHandlers(QkdHandlers):
         return alarm + self._kms_down_retry(now)
 
     def _send_offer(self, now: float, keys: tuple[QkdKey, ...]) -> list[Action]:
-        assert self.attempt is not None
-        a = self.attempt
+        a = need(self.attempt, "the exchange")
         self.max_epoch += 1
         a.epoch = self.max_epoch
         a.qkd_keys, a.key_ids = keys, tuple(k.key_id for k in keys)
@@ -154,19 +153,20 @@ class InitiatorHandlers(QkdHandlers):
 
     def _accept(self, event: AcceptReceived, now: float) -> list[Action]:
         m = event.message
-        a = self.attempt
-        assert a is not None and a.offer is not None and a.dk is not None and a.x25519 is not None
-        if (m.epoch, m.nonce_i) != (a.epoch, a.offer.nonce):
+        a = need(self.attempt, "the exchange")
+        offer, dk, x25519 = need(a.offer, "its Offer"), need(a.dk, "its KEM key"), \
+            need(a.x25519, "its X25519 key")
+        if (m.epoch, m.nonce_i) != (a.epoch, offer.nonce):
             return []  # an answer to an earlier attempt
         self._check_link(m.link)
         if len(event.peer_cert_sha256) != 32:
             raise PeerMessageRejected("identity-mismatch", "no peer certificate digest")
         try:
-            k1 = a.dk.decapsulate(m.ct)
-            k2 = a.x25519.exchange(m.pk)
+            k1 = dk.decapsulate(m.ct)
+            k2 = x25519.exchange(m.pk)
         except InvalidKeyError as e:
             raise PeerMessageRejected("malformed", str(e)) from None
-        t = self._transcript(a.offer, initiator_cert=self.identity.cert_sha256,
+        t = self._transcript(offer, initiator_cert=self.identity.cert_sha256,
                              responder_cert=event.peer_cert_sha256, ct=m.ct, pk_r=m.pk,
                              nonce_r=m.nonce, spi_r=m.spi)
         keys = derive_epoch(qkd_keys=[k.material for k in a.qkd_keys], mlkem_secret=k1,
@@ -174,13 +174,13 @@ class InitiatorHandlers(QkdHandlers):
         if not keys.confirm_ok(Purpose.CONFIRM_R, t, m.confirm):
             return self._give_up(now, "the responder's key confirmation does not verify",
                                  Cause.CONFIRM, failed=True) + [
-                Send(self._abort_msg(a.offer, AbortReason.CONFIRM_FAILED)),
+                Send(self._abort_msg(offer, AbortReason.CONFIRM_FAILED)),
                 *self._alarm(Alarm.EXCHANGE_FAILED, f"epoch {m.epoch}: key confirmation"
                              " failed (different keys: check both sites' configuration)")]
         self.keys.note_peer_out(m.out, now)
         a.transcript = t
-        a.material = EpochMaterial(m.link, m.epoch, Role.INITIATOR, a.offer.suite, a.key_ids,
-                                   spi_in=a.offer.spi, spi_out=m.spi, keys=keys)
+        a.material = EpochMaterial(m.link, m.epoch, Role.INITIATOR, offer.suite, a.key_ids,
+                                   spi_in=offer.spi, spi_out=m.spi, keys=keys)
         a.commit = Commit(link=m.link, epoch=m.epoch, out=m.epoch, nonce_i=m.nonce_i,
                           nonce_r=m.nonce, confirm=keys.confirm_tag(Purpose.CONFIRM_I, t),
                           next_key_ids=self.next_keys.key_ids)
@@ -200,23 +200,23 @@ class InitiatorHandlers(QkdHandlers):
     def _switch(self, a: Attempt, now: float) -> list[Action]:
         """Our inbound key is in: the responder's already was (its Accept), so switch our
         outbound and say so."""
-        assert a.material is not None and a.commit is not None
-        out = [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, a.material.fingerprint),
-               *self._activate(a.material, Suite(bool(a.key_ids), self.kem.name), now),
-               Send(a.commit)]
+        material, commit = need(a.material, "its keys"), need(a.commit, "its Commit")
+        out = [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, material.fingerprint),
+               *self._activate(material, Suite(bool(a.key_ids), self.kem.name), now),
+               Send(commit)]
         self.state = State.COMMITTED
         a.next_send, a.send_interval = now + self.policy.retransmit, self.policy.retransmit
         return out
 
     def _ack(self, event: AckReceived, now: float) -> list[Action]:
         m = event.message
-        a = self.attempt
-        assert a is not None and a.commit is not None and a.material is not None
-        if (m.epoch, m.nonce_i, m.nonce_r) != (a.epoch, a.commit.nonce_i, a.commit.nonce_r):
+        a = need(self.attempt, "the exchange")
+        commit, material = need(a.commit, "its Commit"), need(a.material, "its keys")
+        if (m.epoch, m.nonce_i, m.nonce_r) != (a.epoch, commit.nonce_i, commit.nonce_r):
             return []
         self.keys.note_peer_out(m.epoch, now)  # the responder sends on this epoch now
         self._succeeded(now)
-        return [Record(RecordKind.REKEYED, m.epoch, a.key_ids, a.material.fingerprint,
+        return [Record(RecordKind.REKEYED, m.epoch, a.key_ids, material.fingerprint,
                        latency=now - a.started, started=a.started)]
 
     def _aborted_by_responder(self, event: AbortReceived, now: float) -> list[Action]:

@@ -47,7 +47,14 @@ from gateway.core.messages import (
 from gateway.core.policy import Policy
 from gateway.core.qkdkeys import KeysAhead, UsedKeyIds
 from gateway.core.snapshot import Snapshot
-from gateway.core.table import CoreError, IllegalEvent, PeerMessageRejected, State, Transition
+from gateway.core.table import (
+    CoreError,
+    IllegalEvent,
+    PeerMessageRejected,
+    State,
+    Transition,
+    need,
+)
 from kdf import (
     Kem,
     KemPrivateKey,
@@ -263,8 +270,7 @@ class LinkCore(ABC):
         return out
 
     def _install_failed(self, event: SinkFailed, now: float) -> list[Action]:
-        a = self.attempt
-        assert a is not None
+        a = need(self.attempt, "the exchange")
         if event.epoch != a.epoch:
             return self._late_install_failed(event, now)
         out = self._late_install_failed(event, now)

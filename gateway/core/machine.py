@@ -65,6 +65,7 @@ from gateway.core.table import (
     State,
     Transition,
     TransitionError,
+    need,
     row,
 )
 
@@ -112,8 +113,7 @@ class LinkMachine(InitiatorHandlers, ResponderHandlers):
         return self._enc_keys_failed(event, now, alarm)
 
     def _installed(self, event: SinkInstalled, now: float) -> list[Action]:
-        a = self.attempt
-        assert a is not None and a.material is not None
+        a = need(self.attempt, "the exchange")
         if event.epoch != a.epoch:
             return self._late_install(event, now)
         return self._accepted(a) if self.role is Role.RESPONDER else self._switch(a, now)

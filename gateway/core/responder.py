@@ -25,7 +25,7 @@ from gateway.core.link import Attempt
 from gateway.core.messages import AbortReason, Accept, Ack, Commit, Offer, RekeyReason, Suite
 from gateway.core.policy import Mode
 from gateway.core.qkd import QkdHandlers
-from gateway.core.table import IllegalEvent, PeerMessageRejected, State
+from gateway.core.table import IllegalEvent, PeerMessageRejected, State, need
 from kdf import InvalidKeyError, Purpose, X25519PrivateKey, derive_epoch
 from kms.models import QkdKey
 
@@ -119,15 +119,13 @@ class ResponderHandlers(QkdHandlers):
 
     def _dec_keys_failed(self, event: QkdFetchFailed, now: float, alarm: list[Action]
                          ) -> list[Action]:
-        a = self.attempt
-        assert a is not None and a.offer is not None
+        offer = need(need(self.attempt, "the exchange").offer, "its Offer")
         return alarm + self._give_up(now, "dec_keys failed: " + event.reason, Cause.KMS) + [
-            Send(self._abort_msg(a.offer, AbortReason.KMS_UNAVAILABLE))]
+            Send(self._abort_msg(offer, AbortReason.KMS_UNAVAILABLE))]
 
     def _respond(self, now: float, keys: tuple[QkdKey, ...]) -> list[Action]:
-        a = self.attempt
-        assert a is not None and a.offer is not None
-        o = a.offer
+        a = need(self.attempt, "the exchange")
+        o = need(a.offer, "its Offer")
         if tuple(k.key_id for k in keys) != o.key_ids:
             raise IllegalEvent("the KMS returned other key IDs than asked for")
         x = X25519PrivateKey.from_private_bytes(self._rng(32))
@@ -153,10 +151,10 @@ class ResponderHandlers(QkdHandlers):
 
     def _accepted(self, a: Attempt) -> list[Action]:
         """Our inbound key is in: now the initiator may switch to this epoch."""
-        assert a.material is not None and a.accept is not None
+        material, accept = need(a.material, "its keys"), need(a.accept, "its Accept")
         self.state = State.ACCEPTED
-        return [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, a.material.fingerprint),
-                Send(a.accept)]
+        return [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, material.fingerprint),
+                Send(accept)]
 
     # -- switching -----------------------------------------------------------------------------
 
@@ -165,20 +163,21 @@ class ResponderHandlers(QkdHandlers):
         a = self.attempt
         if self.role is Role.INITIATOR:
             raise PeerMessageRejected("role-conflict", "a Commit reached the initiator")
-        assert a is not None and a.offer is not None and a.accept is not None
-        if (c.epoch, c.nonce_i, c.nonce_r) != (a.epoch, a.offer.nonce, a.accept.nonce):
+        a = need(a, "the exchange")
+        offer, accept = need(a.offer, "its Offer"), need(a.accept, "its Accept")
+        if (c.epoch, c.nonce_i, c.nonce_r) != (a.epoch, offer.nonce, accept.nonce):
             return self._late_commit(event, now)
-        assert a.material is not None and a.transcript is not None
-        if not a.material.keys.confirm_ok(Purpose.CONFIRM_I, a.transcript, c.confirm):
+        material, transcript = need(a.material, "its keys"), need(a.transcript, "its transcript")
+        if not material.keys.confirm_ok(Purpose.CONFIRM_I, transcript, c.confirm):
             raise PeerMessageRejected("confirm-failed", f"epoch {c.epoch}: the initiator's key"
                                       " confirmation does not verify")
-        out = self._activate(a.material, Suite(bool(a.key_ids), self.kem.name), now)
+        out = self._activate(material, Suite(bool(a.key_ids), self.kem.name), now)
         self._last_ack = Ack(link=c.link, epoch=c.epoch, out=self.keys.out_epoch,
                              nonce_i=c.nonce_i, nonce_r=c.nonce_r)
         self.keys.note_peer_out(c.epoch, now)  # the initiator sends on this epoch now
         self._succeeded(now)
         out += [Send(self._last_ack), Record(RecordKind.REKEYED, c.epoch, a.key_ids,
-                                             a.material.fingerprint, latency=now - a.started,
+                                             material.fingerprint, latency=now - a.started,
                                              started=a.started)]
         return out + self._take_hint(c, now)
 

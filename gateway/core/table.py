@@ -48,6 +48,17 @@ class TransitionError(CoreError):
     handler. Raised only when transitions are checked."""
 
 
+T = TypeVar("T")
+
+
+def need(value: T | None, what: str) -> T:
+    """VALUE, which the machine's state guarantees (e.g. the Offer of an exchange in state
+    OFFERED); if it is missing that is a bug: a CoreError, which fails the link closed."""
+    if value is None:
+        raise CoreError(f"{what} missing where the state guarantees it")
+    return value
+
+
 E = TypeVar("E", bound=Event)
 #: A handler: (machine, event, now) -> actions. The machine is typed where the handler is
 #: defined; the table below the handlers cannot name its class without a cycle.

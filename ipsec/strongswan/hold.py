@@ -142,15 +142,14 @@ class ResponderHold:
         await self.release(f"no Commit after {self.config.max_time:g} s")
 
     async def release(self, why: str) -> None:
-        if not self.holding:
-            return
-        assert self._since is not None and self.sock is not None
-        held_for = time.monotonic() - self._since
+        since, sock = self._since, self.sock
+        if since is None or sock is None:
+            return  # not holding
+        held_for = time.monotonic() - since
         self._since = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        sock = self.sock
         asyncio.get_running_loop().remove_reader(sock.fileno())
         try:
             # What is held goes first; then no room, so what comes passes straight through;

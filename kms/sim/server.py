@@ -484,7 +484,8 @@ class _Site(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
-        assert server is not None
+        if server is None:
+            raise RuntimeError("the simulator's site started before its runner")
         loop = asyncio.get_running_loop()
         # access_log=None: no access log, as AppRunner(access_log=None) passes it to aiohttp
         # (whose annotation says Logger).
