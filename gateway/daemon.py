@@ -3,8 +3,9 @@
 All I/O lives here: the KMS (status polls, enc_keys/dec_keys), the peer channel, the sinks,
 the state files, the audit trail, the metrics and admin endpoints. Each link has one task
 that feeds its core events and carries out the actions it returns, in order. Sink calls are
-awaited in order (an inbound key is installed before the Accept or Commit that announces it
-is sent); KMS fetches and sends run concurrently and come back as events.
+awaited in order, and their outcome goes back to the core as an event (installed or not,
+switched or not; a retirement or a block that failed): the core decides what a failure means
+(docs/protocol.md). KMS fetches and sends run concurrently and come back as events too.
 
 A graceful stop (SIGTERM, Ctrl-C) leaves each data plane as its sink's stop behaviour says
 and keeps the state files; the next start resumes from them.
@@ -48,15 +49,18 @@ from gateway.config import LinkConfig, SiteConfig
 from gateway.core.events import (
     AckReceived,
     Action,
+    ActivateFailed,
     ActivateOutbound,
     Alarm,
     Block,
+    BlockFailed,
     Cause,
     ClearAlarm,
     CommitReceived,
     Event,
     FetchQkdKeys,
     FetchQkdKeysById,
+    InstallFailed,
     InstallInbound,
     KmsStatusObserved,
     KmsUnreachable,
@@ -67,10 +71,11 @@ from gateway.core.events import (
     Record,
     RecordKind,
     RekeyRequested,
+    RetireFailed,
     RetireInbound,
     RetireOutbound,
     Send,
-    SinkFailed,
+    SinkActivated,
     SinkInstalled,
     Tick,
     received,
@@ -161,6 +166,8 @@ class LinkRunner:
     #: The task running `run()`; the watchdog cancels it when the link is stuck.
     task: asyncio.Task[None] | None = None
     stuck: str = ""  # why the watchdog cancelled the task
+    #: The last Commit or Ack received: its audit head is anchored once its epoch is done.
+    completing: Commit | Ack | None = None
 
     @property
     def name(self) -> str:
@@ -184,9 +191,16 @@ class LinkRunner:
                 log.error("link %s: %s (ignored)", self.name, e)
                 continue
             await self.execute(actions)
-            if isinstance(event, CommitReceived | AckReceived) and any(
-                    isinstance(a, Record) and a.kind is K.REKEYED for a in actions):
-                self.daemon.peer_head(self, event.message)
+            if isinstance(event, CommitReceived | AckReceived):
+                self.completing = event.message
+            done = next((a.epoch for a in actions
+                         if isinstance(a, Record) and a.kind is K.REKEYED), None)
+            # The epoch is done (for the responder, once its data plane switched): anchor
+            # the peer's audit head its Commit or Ack carried.
+            if done is not None and self.completing is not None \
+                    and self.completing.epoch == done:
+                self.daemon.peer_head(self, self.completing)
+                self.completing = None
 
     async def _next_event(self) -> Event:
         """The next queued event (events first: they may change what is due), else a Tick
@@ -232,24 +246,35 @@ class LinkRunner:
                 case FetchQkdKeysById():
                     self.spawn("dec_keys", self._fetch_by_id(a))
                 case InstallInbound():
-                    await self._install(a)
+                    e = a.material.epoch
+                    failed = await self._each_sink(
+                        f"epoch {e}: install inbound",
+                        lambda s, m=a.material: s.install_inbound(m), first=True)
+                    await self.queue.put(InstallFailed(e, failed) if failed
+                                         else SinkInstalled(e))
                 case ActivateOutbound():
                     o = self.machine.outbound
                     self.active_until = (o.activated_at if o else time.time()) + \
                         self.machine.policy.hard_lifetime
-                    await self._each_sink("activate",
-                                          lambda s, m=a.material: s.activate_outbound(m))
-                case RetireInbound():
-                    await self._each_sink("retire inbound",
-                                          lambda s, r=a.ref: s.retire_inbound(r))
-                case RetireOutbound():
-                    await self._each_sink("retire outbound",
-                                          lambda s, r=a.ref: s.retire_outbound(r))
+                    e = a.material.epoch
+                    failed = await self._each_sink(
+                        f"epoch {e}: activate outbound",
+                        lambda s, m=a.material: s.activate_outbound(m), first=True)
+                    await self.queue.put(ActivateFailed(e, failed) if failed
+                                         else SinkActivated(e))
+                case RetireInbound() | RetireOutbound():
+                    out = isinstance(a, RetireOutbound)
+                    if failed := await self._each_sink(
+                            f"retire {'out' if out else 'in'}bound",
+                            lambda s, r=a.ref, o=out: s.retire_outbound(r) if o
+                            else s.retire_inbound(r)):
+                        await self.queue.put(RetireFailed(a.ref, out, failed))
                 case Block():
                     log.warning("link %s: traffic blocked: %s", self.name, a.reason)
                     self.active_until = None
-                    await self._each_sink("block",
-                                          lambda s, why=a.reason: s.block(self.name, why))
+                    if failed := await self._each_sink(
+                            "block", lambda s, why=a.reason: s.block(self.name, why)):
+                        await self.queue.put(BlockFailed(failed))
                 case RaiseAlarm() | ClearAlarm():
                     self.daemon.alarm(self.name, a)
                 case Record():
@@ -259,29 +284,21 @@ class LinkRunner:
                 case _:
                     assert_never(a)
 
-    async def _install(self, a: InstallInbound) -> None:
-        epoch = a.material.epoch
-        for sink in self.sinks:
-            try:
-                async with asyncio.timeout(SINK_TIMEOUT):
-                    await sink.install_inbound(a.material)
-            except (SinkError, TimeoutError, OSError) as e:
-                reason = f"{sink.name}: {e or type(e).__name__}"
-                log.error("link %s epoch %d: inbound install failed: %s", self.name, epoch,
-                          reason)
-                await self.queue.put(SinkFailed(epoch, reason))
-                return
-        await self.queue.put(SinkInstalled(epoch))
-
-    async def _each_sink(self, what: str, call: Any) -> None:
+    async def _each_sink(self, what: str, call: Any, *, first: bool = False) -> str:
+        """CALL on every sink (up to the FIRST failure if asked); what failed, or ""."""
+        failed = []
         for sink in self.sinks:
             try:
                 async with asyncio.timeout(SINK_TIMEOUT):
                     await call(sink)
             except (SinkError, TimeoutError, OSError) as e:
-                log.error("link %s: %s failed in %s: %s", self.name, what, sink.name,
-                          e or type(e).__name__)
+                reason = f"{sink.name}: {e or type(e).__name__}"
+                log.error("link %s: %s failed: %s", self.name, what, reason)
                 self.daemon.metrics.failures.labels(self.name, Cause.SINK.value).inc()
+                failed.append(reason)
+                if first:
+                    break
+        return "; ".join(failed)
 
     async def _fetch(self, a: FetchQkdKeys) -> None:
         try:

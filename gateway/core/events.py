@@ -124,6 +124,11 @@ def received(message: Message, peer_cert_sha256: bytes = b"") -> PeerMessage:
     return _RECEIVED[type(message)](message, peer_cert_sha256)
 
 
+# The driver answers every data-plane action (docs/protocol.md, "When a sink fails"):
+# InstallInbound with SinkInstalled or InstallFailed, ActivateOutbound with SinkActivated or
+# ActivateFailed, a retirement or a block only when it failed.
+
+
 @dataclass(frozen=True)
 class SinkInstalled(Event):
     """Every sink has installed the epoch's inbound key."""
@@ -132,8 +137,41 @@ class SinkInstalled(Event):
 
 
 @dataclass(frozen=True)
-class SinkFailed(Event):
+class InstallFailed(Event):
+    """A sink could not install the epoch's inbound key."""
+
     epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SinkActivated(Event):
+    """Every sink sends on the epoch's key now."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ActivateFailed(Event):
+    """A sink could not switch to the epoch's key: what the data plane sends on is unknown."""
+
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetireFailed(Event):
+    """A sink could not remove an epoch's key: it is still in the data plane."""
+
+    ref: EpochRef
+    outbound: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class BlockFailed(Event):
+    """A sink could not block the link's traffic."""
+
     reason: str
 
 
@@ -165,7 +203,7 @@ class Send:
 
 @dataclass(frozen=True)
 class InstallInbound:
-    """Install the epoch's inbound key in every sink; answer SinkInstalled or SinkFailed."""
+    """Install the epoch's inbound key in every sink; answer SinkInstalled or InstallFailed."""
 
     material: EpochMaterial
 

@@ -199,14 +199,17 @@ class InitiatorHandlers(QkdHandlers):
 
     def _switch(self, a: Attempt, now: float) -> list[Action]:
         """Our inbound key is in: the responder's already was (its Accept), so switch our
-        outbound and say so."""
-        material, commit = need(a.material, "its keys"), need(a.commit, "its Commit")
-        out = [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, material.fingerprint),
-               *self._activate(material, Suite(bool(a.key_ids), self.kem.name), now),
-               Send(commit)]
+        outbound."""
+        material = need(a.material, "its keys")
+        return [Record(RecordKind.INSTALLED, a.epoch, a.key_ids, material.fingerprint),
+                *self._activate(material, Suite(bool(a.key_ids), self.kem.name), now)]
+
+    def _switched_first(self, a: Attempt, now: float) -> list[Action]:
+        """We send on the new key: tell the responder, which switches on the Commit."""
+        commit = need(a.commit, "its Commit")
         self.state = State.COMMITTED
         a.next_send, a.send_interval = now + self.policy.retransmit, self.policy.retransmit
-        return out
+        return [*self._switched(need(a.material, "its keys"), now), Send(commit)]
 
     def _ack(self, event: AckReceived, now: float) -> list[Action]:
         m = event.message
@@ -215,9 +218,9 @@ class InitiatorHandlers(QkdHandlers):
         if (m.epoch, m.nonce_i, m.nonce_r) != (a.epoch, commit.nonce_i, commit.nonce_r):
             return []
         self.keys.note_peer_out(m.epoch, now)  # the responder sends on this epoch now
-        self._succeeded(now)
-        return [Record(RecordKind.REKEYED, m.epoch, a.key_ids, material.fingerprint,
-                       latency=now - a.started, started=a.started)]
+        return self._succeeded(now) + [
+            Record(RecordKind.REKEYED, m.epoch, a.key_ids, material.fingerprint,
+                   latency=now - a.started, started=a.started)]
 
     def _aborted_by_responder(self, event: AbortReceived, now: float) -> list[Action]:
         m = event.message

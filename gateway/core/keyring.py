@@ -3,7 +3,8 @@ The make-before-break rules live here:
 
 - an inbound key is retired only once the peer has moved its outbound past that epoch (or
   abandoned the epoch, which an Offer for a later one implies), and a grace period later;
-- an outbound key that a newer one replaced is retired a grace period after the switch;
+- an outbound key that a newer one replaced is retired a grace period after the data plane
+  finished switching (a sink may take longer than the grace);
 - past the hard lifetime with no fresh key, the current outbound key goes: the link is
   blocked (fail closed), never on a stale key.
 
@@ -33,12 +34,12 @@ class InstalledKey:
 
 @dataclass
 class CurrentKey:
-    """The key this side sends on."""
+    """The key this side sends on (or is switching to, until `switched`)."""
 
     ref: EpochRef
     suite: Suite
     activated_at: float
-
+    switched: bool = False
 
 class KeyRing:
     def __init__(self, link: str, policy: Policy) -> None:
@@ -65,10 +66,20 @@ class KeyRing:
         self.inbound[ref.epoch] = InstalledKey(ref)
 
     def activate(self, ref: EpochRef, suite: Suite, now: float) -> None:
+        """The data plane starts switching to REF; the key it replaces stays until
+        `switched` (then a grace period more)."""
         if self.outbound is not None:
             old = self.outbound.ref
-            self.replaced[old.epoch] = InstalledKey(old, now + self.policy.grace)
+            self.replaced[old.epoch] = InstalledKey(old)
         self.outbound = CurrentKey(ref, suite, now)
+
+    def switched(self, now: float) -> None:
+        """The data plane sends on the current key: what it replaced goes after the grace."""
+        if self.outbound is not None:
+            self.outbound.switched = True
+        for key in self.replaced.values():
+            if key.retire_at is None:
+                key.retire_at = now + self.policy.grace
 
     def note_peer_out(self, epoch: int, now: float) -> None:
         """The peer sends on EPOCH now: inbound keys of earlier epochs go after the grace."""
@@ -114,9 +125,12 @@ class KeyRing:
         self.outbound = None
         return o
 
-    def unplug(self) -> list[Action]:
-        """The driver blocked the data plane (a link restarted after a failure): the
-        current outbound key is no longer in use."""
+    def unplug(self, now: float) -> list[Action]:
+        """The data plane is blocked (a link restarted after a failure, a switch that
+        failed): the current outbound key is no longer in use, nor are those it replaced."""
+        for key in self.replaced.values():
+            if key.retire_at is None:
+                key.retire_at = now
         o, self.outbound = self.outbound, None
         return [] if o is None else [RetireOutbound(o.ref)]
 
@@ -130,6 +144,7 @@ class KeyRing:
     def state_key(self) -> tuple[object, ...]:
         o = self.outbound
         return (self.peer_out, o.ref.epoch if o else None, o.activated_at if o else None,
+                o.switched if o else None,
                 tuple((e, k.retire_at) for e, k in self.inbound.items()),
                 tuple((e, k.retire_at) for e, k in self.replaced.items()))
 
@@ -143,12 +158,13 @@ class KeyRing:
             link=link, role=role.value, max_epoch=max_epoch, peer_out=self.peer_out,
             outbound=None if o is None else OutboundRef(
                 epoch=o.ref.epoch, spi_in=o.ref.spi_in, spi_out=o.ref.spi_out,
-                suite=o.suite.name, activated_at=o.activated_at),
+                suite=o.suite.name, activated_at=o.activated_at, switched=o.switched),
             inbound=[_pending(k) for k in self.inbound.values()],
             old_outbound=[_pending(k) for k in self.replaced.values()],
             used_key_ids=used_key_ids)
 
     def restore(self, snap: Snapshot) -> None:
+        """Keys from a state file (a switch the restart cut short: see `switching`)."""
         self.peer_out = snap.peer_out
         if snap.outbound is not None:
             o = snap.outbound
@@ -156,11 +172,16 @@ class KeyRing:
             if suite is None:
                 raise CoreError(f"state names an unknown suite {o.suite!r}")
             self.outbound = CurrentKey(EpochRef(self.link, o.epoch, o.spi_in, o.spi_out),
-                                       suite, o.activated_at)
+                                       suite, o.activated_at, o.switched)
         for p in snap.inbound:
             self.inbound[p.epoch] = _installed(self.link, p)
         for p in snap.old_outbound:
             self.replaced[p.epoch] = _installed(self.link, p)
+
+    @property
+    def switching(self) -> bool:
+        """A switch of the outbound key is not known to have finished."""
+        return self.outbound is not None and not self.outbound.switched
 
 
 def _pending(k: InstalledKey) -> PendingRef:

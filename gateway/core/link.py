@@ -15,24 +15,28 @@ from typing import Any, ClassVar
 from common.sink import EpochMaterial, EpochRef, Role
 from gateway.core.events import (
     Action,
+    ActivateFailed,
     ActivateOutbound,
     Alarm,
     Block,
+    BlockFailed,
     Cause,
     ClearAlarm,
     Event,
+    InstallFailed,
     InstallInbound,
     Persist,
     RaiseAlarm,
     Record,
     RecordKind,
+    RetireFailed,
     RetireOutbound,
     Send,
-    SinkFailed,
+    SinkActivated,
     SinkInstalled,
     Tick,
 )
-from gateway.core.keyring import CurrentKey, KeyRing
+from gateway.core.keyring import CurrentKey, InstalledKey, KeyRing
 from gateway.core.kmsview import KmsView
 from gateway.core.messages import (
     Abort,
@@ -137,6 +141,7 @@ class LinkCore(ABC):
         self.alarms: dict[Alarm, str] = {}
         self.next_rekey_at: float | None = None
         self.next_nudge_at: float | None = None
+        self.reblock_at: float | None = None  # a block failed: try again then
         self.failures = 0
         self.backoff = policy.retry_backoff
         self.consumed = 0  # QKD keys fetched by this link, for the supply estimate
@@ -175,10 +180,16 @@ class LinkCore(ABC):
         """First actions: block until a key exists, and get an epoch going.
 
         PLANE_BLOCKED: the driver has blocked the data plane (a link restarted after a
-        failure): the snapshot's outbound key is no longer in use and is retired."""
-        out: list[Action] = self.keys.unplug() if plane_blocked else []
-        if self.keys.blocked:
-            out.append(Block("no key yet"))
+        failure): the snapshot's outbound key is no longer in use and is retired. So it is
+        if the data plane was still switching keys when the state was saved: what it sends
+        on is unknown, so it is blocked until the next epoch (fail closed)."""
+        switching = self.keys.switching
+        retire = self.keys.unplug(now) if plane_blocked or switching else []
+        out: list[Action] = []
+        if self.keys.blocked:  # blocked before any key leaves the data plane
+            out.append(Block("restarted while switching keys: what the data plane sends on"
+                             " is unknown" if switching else "no key yet"))
+        out += retire
         if self.role is Role.INITIATOR:
             self.next_rekey_at = now  # a fresh key now: keys are never kept across restarts
         else:
@@ -198,7 +209,8 @@ class LinkCore(ABC):
         return out + self._persist()
 
     def next_deadline(self) -> float | None:
-        times = [self.next_rekey_at, self.next_nudge_at, *self.keys.deadlines()]
+        times = [self.next_rekey_at, self.next_nudge_at, self.reblock_at,
+                 *self.keys.deadlines()]
         if self.attempt is not None:
             times += [self.attempt.started + self.policy.attempt_timeout, self.attempt.next_send]
         due = [t for t in times if t is not None]
@@ -227,30 +239,71 @@ class LinkCore(ABC):
                        detail=material.suite), InstallInbound(material)]
 
     def _activate(self, material: EpochMaterial, suite: Suite, now: float) -> list[Action]:
-        was_blocked = self.keys.blocked
+        """Switch this side's outbound key to the epoch's: the sinks answer SinkActivated
+        (the exchange goes on) or ActivateFailed (the link is blocked)."""
         self.keys.activate(EpochRef(material.link, material.epoch, material.spi_in,
                                     material.spi_out), suite, now)
-        out: list[Action] = [ActivateOutbound(material),
-                             Record(RecordKind.ACTIVATED, material.epoch, material.key_ids,
-                                    material.fingerprint)]
-        if was_blocked:
-            out += self._clear(Alarm.HARD_LIFETIME)
-        if suite.qkd:
-            out += self._clear(Alarm.QKD_FALLBACK)
-        else:
-            out += self._alarm(Alarm.QKD_FALLBACK, f"epoch {material.epoch} has no QKD key")
-        return out
+        self.state = State.ACTIVATING
+        return [ActivateOutbound(material)]
 
-    def _succeeded(self, now: float) -> None:
+    def _switched(self, material: EpochMaterial, now: float) -> list[Action]:
+        """The data plane sends on the epoch's key now."""
+        self.keys.switched(now)
+        o = need(self.keys.outbound, "the key just activated")
+        out: list[Action] = [Record(RecordKind.ACTIVATED, material.epoch, material.key_ids,
+                                    material.fingerprint), *self._clear(Alarm.HARD_LIFETIME)]
+        if o.suite.qkd:
+            return out + self._clear(Alarm.QKD_FALLBACK)
+        return out + self._alarm(Alarm.QKD_FALLBACK, f"epoch {material.epoch} has no QKD key")
+
+    def _activation_failed(self, event: ActivateFailed, now: float) -> list[Action]:
+        """A sink could not switch: what the data plane sends on is unknown, so it is
+        blocked (fail closed) and the exchange given up; the next epoch starts afresh."""
+        a = self.attempt
+        why = f"epoch {event.epoch}: could not switch to its key: {event.reason}"
+        o = self.keys.outbound
+        if a is None or a.epoch != event.epoch or self.state is not State.ACTIVATING:
+            if o is None or o.ref.epoch != event.epoch:
+                return []  # a later epoch is in use already
+            return self._plane_failed(why, now)  # late, but it failed on the current key
+        return self._plane_failed(why, now) + self._give_up(now, why, Cause.SINK, failed=True)
+
+    def _plane_failed(self, why: str, now: float) -> list[Action]:
+        return [Block(why), *self.keys.unplug(now), *self._alarm(Alarm.SINK_FAILED, why)]
+
+    def _late_activated(self, event: SinkActivated, now: float) -> list[Action]:
+        """An activation that finished after its exchange was given up: the key is in use
+        (the peer installed it before), nothing more to say."""
+        return []
+
+    def _retire_failed(self, event: RetireFailed, now: float) -> list[Action]:
+        """The key is still in the data plane: try again after a backoff."""
+        again = InstalledKey(event.ref, now + self.policy.retry_backoff)
+        ring = self.keys.replaced if event.outbound else self.keys.inbound
+        ring.setdefault(event.ref.epoch, again)
+        return self._alarm(Alarm.SINK_FAILED, f"epoch {event.ref.epoch}: could not retire its"
+                           f" {'out' if event.outbound else 'in'}bound key: {event.reason};"
+                           " trying again")
+
+    def _block_failed(self, event: BlockFailed, now: float) -> list[Action]:
+        """The link's traffic could not be blocked: block again after a backoff, until it
+        works or a fresh key makes it moot."""
+        self.reblock_at = now + self.policy.retry_backoff
+        return self._alarm(Alarm.SINK_FAILED, f"could not block the link's traffic:"
+                           f" {event.reason}; trying again")
+
+    def _succeeded(self, now: float) -> list[Action]:
         self.attempt = None
         self.state = State.IDLE
         self.failures = 0
         self.backoff = self.policy.retry_backoff
         self.rekeys += 1
+        out: list[Action] = []
         if self.role is Role.INITIATOR:
-            self._schedule_rekey(now)
+            out += self._schedule_rekey(now)
         for alarm in (Alarm.PEER_UNREACHABLE, Alarm.EXCHANGE_FAILED, Alarm.SINK_FAILED):
-            self.alarms.pop(alarm, None)
+            out += self._clear(alarm)
+        return out
 
     def _give_up(self, now: float, why: str, cause: Cause, *, failed: bool = False
                  ) -> list[Action]:
@@ -269,7 +322,7 @@ class LinkCore(ABC):
             self.failures += 1
         return out
 
-    def _install_failed(self, event: SinkFailed, now: float) -> list[Action]:
+    def _install_failed(self, event: InstallFailed, now: float) -> list[Action]:
         a = need(self.attempt, "the exchange")
         if event.epoch != a.epoch:
             return self._late_install_failed(event, now)
@@ -287,9 +340,9 @@ class LinkCore(ABC):
             raise IllegalEvent(f"SinkInstalled for epoch {event.epoch}, never installed")
         return []
 
-    def _late_install_failed(self, event: SinkFailed, now: float) -> list[Action]:
+    def _late_install_failed(self, event: InstallFailed, now: float) -> list[Action]:
         if event.epoch > self.max_epoch:
-            raise IllegalEvent(f"SinkFailed for epoch {event.epoch}, never installed")
+            raise IllegalEvent(f"InstallFailed for epoch {event.epoch}, never installed")
         return self.keys.forget(event.epoch)  # clean up
 
     def _ignore(self, event: Event, now: float) -> list[Action]:
@@ -299,6 +352,10 @@ class LinkCore(ABC):
 
     def _tick(self, event: Tick, now: float) -> list[Action]:
         out = self.keys.retire_due(now)
+        if self.reblock_at is not None and now >= self.reblock_at:
+            self.reblock_at = None
+            if self.keys.blocked:  # (a fresh key since makes it moot)
+                out.append(Block("trying again: the last block failed"))
         o = self.keys.expired(now)
         if o is not None:
             out += [Block(f"epoch {o.ref.epoch} reached its hard lifetime"),
@@ -352,16 +409,15 @@ class LinkCore(ABC):
     def supply_keys_per_s(self) -> float | None:
         return self.kms.supply_keys_per_s(self.policy.qkd_key_bits)
 
-    def _schedule_rekey(self, now: float) -> None:
+    def _schedule_rekey(self, now: float) -> list[Action]:
         unit = int.from_bytes(self._rng(4), "big") / 2**32
         interval, limited = self.policy.next_interval(
             supply_keys_per_s=self.supply_keys_per_s(), stored_keys=self.kms.stored, unit=unit)
         self.next_rekey_at = now + interval
         if limited:
-            self.alarms[Alarm.QKD_SUPPLY_LOW] = f"next rekey in {interval:.0f} s, paced to the" \
-                " QKD key supply"
-        else:
-            self.alarms.pop(Alarm.QKD_SUPPLY_LOW, None)
+            return self._alarm(Alarm.QKD_SUPPLY_LOW, f"next rekey in {interval:.0f} s, paced"
+                               " to the QKD key supply")
+        return self._clear(Alarm.QKD_SUPPLY_LOW)
 
     def _next_backoff(self) -> float:
         delay = self.backoff

@@ -40,8 +40,11 @@ from gateway.core.events import (
     AcceptReceived,
     AckReceived,
     Action,
+    ActivateFailed,
     Alarm,
+    BlockFailed,
     CommitReceived,
+    InstallFailed,
     KmsStatusObserved,
     KmsUnreachable,
     OfferReceived,
@@ -51,7 +54,8 @@ from gateway.core.events import (
     RecordKind,
     RekeyRequested,
     RekeyRequestReceived,
-    SinkFailed,
+    RetireFailed,
+    SinkActivated,
     SinkInstalled,
     Tick,
 )
@@ -118,6 +122,14 @@ class LinkMachine(InitiatorHandlers, ResponderHandlers):
             return self._late_install(event, now)
         return self._accepted(a) if self.role is Role.RESPONDER else self._switch(a, now)
 
+    def _activated(self, event: SinkActivated, now: float) -> list[Action]:
+        a = need(self.attempt, "the exchange")
+        if event.epoch != a.epoch:
+            return self._late_activated(event, now)
+        if self.role is Role.RESPONDER:
+            return self._switched_second(a, now)
+        return self._switched_first(a, now)
+
     def _abort_received(self, event: AbortReceived, now: float) -> list[Action]:
         self._check_link(event.message.link)
         if self.role is Role.RESPONDER:
@@ -144,25 +156,35 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
     row(None, OfferReceived, M._offer, (), "R: check, then fetch the keys by ID (unless held"
         " ahead) and derive; a newer offer supersedes the exchange in progress; a duplicate"
         " gets the same Accept",
-        tuple((a, b) for a in (S.IDLE, S.FETCHING, S.INSTALLING, S.ACCEPTED)
+        tuple((a, b) for a in (S.IDLE, S.FETCHING, S.INSTALLING, S.ACCEPTED, S.ACTIVATING)
               for b in (S.FETCHING, S.INSTALLING) if a is not b)),
     row(S.OFFERED, AcceptReceived, M._accept, (S.INSTALLING, S.IDLE),
         "I: decapsulate, derive, verify confirm_R, install inbound"),
     row(None, AcceptReceived, M._late_accept, (), "I: a duplicate gets the same Commit again"),
-    row(S.INSTALLING, SinkInstalled, M._installed, (S.COMMITTED, S.ACCEPTED),
-        "I: activate outbound, send Commit; R: send Accept"),
+    row(S.INSTALLING, SinkInstalled, M._installed, (S.ACTIVATING, S.ACCEPTED),
+        "I: switch outbound; R: send Accept"),
     row(None, SinkInstalled, M._late_install, (), "inbound of an abandoned exchange: tracked"),
-    row(S.INSTALLING, SinkFailed, M._install_failed, (S.IDLE,), "abandon the exchange"),
-    row(None, SinkFailed, M._late_install_failed, (), "clean up a failed late install"),
-    row(S.ACCEPTED, CommitReceived, M._commit, (S.IDLE,),
-        "R: verify confirm_I, activate outbound, send Ack"),
+    row(S.INSTALLING, InstallFailed, M._install_failed, (S.IDLE,), "abandon the exchange"),
+    row(None, InstallFailed, M._late_install_failed, (), "clean up a failed late install"),
+    row(S.ACCEPTED, CommitReceived, M._commit, (S.ACTIVATING,),
+        "R: verify confirm_I, switch outbound"),
+    row(S.ACTIVATING, SinkActivated, M._activated, (S.COMMITTED, S.IDLE),
+        "I: send Commit; R: send Ack, epoch done"),
+    row(None, SinkActivated, M._late_activated, (),
+        "a switch that finished after its exchange was given up"),
+    row(S.ACTIVATING, ActivateFailed, M._activation_failed, (S.IDLE,),
+        "a sink could not switch: block, alarm, give the exchange up"),
+    row(None, ActivateFailed, M._activation_failed, (),
+        "late: block if the key it failed on is the current one"),
+    row(None, RetireFailed, M._retire_failed, (), "alarm; retire it again after a backoff"),
+    row(None, BlockFailed, M._block_failed, (), "alarm; block again after a backoff"),
     row(None, CommitReceived, M._late_commit, (), "R: a duplicate gets the same Ack again"),
     row(S.COMMITTED, AckReceived, M._ack, (S.IDLE,), "I: the peer has switched; epoch done"),
     row(None, AckReceived, M._ignore, (), "late or duplicate Ack"),
     row(None, AbortReceived, M._abort_received, (), "the peer gave up this exchange; I may"
         " start again at once (stale epoch numbers, or PQC-only after the peer's KMS failed)",
         ((S.OFFERED, S.IDLE), (S.OFFERED, S.FETCHING), (S.FETCHING, S.IDLE),
-         (S.INSTALLING, S.IDLE), (S.ACCEPTED, S.IDLE))),
+         (S.INSTALLING, S.IDLE), (S.ACCEPTED, S.IDLE), (S.ACTIVATING, S.IDLE))),
     row(None, RekeyRequestReceived, M._rekey_requested, (), "I: start an exchange if none is"
         " in progress; after the responder restarted, resend the Offer at once, or start"
         " over if the responder's copy of the key or its Ack is lost",
@@ -175,6 +197,6 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
         " attempt_timeout is given up; retransmissions; old keys retired; the hard lifetime",
         ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED),
          *((a, S.IDLE) for a in (S.FETCHING, S.OFFERED, S.INSTALLING, S.ACCEPTED,
-                                 S.COMMITTED)))),
+                                 S.ACTIVATING, S.COMMITTED)))),
 )
 LinkCore.table = {(t.state, t.event): t for t in TRANSITIONS}

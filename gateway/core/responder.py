@@ -171,14 +171,18 @@ class ResponderHandlers(QkdHandlers):
         if not material.keys.confirm_ok(Purpose.CONFIRM_I, transcript, c.confirm):
             raise PeerMessageRejected("confirm-failed", f"epoch {c.epoch}: the initiator's key"
                                       " confirmation does not verify")
-        out = self._activate(material, Suite(bool(a.key_ids), self.kem.name), now)
+        a.commit = c
+        self.keys.note_peer_out(c.epoch, now)  # the initiator sends on this epoch now
+        return self._activate(material, Suite(bool(a.key_ids), self.kem.name), now)
+
+    def _switched_second(self, a: Attempt, now: float) -> list[Action]:
+        """We send on the new key, as the initiator does: the epoch is done."""
+        c, material = need(a.commit, "its Commit"), need(a.material, "its keys")
         self._last_ack = Ack(link=c.link, epoch=c.epoch, out=self.keys.out_epoch,
                              nonce_i=c.nonce_i, nonce_r=c.nonce_r)
-        self.keys.note_peer_out(c.epoch, now)  # the initiator sends on this epoch now
-        self._succeeded(now)
-        out += [Send(self._last_ack), Record(RecordKind.REKEYED, c.epoch, a.key_ids,
-                                             material.fingerprint, latency=now - a.started,
-                                             started=a.started)]
+        out = [*self._switched(material, now), *self._succeeded(now), Send(self._last_ack),
+               Record(RecordKind.REKEYED, c.epoch, a.key_ids, material.fingerprint,
+                      latency=now - a.started, started=a.started)]
         return out + self._take_hint(c, now)
 
     def _late_commit(self, event: CommitReceived, now: float) -> list[Action]:

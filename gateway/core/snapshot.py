@@ -45,6 +45,9 @@ class OutboundRef(_Model):
     spi_out: Spi
     suite: str = Field(max_length=80)
     activated_at: Timestamp
+    #: False while the data plane was still switching to it: after a restart what it sends
+    #: on is unknown, so the link starts blocked.
+    switched: bool = True
 
 
 class Snapshot(_Model):

@@ -23,6 +23,7 @@ class State(StrEnum):
     FETCHING = "fetching"  # QKD keys requested: enc_keys (I) or dec_keys (R)
     OFFERED = "offered"  # I: Offer sent, waiting for Accept
     INSTALLING = "installing"  # the epoch's inbound key is being installed
+    ACTIVATING = "activating"  # the epoch's outbound key is being switched to
     COMMITTED = "committed"  # I: outbound switched, Commit sent, waiting for Ack
     ACCEPTED = "accepted"  # R: Accept sent, waiting for Commit
 

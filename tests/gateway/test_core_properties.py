@@ -56,8 +56,10 @@ class RekeyWorld(RuleBasedStateMachine):
     def qber(self, qber: float) -> None:
         self.world.kms_status(ok=self.world.kms.available, qber=qber)
 
-    @rule(delay=st.sampled_from([0.0, 0.2, 2.0]), fails=st.sampled_from([False, False, True]))
-    def sinks(self, delay: float, fails: bool) -> None:
+    @rule(delay=st.sampled_from([0.0, 0.2, 2.0]),
+          fails=st.frozensets(st.sampled_from(["install", "activate", "retire", "block"]))
+          | st.just(frozenset()))
+    def sinks(self, delay: float, fails: frozenset[str]) -> None:
         self.world.sink_delay, self.world.sink_fails = delay, fails
 
     @rule(initiator=st.booleans())
@@ -78,7 +80,8 @@ class RekeyWorld(RuleBasedStateMachine):
     def faults_stop_and_both_converge(self) -> None:
         w = self.world
         w.loss, w.duplicate, w.max_delay = 0.0, 0.0, 0.01
-        w.kms.available, w.kms_delay, w.sink_delay, w.sink_fails = True, 0.0, 0.0, False
+        w.kms.available, w.kms_delay, w.sink_delay = True, 0.0, 0.0
+        w.sink_fails = frozenset()
         w.kms_status()
         before = max(w.i.plane.sent_on + w.r.plane.sent_on, default=0)
         # Bound: the longest backoff, a failed attempt, then one full interval and exchange.
@@ -140,7 +143,9 @@ def _random_world(seed: int, steps: int = 60) -> World:
         elif op == 3:
             w.kms_status(ok=w.kms.available, qber=rng.choice([0.01, 0.05, 0.2]))
         elif op == 4:
-            w.sink_delay, w.sink_fails = rng.choice([0.0, 0.2, 2.0]), rng.random() < 0.2
+            w.sink_delay = rng.choice([0.0, 0.2, 2.0])
+            w.sink_fails = frozenset(c for c in ("install", "activate", "retire", "block")
+                                     if rng.random() < 0.1)
         elif op == 5:
             (w.i if rng.random() < 0.5 else w.r).restart()
         elif op == 6:
@@ -174,7 +179,8 @@ def _targeted() -> list[World]:
     worlds = []
     for state, faults in ((State.FETCHING, {"kms_delay": 1.0}),
                           (State.INSTALLING, {"sink_delay": 1.0}),
-                          (State.ACCEPTED, {"max_delay": 0.5})):
+                          (State.ACCEPTED, {"max_delay": 0.5}),
+                          (State.ACTIVATING, {"sink_delay": 1.0})):
         p = policy(prefetch=False)  # R fetches when the Offer comes
         w = World(seed=30, policy_i=p, policy_r=p)
         w.kms_status()
@@ -184,6 +190,7 @@ def _targeted() -> list[World]:
             assert w.step(until=w.now + FAST.attempt_timeout), f"R never reached {state}"
         w.r.feed(received(_abort(offer), CERT_I))  # the initiator gave this exchange up
         worlds.append(w)
+    worlds += _while_the_responder_switches()
     w = World(seed=31)  # the responder's Accept, tampered: I's confirmation check fails
     w.kms_status()
     w.run_for(3)
@@ -215,6 +222,40 @@ def _targeted() -> list[World]:
     w.kms_delay = FAST.attempt_timeout + 1
     w.i.feed(RekeyRequested("operator"))
     w.run_for(FAST.attempt_timeout + 2)
+    worlds.append(w)
+    return worlds
+
+
+def _while_the_responder_switches() -> list[World]:
+    """A data plane slow to switch (1 s) while the initiator restarts (its next Offer finds
+    the responder switching) or the responder restarts (the initiator waits for its Ack,
+    with its KMS down)."""
+    worlds = []
+    for mode, kms_up in ((Mode.QKD_PQC, True), (Mode.PQC_FALLBACK, False)):
+        p = policy(mode=mode, prefetch=False)
+        w = World(seed=34, policy_i=p, policy_r=p)
+        w.kms_status()
+        w.run_for(3)
+        w.sink_delay = 1.0
+        w.i.feed(RekeyRequested("operator"))
+        while w.r.machine.state is not State.ACTIVATING:
+            assert w.step(until=w.now + FAST.attempt_timeout), "R never switched"
+        w.kms.available = kms_up  # down: a PQC-only Offer, installed without a fetch
+        w.kms_status(ok=kms_up)
+        w.i.restart()
+        w.run_for(FAST.attempt_timeout)
+        worlds.append(w)
+    w = World(seed=35)
+    w.kms_status()
+    w.run_for(3)
+    w.sink_delay = 1.0
+    w.i.feed(RekeyRequested("operator"))
+    while w.i.machine.state is not State.COMMITTED:
+        assert w.step(until=w.now + FAST.attempt_timeout), "I never committed"
+    w.kms.available = False
+    w.kms_status(ok=False)  # qkd+pqc with no QKD keys: no new exchange for now
+    w.r.restart()
+    w.run_for(FAST.attempt_timeout)
     worlds.append(w)
     return worlds
 

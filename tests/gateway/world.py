@@ -24,12 +24,15 @@ from typing import Any
 from common.sink import Role
 from gateway.core.events import (
     Action,
+    ActivateFailed,
     ActivateOutbound,
     Block,
+    BlockFailed,
     ClearAlarm,
     Event,
     FetchQkdKeys,
     FetchQkdKeysById,
+    InstallFailed,
     InstallInbound,
     KmsStatusObserved,
     Persist,
@@ -37,10 +40,11 @@ from gateway.core.events import (
     QkdKeysFetched,
     RaiseAlarm,
     Record,
+    RetireFailed,
     RetireInbound,
     RetireOutbound,
     Send,
-    SinkFailed,
+    SinkActivated,
     SinkInstalled,
     Tick,
     received,
@@ -67,6 +71,8 @@ class DataPlane:
     outbound: int | None = None
     outbound_key: bytes = b""
     blocked: bool = True
+    #: A Block the sink refused: traffic goes on as before until the machine blocks again.
+    block_refused: bool = False
     sent_on: list[int] = field(default_factory=list)  # epochs activated, in order
 
 
@@ -119,6 +125,8 @@ class Side:
         self.rejected: list[str] = []
         self.last_status: KmsStatusObserved | None = None
         self.generation = 0
+        #: The daemon calls its sinks one at a time, in order: answers never overtake.
+        self.sink_free_at = 0.0
         self.machine = self._new_machine()
 
     def _new_machine(self) -> LinkMachine:
@@ -173,7 +181,8 @@ class World:
         self.max_delay = 0.01
         self.kms_delay = 0.0
         self.sink_delay = 0.0
-        self.sink_fails = False  # every install fails (the data plane refuses keys)
+        #: Sink calls that fail: "install", "activate", "retire", "block".
+        self.sink_fails: frozenset[str] = frozenset()
         # history for the invariants
         self.epoch_keys: dict[int, bytes] = {}  # epoch -> I's outbound key (= R's inbound)
         self.key_ids_by_epoch: dict[int, tuple[str, ...]] = {}
@@ -194,30 +203,40 @@ class World:
         self.queue.append(Pending(self.now + delay, self._seq, side.name, what,
                                   side.generation if local else None))
 
+    def _sink(self, side: Side, what: Any) -> None:
+        """A sink call's answer, after the calls before it (the daemon awaits each)."""
+        at = max(self.now + self.sink_delay, side.sink_free_at)
+        side.sink_free_at = at
+        self.later(at - self.now, side, what, local=True)
+
     def execute(self, side: Side, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Send):
                 self._send(side, a.message)
             elif isinstance(a, FetchQkdKeys | FetchQkdKeysById):
                 self.later(self.kms_delay, side, a, local=True)
-            elif isinstance(a, InstallInbound):  # in the data plane when the sink is done
-                self.later(self.sink_delay, side, a, local=True)
-            elif isinstance(a, ActivateOutbound):
-                m = a.material
-                if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
-                    self.violations.append(f"{side.name} activated epoch {m.epoch} after"
-                                           f" {side.plane.outbound}")
-                side.plane.outbound, side.plane.outbound_key = m.epoch, m.outbound_esp
-                side.plane.blocked = False
-                side.plane.sent_on.append(m.epoch)
-                self._note_keys(side, m.epoch, m.outbound_esp, m.key_ids, inbound=False)
-            elif isinstance(a, RetireInbound):
-                side.plane.inbound.pop(a.ref.epoch, None)
-            elif isinstance(a, RetireOutbound):
-                if side.plane.outbound == a.ref.epoch and not side.plane.blocked:
-                    self.violations.append(f"{side.name} retired the key it sends on")
+            elif isinstance(a, InstallInbound | ActivateOutbound):  # done when the sink is
+                self._sink(side, a)
+            elif isinstance(a, RetireInbound | RetireOutbound):
+                out = isinstance(a, RetireOutbound)
+                if "retire" in self.sink_fails:  # the key stays in the data plane
+                    self._sink(side, RetireFailed(a.ref, out, "refused"))
+                elif out:
+                    if side.plane.outbound == a.ref.epoch and not side.plane.blocked:
+                        if side.plane.block_refused:  # removing the key stops the traffic
+                            side.plane.blocked, side.plane.outbound = True, None
+                            side.plane.block_refused = False
+                        else:
+                            self.violations.append(f"{side.name} retired the key it sends on")
+                else:
+                    side.plane.inbound.pop(a.ref.epoch, None)
             elif isinstance(a, Block):
-                side.plane.blocked, side.plane.outbound = True, None
+                if "block" in self.sink_fails:  # the data plane goes on as it was
+                    side.plane.block_refused = True
+                    self._sink(side, BlockFailed("refused"))
+                else:
+                    side.plane.blocked, side.plane.outbound = True, None
+                    side.plane.block_refused = False
             elif isinstance(a, Persist):
                 side.snapshot = side.machine.snapshot()
             elif isinstance(a, RaiseAlarm):
@@ -308,12 +327,25 @@ class World:
                 side.feed(QkdKeysFetched(what.request, keys))
         elif isinstance(what, InstallInbound):
             m = what.material
-            if self.sink_fails:
-                side.feed(SinkFailed(m.epoch, "the data plane refused the key"))
+            if "install" in self.sink_fails:
+                side.feed(InstallFailed(m.epoch, "the data plane refused the key"))
                 return
             side.plane.inbound[m.epoch] = m.inbound_esp
             self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
             side.feed(SinkInstalled(m.epoch))
+        elif isinstance(what, ActivateOutbound):
+            m = what.material
+            if "activate" in self.sink_fails:  # it still sends on what it had
+                side.feed(ActivateFailed(m.epoch, "the data plane refused the switch"))
+                return
+            if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
+                self.violations.append(f"{side.name} activated epoch {m.epoch} after"
+                                       f" {side.plane.outbound}")
+            side.plane.outbound, side.plane.outbound_key = m.epoch, m.outbound_esp
+            side.plane.blocked = side.plane.block_refused = False
+            side.plane.sent_on.append(m.epoch)
+            self._note_keys(side, m.epoch, m.outbound_esp, m.key_ids, inbound=False)
+            side.feed(SinkActivated(m.epoch))
         else:
             side.feed(what)
 
@@ -333,7 +365,9 @@ class World:
             if not p.blocked and p.outbound is None:
                 self.violations.append(f"{side.name}: traffic neither keyed nor blocked")
             # 1: whoever sends on an epoch's key finds that key installed inbound at the peer.
-            if not p.blocked and p.outbound is not None:
+            # (Unless it meant to block and its sink refused: traffic is lost, not in clear;
+            # the machine alarms and blocks again.)
+            if not p.blocked and p.outbound is not None and not p.block_refused:
                 peer_in = side.peer.plane.inbound.get(p.outbound)
                 if peer_in is None:
                     self.violations.append(f"{side.name} sends on epoch {p.outbound}, which"
