@@ -1,18 +1,23 @@
-"""gateway/demo/topology.py: the namespaces every world builds.
+"""gateway/demo/topology.py and gateway/demo/wire.py: the namespaces every world builds, and
+the classifier every world judges its wire with.
 
-Building needs root (network namespaces); the addressing does not.
+Building needs root (network namespaces); the addressing and the classifier do not.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from collections.abc import Iterator
+from ipaddress import ip_network
+from pathlib import Path
 
 import pytest
 
 from gateway.demo import topology
 from gateway.demo.topology import Net, Site, Topology
+from gateway.demo.wire import Kind, Tally, classify
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -118,3 +123,71 @@ def test_a_failed_build_leaves_nothing_behind() -> None:
     with pytest.raises(Exception, match="Numerical result out of range"):  # a name too long
         net.up()
     assert leftover(net) == []
+
+
+# -- the wire --------------------------------------------------------------------------------------
+
+LANS = [ip_network("10.1.0.0/16"), ip_network("10.2.0.0/16")]
+A, B, KME = "192.0.2.1", "198.51.100.1", "192.0.2.254"
+
+
+def ipv4(src: str, dst: str, proto: int, payload: bytes, frag: int = 0) -> bytes:
+    """An Ethernet frame with an IPv4 packet."""
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, frag, 64, proto, 0,
+                         bytes(map(int, src.split("."))), bytes(map(int, dst.split("."))))
+    return bytes(12) + b"\x08\x00" + header + payload
+
+
+def udp(sport: int, dport: int, payload: bytes) -> bytes:
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def test_each_frame_is_of_one_kind() -> None:
+    def kind(frame: bytes) -> Kind | None:
+        p = classify(frame, LANS)
+        return p.kind if p else None
+
+    assert kind(ipv4(A, B, 50, struct.pack("!II", 0x1234, 1))) is Kind.ESP
+    assert classify(ipv4(A, B, 50, struct.pack("!II", 0x1234, 1)), LANS).spi == 0x1234  # type: ignore[union-attr]
+    assert kind(ipv4(A, B, 17, udp(4500, 4500, struct.pack("!I", 7) + bytes(20)))) \
+        is Kind.ESP_IN_UDP
+    assert kind(ipv4(A, B, 17, udp(4500, 4500, bytes(4) + bytes(20)))) is Kind.IKE  # marker
+    assert kind(ipv4(A, B, 17, udp(4500, 4500, b"\xff"))) is Kind.IKE  # NAT-T keepalive
+    assert kind(ipv4(A, B, 17, udp(500, 500, bytes(28)))) is Kind.IKE
+    assert kind(ipv4(A, B, 17, udp(53, 53, bytes(28)))) is Kind.OTHER
+    assert kind(ipv4(A, KME, 6, bytes(20))) is Kind.TCP
+    assert kind(ipv4(A, B, 6, bytes(20), frag=100)) is Kind.OTHER  # no TCP header here
+    assert kind(ipv4(A, B, 1, bytes(8))) is Kind.ICMP
+    assert kind(ipv4("10.1.0.2", "10.2.0.2", 50, bytes(8))) is Kind.PLAINTEXT
+    assert kind(bytes(12) + b"\x08\x06" + bytes(28)) is None  # ARP
+    v6 = bytes(12) + b"\x86\xdd" + bytes(6) + b"\x3a\x40" + bytes(32) + bytes(8)
+    assert kind(v6) is Kind.ICMP
+
+
+def test_the_tally_counts_what_a_world_expects_between_its_gateways() -> None:
+    t = Tally(LANS, {A: "a", B: "b"}, {Kind.ESP_IN_UDP, Kind.IKE, Kind.TCP}, ipv6=False)
+    esp = ipv4(A, B, 17, udp(4500, 4500, struct.pack("!I", 7) + bytes(20)))
+    for frame in (esp, esp, ipv4(B, A, 17, udp(4500, 4500, struct.pack("!I", 8) + bytes(20))),
+                  ipv4(A, B, 17, udp(500, 500, bytes(28))), ipv4(A, KME, 6, bytes(20))):
+        t.add(frame, 0.0)
+    assert (t.esp, t.ike, t.control, t.leaked, t.total) == ({"a>b": 2, "b>a": 1}, 1, 1, 0, 5)
+    t.add(ipv4(A, B, 50, bytes(8)), 0.0)  # ESP not in UDP: not what this world sends
+    t.add(ipv4(A, KME, 17, udp(500, 500, bytes(28))), 0.0)  # IKE, not between gateways
+    t.add(ipv4("10.1.0.2", "10.2.0.2", 17, udp(5001, 5001, bytes(8))), 0.0)
+    t.add(bytes(12) + b"\x86\xdd" + bytes(6) + b"\x3a\x40" + bytes(40), 0.0)  # no IPv6 here
+    assert (t.leaked, t.plaintext, t.total) == (3, 1, 8)
+    assert t.leaks[2] == "plaintext 10.1.0.2 > 10.2.0.2 proto 17"
+
+
+def test_a_pcap_file_is_read_with_each_frames_time(tmp_path: Path) -> None:
+    frames = [ipv4(A, B, 50, struct.pack("!II", 0x100 + i, i)) for i in range(3)]
+    data = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 160, 1)
+    for i, frame in enumerate(frames):
+        data += struct.pack("<IIII", 1000 + i, 500_000, len(frame), len(frame)) + frame
+    (tmp_path / "x.pcap").write_bytes(data)
+    t = Tally(LANS, {A: "a", B: "b"}, {Kind.ESP}, ipv6=False, timeline=True)
+    t.read(tmp_path / "x.pcap")
+    assert t.timeline == {"a>b": [(1000.5, 0x100), (1001.5, 0x101), (1002.5, 0x102)]}
+    (tmp_path / "y.pcap").write_bytes(b"\x0a\x0d\x0d\x0a" + bytes(20))  # pcapng
+    with pytest.raises(ValueError, match="not a pcap"):
+        t.read(tmp_path / "y.pcap")
