@@ -15,7 +15,7 @@ import functools
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,16 @@ def _need_strongswan() -> None:
         pytest.skip(f"no strongSwan world here: {reason}")
 
 
+def _world(tmp_path_factory: pytest.TempPathFactory, name: str, policy: dict[str, Any],
+           phase: Callable[[sw.World], Awaitable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """One world for PHASE, kept up while the module's tests judge its results."""
+    with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}"), policy) as world:
+        yield asyncio.run(phase(world))
+
+
 @pytest.fixture(scope="module")
 def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with sw.World(tmp_path_factory.mktemp("strongswan-main"), MAIN_POLICY) as world:
-        yield asyncio.run(_main_phase(world))
+    yield from _world(tmp_path_factory, "main", MAIN_POLICY, _main_phase)
 
 
 async def _main_phase(w: sw.World) -> dict[str, Any]:
@@ -64,8 +70,7 @@ async def _main_phase(w: sw.World) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    with sw.World(tmp_path_factory.mktemp("strongswan-restart"), RESTART_POLICY) as world:
-        yield asyncio.run(_restart_phase(world))
+    yield from _world(tmp_path_factory, "restart", RESTART_POLICY, _restart_phase)
 
 
 async def _restart_phase(w: sw.World) -> dict[str, Any]:

@@ -336,7 +336,9 @@ async def phase_crash(w: World) -> dict[str, Any]:
     await until("rekeyed after the crash",
                 lambda: _rekeyed_past(w, epoch + 1), timeout=60)
     w.note("rekeyed after the crash")
-    await asyncio.sleep(5)
+    # 5 s more of traffic, and at least the 10 s after the crash the test counts replies over
+    # (at 50/s, with a margin for the guest's coarse timers) however fast the restart was.
+    await asyncio.sleep(max(5.0, crashed_at + 12.0 - time.time()))
     for site in ("a", "b"):
         w.procs[f"ping-crash-{site}"].send_signal(signal.SIGINT)
     pings = {site: w.ping_result(f"ping-crash-{site}") for site in ("a", "b")}
