@@ -137,19 +137,11 @@ async def run(rotations: int, rate: int, *, hold: bool) -> dict[str, Any]:
     world = (sw.World if hold else Unheld)(
         Path(tempfile.mkdtemp(prefix="qkdgw-bench-strongswan-")),
         {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0, "grace": 0.5})
-    world.build()
-    try:
-        world.start_sim()
-        world.start_charon("a")
-        world.start_charon("b")
-        world.start_gateway("a")
-        world.start_gateway("b")
-        await sw.until("first epoch", world.converged)
+    with world:
+        await world.start()
         result = await measure(world, rotations, rate)
         result["saturated"] = await saturate(world, SATURATE_RATE, SATURATE_SECONDS)
         return result
-    finally:
-        world.teardown()
 
 
 async def main() -> None:

@@ -48,17 +48,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def netlink_ops(world: w.World) -> dict[str, float]:
-    from pyroute2.netns import popns, pushns
-
     from ipsec.xfrm.kernel import XfrmKernel
     from ipsec.xfrm.objects import Direction, Mode, PolicySpec, SaId, SaSpec, Template
     from ipsec.xfrm.objects import Selector as Sel
 
-    pushns(world.ns["gw-a"])
-    try:
+    with world.net.inside("gw-a"):
         kernel = XfrmKernel()
-    finally:
-        popns()
     src, dst = ip_address(w.GW_A), ip_address("203.0.113.9")  # an unused peer: no traffic
     n = 500
     t0 = time.perf_counter()
@@ -95,7 +90,6 @@ class _Quiet:
 
 async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dict[str, Any]:
     import yaml
-    from pyroute2.netns import popns, pushns
 
     from common.config import HostPort
     from common.sink import EpochMaterial, EpochRef, Role, SinkContext
@@ -112,11 +106,8 @@ async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dic
         ctx = SinkContext("ab", Policy(interval=3600, hard_lifetime=7200), _Quiet(),
                           HostPort("0.0.0.0", 1), HostPort("0.0.0.0", 1))
         sink = config.build(ctx)
-        pushns(world.ns[f"gw-{site}"])
-        try:
+        with world.net.inside(f"gw-{site}"):
             await sink.start()
-        finally:
-            popns()
         sinks[site] = sink
 
     def material(epoch: int, site: str) -> EpochMaterial:
@@ -191,20 +182,20 @@ async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dic
 
 
 async def rekey_latency(world: w.World, rekeys: int) -> list[float]:
-    world.start_gateway("a", "bench")
-    world.start_gateway("b", "bench")
-    await w.until("first epoch", lambda: world.converged("bench"))
+    world.start_gateway("a")
+    world.start_gateway("b")
+    await w.until("first epoch", world.converged)
     latencies = []
     for _ in range(rekeys):
-        epoch = (await world.link("a", "bench"))["epoch"]
-        await world.admin("a", "bench", "POST", "/rekey")
+        epoch = (await world.link("a"))["epoch"]
+        await world.admin("a", "POST", "/rekey")
 
         async def done(epoch: int = epoch) -> bool:
-            a, b = await world.link("a", "bench"), await world.link("b", "bench")
+            a, b = await world.link("a"), await world.link("b")
             return a["epoch"] == b["epoch"] > epoch
 
         await w.until("rekeyed", done, timeout=30)
-        latencies.append(1000 * (await world.link("a", "bench"))["last_rekey_latency"])
+        latencies.append(1000 * (await world.link("a"))["last_rekey_latency"])
     world.kill("gw-a")
     world.kill("gw-b")
     return latencies
@@ -214,6 +205,7 @@ async def guest(root: Path, args: argparse.Namespace) -> None:
     out = root / "out"
     out.mkdir(exist_ok=True)
     world = w.World(root, out)
+    world.phase = "bench"
     results: dict[str, Any] = {}
     try:
         world.build()

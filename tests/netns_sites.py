@@ -1,6 +1,7 @@
 """The two-site namespaces of gateway/demo/sites.py, with what the tests measure: a tcpdump
-capture of the wire between the sites, and one-way UDP flows with sequence numbers
-(tests/ipsec/udpflow.py). Used by tests/ipsec/strongswan_world.py and tests/tls/tls_world.py.
+capture of the wire between the sites (gateway/demo/wire.py), and one-way UDP flows with
+sequence numbers (tests/ipsec/udpflow.py). Used by tests/ipsec/strongswan_world.py,
+tests/tls/tls_world.py and tests/ipsec/xfrm_world.py.
 """
 
 from __future__ import annotations
@@ -9,30 +10,15 @@ import asyncio
 import contextlib
 import functools
 import json
-import re
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gateway.demo import sites as demo
-from gateway.demo.sites import (  # noqa: F401  (re-exported for the tests)
-    ADDR,
-    GW_A,
-    GW_B,
-    HOST,
-    HOST_A,
-    HOST_B,
-    LAN,
-    LAN_A,
-    LAN_B,
-    run,
-    until,
-    wait_until,
-)
+from gateway.demo import wire
+from gateway.demo.sites import HOST_A, HOST_B
+from gateway.demo.topology import until, wait_until  # noqa: F401  (re-exported)
 
 FLOW_PORT = 5001
 
@@ -43,24 +29,8 @@ class Sites(demo.Sites):
     @contextlib.contextmanager
     def capture(self, name: str) -> Iterator[dict[str, Any]]:
         """tcpdump on wan-a (every packet between the sites passes it once)."""
-        stats: dict[str, Any] = {"pcap": str(self.root / f"{name}.pcap")}
-        err = self.root / f"{name}.tcpdump"
-        with err.open("wb") as f:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns["wan"], "tcpdump", "-i", "wan-a", "-n",
-                 "-s", "128", "-U", "-w", stats["pcap"]], stdout=f, stderr=subprocess.STDOUT)
-        wait_until("tcpdump listening", lambda: b"listening on" in err.read_bytes())
-        try:
+        with wire.capture(self.out / f"{name}.pcap", "wan-a", self.net) as stats:
             yield stats
-        finally:
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-            text = err.read_text()
-            for key, pattern in (("captured", r"(\d+) packets? captured"),
-                                 ("dropped", r"(\d+) packets? dropped by kernel")):
-                m = re.search(pattern, text)
-                stats[key] = int(m.group(1)) if m else None
 
     def start_flows(self, rate: float, seconds: float) -> None:
         """UDP both ways: lan-a → lan-b and lan-b → lan-a, RATE packets/s for SECONDS."""
@@ -72,7 +42,7 @@ class Sites(demo.Sites):
                 "--out", str(self.root / f"recv-{dst}.json")], env=env)
         for dst in ("a", "b"):
             wait_until(f"receiver in lan-{dst}",
-                       functools.partial(_says_ready, self.root / f"recv-{dst}.log"))
+                       functools.partial(_says_ready, self.out / f"recv-{dst}.log"))
         for src, host in (("a", HOST_B), ("b", HOST_A)):
             self.spawn(f"send-{src}", f"lan-{src}", [
                 py, "-m", "tests.ipsec.udpflow", "send", host, str(FLOW_PORT),
@@ -98,8 +68,6 @@ class Sites(demo.Sites):
                                     "send_errors": len(sent["errors"]), "rate": sent["rate"],
                                     "start": sent["start"]}
         return out
-
-
 
 
 def _says_ready(log: Path) -> bool:

@@ -4,8 +4,8 @@
 
 No registry here: `debian:bookworm-slim` is made locally with debootstrap when missing
 (../shared/ENVIRONMENT.md). dockerd is started if it is not running, and stopped again. The
-wan bridge is captured on the host: between the sites only IKE, ESP-in-UDP and the mutual
-TLS of the peer channel and the KMEs may cross it.
+wan bridge is captured on the host and judged by gateway/demo/wire.py: between the sites
+only IKE, ESP-in-UDP and the mutual TLS of the peer channel and the KMEs may cross it.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from ipaddress import ip_address, ip_network
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.netns_sites import wait_until
+from gateway.demo.topology import wait_until
+from gateway.demo.wire import Kind, Tally, capture
 
 COMPOSE = Path(__file__).parents[1] / "compose"
 BASE_IMAGE = "debian:bookworm-slim"
@@ -91,24 +92,18 @@ def stack(docker: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                         f"\n{compose('logs', '--no-color', '--tail', '60', check=False)}")
         bridge = "br-" + sh("docker", "network", "inspect", "-f", "{{.Id}}",
                             f"{project}_wan").strip()[:12]
-        pcap = out / "wan.pcap"
-        capture = subprocess.Popen(["tcpdump", "-i", bridge, "-n", "-s", "128", "-U", "-w",
-                                    str(pcap)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
-        time.sleep(1)
-        before = _status(compose, "a")["epoch"]
-        pings = {}
-        procs = {site: subprocess.Popen(
-            ["docker-compose", "exec", "-T", f"client-{site}", "ping", "-n", "-c", "500",
-             "-i", "0.05", "10.2.0.10" if site == "a" else "10.1.0.10"],
-            cwd=COMPOSE, env=env, stdout=subprocess.PIPE, text=True) for site in ("a", "b")}
-        for site, proc in procs.items():
-            pings[site] = proc.communicate(timeout=120)[0]
-        after = _status(compose, "a")
-        capture.send_signal(signal.SIGINT)
-        capture.wait(timeout=30)
+        with capture(out / "wan.pcap", bridge) as wan:
+            before = _status(compose, "a")["epoch"]
+            pings = {}
+            procs = {site: subprocess.Popen(
+                ["docker-compose", "exec", "-T", f"client-{site}", "ping", "-n", "-c", "500",
+                 "-i", "0.05", "10.2.0.10" if site == "a" else "10.1.0.10"],
+                cwd=COMPOSE, env=env, stdout=subprocess.PIPE, text=True) for site in ("a", "b")}
+            for site, proc in procs.items():
+                pings[site] = proc.communicate(timeout=120)[0]
+            after = _status(compose, "a")
         yield {"built": built, "before": before, "after": after, "pings": pings,
-               "pcap": pcap, "status_b": _status(compose, "b"),
+               "pcap": Path(wan["pcap"]), "status_b": _status(compose, "b"),
                "logs": compose("logs", "--no-color", check=False)}
     finally:
         compose("down", "-v", "--remove-orphans", check=False)
@@ -152,26 +147,11 @@ def test_lan_a_reaches_lan_b_through_the_tunnel_across_rekeys(stack: dict[str, A
 
 
 def test_the_wan_carries_only_ike_esp_in_udp_and_mutual_tls(stack: dict[str, Any]) -> None:
-    from scapy.layers.inet import IP, TCP, UDP
-    from scapy.utils import PcapReader
-
-    esp = leaks = 0
-    other: list[str] = []
-    with PcapReader(str(stack["pcap"])) as packets:
-        for p in packets:
-            ip = p.getlayer(IP)
-            if ip is None:
-                continue
-            if any(ip_address(a) in n for a in (ip.src, ip.dst) for n in LANS):
-                leaks += 1
-            elif p.haslayer(UDP) and {p[UDP].sport, p[UDP].dport} & {500, 4500}:
-                payload = bytes(p[UDP].payload)
-                esp += p[UDP].dport == 4500 and len(payload) > 8 and payload[:4] != bytes(4)
-            elif not p.haslayer(TCP):
-                other.append(p.summary())
-    assert leaks == 0
-    assert esp >= 2 * 500  # every echo request and reply crossed as ESP-in-UDP
-    assert other == [], other[:5]
+    wire = Tally(LANS, GATEWAYS, {Kind.ESP_IN_UDP, Kind.IKE, Kind.TCP}, ipv6=False).read(
+        stack["pcap"])
+    assert wire.plaintext == 0
+    assert sum(wire.esp.values()) >= 2 * 500  # every echo request and reply crossed as ESP-in-UDP
+    assert wire.leaked == 0, wire.leaks
 
 
 def test_no_key_material_in_the_containers_logs(stack: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ The sites are network namespaces (gateway/demo/sites.py): `qkdgw kms-sim` for th
 two `qkdgw run` daemons, and the data plane the kernel allows: the xfrm sink where it has
 ESP, strongSwan with kernel-libipsec where it has not. UDP flows run both ways between the
 LANs with sequence numbers (so loss is counted, not assumed); a packet socket on the link
-between the sites counts every packet that carries a LAN address in clear. Faults go
+between the sites counts every packet that carries a LAN address in clear
+(gateway/demo/wire.py). Faults go
 through the simulator's admin API. Everything created is removed at the end, on Ctrl-C too.
 """
 
@@ -25,30 +26,20 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.demo.sites import (
-    ADDR,
-    HOST,
-    LAN,
-    LAN_A,
-    LAN_B,
-    SIM_ADMIN_PORT,
-    Sites,
-    until,
-)
-from ipsec.netlink import SO_RCVBUFFORCE
+from gateway.demo.sites import ADDR, HOST, LAN, SIM_ADMIN_PORT, Sites
+from gateway.demo.topology import Topology, namespace
+from gateway.demo.wire import Kind, Live, Tally
 
 Plane = Literal["auto", "xfrm", "strongswan"]
 FLOW_PORT = 5001
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h; the socket module does not name it
 #: A packet sent less than this long ago may still be on its way: not lost (yet).
 IN_FLIGHT = 0.5
 #: After the traffic stops, the last packets get this long to arrive before the count.
 DRAIN = 1.0
-ETH_P_ALL = 0x0003
-LANS = (IPv4Network(LAN_A), IPv4Network(LAN_B))
 
 
 @dataclass(frozen=True)
@@ -91,20 +82,17 @@ def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
 
 def kernel_has_esp() -> bool:
     """Can this kernel hold an ESP SA with AES-GCM? Tried in a scratch namespace."""
-    ns = f"qdprobe{os.getpid()}"
-    added = subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False,
-                           process_group=0)  # not stopped half-way by Ctrl-C (as sites.run)
-    if added.returncode != 0:
-        return False
     try:
-        probe = subprocess.run(
-            ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
-             "proto", "esp", "spi", "0x100", "mode", "tunnel", "aead", "rfc4106(gcm(aes))",
-             "0x" + "00" * 36, "128"], capture_output=True, check=False, process_group=0)
-        return probe.returncode == 0
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False,
-                       process_group=0)
+        with namespace(f"qdprobe{os.getpid()}") as ns:
+            # Its own process group: not stopped half-way by Ctrl-C (as topology.run).
+            probe = subprocess.run(
+                ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst",
+                 "192.0.2.2", "proto", "esp", "spi", "0x100", "mode", "tunnel", "aead",
+                 "rfc4106(gcm(aes))", "0x" + "00" * 36, "128"], capture_output=True,
+                check=False, process_group=0)
+            return probe.returncode == 0
+    except OSError:  # no namespaces here
+        return False
 
 
 class XfrmSites(Sites):
@@ -112,7 +100,7 @@ class XfrmSites(Sites):
     sink's policies block without a key, so the remote LAN is routed to the wan as usual."""
 
     tag = "qd"
-    blackhole_routes = False
+    topology = Topology()
 
     def sink(self, site: str) -> dict[str, Any]:
         peer = "b" if site == "a" else "a"
@@ -121,17 +109,6 @@ class XfrmSites(Sites):
 
 
 # -- traffic and the wire ------------------------------------------------------------------------
-
-
-def socket_in(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A socket made in network namespace NS (it stays there; any thread may use it)."""
-    from pyroute2.netns import popns, pushns
-
-    pushns(ns)
-    try:
-        return socket.socket(family, kind, proto)
-    finally:
-        popns()
 
 
 @dataclass
@@ -194,46 +171,6 @@ class Flow:
         return sent, received, max(0, sent - settled - received)
 
 
-class Wire:
-    """Every IPv4 packet on one interface of the link between the sites, classified."""
-
-    def __init__(self, ns: str, ifname: str) -> None:
-        self.sock = socket_in(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((ifname, 0))
-        self.sock.settimeout(0.2)
-        self.plaintext = self.esp = self.total = 0
-        self.stop = threading.Event()
-        threading.Thread(target=self._run, name="wire", daemon=True).start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                frame = self.sock.recv(256)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-                continue  # not IPv4 (ARP, ...)
-            self.total += 1
-            ip = frame[14:]
-            src, dst = IPv4Address(ip[12:16]), IPv4Address(ip[16:20])
-            if any(a in lan for a in (src, dst) for lan in LANS):
-                self.plaintext += 1
-            elif ip[9] == 50:
-                self.esp += 1
-            elif ip[9] == 17:
-                ihl = (ip[0] & 0x0F) * 4
-                ports = struct.unpack_from("!HH", ip, ihl)
-                payload = ip[ihl + 8:]
-                if ports == (4500, 4500) and len(payload) > 8 and payload[:4] != bytes(4):
-                    self.esp += 1  # ESP in UDP (a zero marker would be IKE)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-
-
 # -- the demo ------------------------------------------------------------------------------------
 
 
@@ -254,29 +191,22 @@ class Demo:
         self.sites.verbose = False
         self.plane, self.rate = plane, rate
         self.flows: list[Flow] = []
-        self.wire: Wire | None = None
+        self.wire: Live | None = None
         self.first_epoch = self.last_epoch = 0
         self.events: list[str] = []
 
     async def up(self) -> None:
         s = self.sites
         s.build()
-        s.start_sim()
-        if self.plane == "strongswan":
-            from gateway.demo.strongswan import StrongswanSites
-
-            assert isinstance(s, StrongswanSites)
-            s.start_charon("a")
-            s.start_charon("b")
-        s.start_gateway("a")
-        s.start_gateway("b")
-        await until("the first epoch on both sites", s.converged, 60)
+        await s.start()
         self.first_epoch = self.last_epoch = (await s.link("a"))["epoch"]
-        self.wire = Wire(s.ns["wan"], "wan-a")
+        # wan-a: every packet between the sites passes it once.
+        self.wire = Live(s.net, "wan", "wan-a",
+                         Tally.of(s.topology, expect=set(Kind) - {Kind.PLAINTEXT}))
         for src, dst in (("a", "b"), ("b", "a")):
             flow = Flow(f"{src}->{dst}",
-                        socket_in(s.ns[f"lan-{src}"], socket.AF_INET, socket.SOCK_DGRAM),
-                        socket_in(s.ns[f"lan-{dst}"], socket.AF_INET, socket.SOCK_DGRAM),
+                        s.net.socket(f"lan-{src}", socket.AF_INET, socket.SOCK_DGRAM),
+                        s.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
                         (HOST[dst], FLOW_PORT), self.rate)
             flow.start()
             self.flows.append(flow)
@@ -295,13 +225,8 @@ class Demo:
 
     def _sim(self, path: str, body: dict[str, Any]) -> None:
         """The simulator's admin API listens on loopback inside the wan namespace."""
-        from pyroute2.netns import popns, pushns
-
-        pushns(self.sites.ns["wan"])
-        try:
+        with self.sites.net.inside("wan"):
             conn = socket.create_connection(("127.0.0.1", SIM_ADMIN_PORT), timeout=5)
-        finally:
-            popns()
         data = json.dumps(body).encode()
         request = (f"POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
@@ -318,10 +243,10 @@ class Demo:
         if compact:
             flows = " ".join("{} {}/{}/{}".format(f.name, *f.counts()) for f in self.flows)
             return (f"{elapsed:4.0f}s epoch {a['epoch']} rekeys {a['epoch'] - self.first_epoch}"
-                    f" mode {a['mode']} QBER {kms.get('qber', 0):.3f} pool"
+                    f" mode {a['mode']} QBER {_figure(kms.get('qber'), '.3f')} pool"
                     f" {kms.get('stored_key_count', '?')} KMS {'up' if kms.get('ok') else 'down'}"
                     f" alarms {','.join(alarms) or 'none'} | sent/received/lost {flows}"
-                    f" | plaintext {self.wire.plaintext if self.wire else 0}"
+                    f" | plaintext {self.wire.tally.plaintext if self.wire else 0}"
                     + (f" | {self.events[-1]}" if self.events else ""))
         lines = [f"qkd-gateway demo · {self.plane} · {elapsed:5.0f} s"
                  + (f" of {duration:g}" if duration else " (Ctrl-C ends it)"),
@@ -329,18 +254,18 @@ class Demo:
                  f"  rekeys {a['epoch'] - self.first_epoch}  mode {a['mode']}"
                  f"  fingerprint {a.get('fingerprint') or '-'}"
                  f" {'=' if a.get('fingerprint') == b.get('fingerprint') else '≠'} B",
-                 f"  QKD link: key rate {kms.get('key_rate', 0):,.0f} bit/s  pool"
-                 f" {kms.get('stored_key_count', '?')} keys  QBER {kms.get('qber', 0):.3f}"
+                 f"  QKD link: key rate {_figure(kms.get('key_rate'), ',.0f')} bit/s  pool"
+                 f" {kms.get('stored_key_count', '?')} keys  QBER {_figure(kms.get('qber'), '.3f')}"
                  f"  KMS {'up' if kms.get('ok') else 'DOWN: ' + str(kms.get('reason'))}",
                  f"  alarms: {', '.join(alarms) or 'none'}"
                  + ("  (traffic BLOCKED)" if a.get("blocked") or b.get("blocked") else "")]
         for flow in self.flows:
             sent, received, lost = flow.counts()
             lines.append(f"  LAN {flow.name}: sent {sent}  received {received}  lost {lost}")
-        wire = self.wire
-        if wire is not None:
-            lines.append(f"  link between the sites: {wire.total} packets, {wire.esp} ESP,"
-                         f" plaintext {wire.plaintext}")
+        if self.wire is not None:
+            wire = self.wire.tally
+            lines.append(f"  link between the sites: {wire.total} packets,"
+                         f" {sum(wire.esp.values())} ESP, plaintext {wire.plaintext}")
         lines += [f"  {e}" for e in self.events[-3:]]
         return "\n".join(lines)
 
@@ -358,7 +283,7 @@ class Demo:
             s, _, x = flow.counts(final=True)
             sent, lost = sent + s, lost + x
             by_direction.append(f"{flow.name.replace('->', '→').upper()} {x}")
-        plaintext = self.wire.plaintext if self.wire else 0
+        plaintext = self.wire.tally.plaintext if self.wire else 0
         line = (f"rekeys: {rekeys}, packets sent: {sent}, lost: {lost}"
                 f" ({', '.join(by_direction)}), plaintext on the link: {plaintext}")
         return line, lost == 0 and plaintext == 0 and rekeys > 0
@@ -433,6 +358,11 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
             loop.remove_signal_handler(sig)
     print("cleaned up: namespaces, processes" + ("" if keep else " and files") + " removed")
     return status
+
+
+def _figure(value: object, spec: str) -> str:
+    """A figure from the status, or '?' while the KMS gives none (during an outage)."""
+    return format(value, spec) if isinstance(value, int | float) else "?"
 
 
 def _signal_name(sig: signal.Signals) -> str:

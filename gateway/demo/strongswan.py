@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gateway.demo.sites import ADDR, LAN, Sites, run, wait_until
+from gateway.demo.sites import ADDR, LAN, Sites
+from gateway.demo.topology import run, wait_until
 
 CHARON = Path("/usr/lib/ipsec/charon")
 IDS = {"a": "site-a.example", "b": "site-b.example"}
@@ -126,6 +127,9 @@ secrets {{
     }}
 }}
 """)
+
+    def start_data_plane(self, site: str) -> None:
+        self.start_charon(site)
 
     def start_charon(self, site: str) -> None:
         run_dir = self.root / f"run-{site}"

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,9 @@ from typing import Any
 import aiohttp
 import yaml
 
+from gateway.demo.topology import WAIT, wait_until
 from gateway.initdemo import DemoLayout, init_demo
 from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
-
-#: Upper bound for anything the tests wait for; they poll and return as soon as it holds.
-WAIT = 30.0
 
 
 class Sites:
@@ -94,16 +91,10 @@ class Sites:
         return {r["epoch"]: r["fingerprint"] for r in self.audit(site) if r["event"] == event}
 
     def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if check():
-                    return
-            except (OSError, aiohttp.ClientError, KeyError):
-                pass  # a daemon starting or restarting
-            time.sleep(0.1)
-        raise AssertionError(f"not within {timeout} s: {what}\nA: {self.log('a')[-2000:]}\n"
-                             f"B: {self.log('b')[-2000:]}")
+        """Poll CHECK (a daemon starting or restarting counts as not yet); after TIMEOUT, fail
+        with the tails of both logs."""
+        wait_until(what, check, timeout, ignore=(OSError, aiohttp.ClientError, KeyError),
+                   detail=lambda: f"A: {self.log('a')[-2000:]}\nB: {self.log('b')[-2000:]}")
 
     def converged(self) -> bool:
         a, b = self.link("a"), self.link("b")

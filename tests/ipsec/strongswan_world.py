@@ -13,27 +13,11 @@ from typing import Any
 
 import yaml
 
-from gateway.demo.strongswan import (  # noqa: F401  (re-exported for the tests)
-    CHARON,
-    IDS,
-    StrongswanSites,
-    connection,
-)
+from gateway.demo.strongswan import StrongswanSites, connection  # noqa: F401 (re-exported)
 from gateway.demo.strongswan import missing_tools as charon_missing
+from gateway.demo.topology import run, until  # noqa: F401  (re-exported for the tests)
 from ipsec.strongswan.vici import Vici, ViciError
-from tests.netns_sites import (  # noqa: F401  (re-exported for the tests)
-    FLOW_PORT,
-    GW_A,
-    GW_B,
-    HOST_A,
-    HOST_B,
-    LAN_A,
-    LAN_B,
-    Sites,
-    run,
-    until,
-    wait_until,
-)
+from tests.netns_sites import Sites
 
 
 def missing_tools() -> str | None:

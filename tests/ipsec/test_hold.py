@@ -3,12 +3,14 @@ iptables in network namespaces, a forwarded UDP flow through a device standing i
 kernel-libipsec's TUN.
 
     lan ──────────── gw ─────────────────── far
-  10.77.1.2    10.77.1.1 │ "ipsec0" 10.77.2.1    10.77.2.2
+  10.1.0.2     10.1.0.1 │ "ipsec0" 192.0.2.1     192.0.2.2, 10.2.0.2 on lo
      udpflow send        hold_driver              udpflow recv
 
-`gw` forwards; its link to `far` is a veth named like charon's TUN device, so the hold's
-`-o ipsec0` rule sees exactly the traffic it would see in front of charon. The flow is
-1000 packets/s with sequence numbers; every packet must arrive, none while held.
+The namespaces lan-a, gw-a and gw-b of a two-site topology on one wire
+(gateway/demo/topology.py). `gw` forwards; its link to `far` is a veth named like charon's
+TUN device, so the hold's `-o ipsec0` rule sees exactly the traffic it would see in front
+of charon. The flow is 1000 packets/s with sequence numbers; every packet must arrive,
+none while held.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.demo.topology import Net, Site, Topology
 from ipsec import netlink, nfqueue
 from ipsec.strongswan.hold import chain_name
 
@@ -48,47 +50,29 @@ def _missing() -> str | None:
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 
 
-def sh(*args: str) -> str:
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+class World:
+    """The namespaces and the processes run in them (lan: lan-a, gw: gw-a, far: gw-b)."""
 
+    topology = Topology(sites=(Site("a", wan_device="ipsec0"), Site("b", hosts=0)),
+                        wan="link")
 
-class Topology:
     def __init__(self, root: Path) -> None:
-        tag = uuid.uuid4().hex[:6]
         self.root = root
-        self.lan, self.gw, self.far = (f"qh{tag}-{n}" for n in ("lan", "gw", "far"))
+        self.net = Net(self.topology, "qh")
         self.procs: list[subprocess.Popen[str]] = []
-
-    def build(self) -> None:
-        for ns in (self.lan, self.gw, self.far):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", "l0", "netns", self.lan, "type", "veth", "peer", "name", "g0",
-           "netns", self.gw)
-        sh("ip", "link", "add", "ipsec0", "netns", self.gw, "type", "veth", "peer", "name",
-           "f0", "netns", self.far)
-        for ns, dev, addr in ((self.lan, "l0", "10.77.1.2/24"), (self.gw, "g0", "10.77.1.1/24"),
-                              (self.gw, "ipsec0", "10.77.2.1/24"),
-                              (self.far, "f0", "10.77.2.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", self.lan, "route", "add", "default", "via", "10.77.1.1")
-        sh("ip", "-n", self.far, "route", "add", "default", "via", "10.77.2.1")
-        sh("ip", "netns", "exec", self.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
 
     def teardown(self) -> None:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for ns in (self.lan, self.gw, self.far):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+        self.net.down()
 
-    def python(self, ns: str, *args: str, as_nobody: bool = False,
+    def python(self, role: str, *args: str, as_nobody: bool = False,
                **kw: Any) -> subprocess.Popen[str]:
         user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
             if as_nobody else []
-        p = subprocess.Popen(["ip", "netns", "exec", ns, *user, sys.executable, *args],
+        p = subprocess.Popen(self.net.argv(role, *user, sys.executable, *args),
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
                              **kw)
         self.procs.append(p)
@@ -97,25 +81,25 @@ class Topology:
     def driver(self, device: str = "ipsec0", max_time: float = 5.0,
                max_packets: int | None = None, as_nobody: bool = False) -> Driver:
         extra = [] if max_packets is None else [str(max_packets)]
-        return Driver(self.python(self.gw, "-m", "tests.ipsec.hold_driver", "ab", device,
+        return Driver(self.python("gw-a", "-m", "tests.ipsec.hold_driver", "ab", device,
                                   str(max_time), *extra, as_nobody=as_nobody,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=open(self.root / "driver.log", "a")))
 
     def rule_packets(self) -> int:
         """Packets the hold's NFQUEUE rule has seen, held or passed straight through."""
-        out = sh("ip", "netns", "exec", self.gw, "iptables", "-t", "mangle", "-L",
-                 chain_name("ab"), "-v", "-x", "-n")
+        out = self.net.run("gw-a", "iptables", "-t", "mangle", "-L", chain_name("ab"), "-v",
+                           "-x", "-n")
         return sum(int(line.split()[0]) for line in out.splitlines() if "NFQUEUE" in line)
 
     def iptables(self) -> str:
-        return sh("ip", "netns", "exec", self.gw, "iptables", "-t", "mangle", "-S")
+        return self.net.run("gw-a", "iptables", "-t", "mangle", "-S")
 
     def flow(self, seconds: float) -> Flow:
-        recv = self.python(self.far, "-m", "tests.ipsec.udpflow", "recv", str(PORT), "--out",
+        recv = self.python("gw-b", "-m", "tests.ipsec.udpflow", "recv", str(PORT), "--out",
                            str(self.root / "recv.json"), stdout=subprocess.PIPE)
         assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
-        send = self.python(self.lan, "-m", "tests.ipsec.udpflow", "send", "10.77.2.2",
+        send = self.python("lan-a", "-m", "tests.ipsec.udpflow", "send", self.topology.host("b"),
                            str(PORT), "--rate", str(RATE), "--seconds", str(seconds), "--out",
                            str(self.root / "send.json"))
         return Flow(self.root, send, recv)
@@ -158,10 +142,10 @@ class Flow:
 
 
 @pytest.fixture
-def topo(tmp_path: Path) -> Iterator[Topology]:
-    t = Topology(tmp_path)
+def topo(tmp_path: Path) -> Iterator[World]:
+    t = World(tmp_path)
     try:
-        t.build()
+        t.net.up()
         yield t
         # Nothing left behind in the gateway's namespace by a hold that was closed.
     finally:
@@ -173,7 +157,7 @@ def _gap(received: list[tuple[int, float]], start: float, end: float) -> list[in
     return [seq for seq, t in received if start < t < end]
 
 
-def test_held_packets_wait_then_all_leave_in_order(topo: Topology) -> None:
+def test_held_packets_wait_then_all_leave_in_order(topo: World) -> None:
     driver = topo.driver()
     flow = topo.flow(seconds=2.0)
     time.sleep(0.6)
@@ -208,7 +192,7 @@ def test_held_packets_wait_then_all_leave_in_order(topo: Topology) -> None:
     assert after["seen"] == released["seen"]
 
 
-def test_a_hold_that_overflows_lets_the_rest_through_at_once(topo: Topology) -> None:
+def test_a_hold_that_overflows_lets_the_rest_through_at_once(topo: World) -> None:
     """Past MAX_PACKETS the queue fails open: later packets pass unheld, none is dropped."""
     driver = topo.driver(max_packets=50)
     flow = topo.flow(seconds=1.5)
@@ -227,7 +211,7 @@ def test_a_hold_that_overflows_lets_the_rest_through_at_once(topo: Topology) -> 
     assert longest < 0.1, f"traffic stopped for {longest:.3f} s: the overflow was held too"
 
 
-def test_without_the_right_to_hold_it_says_why_and_holds_nothing(topo: Topology) -> None:
+def test_without_the_right_to_hold_it_says_why_and_holds_nothing(topo: World) -> None:
     driver = topo.driver(as_nobody=True)
     assert driver.do("hold")["holding"] is False
     driver.do("close")
@@ -237,7 +221,7 @@ def test_without_the_right_to_hold_it_says_why_and_holds_nothing(topo: Topology)
     assert "QKDGW-HOLD" not in topo.iptables()
 
 
-def test_a_hold_nobody_releases_ends_after_max_time(topo: Topology) -> None:
+def test_a_hold_nobody_releases_ends_after_max_time(topo: World) -> None:
     driver = topo.driver(max_time=0.3)
     flow = topo.flow(seconds=1.5)
     time.sleep(0.5)
@@ -252,7 +236,7 @@ def test_a_hold_nobody_releases_ends_after_max_time(topo: Topology) -> None:
     assert held_at["holding"] is True
 
 
-def test_a_new_attempt_during_a_hold_gets_its_own_max_time(topo: Topology) -> None:
+def test_a_new_attempt_during_a_hold_gets_its_own_max_time(topo: World) -> None:
     """An Offer that never got its Commit, then a new one: the hold runs on, timed afresh,
     so the new attempt's window is still covered."""
     driver = topo.driver(max_time=0.4)
@@ -269,14 +253,14 @@ def test_a_new_attempt_during_a_hold_gets_its_own_max_time(topo: Topology) -> No
     driver.do("close")
 
 
-def test_without_the_device_nothing_is_held_or_touched(topo: Topology) -> None:
+def test_without_the_device_nothing_is_held_or_touched(topo: World) -> None:
     driver = topo.driver(device="ipsec9")
     assert driver.do("hold")["holding"] is False
     assert "QKDGW-HOLD" not in topo.iptables()
     driver.do("close")
 
 
-def test_a_gateway_killed_while_holding_leaves_traffic_flowing(topo: Topology) -> None:
+def test_a_gateway_killed_while_holding_leaves_traffic_flowing(topo: World) -> None:
     """The queue is unbound with the process; `--queue-bypass` lets new packets through on
     their way (to charon's tunnel). What was held at that moment is lost with it."""
     driver = topo.driver()

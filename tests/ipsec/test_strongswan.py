@@ -15,15 +15,13 @@ import functools
 import re
 import signal
 import time
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
-from ipaddress import ip_address, ip_network
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.demo.wire import Kind, Tally
 from tests.ipsec import strongswan_world as sw
 
 RATE, SECONDS, INTERVAL = 500, 42, 1.5
@@ -32,7 +30,6 @@ RESTART_POLICY = {"interval": 600.0, "jitter": 0.0, "hard_lifetime": 1200.0, "gr
 #: After charon comes back, the tunnel must be up again within this (the responder's case
 #: waits for the initiator's dead peer detection: 2 s delay + 3 retransmits, ~9 s).
 COMEBACK = 20.0
-LANS = [ip_network(sw.LAN_A), ip_network(sw.LAN_B)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,23 +39,20 @@ def _need_strongswan() -> None:
         pytest.skip(f"no strongSwan world here: {reason}")
 
 
+def _world(tmp_path_factory: pytest.TempPathFactory, name: str, policy: dict[str, Any],
+           phase: Callable[[sw.World], Awaitable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """One world for PHASE, kept up while the module's tests judge its results."""
+    with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}"), policy) as world:
+        yield asyncio.run(phase(world))
+
+
 @pytest.fixture(scope="module")
 def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    world = sw.World(tmp_path_factory.mktemp("strongswan-main"), MAIN_POLICY)
-    world.build()
-    try:
-        yield asyncio.run(_main_phase(world))
-    finally:
-        world.teardown()
+    yield from _world(tmp_path_factory, "main", MAIN_POLICY, _main_phase)
 
 
 async def _main_phase(w: sw.World) -> dict[str, Any]:
-    w.start_sim()
-    w.start_charon("a")
-    w.start_charon("b")
-    w.start_gateway("a")
-    w.start_gateway("b")
-    await sw.until("first epoch", w.converged)
+    await w.start()
     first = (await w.link("a"))["epoch"]
     stop = asyncio.Event()
     sampler = asyncio.create_task(w.sample(stop))
@@ -76,21 +70,11 @@ async def _main_phase(w: sw.World) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    world = sw.World(tmp_path_factory.mktemp("strongswan-restart"), RESTART_POLICY)
-    world.build()
-    try:
-        yield asyncio.run(_restart_phase(world))
-    finally:
-        world.teardown()
+    yield from _world(tmp_path_factory, "restart", RESTART_POLICY, _restart_phase)
 
 
 async def _restart_phase(w: sw.World) -> dict[str, Any]:
-    w.start_sim()
-    w.start_charon("a")
-    w.start_charon("b")
-    w.start_gateway("a")
-    w.start_gateway("b")
-    await sw.until("first epoch", w.converged)
+    await w.start()
     stop = asyncio.Event()
     sampler = asyncio.create_task(w.sample(stop, period=0.1))
     events: dict[str, float] = {}
@@ -170,49 +154,16 @@ def _flow_progress(w: sw.World, src: str) -> float:
 # -- the wire -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Wire:
-    esp: Counter[str]  # "a>b" / "b>a": ESP-in-UDP packets between the gateways
-    ike: int  # IKE on 500/4500 (non-ESP marker) and NAT-T keepalives
-    control: int  # TCP: the gateways' peer channel and the KMEs (mutual TLS)
-    icmp: int  # errors between the gateways (a dead charon's port unreachable)
-    leaks: list[str]  # a LAN address in clear, or anything else
-
-
-def read_wire(pcap: Path) -> Wire:
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.utils import PcapReader
-
-    wire = Wire(Counter(), 0, 0, 0, [])
-    endpoints = {sw.GW_A: "a", sw.GW_B: "b"}
-    with PcapReader(str(pcap)) as packets:
-        for p in packets:
-            ip = p.getlayer(IP)
-            if ip is None:
-                continue  # ARP
-            if any(ip_address(a) in n for a in (ip.src, ip.dst) for n in LANS):
-                wire.leaks.append(p.summary())
-            elif p.haslayer(UDP) and ip.src in endpoints and ip.dst in endpoints:
-                udp = p[UDP]
-                payload = bytes(udp.payload)
-                if udp.sport == udp.dport == 4500 and len(payload) > 8 \
-                        and payload[:4] != b"\0\0\0\0":
-                    wire.esp[f"{endpoints[ip.src]}>{endpoints[ip.dst]}"] += 1
-                elif {udp.sport, udp.dport} & {500, 4500}:
-                    wire.ike += 1
-                else:
-                    wire.leaks.append(p.summary())
-            elif p.haslayer(TCP):
-                wire.control += 1
-            elif p.haslayer(ICMP) and ip.src in endpoints and ip.dst in endpoints:
-                wire.icmp += 1
-            else:
-                wire.leaks.append(p.summary())
-    return wire
+def read_wire(pcap: Path) -> Tally:
+    """What crossed wan-a (gateway/demo/wire.py): between the gateways ESP-in-UDP, IKE on
+    500/4500 (and NAT-T keepalives) and ICMP errors (a dead charon's port unreachable); TCP
+    (the peer channel, the KMEs' mutual TLS); anything else is a leak."""
+    return Tally.of(sw.World.topology, {Kind.ESP_IN_UDP, Kind.IKE, Kind.ICMP, Kind.TCP}
+                    ).read(pcap)
 
 
 @pytest.fixture(scope="module")
-def main_wire(main: dict[str, Any]) -> Wire:
+def main_wire(main: dict[str, Any]) -> Tally:
     return read_wire(Path(main["capture"]["pcap"]))
 
 
@@ -283,9 +234,9 @@ def test_spis_change_every_rotation(main: dict[str, Any]) -> None:
 
 
 def test_every_packet_between_the_sites_is_esp_in_udp(main: dict[str, Any],
-                                                        main_wire: Wire) -> None:
+                                                        main_wire: Tally) -> None:
     assert main["capture"]["dropped"] == 0, "the capture missed packets: counts are not exact"
-    assert main_wire.leaks == []
+    assert main_wire.leaked == 0, main_wire.leaks
     flows = main["flows"]
     # Every packet a LAN sent crossed the wire encrypted, once: what was lost was lost at the
     # receiving gateway (the responder-side window), not sent in clear or dropped before.
@@ -373,5 +324,5 @@ def test_gateway_crash_adopts_the_ike_sa_and_loses_nothing(restart: dict[str, An
 def test_nothing_in_clear_while_charon_was_down(restart: dict[str, Any]) -> None:
     wire = read_wire(Path(restart["capture"]["pcap"]))
     assert restart["capture"]["dropped"] == 0
-    assert wire.leaks == []
+    assert wire.leaked == 0, wire.leaks
     assert wire.esp["a>b"] > 0 and wire.esp["b>a"] > 0

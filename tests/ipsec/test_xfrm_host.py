@@ -5,8 +5,9 @@ traffic; SAs and rollover are tested in User-Mode Linux (test_xfrm_uml.py).
 
     lan (10.1.0.2) ── gw (10.1.0.1 | 192.0.2.1) ── far (192.0.2.2, 10.2.0.2 on lo)
 
-`gw` runs the sink; `far` stands for the peer gateway and the LAN behind it. gw routes
-10.2.0.0/16 to `far` in clear: only the sink's policies stop it.
+The namespaces lan-a, gw-a and gw-b of a two-site topology on one wire
+(gateway/demo/topology.py). `gw` runs the sink; `far` stands for the peer gateway and the
+LAN behind it. gw routes 10.2.0.0/16 to `far` in clear: only the sink's policies stop it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
-import threading
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -24,6 +23,8 @@ import pytest
 from common.config import HostPort
 from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
+from gateway.demo import topology
+from gateway.demo.topology import Site, Topology
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
 from kdf.schedule import EpochKeys
 
@@ -38,43 +39,17 @@ def _need_root() -> None:
         pytest.skip("network namespaces and XFRM need root (CAP_NET_ADMIN)")
 
 
-def sh(script: str, check: bool = True) -> str:
-    proc = subprocess.run(["sh", "-ec", script], capture_output=True, text=True, check=False)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{script.strip()}\n{proc.stderr}")
-    return proc.stdout
-
-
 class Net:
+    """The namespaces (gateway/demo/topology.py) by what they stand for here."""
+
+    topology = Topology(sites=(Site("a"), Site("b", hosts=0)), wan="link")
+
     def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.lan, self.gw, self.far = f"qh{tag}-lan", f"qh{tag}-gw", f"qh{tag}-far"
-
-    def up(self) -> None:
-        sh(f"""
-        ip netns add {self.lan}; ip netns add {self.gw}; ip netns add {self.far}
-        ip link add eth0 netns {self.lan} type veth peer name lan netns {self.gw}
-        ip link add wan netns {self.gw} type veth peer name eth0 netns {self.far}
-        ip -n {self.lan} addr add 10.1.0.2/16 dev eth0
-        ip -n {self.gw} addr add 10.1.0.1/16 dev lan
-        ip -n {self.gw} addr add 192.0.2.1/24 dev wan
-        ip -n {self.far} addr add 192.0.2.2/24 dev eth0
-        ip -n {self.far} addr add 10.2.0.2/16 dev lo
-        for ns in {self.lan} {self.gw} {self.far}; do ip -n $ns link set lo up; done
-        ip -n {self.lan} link set eth0 up; ip -n {self.far} link set eth0 up
-        ip -n {self.gw} link set lan up; ip -n {self.gw} link set wan up
-        ip -n {self.lan} route add default via 10.1.0.1
-        ip -n {self.far} route add 10.1.0.0/16 via 192.0.2.1
-        ip -n {self.gw} route add 10.2.0.0/16 via 192.0.2.2
-        ip netns exec {self.gw} sysctl -qw net.ipv4.ip_forward=1
-        """)
-
-    def down(self) -> None:
-        for ns in (self.lan, self.gw, self.far):
-            sh(f"ip netns del {ns}", check=False)
+        self.net = topology.Net(self.topology, "qh")
+        self.lan, self.gw, self.far = (self.net.ns[r] for r in ("lan-a", "gw-a", "gw-b"))
 
     def policy(self) -> str:
-        return sh(f"ip -n {self.gw} xfrm policy")
+        return self.net.run("gw-a", "ip", "xfrm", "policy")
 
     def reaches(self, ns: str, target: str, source: str | None = None) -> bool:
         """One ping, 1 s."""
@@ -84,32 +59,13 @@ class Net:
 
     def far_icmp_received(self) -> int:
         """ICMP echo requests that reached `far` (its kernel's counter)."""
-        out = sh(f"ip netns exec {self.far} cat /proc/net/snmp")
+        out = self.net.run("gw-b", "cat", "/proc/net/snmp")
         head, values = [line.split() for line in out.splitlines() if line.startswith("Icmp:")]
         return int(values[head.index("InEchos")])
 
     def run(self, factory: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine with every socket it opens inside `gw` (setns is per thread)."""
-        from pyroute2.netns import popns, pushns
-
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            pushns(self.gw)
-            try:
-                box["value"] = asyncio.run(factory())  # type: ignore[arg-type]
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-            finally:
-                popns()
-
-        thread = threading.Thread(target=target)
-        thread.start()
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        value: T = box["value"]
-        return value
+        """Run a coroutine with every socket it opens inside `gw`."""
+        return self.net.in_thread("gw-a", factory)
 
 
 @pytest.fixture
@@ -117,13 +73,12 @@ def net() -> Iterator[Net]:
     _need_root()
     n = Net()
     try:
-        n.up()
-    except RuntimeError as e:
-        n.down()
+        n.net.up()
+    except (OSError, RuntimeError) as e:
         pytest.skip(f"cannot build network namespaces here: {e}")
     yield n
-    n.down()
-    assert not any(ns in sh("ip netns list") for ns in (n.lan, n.gw, n.far))
+    n.net.down()
+    assert not any(ns in topology.run("ip", "netns", "list") for ns in (n.lan, n.gw, n.far))
 
 
 class Events:
@@ -189,7 +144,7 @@ def test_a_kernel_without_esp_is_a_clear_error_and_changes_nothing(net: Net) -> 
     assert "XFRM_MSG_NEWSA SA 192.0.2.2 -> 192.0.2.1 spi 0x00001001" in text
     assert "(Requested AEAD algorithm not found)" in text or "No such" in text, text
     assert net.policy() == before
-    assert sh(f"ip -n {net.gw} xfrm state") == ""
+    assert net.net.run("gw-a", "ip", "xfrm", "state") == ""
 
 
 def test_stop_leaves_blocking_policies_by_default(net: Net) -> None:

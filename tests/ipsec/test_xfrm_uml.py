@@ -2,8 +2,8 @@
 
 Topology and phases: tests/ipsec/xfrm_world.py. One guest boot runs every phase (about
 four minutes); each test here judges one aspect of its results: the ping counts, the
-capture of the wire between the sites (scapy), the SAs sampled in both gateways, and what
-`ip xfrm` (an independent decoder) reads back.
+capture of the wire between the sites (gateway/demo/wire.py), the SAs sampled in both
+gateways, and what `ip xfrm` (an independent decoder) reads back.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ import json
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.demo.wire import Kind, Tally
 from tests.ipsec import xfrm_world as world
 from tests.uml import boot
 
 PHASES = ["main", "faults", "soft", "transport", "crash"]
 GUEST_TIMEOUT = 900.0
-LANS = [ip_network(n) for n in (world.LAN_A, world.LAN_B, world.LAN6_A, world.LAN6_B)]
 
 
 @dataclass
@@ -62,49 +61,19 @@ def uml(tmp_path_factory: pytest.TempPathFactory) -> World:
 # -- the wire ------------------------------------------------------------------------------
 
 
-@dataclass
-class Wire:
-    """What crossed wan-a, classified."""
-
-    esp: dict[str, list[tuple[float, int]]]  # "a>b" / "b>a": (time, SPI) per ESP packet
-    control: int  # TCP between gateways and KMEs (mutual TLS)
-    leaks: list[str]  # anything else: a LAN address in clear, unknown traffic
-
-
-def read_wire(pcap: Path) -> Wire:
-    from scapy.layers.inet import IP, TCP
-    from scapy.layers.inet6 import IPv6
-    from scapy.layers.ipsec import ESP
-    from scapy.utils import PcapReader
-
-    esp: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    control, leaks = 0, []
-    endpoints = {world.GW_A: "a", world.GW_B: "b"}
-    with PcapReader(str(pcap)) as packets:
-        for p in packets:
-            ip = p.getlayer(IP) or p.getlayer(IPv6)
-            if ip is None:
-                continue  # ARP
-            src, dst = ip_address(ip.src), ip_address(ip.dst)
-            if any(a in n for a in (src, dst) for n in LANS if a.version == n.version):
-                leaks.append(p.summary())
-            elif p.haslayer(ESP) and ip.src in endpoints and ip.dst in endpoints:
-                esp[f"{endpoints[ip.src]}>{endpoints[ip.dst]}"].append(
-                    (float(p.time), p[ESP].spi))
-            elif p.haslayer(TCP):
-                control += 1
-            else:
-                leaks.append(p.summary())
-    return Wire(dict(esp), control, leaks)
+def read_wire(pcap: Path) -> Tally:
+    """What crossed wan-a (gateway/demo/wire.py): ESP between the gateways, each packet's
+    time and SPI; TCP (the peer channel, the KMEs' mutual TLS); anything else is a leak."""
+    return Tally.of(world.TOPOLOGY, {Kind.ESP, Kind.TCP}, timeline=True).read(pcap)
 
 
 @pytest.fixture(scope="module")
-def main_wire(uml: World) -> Wire:
+def main_wire(uml: World) -> Tally:
     return read_wire(uml.out / uml.phase("main")["capture"]["pcap"])
 
 
 @pytest.fixture(scope="module")
-def faults_wire(uml: World) -> Wire:
+def faults_wire(uml: World) -> Tally:
     return read_wire(uml.out / uml.phase("faults")["capture"]["pcap"])
 
 
@@ -124,24 +93,24 @@ def test_no_packet_lost_at_500_per_second_across_50_rekeys(uml: World) -> None:
     assert m["status"]["a"]["fingerprint"] == m["status"]["b"]["fingerprint"]
 
 
-def test_every_packet_between_the_sites_is_esp(uml: World, main_wire: Wire) -> None:
+def test_every_packet_between_the_sites_is_esp(uml: World, main_wire: Tally) -> None:
     m = uml.phase("main")
     assert m["capture"]["dropped"] == 0, "the capture missed packets: counts are not exact"
-    assert main_wire.leaks == []
+    assert main_wire.leaked == 0, main_wire.leaks
     # Exactly the pings, each once each way: requests out of A, replies out of B.
     sent = m["ping4"]["transmitted"] + m["ping6"]["transmitted"]
-    assert len(main_wire.esp["a>b"]) == sent
-    assert len(main_wire.esp["b>a"]) == sent
+    assert main_wire.esp["a>b"] == len(main_wire.timeline["a>b"]) == sent
+    assert main_wire.esp["b>a"] == len(main_wire.timeline["b>a"]) == sent
     assert main_wire.control > 0  # the rekeys' peer channel and KMS traffic
 
 
-def test_spis_change_every_epoch(uml: World, main_wire: Wire) -> None:
+def test_spis_change_every_epoch(uml: World, main_wire: Tally) -> None:
     m = uml.phase("main")
     rekeys = m["status"]["a"]["rekeys"] - m["rekeys_before"]
     for direction in ("a>b", "b>a"):
         first: dict[int, float] = {}
         last: dict[int, float] = {}
-        for t, spi in main_wire.esp[direction]:
+        for t, spi in main_wire.timeline[direction]:
             first.setdefault(spi, t)
             last[spi] = t
         order = sorted(first, key=first.__getitem__)
@@ -232,16 +201,16 @@ def lost_between(ping: dict[str, Any], start: float, end: float) -> list[int]:
     return sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
 
 
-def _esp_between(wire: Wire, direction: str, start: float, end: float) -> int:
-    return sum(start <= t < end for t, _ in wire.esp.get(direction, []))
+def _esp_between(wire: Tally, direction: str, start: float, end: float) -> int:
+    return sum(start <= t < end for t, _ in wire.timeline.get(direction, []))
 
 
 def test_peer_killed_traffic_flows_until_the_hard_lifetime_then_stops(
-        uml: World, faults_wire: Wire) -> None:
+        uml: World, faults_wire: Tally) -> None:
     f = uml.phase("faults")
     hard = world.POLICIES["faults"]["hard_lifetime"]
     killed, restarted = f["killed_at"], f["restarted_at"]
-    assert faults_wire.leaks == []
+    assert faults_wire.leaked == 0, faults_wire.leaks
     assert f["blocked_a"]["blocked"] is True
     # A keeps sending on its current SA (the peer's kernel still answers) ...
     replies = [t for t in reply_times(f["ping"]) if killed < t < restarted]
@@ -296,9 +265,9 @@ def test_transport_mode_protects_the_gateways_own_traffic(uml: World) -> None:
     assert t["ping"]["transmitted"] == t["ping"]["received"] == 2000
     assert t["rekeys"] >= 15
     wire = read_wire(uml.out / t["capture"]["pcap"])
-    assert wire.leaks == []  # not one ICMP packet between the gateways in clear
-    assert len(wire.esp["a>b"]) == len(wire.esp["b>a"]) == 2000
-    assert len({spi for _, spi in wire.esp["a>b"]}) >= 15
+    assert wire.leaked == 0, wire.leaks  # not one ICMP packet between the gateways in clear
+    assert wire.esp["a>b"] == wire.esp["b>a"] == 2000
+    assert len({spi for _, spi in wire.timeline["a>b"]}) >= 15
     assert wire.control > 0  # the peer channel, through the bypass policies
     sas = _entries(t["dump"]["state"])
     assert sas and all("mode transport" in sa for sa in sas)

@@ -10,15 +10,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.demo.topology import listening, wait_until
 from gateway.initdemo import init_demo
 from gateway.site import SiteConfig
-from tests.tls.tls_world import REPO, listening_locally, sample_conf
+from tests.tls.tls_world import REPO, sample_conf
 from tls import pskfile
 from tls.sink import TlsPskSinkConfig
 
@@ -40,7 +40,7 @@ def procs(tmp_path: Path) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     missing = [t for t in ("stunnel", "systemd-socket-activate") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (Debian: stunnel4, systemd)")
-    busy = [p for p in (BACKEND, SERVER, CLIENT, BASE + 1) if listening_locally(p)]
+    busy = [p for p in (BACKEND, SERVER, CLIENT, BASE + 1) if listening(p)]
     if busy:
         pytest.skip(f"port(s) {busy} in use on this host")
     running: dict[str, subprocess.Popen[bytes]] = {}
@@ -74,7 +74,7 @@ def test_init_demo_with_tls_psk_sinks_and_stunnel_without_systemd(
     for site in ("a", "b"):  # the start order of docs/tls.md: guard, gateway, stunnel
         spawn(f"guard-{site}", qkdgw, "tls-guard", "-c", f"site-{site}.yaml")
     spawn("kms-sim", qkdgw, "kms-sim", "-c", "kms.yaml")
-    wait("KME-A listening", lambda: listening_locally(BASE + 1))
+    wait("KME-A listening", lambda: listening(BASE + 1))
     for site in ("a", "b"):
         spawn(f"gw-{site}", qkdgw, "run", "-c", f"site-{site}.yaml")
     psk = {"a": tmp_path / "state-a/ab-client.psk", "b": tmp_path / "state-b/ab-server.psk"}
@@ -91,7 +91,7 @@ def test_init_demo_with_tls_psk_sinks_and_stunnel_without_systemd(
         spawn(f"stunnel-{site}", "systemd-socket-activate", "-l", f"127.0.0.1:{accept}",
               "stunnel", str(conf))
     wait("both stunnel sockets and the backend", lambda: all(
-        listening_locally(p) for p in (BACKEND, SERVER, CLIENT)))
+        listening(p) for p in (BACKEND, SERVER, CLIENT)))
     with socket.create_connection(("127.0.0.1", CLIENT), timeout=10) as s:
         s.sendall(b"through both stunnels\n")
         assert s.makefile("rb").readline() == b"through both stunnels\n"
@@ -101,14 +101,6 @@ def test_init_demo_with_tls_psk_sinks_and_stunnel_without_systemd(
         (tmp_path / "stunnel-b.log").read_text()
 
 
-def wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait(what: str, check: Callable[[], bool]) -> None:
     """Poll CHECK; a file not (fully) there yet counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (FileNotFoundError, IndexError, pskfile.PskFileError):
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{what}: not after {timeout} s")
+    wait_until(what, check, ignore=(FileNotFoundError, IndexError, pskfile.PskFileError))

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from tests.netns_sites import until
 from tests.tls import tls_world as tw
 from tls import pskfile
 
@@ -33,19 +32,12 @@ def run(request: pytest.FixtureRequest,
     reason = tw.missing_tools(kind)
     if reason:
         pytest.skip(f"no {kind} world here: {reason}")
-    world = tw.World(tmp_path_factory.mktemp(f"tls-{kind}"), POLICY, kind)
-    world.build()
-    try:
+    with tw.World(tmp_path_factory.mktemp(f"tls-{kind}"), POLICY, kind) as world:
         yield asyncio.run(_phase(world))
-    finally:
-        world.teardown()
 
 
 async def _phase(w: tw.World) -> dict[str, Any]:
-    w.start_sim()
-    w.start_gateway("a")
-    w.start_gateway("b")
-    await until("first epoch", w.converged)
+    await w.start()
     if w.kind == "stunnel":
         w.start_echo()
         w.start_stunnel("b")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns_sites import until
+from gateway.demo.topology import until
 from tests.tls import tls_world as tw
 from tls import expiry, pskfile
 
@@ -63,10 +63,7 @@ async def up(w: tw.World, *, guard: bool) -> Last:
     gateway wrote."""
     if guard:
         w.start_guard("b")
-    w.start_sim()
-    w.start_gateway("a")
-    w.start_gateway("b")
-    await until("first epoch", w.converged)
+    await w.start()
     w.start_echo()
     w.start_stunnel("b")
     first = (await w.link("b"))["epoch"]

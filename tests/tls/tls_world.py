@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.netns_sites import GW_A, GW_B, HOST_B, Sites, run, wait_until
+from gateway.demo.sites import GW_A, GW_B, HOST_B
+from gateway.demo.topology import wait_until
+from tests.netns_sites import Sites
 
 APP_PORT, TLS_PORT = 7000, 7443
 SUITE = "TLS_CHACHA20_POLY1305_SHA256"  # SHA-256: what external PSKs work with here
@@ -99,8 +101,9 @@ class World(Sites):
         listen = listen_stream(name)
         self.spawn(f"stunnel-{site}", f"gw-{site}",
                    ["systemd-socket-activate", "-l", listen, "stunnel", str(conf)])
-        ns, port = self.ns[f"gw-{site}"], listen.rsplit(":", 1)[1]
-        wait_until(f"stunnel-{site} socket", functools.partial(_listening, ns, port))
+        port = int(listen.rsplit(":", 1)[1])
+        wait_until(f"stunnel-{site} socket",
+                   functools.partial(self.net.listening, f"gw-{site}", port))
         self.note(f"stunnel-{site} socket up (stunnel starts at the first connection)")
 
     def start_guard(self, site: str) -> None:
@@ -144,9 +147,9 @@ class World(Sites):
         the handshake (with -no_ign_eof an EOF would end the connection before the echo):
         an answer takes milliseconds, neither within TIMEOUT is an error, not a refusal."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns["gw-a"], "openssl", "s_client", "-quiet",
-             "-no_ign_eof", "-connect", f"{GW_B}:{TLS_PORT}", "-tls1_3", "-ciphersuites",
-             SUITE, "-psk", key.hex(), "-psk_identity", identity],
+            self.net.argv("gw-a", "openssl", "s_client", "-quiet", "-no_ign_eof", "-connect",
+                          f"{GW_B}:{TLS_PORT}", "-tls1_3", "-ciphersuites", SUITE, "-psk",
+                          key.hex(), "-psk_identity", identity),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdin is not None and proc.stdout is not None
         try:
@@ -179,15 +182,6 @@ def listen_stream(name: str) -> str:
     text = (EXAMPLES / f"stunnel-psk-{name}.socket").read_text()
     return next(line.partition("=")[2] for line in text.splitlines()
                 if line.startswith("ListenStream="))
-
-
-def listening_locally(port: int) -> bool:
-    """Something listens on TCP PORT in this host's own network namespace."""
-    return f":{port} " in run("ss", "-Hltn", check=False)
-
-
-def _listening(ns: str, port: str) -> bool:
-    return f":{port} " in run("ip", "netns", "exec", ns, "ss", "-Hltn", check=False)
 
 
 def _says(log: Path, word: str) -> bool:
