@@ -22,7 +22,7 @@ class Alarm(StrEnum):
     HARD_LIFETIME = "hard-lifetime"  # no fresh key in time: traffic is blocked
     PEER_UNREACHABLE = "peer-unreachable"  # exchanges with the peer keep failing
     EXCHANGE_FAILED = "exchange-failed"  # the peer refused or failed an exchange
-    SINK_FAILED = "sink-failed"  # a sink could not install a key
+    SINK_FAILED = "sink-failed"  # a sink could not install, switch, retire or block
     #: The link's task failed unexpectedly (raised by the daemon, not the core): traffic
     #: blocked and the link restarted from its saved state.
     LINK_FAILED = "link-failed"

@@ -12,12 +12,17 @@ link must block, raise `link-failed`, write an audit record, and come back by it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from common.sink import EpochMaterial, EpochRef
 from gateway.daemon import Daemon
@@ -215,3 +220,54 @@ def test_a_stalled_event_loop_ends_the_process_with_the_stacks() -> None:
     assert r.returncode == 70, r.stderr
     assert time.monotonic() - t0 < 20  # it did not wait for the blocking call to end
     assert "event loop stalled" in r.stderr and 'File "<string>", line 7 in main' in r.stderr
+
+
+def test_a_data_plane_that_refuses_the_switch_blocks_alarms_and_recovers(
+        setup: tuple[DemoLayout, SimProcess], tmp_path: Path) -> None:
+    """The sink-failure contract with a real sink and a real refusal: A's file sink writes
+    its key on a 16 KiB tmpfs, which the test fills (the kernel answers ENOSPC). A's switch
+    fails: A blocks (the key file goes), raises `sink-failed`, sends no Commit (B never
+    switches to that epoch); with space again, the next epoch clears it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    layout, _ = setup
+    disk = tmp_path / "small"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "qkdgw-test", str(disk)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        path = layout.site_config("a")
+        config = yaml.safe_load(path.read_text())
+        (sink,) = config["links"][0]["sinks"]
+        sink["path"] = str(disk / "ab.psk")
+        path.write_text(yaml.safe_dump(config))
+        filler = disk / "filler"
+
+        async def scenario(daemons: dict[str, Daemon], sinks: dict[str, ProbeSink]) -> None:
+            a, b = daemons["a"], daemons["b"]
+            await _until("the first epochs", lambda: _converged(daemons, 1))
+            with filler.open("wb") as f, contextlib.suppress(OSError):
+                while True:  # until ENOSPC
+                    f.write(bytes(4096))
+                    f.flush()
+            await _until("A's switch failed", lambda: "sink-failed" in _alarms(a))
+            alarm = _alarms(a)["sink-failed"]
+            assert "could not switch" in alarm and "No space left on device" in alarm, alarm
+            failed = int(alarm.split(":")[0].removeprefix("epoch "))
+            assert a.runners["ab"].machine.blocked and sinks["a"].active is None
+            assert not (disk / "ab.psk").exists()  # blocked: the key file went
+            assert "could not switch" in sinks["a"].blocks[-1][1]
+            assert b.runners["ab"].machine.current_epoch < failed  # no Commit came
+            filler.unlink()
+            await _until("the next epoch on both sides", lambda: _converged(daemons, failed)
+                         and "sink-failed" not in _alarms(a))
+
+        _run(layout, scenario)
+        records = _audit(layout, "a")
+        assert any(r["event"] == "discarded" and "could not switch" in r.get("detail", "")
+                   for r in records), [r["event"] for r in records][-20:]
+        assert (disk / "ab.psk").read_bytes() == (layout.state_dir("b") / "ab.psk").read_bytes()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
