@@ -97,13 +97,14 @@ async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dic
     from ipsec.xfrm.objects import SaId, SaSpec
     from ipsec.xfrm.sink import XfrmSinkConfig
     from kdf.schedule import EpochKeys
+    from tests.helpers import lifetimes
 
     grace = w.POLICIES["bench"]["grace"]
     sinks = {}
     for site in ("a", "b"):
         raw = yaml.safe_load((world.root / f"site-{site}-bench.yaml").read_text())
         config = XfrmSinkConfig.model_validate(raw["links"][0]["sinks"][0])
-        ctx = SinkContext("ab", Policy(interval=3600, hard_lifetime=7200), _Quiet(),
+        ctx = SinkContext("ab", lifetimes(Policy(interval=3600, hard_lifetime=7200)), _Quiet(),
                           HostPort("0.0.0.0", 1), HostPort("0.0.0.0", 1))
         sink = config.build(ctx)
         with world.net.inside(f"gw-{site}"):

@@ -16,8 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.sink import KeyLifetimes
+from gateway.core.policy import Policy
+
 #: How long a freshly started process may take to accept connections.
 READY_TIMEOUT = 15.0
+
+
+def lifetimes(policy: Policy | None = None) -> KeyLifetimes:
+    """The key lifetimes a link with POLICY (default: the defaults) gives its sinks, as
+    gateway.config.SiteConfig.lifetimes derives them."""
+    p = policy or Policy()
+    return KeyLifetimes(hard_lifetime=p.hard_lifetime, attempt_timeout=p.attempt_timeout)
 
 
 def qkdgw_command() -> list[str]:

@@ -13,9 +13,9 @@ import pytest
 
 from common.config import HostPort
 from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
-from gateway.core.policy import Policy
 from kdf import Purpose
 from kdf.schedule import EpochKeys
+from tests.helpers import lifetimes
 from tls.file import FileSinkConfig
 
 SECRET = bytes(range(48))
@@ -27,7 +27,7 @@ class NoEvents:
 
 
 def context() -> SinkContext:
-    return SinkContext("ab", Policy(), NoEvents(), HostPort("127.0.0.1", 1),
+    return SinkContext("ab", lifetimes(), NoEvents(), HostPort("127.0.0.1", 1),
                        HostPort("127.0.0.1", 2))
 
 

@@ -21,12 +21,12 @@ from pydantic import ValidationError
 
 from common.config import HostPort
 from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
-from gateway.core.policy import Policy
 from gateway.site import SiteConfig
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.sink import StrongswanSink, StrongswanSinkConfig, ppk_id
 from ipsec.strongswan.vici import Vici, ViciError
 from kdf.schedule import EpochKeys, Purpose
+from tests.helpers import lifetimes
 from tests.ipsec import strongswan_world as sw
 
 
@@ -138,7 +138,7 @@ class Events:
 def build(world: sw.World, **kw: Any) -> tuple[StrongswanSink, Events]:
     events = Events()
     config = sink_config(vici=str(world.vici_path("a")), **kw)
-    context = SinkContext("ab", Policy(), events, HostPort(host="192.0.2.1", port=9443),
+    context = SinkContext("ab", lifetimes(), events, HostPort(host="192.0.2.1", port=9443),
                           HostPort(host="198.51.100.1", port=9443))
     return config.build(context), events
 
@@ -220,7 +220,7 @@ def test_no_charon_is_a_clear_error_not_a_crash(tmp_path: Path) -> None:
     async def go() -> None:
         events = Events()
         config = sink_config(vici=str(tmp_path / "charon.vici"))
-        sink = config.build(SinkContext("ab", Policy(), events, HostPort(host="192.0.2.1",
+        sink = config.build(SinkContext("ab", lifetimes(), events, HostPort(host="192.0.2.1",
                             port=9443), HostPort(host="198.51.100.1", port=9443)))
         await sink.start()  # charon may come later: the watchdog keeps trying
         with pytest.raises(SinkError, match=re.escape(f"no charon at {tmp_path}/charon.vici")):

@@ -21,7 +21,6 @@ from vici.protocol import Message, Packet
 
 from common.config import HostPort
 from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
-from gateway.core.policy import Policy
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.strongswan.vici import (
     MAX_MESSAGE,
@@ -31,6 +30,7 @@ from ipsec.strongswan.vici import (
     ViciProtocolError,
 )
 from kdf.schedule import EpochKeys
+from tests.helpers import lifetimes
 from tests.ipsec import strongswan_world as sw
 
 
@@ -179,7 +179,7 @@ def sink_for(path: Path) -> Any:
     config = StrongswanSinkConfig.model_validate(
         {"type": "strongswan", "vici": str(path), "connection": sw.connection("a"),
          "hold": None})
-    return config.build(SinkContext("ab", Policy(), Events(), HostPort("192.0.2.1", 9443),
+    return config.build(SinkContext("ab", lifetimes(), Events(), HostPort("192.0.2.1", 9443),
                                     HostPort("198.51.100.1", 9443)))
 
 

@@ -27,6 +27,7 @@ from gateway.demo import topology
 from gateway.demo.topology import Site, Topology
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
 from kdf.schedule import EpochKeys
+from tests.helpers import lifetimes
 
 T = TypeVar("T")
 CONTROL_PORT = 9443
@@ -97,9 +98,9 @@ def tunnel(**kw: Any) -> XfrmSinkConfig:
 
 
 def build(config: XfrmSinkConfig, events: Events | None = None) -> XfrmSink:
-    context = SinkContext("ab", Policy(interval=60, hard_lifetime=300), events or Events(),
-                          HostPort("192.0.2.1", CONTROL_PORT), HostPort("192.0.2.2",
-                                                                        CONTROL_PORT))
+    context = SinkContext("ab", lifetimes(Policy(interval=60, hard_lifetime=300)),
+                          events or Events(), HostPort("192.0.2.1", CONTROL_PORT),
+                          HostPort("192.0.2.2", CONTROL_PORT))
     return config.build(context)
 
 

@@ -22,6 +22,7 @@ from common.config import HostPort
 from common.sink import EpochMaterial, EpochRef, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
 from kdf.schedule import EpochKeys, Purpose
+from tests.helpers import lifetimes
 from tls import expiry, pskfile
 from tls.sink import TlsPskSink, TlsPskSinkConfig
 
@@ -34,7 +35,7 @@ class Events:
 def build(tmp_path: Path, **kw: Any) -> TlsPskSink:
     config = TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": str(tmp_path / "p"),
                                               "role": "server", **kw})
-    return config.build(SinkContext("ab", Policy(), Events(), HostPort(host="h", port=1),
+    return config.build(SinkContext("ab", lifetimes(), Events(), HostPort(host="h", port=1),
                                     HostPort(host="h", port=2)))
 
 
