@@ -10,6 +10,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyroute2.netlink import nlmsg
 
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.objects import (
@@ -36,11 +37,11 @@ KERNEL_SIZES = [
 
 
 @pytest.mark.parametrize(("cls", "size"), KERNEL_SIZES, ids=lambda x: getattr(x, "__name__", ""))
-def test_struct_sizes_match_the_kernel(cls: type, size: int) -> None:
+def test_struct_sizes_match_the_kernel(cls: type[nlmsg], size: int) -> None:
     assert sum(struct.calcsize(fmt) for _, fmt in cls.fields) == size
 
 
-def _offset(cls: type, field: str) -> int:
+def _offset(cls: type[nlmsg], field: str) -> int:
     offset = 0
     for name, fmt in cls.fields:
         if name == field:
@@ -63,10 +64,10 @@ def test_field_offsets_match_the_kernel() -> None:
     assert _offset(s.xfrm_user_expire, "hard") == 224
 
 
-def _roundtrip(msg: object, cls: type) -> object:
-    msg["header"] = {"type": 0x10}  # type: ignore[index]
-    msg.encode()  # type: ignore[attr-defined]
-    out = cls(bytes(msg.data))  # type: ignore[attr-defined]
+def _roundtrip(msg: nlmsg, cls: type[nlmsg]) -> nlmsg:
+    msg["header"] = {"type": 0x10}
+    msg.encode()
+    out = cls(bytes(msg.data))
     out.decode()
     return out
 
