@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.sink import Role
 from gateway.core.events import (
+    Action,
+    Event,
     FetchQkdKeys,
     FetchQkdKeysById,
     InstallInbound,
@@ -65,7 +67,7 @@ def core_baseline(seconds: float) -> float:
     sockets, no KMS, no sinks, no logs; messages handed over as objects. The floor the
     daemons' figures are compared with."""
     peers = {}
-    pending: list[tuple[LinkMachine, object]] = []
+    pending: list[tuple[LinkMachine, Event]] = []
     reserved: dict[str, bytes] = {}
     for role in (Role.INITIATOR, Role.RESPONDER):
         me, other = ("gw-a", "gw-b") if role is Role.INITIATOR else ("gw-b", "gw-a")
@@ -77,7 +79,7 @@ def core_baseline(seconds: float) -> float:
     for m, (me, peer) in ((i, ("kme-a", "kme-b")), (r, ("kme-b", "kme-a"))):
         m.handle(KmsStatusObserved(10**6, 256, me, peer), 0.0)
 
-    def act(m: LinkMachine, actions: list[object]) -> None:
+    def act(m: LinkMachine, actions: list[Action]) -> None:
         other = r if m is i else i
         for a in actions:
             if isinstance(a, Send):
@@ -98,7 +100,7 @@ def core_baseline(seconds: float) -> float:
         act(i, i.handle(RekeyRequested("bench"), now))
         while pending:
             m, event = pending.pop(0)
-            act(m, m.handle(event, now))  # type: ignore[arg-type]
+            act(m, m.handle(event, now))
         for m in (i, r):
             act(m, m.handle(Tick(), now + 5.0))
         n += 1
