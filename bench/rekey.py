@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.sink import Role
 from gateway.core.events import (
     Action,
+    ActivateOutbound,
     Event,
     FetchQkdKeys,
     FetchQkdKeysById,
@@ -46,6 +47,7 @@ from gateway.core.events import (
     QkdKeysFetched,
     RekeyRequested,
     Send,
+    SinkActivated,
     SinkInstalled,
     Tick,
     received,
@@ -93,6 +95,8 @@ def core_baseline(seconds: float) -> float:
                 pending.append((m, QkdKeysFetched(a.request, keys)))
             elif isinstance(a, InstallInbound):
                 pending.append((m, SinkInstalled(a.material.epoch)))
+            elif isinstance(a, ActivateOutbound):
+                pending.append((m, SinkActivated(a.material.epoch)))
 
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
