@@ -103,7 +103,10 @@ def test_both_sides_derive_the_same_keys_and_epochs_differ() -> None:
 def test_each_of_the_three_secrets_counts(which: str, byte: int) -> None:
     qkd, k1, k2, t = a_real_epoch()
     base = derive_epoch(qkd_keys=qkd, mlkem_secret=k1, x25519_secret=k2, transcript=t)
-    flip = lambda s: s[:byte] + bytes([s[byte] ^ 0x80]) + s[byte + 1:]  # noqa: E731
+
+    def flip(s: bytes) -> bytes:
+        return s[:byte] + bytes([s[byte] ^ 0x80]) + s[byte + 1:]
+
     if which == "qkd":
         qkd = [flip(qkd[0])]
     elif which == "mlkem":
