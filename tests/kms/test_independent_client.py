@@ -4,6 +4,7 @@ against the simulator, over mutual TLS."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.helpers import SimProcess
 etsi = pytest.importorskip("etsi_qkd_014_client", reason="pip install etsi-qkd-014-client")
 
 
-def client(demo: DemoLayout, site: str, cn: str) -> object:
+def client(demo: DemoLayout, site: str, cn: str) -> Any:  # the library is untyped
     return etsi.QKD014Client(f"127.0.0.1:{demo.kme_port(site)}", str(demo.pki / f"{cn}.pem"),
                              str(demo.pki / f"{cn}.key"), str(demo.pki / "ca.pem"))
 

@@ -59,7 +59,7 @@ SPEC_KEY_IDS = {
     ]
 }
 
-KEY_B64 = SPEC_KEY_CONTAINER["keys"][0]["key"]  # type: ignore[index]
+KEY_B64 = SPEC_KEY_CONTAINER["keys"][0]["key"]
 
 
 def test_spec_examples_parse_and_round_trip() -> None:
@@ -138,7 +138,7 @@ def test_key_request_rejects_bad_parameters(body: dict[str, Any]) -> None:
 
 
 def test_duplicates_rejected() -> None:
-    k = SPEC_KEY_CONTAINER["keys"][0]  # type: ignore[index]
+    k = SPEC_KEY_CONTAINER["keys"][0]
     with pytest.raises(ValidationError, match="repeats a key_ID"):
         KeyContainer.model_validate({"keys": [k, k]})
     with pytest.raises(ValidationError, match="repeats a key_ID"):
