@@ -193,7 +193,7 @@ async def rekey_latency(world: w.World, rekeys: int) -> list[float]:
 
         async def done(epoch: int = epoch) -> bool:
             a, b = await world.link("a"), await world.link("b")
-            return a["epoch"] == b["epoch"] > epoch
+            return bool(a["epoch"] == b["epoch"] > epoch)
 
         await w.until("rekeyed", done, timeout=30)
         latencies.append(1000 * (await world.link("a"))["last_rekey_latency"])

@@ -39,7 +39,8 @@ def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: Any) -> str:
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    out: str = proc.stdout  # text=True; **kw leaves run()'s overload unresolved
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from gateway.core.policy import Mode
 from gateway.initdemo import DemoLayout
 from gateway.site import SiteConfig
 from kms.sim.config import SimConfig
+from tls.file import FileSinkConfig
 
 XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",
         "local_subnets": ["10.1.0.0/16"], "remote_subnets": ["10.2.0.0/16"]}
@@ -46,7 +47,9 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     assert (p.interval, p.mode, p.grace) == (5, Mode.PQC_FALLBACK, 2.0)
     assert site.state_dir == demo.root / "state-a"
     assert site.audit_path == demo.root / "state-a" / "audit.jsonl"
-    assert site.links[0].sinks[0].path == demo.root / "state-a" / "ab.psk"
+    sink = site.links[0].sinks[0]
+    assert isinstance(sink, FileSinkConfig)
+    assert sink.path == demo.root / "state-a" / "ab.psk"
 
 
 @pytest.mark.parametrize("site,link,expected", [

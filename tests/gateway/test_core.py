@@ -46,6 +46,7 @@ def test_epochs_roll_over_with_identical_keys_and_old_ones_retired() -> None:
     assert not w.violations
     assert w.converged() and w.i.plane.outbound is not None and w.i.plane.outbound >= 9
     assert w.i.plane.sent_on == list(range(1, w.i.plane.outbound + 1))
+    assert w.r.plane.outbound is not None
     assert set(w.r.plane.inbound) <= {w.r.plane.outbound, w.r.plane.outbound + 1}
     fingerprints = {r.epoch: r.fingerprint for r in w.i.records if r.kind == "rekeyed"}
     assert fingerprints == {r.epoch: r.fingerprint for r in w.r.records if r.kind == "rekeyed"}

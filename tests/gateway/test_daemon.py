@@ -142,8 +142,8 @@ def test_peer_killed_and_restarted_resynchronises(sites: Sites) -> None:
     sites.start_site("b")
     sites.wait_until("converged again", lambda: sites.converged()
                      and sites.link("a")["epoch"] > epoch + 1)
-    a, b = sites.epochs("a"), sites.epochs("b")
-    assert a == {e: b[e] for e in a if e in b}
+    epochs_a, epochs_b = sites.epochs("a"), sites.epochs("b")
+    assert epochs_a == {e: epochs_b[e] for e in epochs_a if e in epochs_b}
     assert sites.psk("a") == sites.psk("b")
 
 

@@ -35,6 +35,9 @@ class RecordingSink:
         self.keys: list[bytes] = []
         self.active: int | None = None
 
+    async def start(self) -> None:
+        pass  # no data plane to take over
+
     async def install_inbound(self, m: EpochMaterial) -> None:
         self.keys += [m.keys.epoch_secret, *(m.key(p) for p in Purpose)]
 

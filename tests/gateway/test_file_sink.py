@@ -7,6 +7,7 @@ import asyncio
 import base64
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,8 @@ def sink(tmp_path: Path, **kw: object) -> FileSinkConfig:
     return FileSinkConfig.model_validate({"type": "file", "path": str(tmp_path / "k.psk"), **kw})
 
 
-DECODE = {"hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b,
-          "base64": base64.b64decode}
+DECODE: dict[str, Callable[[bytes], bytes]] = {
+    "hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b, "base64": base64.b64decode}
 
 
 @pytest.mark.parametrize("fmt", sorted(DECODE))

@@ -15,7 +15,7 @@ import functools
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ def _need_strongswan() -> None:
 
 
 def _world(tmp_path_factory: pytest.TempPathFactory, name: str, policy: dict[str, Any],
-           phase: Callable[[sw.World], Awaitable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+           phase: Callable[[sw.World], Coroutine[Any, Any, dict[str, Any]]],
+           ) -> Iterator[dict[str, Any]]:
     """One world for PHASE, kept up while the module's tests judge its results."""
     with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}"), policy) as world:
         yield asyncio.run(phase(world))

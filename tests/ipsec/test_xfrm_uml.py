@@ -39,7 +39,8 @@ class World:
         return phase
 
     def event(self, what: str) -> float:
-        return next(t for t, w in self.results["events"] if w == what)
+        t: float = next(t for t, w in self.results["events"] if w == what)
+        return t
 
 
 @pytest.fixture(scope="module")
