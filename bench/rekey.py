@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -158,12 +159,12 @@ class Run:
                                                  text, re.M))
 
     async def admin(self, path: str, body: dict[str, str] | None = None, site: str = "a"
-                    ) -> dict[str, object]:
+                    ) -> dict[str, Any]:
         sock = self.layout.state_dir(site) / "admin.sock"
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s, \
                 s.request("POST" if body is not None else "GET", f"http://x{path}",
                           json=body) as r:
-            data: dict[str, object] = await r.json()
+            data: dict[str, Any] = await r.json()
             return data
 
 
@@ -176,8 +177,8 @@ async def latency(run: Run, seconds: float) -> list[float]:
     while time.monotonic() < end:
         await run.admin("/rekey", {})
         await asyncio.sleep(0.05)
-        a = (await run.admin("/status"))["links"][0]["last_rekey"]  # type: ignore[index]
-        b = (await run.admin("/status", site="b"))["links"][0]["last_rekey"]  # type: ignore[index]
+        a = (await run.admin("/status"))["links"][0]["last_rekey"]
+        b = (await run.admin("/status", site="b"))["links"][0]["last_rekey"]
         if a and b and a["epoch"] == b["epoch"] > seen:
             seen = a["epoch"]
             samples.append(max(a["activated_at"], b["activated_at"]) - a["started_at"])

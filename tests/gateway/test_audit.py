@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,10 @@ def test_appending_continues_the_chain(tmp_path: Path) -> None:
     (lambda ls: [*ls[:3], "{not json", *ls[3:]], "line 4: not JSON"),
     (lambda ls: [ls[1], *ls[2:]], "line 1 (seq 2): does not follow"),
 ])
-def test_tampering_is_found(tmp_path: Path, tamper: object, problem: str) -> None:
+def test_tampering_is_found(tmp_path: Path, tamper: Callable[[list[str]], list[str]],
+                            problem: str) -> None:
     path = trail(tmp_path)
-    path.write_text("\n".join(tamper(lines(path))) + "\n")  # type: ignore[operator]
+    path.write_text("\n".join(tamper(lines(path))) + "\n")
     result = verify(path)
     assert not result.ok and any(problem in p for p in result.problems), result.problems
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import annotated_types
 import pytest
@@ -18,6 +20,9 @@ from gateway.site import SiteConfig
 from kms.sim.config import SimConfig
 from tls.file import FileSinkConfig
 
+#: Changes a loaded configuration in place (what it returns is ignored).
+Edit = Callable[[dict[str, Any]], object]
+
 XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",
         "local_subnets": ["10.1.0.0/16"], "remote_subnets": ["10.2.0.0/16"]}
 
@@ -29,16 +34,16 @@ def strongswan(extra: dict[str, object]) -> dict[str, object]:
         "children": {"lan": {"local_ts": ["10.1.0.0/16"]}}, **extra}}
 
 
-def edited(tmp_path: Path, demo: DemoLayout, edit: object) -> Path:
+def edited(tmp_path: Path, demo: DemoLayout, edit: Edit) -> Path:
     config = yaml.safe_load(demo.site_config("a").read_text())
-    edit(config)  # type: ignore[operator]
+    edit(config)
     path = demo.root / f"edited-{tmp_path.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) -> None:
-    def edit(c: dict) -> None:  # type: ignore[type-arg]
+    def edit(c: dict[str, Any]) -> None:
         c["policy"] = {"interval": 60, "mode": "pqc-fallback"}
         c["links"][0]["policy"] = {"interval": 5}
 
@@ -56,7 +61,7 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     (None, None, True), (False, None, False), (None, False, False), (False, True, True)])
 def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, site: bool | None,
                                            link: bool | None, expected: bool) -> None:
-    def edit(c: dict) -> None:  # type: ignore[type-arg]
+    def edit(c: dict[str, Any]) -> None:
         if site is not None:
             c["policy"]["prefetch"] = site
         if link is not None:
@@ -104,7 +109,7 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
         extra={"x": {"y": {"z": {"a": {"b": {"c": {"d": "1"}}}}}}})),
      "connection.x.y.z.a: nested deeper than 4 sections"),
 ])
-def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: object,
+def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: Edit,
                                message: str) -> None:
     with pytest.raises(ConfigError) as e:
         SiteConfig.load(edited(tmp_path, demo, edit))
