@@ -74,7 +74,7 @@ def test_invalid_utf8_names_the_file(tmp_path: Path) -> None:
     refused(path, str(path), "not UTF-8", "byte offset 9")
 
 
-@pytest.mark.parametrize("old,new,message", [
+@pytest.mark.parametrize(("old", "new", "message"), [
     ("hard_lifetime: 120", "hard_lifetime: .inf", "policy.hard_lifetime"),
     ("interval: 30", "interval: .nan", "policy.interval"),
     ("kms_status_interval: 2", "kms_status_interval: -.inf", "kms_status_interval"),

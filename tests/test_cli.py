@@ -47,7 +47,7 @@ def test_every_command_has_help(cmd: list[str]) -> None:
     assert len(r.stdout.splitlines()) > 4
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(("args", "message"), [
     ([], "usage: qkdgw"),
     (["kms"], "usage: qkdgw kms"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),

@@ -56,7 +56,7 @@ def test_appending_continues_the_chain(tmp_path: Path) -> None:
     assert verify(path).ok and verify(path).head.seq == 4
 
 
-@pytest.mark.parametrize("tamper,problem", [
+@pytest.mark.parametrize(("tamper", "problem"), [
     (lambda ls: [ls[0], ls[1].replace('"epoch":2', '"epoch":9'), *ls[2:]],
      "line 2 (seq 2): contents changed"),
     (lambda ls: [ls[0], *ls[2:]], "line 2 (seq 3): does not follow"),
@@ -120,7 +120,7 @@ def test_cli_verify(tmp_path: Path) -> None:
 # -- corrupt input: a problem reported, never a traceback ------------------------------------
 
 
-@pytest.mark.parametrize("line,problem", [
+@pytest.mark.parametrize(("line", "problem"), [
     ("[" * 100_000 + "]" * 100_000, "line 3: not JSON (nested too deep)"),
     ('{"seq": 3, "detail": "\\ud800", "prev": "x", "hash": "y"}', "line 3: not a canonical"),
     ('{"seq": 1e400}', "line 3: no valid sequence number"),
@@ -286,7 +286,7 @@ def test_cli_verify_with_the_peer_and_both_certificates(tmp_path: Path) -> None:
     assert swapped.returncode == 1 and "signed with another certificate" in swapped.stdout
 
 
-@pytest.mark.parametrize("what,content,message", [
+@pytest.mark.parametrize(("what", "content", "message"), [
     ("audit.jsonl", "[" * 100_000 + "]" * 100_000 + "\n",
      "refusing to append to a broken audit trail: line 1: not JSON (nested too deep)"),
     ("audit.jsonl", '{"seq": 1, "detail": "\\ud800"}\n',

@@ -57,7 +57,7 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     assert sink.path == demo.root / "state-a" / "ab.psk"
 
 
-@pytest.mark.parametrize("site,link,expected", [
+@pytest.mark.parametrize(("site", "link", "expected"), [
     (None, None, True), (False, None, False), (None, False, False), (False, True, True)])
 def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, site: bool | None,
                                            link: bool | None, expected: bool) -> None:
@@ -71,7 +71,7 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
     assert config.link_policy(config.links[0]).prefetch is expected
 
 
-@pytest.mark.parametrize("edit,message", [
+@pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c["policy"].update(mode="qkd-only"), "policy.mode: Input should be"),
     (lambda c: c["policy"].update(interval=-1), "policy.interval: Input should be greater"),
     (lambda c: c["policy"].update(hard_lifetime=10, interval=30),

@@ -192,7 +192,7 @@ def _offer_and_accept() -> tuple[World, Offer, Accept]:
     return w, offer, accept
 
 
-@pytest.mark.parametrize("raw,problem", [
+@pytest.mark.parametrize(("raw", "problem"), [
     (b"", "not JSON"),
     (b'{"v":1,"type":"offer","link":"ab"', "not JSON"),
     (b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
@@ -433,7 +433,7 @@ def test_an_abort_naming_the_last_epoch_leaves_the_link_on_its_key_then_blocked(
     assert m.state is State.IDLE and m.next_deadline() is not None  # alive, retrying
 
 
-@pytest.mark.parametrize("raw,problem", [
+@pytest.mark.parametrize(("raw", "problem"), [
     (b'{"v":1,"v":1,"type":"ack"}', "member 'v' given more than once"),
     (b'{"v":1,"type":"ack","link":"ab","epoch":NaN}', "NaN is not a number"),
     (b'{"v":1,"type":"ack","link":"ab","epoch":Infinity}', "Infinity is not a number"),

@@ -100,7 +100,7 @@ def test_every_truncation_within_an_item_is_a_protocol_error(cut: int) -> None:
         asyncio.run(ask(response(ANSWER[:cut])))
 
 
-@pytest.mark.parametrize("answer,problem", [
+@pytest.mark.parametrize(("answer", "problem"), [
     (frame(b""), "empty VICI packet"),
     (frame(bytes([Packet.EVENT])), "event packet from charon without its name"),
     (struct.pack("!I", 1 << 30), "announced a VICI message of 1073741824 bytes"),

@@ -44,7 +44,7 @@ def _transcript() -> Any:
     return Transcript("s", "l", 1, p, p, (), b"", b"", 0, 0, b"", b"", b"", b"")
 
 
-@pytest.mark.parametrize("name,call", FAILING, ids=[n for n, _ in FAILING])
+@pytest.mark.parametrize(("name", "call"), FAILING, ids=[n for n, _ in FAILING])
 def test_error_messages_carry_no_secret(name: str, call: Callable[[], Any],
                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)

@@ -172,7 +172,7 @@ def test_timeouts_are_checked() -> None:
 # -- numbers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path,raw", [
+@pytest.mark.parametrize(("path", "raw"), [
     (("stored_key_count",), "1" + "0" * 400),
     (("max_key_count",), "1" + "0" * 400),
     (("stored_key_count",), str(2**32)),

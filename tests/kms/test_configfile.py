@@ -85,7 +85,7 @@ def test_an_alias_cannot_nest_deeper_than_the_limit(tmp_path: Path) -> None:
     assert f"alias *x nests deeper than {MAX_DEPTH} levels" in message and "line 2" in message
 
 
-@pytest.mark.parametrize("text,key,line", [
+@pytest.mark.parametrize(("text", "key", "line"), [
     ("site: a\nsite: b\n", "site", 2),
     ("policy:\n  interval: 5\n  grace: 1\n  interval: 6\n", "interval", 4),
     ("links:\n  - {name: a, name: b}\n", "name", 2),

@@ -27,7 +27,7 @@ def test_status(demo: DemoLayout, sim: SimProcess) -> None:
     assert (status.key_size, status.max_key_per_request, status.max_sae_id_count) == (256, 128, 0)
 
 
-@pytest.mark.parametrize("number,size", [(None, None), (3, 512)])  # GET form, POST form
+@pytest.mark.parametrize(("number", "size"), [(None, None), (3, 512)])  # GET form, POST form
 def test_keys_round_trip(demo: DemoLayout, sim: SimProcess, number: int | None,
                          size: int | None) -> None:
     code, container = client(demo, "a", "sae-a").get_key("sae-b", number=number, size=size)

@@ -120,7 +120,7 @@ def test_key_id_must_be_uuid(bad: str) -> None:
         KeyIds.model_validate({"key_IDs": [{"key_ID": bad}]})
 
 
-@pytest.mark.parametrize("field,value", [
+@pytest.mark.parametrize(("field", "value"), [
     ("key_size", "352"), ("key_size", 352.0), ("key_size", True), ("key_size", 0),
     ("stored_key_count", -1), ("max_key_per_request", None), ("slave_SAE_ID", 7),
     ("min_key_size", 512),  # above key_size
@@ -244,7 +244,7 @@ def test_status_with_one_field_replaced(field: str, value: Any) -> None:
 # -- bounds: every number a KME sends is one the gateway can hold ---------------------------
 
 
-@pytest.mark.parametrize("field,limit", [
+@pytest.mark.parametrize(("field", "limit"), [
     ("stored_key_count", 2**32 - 1), ("max_key_count", 2**32 - 1),
     ("max_key_per_request", 2**32 - 1), ("max_SAE_ID_count", 2**32 - 1),
     ("max_key_size", 2**20), ("key_size", 2**20),
@@ -259,7 +259,7 @@ def test_status_counts_and_sizes_are_bounded(field: str, limit: int) -> None:
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400",
                                  str(2**53), str(-(2**53)), "1" + "0" * 400])
-@pytest.mark.parametrize("model,template", [
+@pytest.mark.parametrize(("model", "template"), [
     (Status, {**SPEC_STATUS, "status_extension": {"x": ["@"]}}),
     (Status, {**SPEC_STATUS, "vendor": {"x": "@"}}),
     (KeyContainer, {**SPEC_KEY_CONTAINER, "key_container_extension": {"x": "@"}}),
@@ -297,7 +297,7 @@ def test_status_link_readings() -> None:
     assert (edge.qber, edge.key_rate) == (1.0, 1e12)
 
 
-@pytest.mark.parametrize("member,value", [
+@pytest.mark.parametrize(("member", "value"), [
     ("qber", -0.01), ("qber", 1.01), ("qber", "0.02"), ("qber", True), ("qber", None),
     ("qber", [0.02]), ("key_rate", -1), ("key_rate", 1.1e12), ("key_rate", False),
     ("key_rate", "fast"), ("link_up", 1), ("link_up", "true"), ("link_up", None),

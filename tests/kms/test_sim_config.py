@@ -32,7 +32,7 @@ def test_demo_config_loads_with_paths_resolved(demo: DemoLayout) -> None:
     assert config.links[0].kmes == ("kme-a", "kme-b")
 
 
-@pytest.mark.parametrize("edit,message", [
+@pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c["links"][0].update(key_size=260), "links.0: key_size is in bits"),
     (lambda c: c["links"][0].update(qber=0.2), "links.0.qber: Input should be less than 0.11"),
     (lambda c: c["links"][0].update(kmes=["kme-a", "kme-x"]), "no KME with id 'kme-x'"),

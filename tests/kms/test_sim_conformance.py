@@ -49,7 +49,7 @@ async def sae_b(demo: DemoLayout, sim: SimProcess) -> AsyncIterator[Raw]:
         yield Raw(s, f"https://127.0.0.1:{demo.kme_port('b')}/api/v1/keys/")
 
 
-@pytest.mark.parametrize("body,message", [
+@pytest.mark.parametrize(("body", "message"), [
     ({"size": 0}, "size: Input should be greater than 0"),
     ({"size": 12}, "multiple of 8"),
     ({"size": 8200}, "size 8200 is outside [64, 8192] bits"),
@@ -69,7 +69,7 @@ async def test_enc_keys_post_bad_parameters_are_400(sae_a: Raw, body: dict[str, 
     assert message in err["message"]
 
 
-@pytest.mark.parametrize("params,message", [
+@pytest.mark.parametrize(("params", "message"), [
     ({"number": "0"}, "number must be a positive integer"),
     ({"size": "-8"}, "size must be a positive integer"),
     ({"size": "12"}, "multiple of 8"),
@@ -99,7 +99,7 @@ async def test_body_not_json_is_400(sae_a: Raw) -> None:
     assert status == 400 and err == {"message": "request body is not JSON"}
 
 
-@pytest.mark.parametrize("method,kwargs", [
+@pytest.mark.parametrize(("method", "kwargs"), [
     ("POST", {"json": {"key_IDs": [{"key_ID": UNKNOWN_ID}]}}),
     ("GET", {"params": {"key_ID": UNKNOWN_ID}}),
 ])
@@ -122,7 +122,7 @@ async def test_dec_keys_is_atomic(sae_a: Raw, sae_b: Raw) -> None:
     assert status == 200 and got == body
 
 
-@pytest.mark.parametrize("body,message", [
+@pytest.mark.parametrize(("body", "message"), [
     ({"key_IDs": []}, "key_IDs: List should have at least 1 item"),
     ({"key_IDs": [{"key_ID": "12"}]}, "UUID"),
     ({"key_IDs": [{"key_ID": UNKNOWN_ID}], "key_ID": UNKNOWN_ID}, "unknown member(s)"),

@@ -75,7 +75,7 @@ def _nested(depth: int) -> bytes:
         b"}" * depth + b"]}"
 
 
-@pytest.mark.parametrize("body,message", [
+@pytest.mark.parametrize(("body", "message"), [
     (b'{"number": 1, "pad": "' + b"x" * 70_000 + b'"}', "exceeds the 65536-byte limit"),
     (_nested(5000), "request body is nested too deeply"),
     (_nested(60), "deeper than 32"),
@@ -98,7 +98,7 @@ async def test_hostile_bodies_are_400_naming_the_problem(
     assert status == 400 and message in err["message"], err
 
 
-@pytest.mark.parametrize("query,message", [
+@pytest.mark.parametrize(("query", "message"), [
     ("size=١٢٨", "size must be a positive integer in ASCII digits"),
     ("number=٣", "number must be a positive integer in ASCII digits"),
     ("size=" + "1" * 5000, "size must be a positive integer"),
@@ -193,7 +193,7 @@ def test_the_simulator_still_serves_after_all_that(demo: DemoLayout,
         assert _read_to_close(s).startswith(b"HTTP/1.1 200 ")
 
 
-@pytest.mark.parametrize("path,body", [
+@pytest.mark.parametrize(("path", "body"), [
     ("/admin/links/qkd-ab/outage", b'{"seconds": Infinity}'),
     ("/admin/links/qkd-ab/outage", b'{"seconds": 1e999}'),
     ("/admin/links/qkd-ab/outage", b'{"seconds": NaN}'),
