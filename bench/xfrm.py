@@ -141,7 +141,8 @@ async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dic
         for site in ("a", "b"):
             sink, new, old = sinks[site], material(epoch, site), material(epoch - 1, site)
             kernel = sink.kernel
-            assert kernel is not None and sink.current is not None
+            assert kernel is not None
+            assert sink.current is not None
             reqid = sink.outbound[sink.current]
             await kernel.delete_sa(SaId(sink.remote, old.spi_out))
             await kernel.delete_sa(SaId(sink.local, old.spi_in))

@@ -91,7 +91,8 @@ class RekeyWorld(RuleBasedStateMachine):
         assert not w.violations, w.violations[:3]
         assert settled, (w.i.plane.outbound, w.r.plane.outbound, w.i.machine.state,
                          w.r.machine.state)
-        assert w.i.plane.outbound is not None and w.i.plane.outbound > before
+        assert w.i.plane.outbound is not None
+        assert w.i.plane.outbound > before
         event(f"converged after {min(len(w.i.plane.sent_on) // 10 * 10, 50)}+ epochs")
         for side in (w.i, w.r):
             for kind in {r.kind for r in side.records} & {"discarded", "unconfirmed",

@@ -61,10 +61,13 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
     m = material()
     asyncio.run(config.build(context()).activate_outbound(m))
     env = ast.literal_eval(out.read_text())
-    assert env["QKDGW_EVENT"] == "activate" and env["QKDGW_EPOCH"] == "3"
-    assert env["QKDGW_FINGERPRINT"] == m.fingerprint and env["QKDGW_KEY_FILE"] == str(config.path)
+    assert env["QKDGW_EVENT"] == "activate"
+    assert env["QKDGW_EPOCH"] == "3"
+    assert env["QKDGW_FINGERPRINT"] == m.fingerprint
+    assert env["QKDGW_KEY_FILE"] == str(config.path)
     key = m.key(Purpose.TLS_PSK)
-    assert key.hex() not in out.read_text() and SECRET.hex() not in out.read_text()
+    assert key.hex() not in out.read_text()
+    assert SECRET.hex() not in out.read_text()
 
 
 def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:

@@ -86,7 +86,8 @@ def test_sa_roundtrip(spi: int, reqid: int, v6: bool, window: int, packets: int 
     state = SaState.from_message(m)
     assert (state.src, state.dst, state.spi, state.reqid, state.mode) == \
         (src, dst, spi, reqid, Mode.TUNNEL)
-    assert state.algorithm == "rfc4106(gcm(aes))" and state.replay_window == window
+    assert state.algorithm == "rfc4106(gcm(aes))"
+    assert state.replay_window == window
     assert m["lft_soft_packet_limit"] == (s.XFRM_INF if packets is None else packets)
     assert m["flags"] == s.XFRM_STATE_AF_UNSPEC
     assert m["family"] == (socket.AF_INET6 if v6 else socket.AF_INET)
@@ -110,7 +111,8 @@ def test_an_encoded_sa_carries_the_key_once_and_aligned() -> None:
 def test_key_is_never_in_a_repr() -> None:
     sa = SaSpec(ip_address("192.0.2.1"), ip_address("198.51.100.1"), 0x1234, 7,
                 Mode.TUNNEL, KEY)
-    assert KEY.hex() not in repr(sa) and str(KEY) not in repr(sa)
+    assert KEY.hex() not in repr(sa)
+    assert str(KEY) not in repr(sa)
 
 
 @given(v6=st.booleans(), block=st.booleans(), prefix=st.integers(8, 24),
@@ -132,7 +134,8 @@ def test_selector_ports_roundtrip() -> None:
     sel = Selector(ip_network("192.0.2.1/32"), ip_network("198.51.100.1/32"), 6, 0, 9443)
     state = PolicyState.from_message(_roundtrip(
         PolicySpec(sel, Direction.IN, 5).message(), s.xfrm_userpolicy_info))
-    assert state.selector == sel and state.selector.reversed().sport == 9443
+    assert state.selector == sel
+    assert state.selector.reversed().sport == 9443
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [

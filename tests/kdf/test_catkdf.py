@@ -67,7 +67,8 @@ def test_rejects_bad_input(change: dict[str, Any], error: type[Exception], messa
 
 def test_psk_is_optional_and_matters() -> None:
     without = catkdf(**{**BASE, "psk": b""})
-    assert len(without) == 48 and without != catkdf(**BASE)
+    assert len(without) == 48
+    assert without != catkdf(**BASE)
 
 
 # -- properties -------------------------------------------------------------------------------
@@ -84,7 +85,8 @@ inputs = st.fixed_dictionaries({
 @given(inputs, st.integers(1, 400))
 def test_length_and_determinism(kw: dict[str, Any], length: int) -> None:
     out = catkdf(**{**kw, "length": length})
-    assert len(out) == length and catkdf(**{**kw, "length": length}) == out
+    assert len(out) == length
+    assert catkdf(**{**kw, "length": length}) == out
 
 
 def _flip(data: bytes, i: int) -> bytes:

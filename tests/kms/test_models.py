@@ -156,14 +156,16 @@ def test_secrets_stay_out_of_reprs_and_errors() -> None:
     c = KeyContainer.model_validate({"keys": [{"key_ID": str(uuid.uuid4()), "key": secret}]})
     q = QkdKey.from_wire(c.keys[0])
     for text in (repr(c), str(c), repr(c.keys[0]), repr(q), str(q)):
-        assert secret not in text and "a5a5" not in text
+        assert secret not in text
+        assert "a5a5" not in text
     # a rejected container's error shows neither the key nor any input
     for bad in ({"keys": [{"key_ID": "nope", "key": secret}]},
                 {"keys": [{"key_ID": str(uuid.uuid4()), "key": secret + "="}]},
                 {"keys": [{"key_ID": str(uuid.uuid4()), "key": secret}]}):
         with pytest.raises(ValidationError) as e:
             KeyContainer.model_validate(bad, context=Expect(size_bits=128))
-        assert secret[:16] not in str(e.value) and secret[:16] not in repr(e.value)
+        assert secret[:16] not in str(e.value)
+        assert secret[:16] not in repr(e.value)
 
 
 # -- hostile input: anything parses or is a ValidationError, and what parses is right ------
@@ -199,7 +201,8 @@ def test_hostile_containers_never_yield_a_wrong_key(body: Any, size: int | None,
         c = KeyContainer.model_validate_json(raw, context=Expect(size_bits=size, count=count))
     except ValidationError:
         return
-    assert c.keys and len({k.key_ID for k in c.keys}) == len(c.keys)
+    assert c.keys
+    assert len({k.key_ID for k in c.keys}) == len(c.keys)
     if count is not None:
         assert len(c.keys) == count
     for k in c.keys:
@@ -236,9 +239,11 @@ def test_status_with_one_field_replaced(field: str, value: Any) -> None:
         return
     for name, v in s.model_dump().items():
         if name.endswith(("_size", "_count", "_per_request")):
-            assert type(v) is int and v >= 0
+            assert type(v) is int
+            assert v >= 0
         elif name.endswith("_ID"):
-            assert type(v) is str and v
+            assert type(v) is str
+            assert v
 
 
 # -- bounds: every number a KME sends is one the gateway can hold ---------------------------

@@ -63,7 +63,8 @@ def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: Edit,
     path = write(tmp_path, demo, edit)
     with pytest.raises(ConfigError) as e:
         SimConfig.load(path)
-    assert str(path) in str(e.value) and message in str(e.value)
+    assert str(path) in str(e.value)
+    assert message in str(e.value)
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
