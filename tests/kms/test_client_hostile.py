@@ -160,13 +160,20 @@ async def test_a_kme_trickling_its_headers_cannot_hold_a_call(demo: DemoLayout,
 
 def test_timeouts_are_checked() -> None:
     assert Timeouts().total >= Timeouts().connect
-    for bad in ({"total": 0}, {"read": float("nan")}, {"connect": float("inf")},
-                {"connect": 5.0, "total": 4.0}, {"read": 20.0, "total": 15.0}):
-        with pytest.raises(ValueError):
+    for bad, message in (
+            ({"total": 0}, "total must be a positive finite number"),
+            ({"read": float("nan")}, "read must be a positive finite number"),
+            ({"connect": float("inf")}, "connect must be a positive finite number"),
+            ({"connect": 5.0, "total": 4.0}, "total must be at least connect and read"),
+            ({"read": 20.0, "total": 15.0}, "total must be at least connect and read")):
+        with pytest.raises(ValueError, match=message):
             Timeouts(**bad)
-    for bad_retry in ({"attempts": 0}, {"attempts": 11}, {"backoff": -1.0},
-                      {"max_backoff": float("inf")}):
-        with pytest.raises(ValueError):
+    for bad_retry, message in (
+            ({"attempts": 0}, "attempts must be from 1 to 10"),
+            ({"attempts": 11}, "attempts must be from 1 to 10"),
+            ({"backoff": -1.0}, "backoff must be a finite number of seconds, 0 or more"),
+            ({"max_backoff": float("inf")}, "max_backoff must be a finite number of seconds")):
+        with pytest.raises(ValueError, match=message):
             RetryPolicy(**bad_retry)
 
 

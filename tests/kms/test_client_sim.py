@@ -327,12 +327,15 @@ async def test_connection_refused(demo: DemoLayout, sim: SimProcess) -> None:
 
 async def test_client_rejects_bad_arguments_before_sending(kme_a: KmeClient,
                                                            sim: SimProcess) -> None:
-    for call in (kme_a.enc_keys("sae-b", 0), kme_a.enc_keys("sae-b", 1, 12),
-                 kme_a.dec_keys("sae-a", ["not-a-uuid"]),
-                 kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000"] * 2),
-                 kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000",
-                                          "0a782fb5-3434-48fe-aa4d-14f41d46cf92"],
-                                method="GET")):
-        with pytest.raises(ValueError):
+    for call, message in (
+            (kme_a.enc_keys("sae-b", 0), "number must be at least 1"),
+            (kme_a.enc_keys("sae-b", 1, 12), "size is in bits: a positive multiple of 8"),
+            (kme_a.dec_keys("sae-a", ["not-a-uuid"]), "bad key IDs: .* must be a UUID"),
+            (kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000"] * 2),
+             "bad key IDs: .* repeats a key_ID"),
+            (kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000",
+                                      "0a782fb5-3434-48fe-aa4d-14f41d46cf92"], method="GET"),
+             "the GET form of dec_keys carries one key_ID")):
+        with pytest.raises(ValueError, match=message):
             await call
     assert sim.requests("kme-a") == {}
