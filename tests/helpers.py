@@ -53,7 +53,7 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def free_base_port(span: int = 13) -> int:
     """A base port P such that P .. P+SPAN-1 are all free (init-demo's layout)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())  # noqa: S311 (picks ports)
     for _ in range(200):
         base = rng.randrange(20000, 60000)
         if all(port_free(base + i) for i in range(span)):
@@ -88,7 +88,7 @@ class SimProcess:
         req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data,
                                      method=method, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (http://127.0.0.1)
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise AssertionError(f"admin {method} {path}: {e.code} {e.read()!r}") from None

@@ -126,7 +126,7 @@ TestFallback.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, 
 
 def _random_world(seed: int, steps: int = 60) -> World:
     """Faults as the stateful tests draw them, from a seed: the honest protocol's moves."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (a seeded simulation, replayable)
     p = policy(mode=rng.choice([Mode.QKD_PQC, Mode.PQC_FALLBACK]))
     w = World(seed=seed, policy_i=p, policy_r=p)
     w.kms_status()

@@ -67,7 +67,7 @@ def test_qber_scales_by_secret_fraction_and_stops_past_the_limit() -> None:
     assert m.rate_at(101.0) == pytest.approx(1000 * secret_fraction(0.05) / secret_fraction(0.02))
     m.set_qber(0.11, 101.0)
     assert m.rate_at(102.0) == 0.0
-    with pytest.raises(ValueError, match="QBER is a fraction between 0 and 0.5"):
+    with pytest.raises(ValueError, match=r"QBER is a fraction between 0 and 0\.5"):
         m.set_qber(0.7, 102.0)
 
 

@@ -27,7 +27,7 @@ LONG_PERIOD, NEW_PERIOD, TIMEOUT = 0.05, 0.1, 5.0
 
 
 def echo(port: int) -> None:
-    srv = socket.create_server(("0.0.0.0", port), reuse_port=True)
+    srv = socket.create_server(("0.0.0.0", port), reuse_port=True)  # noqa: S104 (a test namespace)
     print("ready", flush=True)
     while True:
         conn, _ = srv.accept()
