@@ -118,9 +118,10 @@ def main() -> None:
     if py is None:
         sys.exit("bench/tls.py: no Python 3.13 or later here (ssl PSK callbacks)")
     root = str(Path(__file__).resolve().parent.parent)
-    sys.exit(subprocess.call([py, __file__, "--worker", "--seconds", str(args.seconds),
-                              "--rounds", str(args.rounds), "--rotate-every",
-                              str(args.rotate_every)], env={**os.environ, "PYTHONPATH": root}))
+    # This script again under Python 3.13: an argv, no shell.
+    argv = [py, __file__, "--worker", "--seconds", str(args.seconds), "--rounds",
+            str(args.rounds), "--rotate-every", str(args.rotate_every)]
+    sys.exit(subprocess.call(argv, env={**os.environ, "PYTHONPATH": root}))  # noqa: S603
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a finite number of seconds, 0 or more")
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_backoff, self.backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
+        jitter = random.uniform(0.5, 1.0)  # noqa: S311 (spreads retries; not a secret)
+        return min(self.max_backoff, self.backoff * 2.0**attempt) * jitter
 
 
 @dataclass(frozen=True)

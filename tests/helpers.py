@@ -16,8 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.sink import KeyLifetimes
+from gateway.core.policy import Policy
+
 #: How long a freshly started process may take to accept connections.
 READY_TIMEOUT = 15.0
+
+
+def lifetimes(policy: Policy | None = None) -> KeyLifetimes:
+    """The key lifetimes a link with POLICY (default: the defaults) gives its sinks, as
+    gateway.config.SiteConfig.lifetimes derives them."""
+    p = policy or Policy()
+    return KeyLifetimes(hard_lifetime=p.hard_lifetime, attempt_timeout=p.attempt_timeout)
 
 
 def qkdgw_command() -> list[str]:
@@ -43,7 +53,7 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def free_base_port(span: int = 13) -> int:
     """A base port P such that P .. P+SPAN-1 are all free (init-demo's layout)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())  # noqa: S311 (picks ports)
     for _ in range(200):
         base = rng.randrange(20000, 60000)
         if all(port_free(base + i) for i in range(span)):
@@ -78,7 +88,7 @@ class SimProcess:
         req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", data=data,
                                      method=method, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (http://127.0.0.1)
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise AssertionError(f"admin {method} {path}: {e.code} {e.read()!r}") from None

@@ -43,16 +43,18 @@ def test_top_level_help_lists_every_command() -> None:
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
 def test_every_command_has_help(cmd: list[str]) -> None:
     r = qkdgw(*cmd, "--help")
-    assert r.returncode == 0 and r.stdout.startswith("usage: qkdgw " + " ".join(cmd))
+    assert r.returncode == 0
+    assert r.stdout.startswith("usage: qkdgw " + " ".join(cmd))
     assert len(r.stdout.splitlines()) > 4
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(("args", "message"), [
     ([], "usage: qkdgw"),
     (["kms"], "usage: qkdgw kms"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["kms", "enc-keys"], "the following arguments are required: -c/--config"),
-    (["init-demo", "/tmp/x", "--base-port", "80"], "base port 80 must lie between"),
+    (["init-demo", "/tmp/x", "--base-port", "80"],  # noqa: S108 (refused before writing)
+     "base port 80 must lie between"),
     (["demo", "--kms-only", "--keys", "0"], "--keys must be between 1 and 128"),
     (["demo", "--rate", "0"], "--rate must be between 1 and 10000"),
     (["demo", "--kms-outage", "ten"], "--kms-outage 'ten': expected AT:SECONDS"),
@@ -102,7 +104,8 @@ def test_init_demo_writes_a_working_pki(tmp_path: Path) -> None:
 def test_init_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     r = qkdgw("init-demo", str(tmp_path))
-    assert r.returncode == 2 and "is not empty; pass --force" in r.stderr
+    assert r.returncode == 2
+    assert "is not empty; pass --force" in r.stderr
     assert qkdgw("init-demo", str(tmp_path), "--force").returncode == 0
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
@@ -128,14 +131,16 @@ def test_check_config_refuses_a_readable_private_key(tmp_path: Path, demo: DemoL
     site = tmp_path / "site.yaml"
     site.write_text(text)
     r = qkdgw("check-config", str(site))
-    assert r.returncode == 2 and f"run: chmod 600 {key}" in r.stderr
+    assert r.returncode == 2
+    assert f"run: chmod 600 {key}" in r.stderr
 
 
 def test_check_config_refuses_plain_http(tmp_path: Path, demo: DemoLayout) -> None:
     site = tmp_path / "site.yaml"
     site.write_text(demo.site_config("a").read_text().replace("url: https://", "url: http://"))
     r = qkdgw("check-config", str(site))
-    assert r.returncode == 2 and "kms.url: ETSI GS QKD 014 runs over HTTPS" in r.stderr
+    assert r.returncode == 2
+    assert "kms.url: ETSI GS QKD 014 runs over HTTPS" in r.stderr
 
 
 # -- kms calls --------------------------------------------------------------------------------
@@ -160,12 +165,14 @@ def test_kms_calls_print_ids_and_fingerprints_never_keys(demo: DemoLayout,
 
     key = asyncio.run(material())
     for text in (r2.stdout, r2.stderr):
-        assert key.hex() not in text and base64.b64encode(key).decode() not in text
+        assert key.hex() not in text
+        assert base64.b64encode(key).decode() not in text
 
 
 def test_kms_status_table_and_json(demo: DemoLayout, sim: SimProcess) -> None:
     r = qkdgw("kms", "status", "-c", str(demo.site_config("a")))
-    assert r.returncode == 0 and "stored_key_count         10000" in r.stdout
+    assert r.returncode == 0
+    assert "stored_key_count         10000" in r.stdout
     assert "status_extension.qber" in r.stdout
     r = qkdgw("kms", "status", "-c", str(demo.site_config("b")), "--json")
     assert json.loads(r.stdout)["master_SAE_ID"] == "sae-b"
@@ -181,7 +188,9 @@ def test_kms_failure_exits_1_naming_the_kme(demo: DemoLayout, sim: SimProcess) -
 
 def test_status_without_a_daemon_says_so(demo: DemoLayout) -> None:
     r = qkdgw("status", "-c", str(demo.site_config("a")))
-    assert r.returncode == 1 and "no daemon answers on" in r.stderr and "qkdgw run" in r.stderr
+    assert r.returncode == 1
+    assert "no daemon answers on" in r.stderr
+    assert "qkdgw run" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -194,7 +203,8 @@ def test_check_config_shows_each_links_policy(demo: DemoLayout) -> None:
 
 def test_kms_unknown_link(demo: DemoLayout) -> None:
     r = qkdgw("kms", "status", "-c", str(demo.site_config("a")), "--link", "zz")
-    assert r.returncode == 2 and "no link named 'zz' (links: ab)" in r.stderr
+    assert r.returncode == 2
+    assert "no link named 'zz' (links: ab)" in r.stderr
 
 
 # -- the demo ---------------------------------------------------------------------------------
@@ -215,7 +225,8 @@ def test_demo_reports_a_busy_port() -> None:
         s.bind(("127.0.0.1", base + 1))
         s.listen()
         r = qkdgw("demo", "--kms-only", "--base-port", str(base))
-    assert r.returncode == 2 and "pick others with --base-port" in r.stderr
+    assert r.returncode == 2
+    assert "pick others with --base-port" in r.stderr
 
 
 def test_sim_stops_cleanly_on_sigterm(demo: DemoLayout, tmp_path: Path) -> None:
@@ -227,5 +238,6 @@ def test_sim_stops_cleanly_on_sigterm(demo: DemoLayout, tmp_path: Path) -> None:
     sim = start_sim(root / "kms.yaml", base, [base + 1, base + 2], tmp_path / "log")
     assert sim.stop() == 0
     log = sim.log.read_text()
-    assert "simulator stopped" in log and "Traceback" not in log
+    assert "simulator stopped" in log
+    assert "Traceback" not in log
     assert os.path.exists(root / "kms.yaml")

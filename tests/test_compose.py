@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +40,8 @@ def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: Any) -> str:
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}\n{proc.stdout[-3000:]}"
                            f"\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    out: str = proc.stdout  # text=True; **kw leaves run()'s overload unresolved
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +54,21 @@ def docker() -> Iterator[None]:
             pytest.skip(f"{tool} is not installed (apt-get install {package})")
     started = None
     if subprocess.run(["docker", "info"], capture_output=True, check=False).returncode != 0:
-        log = open("/tmp/qkdgw-test-dockerd.log", "ab")  # noqa: SIM115 (lives with dockerd)
+        log = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives with dockerd)
+            prefix="qkdgw-test-dockerd-", suffix=".log", delete=False)
         started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
         wait_until("dockerd", lambda: subprocess.run(["docker", "info"], capture_output=True,
                                                      check=False).returncode == 0, 60)
     try:
         if not sh("docker", "images", "-q", BASE_IMAGE).strip():
-            rootfs = Path(f"/tmp/qkdgw-rootfs-{os.getpid()}")
+            scratch = Path(tempfile.mkdtemp(prefix="qkdgw-rootfs-"))
+            rootfs = scratch / "rootfs"  # debootstrap makes it, with the usual modes
             try:
                 sh("debootstrap", "--variant=minbase", "bookworm", str(rootfs),
                    "http://deb.debian.org/debian")
                 sh("sh", "-c", f"tar -C {rootfs} -c . | docker import - {BASE_IMAGE}")
             finally:
-                shutil.rmtree(rootfs, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
         yield
     finally:
         if started is not None:

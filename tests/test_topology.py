@@ -57,7 +57,8 @@ def test_a_gateway_or_a_site_is_one_line() -> None:
     t = Topology(sites=(Site("a", gateways=2), Site("b"), Site("c", hosts=2)))
     assert t.roles() == ["lan-a", "sw-a", "gw-a", "gw-a2", "lan-b", "gw-b",
                          "lan-c", "lan-c2", "sw-c", "gw-c", "wan"]
-    assert t.gateway("a", 1) == "192.0.2.2" and t.gateway("a", 1, lan=True) == "10.1.0.254"
+    assert t.gateway("a", 1) == "192.0.2.2"
+    assert t.gateway("a", 1, lan=True) == "10.1.0.254"
     assert (t.gateway("c"), t.router("c"), t.host("c", 1)) == \
         ("203.0.113.1", "203.0.113.254", "10.3.0.3")
     assert t.endpoints() == {"192.0.2.1": "a", "192.0.2.2": "a", "198.51.100.1": "b",
@@ -81,7 +82,8 @@ def test_one_wire_joins_two_single_gateway_sites() -> None:
 @pytest.mark.parametrize("built", [Topology(ipv6=True)], indirect=True)
 def test_the_wan_routes_between_gateways_and_never_to_a_lan(built: Net) -> None:
     assert reaches(built, "gw-a", "198.51.100.1")
-    assert reaches(built, "lan-a", "10.1.0.1") and reaches(built, "lan-a", "fd00:a::1")
+    assert reaches(built, "lan-a", "10.1.0.1")
+    assert reaches(built, "lan-a", "fd00:a::1")
     assert not reaches(built, "lan-a", "10.2.0.2")  # clear text stops at `wan`
     assert "fd00:b::/64 dev wan" in built.run("gw-a", "ip", "-6", "route")
 
@@ -97,7 +99,8 @@ def test_more_gateways_and_sites_are_all_connected(built: Net) -> None:
     for role, _ in gateways:
         for _, address in gateways:
             assert reaches(built, role, address), (role, address)
-    assert reaches(built, "lan-a", "10.1.0.254") and reaches(built, "lan-c2", "10.3.0.2")
+    assert reaches(built, "lan-a", "10.1.0.254")
+    assert reaches(built, "lan-c2", "10.3.0.2")
     assert "blackhole 10.3.0.0/16" in built.run("gw-a2", "ip", "route")
     assert built.run("lan-a", "sysctl", "-n", "net.ipv6.conf.all.disable_ipv6").strip() == "1"
 
@@ -114,7 +117,8 @@ def test_one_wire_carries_clear_text_to_the_far_side(built: Net) -> None:
     with server:
         server.bind(("10.2.0.2", 7))
         server.listen()
-        assert built.listening("gw-b", 7) and not topology.listening(7)
+        assert built.listening("gw-b", 7)
+        assert not topology.listening(7)
 
 
 @needs_root

@@ -149,8 +149,8 @@ class Sites:
         log = (self.out / f"{name}.log").open("ab")
         # Their own process group: Ctrl-C on a terminal reaches the whole foreground group,
         # and these must stay up for the summary, then stop in order (teardown) when the
-        # demo, the only one that gets it, says so.
-        proc = subprocess.Popen(self.net.argv(role, *argv), cwd=self.root, stdout=log,
+        # demo, the only one that gets it, says so. The demo's own processes, an argv, no shell.
+        proc = subprocess.Popen(self.net.argv(role, *argv), cwd=self.root, stdout=log,  # noqa: S603
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 process_group=0)
         self.procs[name] = proc

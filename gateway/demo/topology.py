@@ -355,7 +355,9 @@ class Net:
 def run(*argv: str, check: bool = True) -> str:
     """A command's output. Its own process group: Ctrl-C is for the demo or the test, which
     then finish and clean up in order."""
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True, process_group=0)
+    # The demo's own commands (ip, tc, ...), an argv and no shell.
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True,  # noqa: S603
+                          process_group=0)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc.stdout

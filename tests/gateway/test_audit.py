@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def lines(path: Path) -> list[str]:
 def test_intact_trail_and_its_head(tmp_path: Path) -> None:
     path = trail(tmp_path)
     result = verify(path)
-    assert result.ok and result.records == 6 and result.head.seq == 6
+    assert result.ok
+    assert result.records == 6
+    assert result.head.seq == 6
     assert json.loads(lines(path)[0])["prev"] == GENESIS
     assert verify(path, expected_head=result.head.hash).ok
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -52,10 +55,11 @@ def test_appending_continues_the_chain(tmp_path: Path) -> None:
     log = AuditLog(path, "a")
     log.append("retired", link="ab", epoch=1)
     log.close()
-    assert verify(path).ok and verify(path).head.seq == 4
+    assert verify(path).ok
+    assert verify(path).head.seq == 4
 
 
-@pytest.mark.parametrize("tamper,problem", [
+@pytest.mark.parametrize(("tamper", "problem"), [
     (lambda ls: [ls[0], ls[1].replace('"epoch":2', '"epoch":9'), *ls[2:]],
      "line 2 (seq 2): contents changed"),
     (lambda ls: [ls[0], *ls[2:]], "line 2 (seq 3): does not follow"),
@@ -63,11 +67,13 @@ def test_appending_continues_the_chain(tmp_path: Path) -> None:
     (lambda ls: [*ls[:3], "{not json", *ls[3:]], "line 4: not JSON"),
     (lambda ls: [ls[1], *ls[2:]], "line 1 (seq 2): does not follow"),
 ])
-def test_tampering_is_found(tmp_path: Path, tamper: object, problem: str) -> None:
+def test_tampering_is_found(tmp_path: Path, tamper: Callable[[list[str]], list[str]],
+                            problem: str) -> None:
     path = trail(tmp_path)
-    path.write_text("\n".join(tamper(lines(path))) + "\n")  # type: ignore[operator]
+    path.write_text("\n".join(tamper(lines(path))) + "\n")
     result = verify(path)
-    assert not result.ok and any(problem in p for p in result.problems), result.problems
+    assert not result.ok, result.problems
+    assert any(problem in p for p in result.problems), result.problems
 
 
 def test_an_edited_record_with_a_recomputed_hash_still_breaks_the_next_link(
@@ -91,7 +97,8 @@ def test_cut_off_tail_needs_the_head(tmp_path: Path) -> None:
     path.write_text("\n".join(lines(path)[:-2]) + "\n")
     assert verify(path).ok  # a shorter chain is still a chain ...
     result = verify(path, expected_head=head)  # ... the head kept elsewhere tells
-    assert not result.ok and "cut off the end" in result.problems[0]
+    assert not result.ok
+    assert "cut off the end" in result.problems[0]
 
 
 def test_refuses_to_append_to_a_broken_trail(tmp_path: Path) -> None:
@@ -105,20 +112,24 @@ def test_cli_verify(tmp_path: Path) -> None:
     path = trail(tmp_path)
     ok = subprocess.run([*qkdgw_command(), "audit", "verify", str(path)], capture_output=True,
                         text=True, check=False)
-    assert ok.returncode == 0 and ": 6 records" in ok.stdout and "OK" in ok.stdout
+    assert ok.returncode == 0
+    assert ": 6 records" in ok.stdout
+    assert "OK" in ok.stdout
     path.write_text(path.read_text().replace('"epoch":5', '"epoch":6'))
     bad = subprocess.run([*qkdgw_command(), "audit", "verify", str(path)], capture_output=True,
                          text=True, check=False)
-    assert bad.returncode == 1 and "BROKEN: line 5 (seq 5): contents changed" in bad.stdout
+    assert bad.returncode == 1
+    assert "BROKEN: line 5 (seq 5): contents changed" in bad.stdout
     missing = subprocess.run([*qkdgw_command(), "audit", "verify", str(tmp_path / "nope")],
                              capture_output=True, text=True, check=False)
-    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert missing.returncode == 2
+    assert "no such file" in missing.stderr
 
 
 # -- corrupt input: a problem reported, never a traceback ------------------------------------
 
 
-@pytest.mark.parametrize("line,problem", [
+@pytest.mark.parametrize(("line", "problem"), [
     ("[" * 100_000 + "]" * 100_000, "line 3: not JSON (nested too deep)"),
     ('{"seq": 3, "detail": "\\ud800", "prev": "x", "hash": "y"}', "line 3: not a canonical"),
     ('{"seq": 1e400}', "line 3: no valid sequence number"),
@@ -131,11 +142,14 @@ def test_a_corrupt_line_is_a_broken_record_not_a_crash(tmp_path: Path, line: str
     ls = lines(path)
     path.write_text("\n".join([*ls[:2], line, *ls[2:]]) + "\n")
     result = verify(path)
-    assert not result.ok and result.problems[0].startswith(problem), result.problems
+    assert not result.ok, result.problems
+    assert result.problems[0].startswith(problem), result.problems
     assert result.records == 5
     r = subprocess.run([*qkdgw_command(), "audit", "verify", str(path)], capture_output=True,
                        text=True, check=False)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and problem in r.stdout
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert problem in r.stdout
 
 
 # -- signed checkpoints ----------------------------------------------------------------------
@@ -171,7 +185,8 @@ def test_checkpoints_are_signed_every_so_many_records(tmp_path: Path) -> None:
     path, cert = signed_trail(tmp_path, 2 * CHECKPOINT_RECORDS + 3)
     result = verify(path, cert=_cert(cert))
     assert result.ok, result.problems
-    assert result.checkpoints == 3 and result.unsigned_tail == 3
+    assert result.checkpoints == 3
+    assert result.unsigned_tail == 3
     events = [json.loads(line)["event"] for line in lines(path)]
     assert [i for i, e in enumerate(events) if e == "checkpoint"] == [
         1, 2 + CHECKPOINT_RECORDS, 3 + 2 * CHECKPOINT_RECORDS]
@@ -237,7 +252,8 @@ def test_one_site_cut_short_is_found_from_the_other(tmp_path: Path) -> None:
     b.write_text("\n".join(lines(b)[:-6]) + "\n")  # still a valid, shorter chain
     assert verify(b).ok
     problems = _cross(a, b)
-    assert problems and all("records cut off its end" in p for p in problems)
+    assert problems
+    assert all("records cut off its end" in p for p in problems)
 
 
 def test_one_site_rewritten_or_replaced_is_found_from_the_other(tmp_path: Path) -> None:
@@ -279,12 +295,15 @@ def test_cli_verify_with_the_peer_and_both_certificates(tmp_path: Path) -> None:
     path = tmp_path / "b.jsonl"
     path.write_text("\n".join(lines(path)[:1]) + "\n")
     bad = subprocess.run(args, capture_output=True, text=True, check=False)
-    assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "cut off its end" in bad.stdout
+    assert bad.returncode == 1
+    assert "MISMATCH" in bad.stdout
+    assert "cut off its end" in bad.stdout
     swapped = subprocess.run([*args[:5], str(cb)], capture_output=True, text=True, check=False)
-    assert swapped.returncode == 1 and "signed with another certificate" in swapped.stdout
+    assert swapped.returncode == 1
+    assert "signed with another certificate" in swapped.stdout
 
 
-@pytest.mark.parametrize("what,content,message", [
+@pytest.mark.parametrize(("what", "content", "message"), [
     ("audit.jsonl", "[" * 100_000 + "]" * 100_000 + "\n",
      "refusing to append to a broken audit trail: line 1: not JSON (nested too deep)"),
     ("audit.jsonl", '{"seq": 1, "detail": "\\ud800"}\n',
@@ -305,5 +324,6 @@ def test_the_daemon_refuses_to_start_on_corrupt_state_and_says_why(
     path.write_text(content)
     r = subprocess.run([*qkdgw_command(), "run", "-c", str(layout.site_config("a"))],
                        capture_output=True, text=True, timeout=60, check=False)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

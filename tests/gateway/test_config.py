@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import annotated_types
 import pytest
@@ -16,6 +18,10 @@ from gateway.core.policy import Mode
 from gateway.initdemo import DemoLayout
 from gateway.site import SiteConfig
 from kms.sim.config import SimConfig
+from tls.file import FileSinkConfig
+
+#: Changes a loaded configuration in place (what it returns is ignored).
+Edit = Callable[[dict[str, Any]], object]
 
 XFRM = {"type": "xfrm", "local": "192.0.2.1", "remote": "198.51.100.1",
         "local_subnets": ["10.1.0.0/16"], "remote_subnets": ["10.2.0.0/16"]}
@@ -28,16 +34,16 @@ def strongswan(extra: dict[str, object]) -> dict[str, object]:
         "children": {"lan": {"local_ts": ["10.1.0.0/16"]}}, **extra}}
 
 
-def edited(tmp_path: Path, demo: DemoLayout, edit: object) -> Path:
+def edited(tmp_path: Path, demo: DemoLayout, edit: Edit) -> Path:
     config = yaml.safe_load(demo.site_config("a").read_text())
-    edit(config)  # type: ignore[operator]
+    edit(config)
     path = demo.root / f"edited-{tmp_path.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) -> None:
-    def edit(c: dict) -> None:  # type: ignore[type-arg]
+    def edit(c: dict[str, Any]) -> None:
         c["policy"] = {"interval": 60, "mode": "pqc-fallback"}
         c["links"][0]["policy"] = {"interval": 5}
 
@@ -46,14 +52,16 @@ def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) 
     assert (p.interval, p.mode, p.grace) == (5, Mode.PQC_FALLBACK, 2.0)
     assert site.state_dir == demo.root / "state-a"
     assert site.audit_path == demo.root / "state-a" / "audit.jsonl"
-    assert site.links[0].sinks[0].path == demo.root / "state-a" / "ab.psk"
+    sink = site.links[0].sinks[0]
+    assert isinstance(sink, FileSinkConfig)
+    assert sink.path == demo.root / "state-a" / "ab.psk"
 
 
-@pytest.mark.parametrize("site,link,expected", [
+@pytest.mark.parametrize(("site", "link", "expected"), [
     (None, None, True), (False, None, False), (None, False, False), (False, True, True)])
 def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, site: bool | None,
                                            link: bool | None, expected: bool) -> None:
-    def edit(c: dict) -> None:  # type: ignore[type-arg]
+    def edit(c: dict[str, Any]) -> None:
         if site is not None:
             c["policy"]["prefetch"] = site
         if link is not None:
@@ -63,7 +71,7 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
     assert config.link_policy(config.links[0]).prefetch is expected
 
 
-@pytest.mark.parametrize("edit,message", [
+@pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c["policy"].update(mode="qkd-only"), "policy.mode: Input should be"),
     (lambda c: c["policy"].update(interval=-1), "policy.interval: Input should be greater"),
     (lambda c: c["policy"].update(hard_lifetime=10, interval=30),
@@ -101,7 +109,7 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
         extra={"x": {"y": {"z": {"a": {"b": {"c": {"d": "1"}}}}}}})),
      "connection.x.y.z.a: nested deeper than 4 sections"),
 ])
-def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: object,
+def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: Edit,
                                message: str) -> None:
     with pytest.raises(ConfigError) as e:
         SiteConfig.load(edited(tmp_path, demo, edit))

@@ -44,16 +44,21 @@ def test_epochs_roll_over_with_identical_keys_and_old_ones_retired() -> None:
     w.kms_status()
     w.run_for(105)
     assert not w.violations
-    assert w.converged() and w.i.plane.outbound is not None and w.i.plane.outbound >= 9
+    assert w.converged()
+    assert w.i.plane.outbound is not None
+    assert w.i.plane.outbound >= 9
     assert w.i.plane.sent_on == list(range(1, w.i.plane.outbound + 1))
+    assert w.r.plane.outbound is not None
     assert set(w.r.plane.inbound) <= {w.r.plane.outbound, w.r.plane.outbound + 1}
     fingerprints = {r.epoch: r.fingerprint for r in w.i.records if r.kind == "rekeyed"}
     assert fingerprints == {r.epoch: r.fingerprint for r in w.r.records if r.kind == "rekeyed"}
     assert len(set(fingerprints.values())) == len(fingerprints)
     used = [k for r in w.i.records if r.kind == "offered" for k in r.key_ids]
     ahead = {k.key_id for k in w.i.machine.ahead}  # one key fetched ahead for the next epoch
-    assert len(used) == len(set(used)) and set(used) | ahead == w.kms.issued
-    assert ahead == {k.key_id for k in w.r.machine.ahead} and len(ahead) == 1
+    assert len(used) == len(set(used))
+    assert set(used) | ahead == w.kms.issued
+    assert ahead == {k.key_id for k in w.r.machine.ahead}
+    assert len(ahead) == 1
 
 
 def test_qkd_pqc_without_kms_keeps_the_key_then_blocks_at_hard_lifetime() -> None:
@@ -65,15 +70,19 @@ def test_qkd_pqc_without_kms_keeps_the_key_then_blocks_at_hard_lifetime() -> Non
     w.kms.available = False
     w.kms_status(ok=False)
     w.run_for(FAST.hard_lifetime - 10)
-    assert w.i.plane.outbound == epoch and not w.i.plane.blocked  # still on the last key
+    assert w.i.plane.outbound == epoch
+    assert not w.i.plane.blocked  # still on the last key
     assert "kms-unavailable" in w.i.alarms
     w.run_for(15)
-    assert w.i.plane.blocked and w.r.plane.blocked  # fail closed, never on a stale key
-    assert "hard-lifetime" in w.i.alarms and not w.violations
+    assert w.i.plane.blocked
+    assert w.r.plane.blocked  # fail closed, never on a stale key
+    assert "hard-lifetime" in w.i.alarms
+    assert not w.violations
     w.kms.available = True
     w.kms_status()
     assert w.settle(FAST.retry_backoff_max + 2 * FAST.attempt_timeout)
-    assert "hard-lifetime" not in w.i.alarms and "kms-unavailable" not in w.i.alarms
+    assert "hard-lifetime" not in w.i.alarms
+    assert "kms-unavailable" not in w.i.alarms
 
 
 def test_pqc_fallback_rekeys_without_qkd_and_returns_to_qkd() -> None:
@@ -85,16 +94,22 @@ def test_pqc_fallback_rekeys_without_qkd_and_returns_to_qkd() -> None:
     w.kms_status(ok=False)
     w.run_for(35)
     offered = [r for r in w.i.records if r.kind == "offered"]
-    assert offered[-1].detail.startswith("pqc+") and offered[-1].key_ids == ()
-    assert w.converged() and "qkd-fallback" in w.i.alarms and "qkd-fallback" in w.r.alarms
+    assert offered[-1].detail.startswith("pqc+")
+    assert offered[-1].key_ids == ()
+    assert w.converged()
+    assert "qkd-fallback" in w.i.alarms
+    assert "qkd-fallback" in w.r.alarms
     pqc_epoch = w.i.plane.outbound
     w.kms.available = True
     w.kms_status()
     w.run_for(2)  # the first chance: at once, not at the next interval
-    assert w.i.plane.outbound is not None and pqc_epoch is not None
-    assert w.i.plane.outbound > pqc_epoch and w.converged()
+    assert w.i.plane.outbound is not None
+    assert pqc_epoch is not None
+    assert w.i.plane.outbound > pqc_epoch
+    assert w.converged()
     assert [r for r in w.i.records if r.kind == "offered"][-1].detail.startswith("qkd+")
-    assert "qkd-fallback" not in w.i.alarms and not w.violations
+    assert "qkd-fallback" not in w.i.alarms
+    assert not w.violations
 
 
 def test_responder_requiring_qkd_refuses_pqc_only_offers() -> None:
@@ -102,7 +117,9 @@ def test_responder_requiring_qkd_refuses_pqc_only_offers() -> None:
     w.kms.available = False
     w.kms_status(ok=False)
     w.run_for(20)
-    assert w.i.plane.outbound is None and w.i.plane.blocked and w.r.plane.blocked
+    assert w.i.plane.outbound is None
+    assert w.i.plane.blocked
+    assert w.r.plane.blocked
     assert any(r.kind == "rejected" and "requires QKD" in r.detail for r in w.r.records)
     assert "exchange-failed" in w.i.alarms
 
@@ -126,10 +143,12 @@ def test_operator_and_soft_limit_rekeys() -> None:
     assert w.i.plane.outbound == 1
     w.r.feed(RekeyRequested("operator"))  # the responder asks the initiator
     w.run_for(1)
-    assert w.i.plane.outbound == 2 and w.converged()
+    assert w.i.plane.outbound == 2
+    assert w.converged()
     w.i.feed(RekeyRequested("soft-limit"))
     w.run_for(1)
-    assert w.i.plane.outbound == 3 and w.converged()
+    assert w.i.plane.outbound == 3
+    assert w.converged()
 
 
 def test_restart_resumes_epochs_without_reusing_numbers() -> None:
@@ -141,7 +160,8 @@ def test_restart_resumes_epochs_without_reusing_numbers() -> None:
     for side in (w.i, w.r, w.i):
         side.restart()
         w.run_for(3)
-        assert w.converged() and w.i.plane.outbound is not None
+        assert w.converged()
+        assert w.i.plane.outbound is not None
         assert w.i.plane.outbound > epoch
         epoch = w.i.plane.outbound
     assert not w.violations
@@ -154,7 +174,8 @@ def test_initiator_that_lost_its_state_resynchronises() -> None:
     w.i.snapshot = None  # its state file is gone
     w.i.restart()
     w.run_for(3)
-    assert w.converged() and not w.violations
+    assert w.converged()
+    assert not w.violations
     assert any(r.detail.endswith("stale-epoch") for r in w.i.records if r.kind == "discarded")
 
 
@@ -162,7 +183,8 @@ def test_snapshots_hold_no_key_material() -> None:
     w = World(seed=9)
     w.kms_status()
     w.run_for(25)
-    assert w.i.snapshot is not None and w.r.snapshot is not None
+    assert w.i.snapshot is not None
+    assert w.r.snapshot is not None
     text = w.i.snapshot.model_dump_json() + w.r.snapshot.model_dump_json()
     for key in list(w.epoch_keys.values()) + list(w.kms.reserved.values()):
         assert key.hex() not in text
@@ -191,7 +213,7 @@ def _offer_and_accept() -> tuple[World, Offer, Accept]:
     return w, offer, accept
 
 
-@pytest.mark.parametrize("raw,problem", [
+@pytest.mark.parametrize(("raw", "problem"), [
     (b"", "not JSON"),
     (b'{"v":1,"type":"offer","link":"ab"', "not JSON"),
     (b"x" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
@@ -233,7 +255,8 @@ def test_wrong_mac_is_refused_and_the_key_does_not_change() -> None:
     w._send = tamper  # type: ignore[method-assign]
     w.i.feed(RekeyRequested("operator"))
     w.run_for(1)
-    assert w.i.plane.outbound == current and not w.violations
+    assert w.i.plane.outbound == current
+    assert not w.violations
     assert any("key confirmation" in r.detail for r in w.i.records if r.kind == "discarded")
     assert "exchange-failed" in w.i.alarms
 
@@ -260,7 +283,8 @@ def test_wrong_link_and_role_confusion_are_rejected() -> None:
     w.r.feed(received(offer.model_copy(update={"link": "zz", "epoch": 99}), CERT_I))
     w.i.feed(received(offer, CERT_I))  # an Offer at the initiator
     w.r.feed(received(accept, CERT_R))  # an Accept at the responder
-    assert w.r.rejected == ["wrong-link", "role-conflict"] and w.i.rejected == ["role-conflict"]
+    assert w.r.rejected == ["wrong-link", "role-conflict"]
+    assert w.i.rejected == ["role-conflict"]
 
 
 def test_offer_without_peer_certificate_or_with_bad_keys_is_refused() -> None:
@@ -342,7 +366,8 @@ def test_every_transition_has_a_handler_and_a_note() -> None:
 
 def test_blocked_until_the_first_epoch() -> None:
     w = World(seed=14)
-    assert w.i.plane.blocked and w.r.plane.blocked
+    assert w.i.plane.blocked
+    assert w.r.plane.blocked
     m = LinkMachine(w.i.machine.identity, FAST, now=0.0)
     assert Block("no key yet") in m.start(0.0)
     assert not any(isinstance(a, Send) for a in m.start(0.0))  # the initiator waits for keys
@@ -359,7 +384,9 @@ def test_next_exchange_needs_no_kms_round_trip() -> None:
     w.kms.available = False  # the KME is gone, but the next key is already here
     w.i.feed(RekeyRequested("operator"))
     w.run_for(1)
-    assert w.i.plane.outbound == 2 and w.converged() and not w.violations
+    assert w.i.plane.outbound == 2
+    assert w.converged()
+    assert not w.violations
     assert [r.detail for r in w.i.records if r.kind == "rekey-started"][-1].endswith("ahead")
     assert len([r for r in w.i.records if r.kind == "fetched"]) == fetched  # no new fetch
 
@@ -373,7 +400,8 @@ def test_offer_racing_the_responders_fetch_waits_for_it() -> None:
     w.run_for(0.01)
     w.i.feed(RekeyRequested("operator"))  # ... when the next Offer (using those keys) lands
     w.run_for(3)
-    assert w.converged() and not w.violations
+    assert w.converged()
+    assert not w.violations
     assert not [r for r in w.r.records if r.kind == "rejected"]
     assert "kms-unavailable" not in w.r.alarms  # the keys were asked for once only
 
@@ -382,9 +410,11 @@ def test_a_bad_kms_discards_the_key_fetched_ahead() -> None:
     w = World(seed=17)
     w.kms_status()
     w.run_for(2)
-    assert w.i.machine.ahead and w.r.machine.ahead
+    assert w.i.machine.ahead
+    assert w.r.machine.ahead
     w.kms_status(qber=0.3)
-    assert not w.i.machine.ahead and not w.r.machine.ahead
+    assert not w.i.machine.ahead
+    assert not w.r.machine.ahead
     assert [r for r in w.i.records if r.kind == "discarded"][-1].detail.startswith(
         "key fetched ahead: QBER")
 
@@ -425,14 +455,19 @@ def test_an_abort_naming_the_last_epoch_leaves_the_link_on_its_key_then_blocked(
     w.i.feed(RekeyRequested("operator"))
     w.run_for(1)
     m = w.i.machine
-    assert m.max_epoch == MAX_EPOCH and "exhausted" in m.alarms[Alarm.EXCHANGE_FAILED]
-    assert w.i.plane.outbound == epoch and not w.i.plane.blocked  # still on its key
+    assert m.max_epoch == MAX_EPOCH
+    assert "exhausted" in m.alarms[Alarm.EXCHANGE_FAILED]
+    assert w.i.plane.outbound == epoch
+    assert not w.i.plane.blocked  # still on its key
     w.run_for(FAST.hard_lifetime)
-    assert w.i.plane.blocked and "hard-lifetime" in w.i.alarms and not w.violations
-    assert m.state is State.IDLE and m.next_deadline() is not None  # alive, retrying
+    assert w.i.plane.blocked
+    assert "hard-lifetime" in w.i.alarms
+    assert not w.violations
+    assert m.state is State.IDLE
+    assert m.next_deadline() is not None  # alive, retrying
 
 
-@pytest.mark.parametrize("raw,problem", [
+@pytest.mark.parametrize(("raw", "problem"), [
     (b'{"v":1,"v":1,"type":"ack"}', "member 'v' given more than once"),
     (b'{"v":1,"type":"ack","link":"ab","epoch":NaN}', "NaN is not a number"),
     (b'{"v":1,"type":"ack","link":"ab","epoch":Infinity}', "Infinity is not a number"),
@@ -453,7 +488,8 @@ def test_peer_controlled_names_are_escaped_in_errors() -> None:
                       "nonce_r": nonce, "EVIL\nX: forged log line": 1}).encode()
     with pytest.raises(MessageError) as e:
         decode(raw)
-    assert "\n" not in str(e.value) and "EVIL" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert "EVIL" in str(e.value)
 
 
 @pytest.mark.parametrize("ahead", [False, True])
@@ -465,18 +501,21 @@ def test_a_restarted_responder_gets_an_offer_at_once(ahead: bool) -> None:
     w = World(seed=21, policy_i=p, policy_r=p)
     w.kms_status()
     w.run_for(3)
-    assert bool(w.i.machine.ahead) is ahead and bool(w.r.machine.ahead) is ahead
+    assert bool(w.i.machine.ahead) is ahead
+    assert bool(w.r.machine.ahead) is ahead
     w.loss = 1.0  # R is gone: I's Offer goes unanswered, its retransmissions back off
     w.i.feed(RekeyRequested("operator"))
     w.run_for(FAST.retransmit + 2 * FAST.retransmit_max)
     a = w.i.machine.attempt
-    assert w.i.machine.state is State.OFFERED and a is not None
+    assert w.i.machine.state is State.OFFERED
+    assert a is not None
     assert (a.announced_in is not None) is ahead
     assert a.send_interval == FAST.retransmit_max
     w.loss = 0.0
     w.r.restart()  # R's first act: a rekey request (restart)
     w.run_for(0.05)  # a few messages each way, far less than the retransmission interval
-    assert w.converged() and not w.violations
+    assert w.converged()
+    assert not w.violations
     assert w.i.plane.outbound == (a.epoch + 1 if ahead else a.epoch)
     assert not [r for r in w.r.records if r.kind == "discarded" and "dec_keys" in r.detail]
 
@@ -508,7 +547,9 @@ def test_a_restart_after_a_failure_starts_blocked_and_retires_the_old_key() -> N
     assert snapshot.outbound is not None
     m = LinkMachine(w.i.machine.identity, FAST, now=w.now, snapshot=snapshot)
     actions = m.start(w.now, plane_blocked=True)
-    assert m.blocked and m.outbound is None and Block("no key yet") in actions
+    assert m.blocked
+    assert m.outbound is None
+    assert Block("no key yet") in actions
     assert any(isinstance(a, RetireOutbound) and a.ref.epoch == snapshot.outbound.epoch
                for a in actions)
 
@@ -523,7 +564,8 @@ def test_a_kms_status_with_nan_is_refused_and_changes_nothing() -> None:
                                      "peer_kme_id": "kme-b", **bad})  # type: ignore[arg-type]
         with pytest.raises(IllegalEvent, match="KMS status with"):
             m.handle(event, w.now)
-    assert m.kms == before and m.next_deadline() == m.next_deadline()  # not NaN
+    assert m.kms == before
+    assert m.next_deadline() == m.next_deadline()  # not NaN
 
 
 def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
@@ -547,4 +589,5 @@ def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
              if isinstance(a, Send)]
     assert again == [m.attempt.accept]  # type: ignore[union-attr]
     w.run_for(2)
-    assert w.converged() and not w.violations
+    assert w.converged()
+    assert not w.violations

@@ -91,7 +91,8 @@ class RekeyWorld(RuleBasedStateMachine):
         assert not w.violations, w.violations[:3]
         assert settled, (w.i.plane.outbound, w.r.plane.outbound, w.i.machine.state,
                          w.r.machine.state)
-        assert w.i.plane.outbound is not None and w.i.plane.outbound > before
+        assert w.i.plane.outbound is not None
+        assert w.i.plane.outbound > before
         event(f"converged after {min(len(w.i.plane.sent_on) // 10 * 10, 50)}+ epochs")
         for side in (w.i, w.r):
             for kind in {r.kind for r in side.records} & {"discarded", "unconfirmed",
@@ -125,7 +126,7 @@ TestFallback.settings = settings(max_examples=EXAMPLES, stateful_step_count=40, 
 
 def _random_world(seed: int, steps: int = 60) -> World:
     """Faults as the stateful tests draw them, from a seed: the honest protocol's moves."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 (a seeded simulation, replayable)
     p = policy(mode=rng.choice([Mode.QKD_PQC, Mode.PQC_FALLBACK]))
     w = World(seed=seed, policy_i=p, policy_r=p)
     w.kms_status()

@@ -61,19 +61,23 @@ def test_one_minute_of_rekeys_every_second(sites: Sites) -> None:
         events = {r["event"] for r in sites.audit(site)}
         assert not events & {"discarded", "rejected", "unconfirmed"}, events
         status = sites.link(site)
-        assert status["alarms"] == {} and status["rekeys"] >= 50
-        assert status["kms"]["ok"] and status["last_rekey_latency"] < 0.5
+        assert status["alarms"] == {}
+        assert status["rekeys"] >= 50
+        assert status["kms"]["ok"]
+        assert status["last_rekey_latency"] < 0.5
     # key IDs: one per epoch, never twice
     ids = [k for r in sites.audit("a") if r["event"] == "offered" for k in r["key_ids"]]
     assert len(ids) == len(set(ids)) >= 50
     # the file sinks hold the same, current key, 0600
-    assert sites.psk("a") == sites.psk("b") and len(sites.psk("a")) == 64
+    assert sites.psk("a") == sites.psk("b")
+    assert len(sites.psk("a")) == 64
     assert file_mode(sites.layout.state_dir("a") / "ab.psk") == 0o600
     for site in ("a", "b"):
         r = subprocess.run([*qkdgw_command(), "audit", "verify",
                             str(sites.layout.state_dir(site) / "audit.jsonl")],
                            capture_output=True, text=True, check=False)
-        assert r.returncode == 0 and "OK" in r.stdout, r.stdout
+        assert r.returncode == 0, r.stdout
+        assert "OK" in r.stdout, r.stdout
     # each trail holds the other's head as of every epoch, and checkpoints signed by its site
     trails = {s: str(sites.layout.state_dir(s) / "audit.jsonl") for s in ("a", "b")}
     certs = {s: str(sites.layout.pki / f"gw-{s}.pem") for s in ("a", "b")}
@@ -82,7 +86,9 @@ def test_one_minute_of_rekeys_every_second(sites: Sites) -> None:
                        capture_output=True, text=True, check=False)
     anchors = re.search(r"anchors: (\d+) peer heads checked between site a and site b: OK",
                         r.stdout)
-    assert r.returncode == 0 and anchors and int(anchors[1]) >= 100, r.stdout
+    assert r.returncode == 0, r.stdout
+    assert anchors, r.stdout
+    assert int(anchors[1]) >= 100, r.stdout
     assert r.stdout.count("signed checkpoints checked") == 2
 
 
@@ -101,7 +107,8 @@ def test_kms_outage_in_qkd_pqc_mode_keeps_the_key_and_recovers(sites: Sites) -> 
     epoch = sites.link("a")["epoch"]
     time.sleep(max(0.0, end - time.time() - 1))
     during = sites.link("a")
-    assert during["epoch"] <= epoch + 1 and not during["blocked"]  # on its last key
+    assert during["epoch"] <= epoch + 1
+    assert not during["blocked"]  # on its last key
     sites.wait_until("rekeys resume", lambda: sites.converged()
                      and sites.link("a")["epoch"] >= epoch + 3)
     sites.wait_until("the alarm clears", lambda: "kms-unavailable" not in
@@ -137,13 +144,14 @@ def test_peer_killed_and_restarted_resynchronises(sites: Sites) -> None:
     epoch = sites.link("a")["epoch"]
     time.sleep(3)
     a = sites.link("a")
-    assert not a["blocked"] and a["epoch"] <= epoch + 1  # keeps its key until hard lifetime
+    assert not a["blocked"]
+    assert a["epoch"] <= epoch + 1  # keeps its key until hard lifetime
     assert sites.psk("b") == psk  # B's data plane untouched by the crash
     sites.start_site("b")
     sites.wait_until("converged again", lambda: sites.converged()
                      and sites.link("a")["epoch"] > epoch + 1)
-    a, b = sites.epochs("a"), sites.epochs("b")
-    assert a == {e: b[e] for e in a if e in b}
+    epochs_a, epochs_b = sites.epochs("a"), sites.epochs("b")
+    assert epochs_a == {e: epochs_b[e] for e in epochs_a if e in epochs_b}
     assert sites.psk("a") == sites.psk("b")
 
 
@@ -264,11 +272,14 @@ def test_status_rekey_and_metrics_from_the_cli(sites: Sites) -> None:
     config = str(sites.layout.site_config("b"))
     r = subprocess.run([*qkdgw_command(), "status", "-c", config], capture_output=True,
                        text=True, check=False)
-    assert r.returncode == 0 and "responder" in r.stdout and "fingerprint" in r.stdout
+    assert r.returncode == 0
+    assert "responder" in r.stdout
+    assert "fingerprint" in r.stdout
     epoch = sites.link("a")["epoch"]
     r = subprocess.run([*qkdgw_command(), "rekey", "-c", config], capture_output=True,
                        text=True, check=False)
-    assert r.returncode == 0 and "rekeying: ab" in r.stdout
+    assert r.returncode == 0
+    assert "rekeying: ab" in r.stdout
     sites.wait_until("the requested epoch", lambda: sites.link("a")["epoch"] > epoch)
     metrics = _metrics(sites)
     for name in ("qkdgw_epoch", "qkdgw_key_age_seconds", "qkdgw_rekeys_total",
@@ -279,4 +290,5 @@ def test_status_rekey_and_metrics_from_the_cli(sites: Sites) -> None:
     sock = sites.layout.state_dir("a") / "admin.sock"
     assert file_mode(sock) == 0o600
     key = hashlib.sha256(sites.psk("a")).hexdigest()
-    assert key not in metrics and sites.psk("a").decode() not in metrics
+    assert key not in metrics
+    assert sites.psk("a").decode() not in metrics

@@ -129,8 +129,8 @@ def test_an_unforeseen_exception_blocks_the_link_then_it_comes_back(
         first = a.runners["ab"]
         sinks["b"].fault = ("install", _raise)  # B's link task meets it at the next epoch
         await _until("B's link failed", lambda: "link-failed" in _alarms(b))
-        assert sinks["b"].blocks and "RuntimeError: nobody foresaw this" in \
-            sinks["b"].blocks[-1][1]  # fail closed: blocked first
+        assert sinks["b"].blocks  # fail closed: blocked first
+        assert "RuntimeError: nobody foresaw this" in sinks["b"].blocks[-1][1]
         await _until("B restarted and rekeyed", lambda: _converged(daemons, 3)
                      and "link-failed" not in _alarms(b), timeout=WAIT)
         assert a.runners["ab"] is first  # A never failed
@@ -138,7 +138,8 @@ def test_an_unforeseen_exception_blocks_the_link_then_it_comes_back(
 
     _run(layout, scenario)
     failed = [r for r in _audit(layout, "b") if r["event"] == "link-failed"]
-    assert len(failed) == 1 and "RuntimeError: nobody foresaw this" in failed[0]["detail"]
+    assert len(failed) == 1
+    assert "RuntimeError: nobody foresaw this" in failed[0]["detail"]
     assert "traffic blocked, restarting in 1 s" in failed[0]["detail"]
 
 
@@ -160,13 +161,16 @@ def test_the_watchdog_blocks_a_stuck_link_at_its_hard_lifetime(
         await _until("A's link stuck", lambda: bool(stuck_at))
         runner = a.runners["ab"]
         due = runner.active_until
-        assert due is not None and due >= stuck_at[0] + 2.9  # this epoch's hard lifetime
+        assert due is not None
+        assert due >= stuck_at[0] + 2.9  # this epoch's hard lifetime
         blocks = len(sinks["a"].blocks)
         await _until("the watchdog blocked A", lambda: len(sinks["a"].blocks) > blocks,
                      timeout=10)
         blocked_at, reason = sinks["a"].blocks[blocks]
-        assert reason == "hard lifetime (watchdog)" and blocked_at >= due
-        assert "link-failed" in _alarms(a) and "watchdog" in _alarms(a)["link-failed"]
+        assert reason == "hard lifetime (watchdog)"
+        assert blocked_at >= due
+        assert "link-failed" in _alarms(a)
+        assert "watchdog" in _alarms(a)["link-failed"]
         await _until("A restarted and rekeyed", lambda: _converged(daemons, 2)
                      and "link-failed" not in _alarms(a))
 
@@ -219,7 +223,8 @@ def test_a_stalled_event_loop_ends_the_process_with_the_stacks() -> None:
                        timeout=60, check=False)
     assert r.returncode == 70, r.stderr
     assert time.monotonic() - t0 < 20  # it did not wait for the blocking call to end
-    assert "event loop stalled" in r.stderr and 'File "<string>", line 7 in main' in r.stderr
+    assert "event loop stalled" in r.stderr
+    assert 'File "<string>", line 7 in main' in r.stderr
 
 
 def test_a_data_plane_that_refuses_the_switch_blocks_alarms_and_recovers(
@@ -254,9 +259,11 @@ def test_a_data_plane_that_refuses_the_switch_blocks_alarms_and_recovers(
                     f.flush()
             await _until("A's switch failed", lambda: "sink-failed" in _alarms(a))
             alarm = _alarms(a)["sink-failed"]
-            assert "could not switch" in alarm and "No space left on device" in alarm, alarm
+            assert "could not switch" in alarm, alarm
+            assert "No space left on device" in alarm, alarm
             failed = int(alarm.split(":")[0].removeprefix("epoch "))
-            assert a.runners["ab"].machine.blocked and sinks["a"].active is None
+            assert a.runners["ab"].machine.blocked
+            assert sinks["a"].active is None
             assert not (disk / "ab.psk").exists()  # blocked: the key file went
             assert "could not switch" in sinks["a"].blocks[-1][1]
             assert b.runners["ab"].machine.current_epoch < failed  # no Commit came

@@ -7,15 +7,16 @@ import asyncio
 import base64
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from common.config import HostPort
 from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
-from gateway.core.policy import Policy
 from kdf import Purpose
 from kdf.schedule import EpochKeys
+from tests.helpers import lifetimes
 from tls.file import FileSinkConfig
 
 SECRET = bytes(range(48))
@@ -27,7 +28,7 @@ class NoEvents:
 
 
 def context() -> SinkContext:
-    return SinkContext("ab", Policy(), NoEvents(), HostPort("127.0.0.1", 1),
+    return SinkContext("ab", lifetimes(), NoEvents(), HostPort("127.0.0.1", 1),
                        HostPort("127.0.0.1", 2))
 
 
@@ -40,8 +41,8 @@ def sink(tmp_path: Path, **kw: object) -> FileSinkConfig:
     return FileSinkConfig.model_validate({"type": "file", "path": str(tmp_path / "k.psk"), **kw})
 
 
-DECODE = {"hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b,
-          "base64": base64.b64decode}
+DECODE: dict[str, Callable[[bytes], bytes]] = {
+    "hex": lambda b: bytes.fromhex(b.decode()), "raw": lambda b: b, "base64": base64.b64decode}
 
 
 @pytest.mark.parametrize("fmt", sorted(DECODE))
@@ -60,10 +61,13 @@ def test_hook_gets_ids_and_fingerprint_never_the_key(tmp_path: Path) -> None:
     m = material()
     asyncio.run(config.build(context()).activate_outbound(m))
     env = ast.literal_eval(out.read_text())
-    assert env["QKDGW_EVENT"] == "activate" and env["QKDGW_EPOCH"] == "3"
-    assert env["QKDGW_FINGERPRINT"] == m.fingerprint and env["QKDGW_KEY_FILE"] == str(config.path)
+    assert env["QKDGW_EVENT"] == "activate"
+    assert env["QKDGW_EPOCH"] == "3"
+    assert env["QKDGW_FINGERPRINT"] == m.fingerprint
+    assert env["QKDGW_KEY_FILE"] == str(config.path)
     key = m.key(Purpose.TLS_PSK)
-    assert key.hex() not in out.read_text() and SECRET.hex() not in out.read_text()
+    assert key.hex() not in out.read_text()
+    assert SECRET.hex() not in out.read_text()
 
 
 def test_block_removes_the_key_and_tells_the_hook(tmp_path: Path) -> None:

@@ -96,7 +96,8 @@ def test_an_abort_naming_huge_epochs_stops_nothing_and_the_key_still_expires(
     its last key in place past the hard lifetime."""
     offer = world.hostile.last_offer()
     refused = world.hostile.send(_abort(offer, 2**63 - 1))
-    assert refused is not None and refused.startswith("current: Input should be less than")
+    assert refused is not None
+    assert refused.startswith("current: Input should be less than")
     assert world.hostile.send(_abort(offer, MAX_EPOCH)) is None  # well-formed: accepted
     world.sites.wait_until("A says it cannot go on", lambda: "exhausted" in
                            world.alive()["alarms"].get("exchange-failed", ""))
@@ -104,7 +105,8 @@ def test_an_abort_naming_huge_epochs_stops_nothing_and_the_key_still_expires(
                            timeout=HARD_LIFETIME + 10)
     assert time.time() >= world.activated + HARD_LIFETIME - 1.5  # not before its time
     status = world.alive()
-    assert "hard-lifetime" in status["alarms"] and "link-failed" not in status["alarms"]
+    assert "hard-lifetime" in status["alarms"]
+    assert "link-failed" not in status["alarms"]
     world.check_log()
 
 
@@ -113,8 +115,10 @@ def test_a_peer_cannot_forge_a_log_line(world: World) -> None:
     evil = {"v": 1, "type": "ack", "link": "ab", "epoch": 1, "nonce_i": nonce,
             "nonce_r": nonce, "EVIL\nX: forged log line\r\n2026-01-01 00:00:00 INFO x": 1}
     answer = world.hostile.send(json.dumps(evil).encode())
-    assert answer is not None and "X: forged log line" in answer
-    assert "\n" not in answer and "\r" not in answer
+    assert answer is not None
+    assert "X: forged log line" in answer
+    assert "\n" not in answer
+    assert "\r" not in answer
     world.alive()
     log = world.sites.log("a")
     assert "X: forged log line" in log  # logged, on the line of the refusal
@@ -140,7 +144,8 @@ def test_an_offer_naming_the_last_epoch_to_the_responder(tmp_path: Path) -> None
                  "pk": _b64(b"\x09" + b"\x00" * 31), "nonce": _b64(os.urandom(32)),
                  "spi": 4096}
         refused = hostile.send(json.dumps({**offer, "epoch": 2**63 - 1}).encode())
-        assert refused is not None and refused.startswith("epoch: Input should be less")
+        assert refused is not None
+        assert refused.startswith("epoch: Input should be less")
         assert hostile.send(json.dumps({**offer, "epoch": MAX_EPOCH}).encode()) is None
         sites.wait_until("A is told and says it cannot go on", lambda: "exhausted" in
                          sites.link("a")["alarms"].get("exchange-failed", ""))

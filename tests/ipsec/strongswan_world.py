@@ -13,9 +13,12 @@ from typing import Any
 
 import yaml
 
-from gateway.demo.strongswan import StrongswanSites, connection  # noqa: F401 (re-exported)
+# connection, run and until re-exported (X as X) for the tests
+from gateway.demo.strongswan import StrongswanSites
+from gateway.demo.strongswan import connection as connection
 from gateway.demo.strongswan import missing_tools as charon_missing
-from gateway.demo.topology import run, until  # noqa: F401  (re-exported for the tests)
+from gateway.demo.topology import run as run
+from gateway.demo.topology import until as until
 from ipsec.strongswan.vici import Vici, ViciError
 from tests.netns_sites import Sites
 

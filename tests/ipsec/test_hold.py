@@ -98,7 +98,8 @@ class World:
     def flow(self, seconds: float) -> Flow:
         recv = self.python("gw-b", "-m", "tests.ipsec.udpflow", "recv", str(PORT), "--out",
                            str(self.root / "recv.json"), stdout=subprocess.PIPE)
-        assert recv.stdout is not None and recv.stdout.readline().strip() == "ready"
+        assert recv.stdout is not None
+        assert recv.stdout.readline().strip() == "ready"
         send = self.python("lan-a", "-m", "tests.ipsec.udpflow", "send", self.topology.host("b"),
                            str(PORT), "--rate", str(RATE), "--seconds", str(seconds), "--out",
                            str(self.root / "send.json"))
@@ -217,7 +218,8 @@ def test_without_the_right_to_hold_it_says_why_and_holds_nothing(topo: World) ->
     driver.do("close")
     log = (topo.root / "driver.log").read_text()
     assert "cannot hold traffic during rotations" in log, log
-    assert "NFQUEUE" in log and "Operation not permitted" in log, log
+    assert "NFQUEUE" in log, log
+    assert "Operation not permitted" in log, log
     assert "QKDGW-HOLD" not in topo.iptables()
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyroute2.netlink import NLMSG_DONE, NLMSG_ERROR, nlmsg
 
 from common.config import HostPort
 from common.sink import RekeyCause, SinkContext, SinkError
-from gateway.core.policy import Policy
 from ipsec import netlink, nfqueue
 from ipsec.netlink import NetlinkDecodeError, NetlinkSocket
 from ipsec.xfrm import structs as s
@@ -40,6 +40,7 @@ from ipsec.xfrm.objects import (
     Template,
 )
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
+from tests.helpers import lifetimes
 
 HEADER = struct.Struct("=IHHII")
 KEY = bytes(range(36))
@@ -84,7 +85,7 @@ def with_length(data: bytes, length: int) -> bytes:
 
 
 def done(seq: int = 1) -> bytes:
-    return HEADER.pack(HEADER.size, netlink.NLMSG_DONE, 0, seq, 0)
+    return HEADER.pack(HEADER.size, NLMSG_DONE, 0, seq, 0)
 
 
 def attribute_ends(data: bytes, struct_size: int) -> set[int]:
@@ -160,7 +161,7 @@ def test_a_foreign_policy_with_host_bits_reads_as_its_network() -> None:
     assert state.selector.src == ip_network("10.1.0.0/16")
 
 
-CONSUMERS: dict[type, Any] = {
+CONSUMERS: dict[type[nlmsg], Any] = {
     s.xfrm_usersa_info: SaState.from_message,
     s.xfrm_userpolicy_info: PolicyState.from_message,
     s.xfrm_user_expire: lambda m: (SaState.from_message(m), m["hard"]),
@@ -172,7 +173,7 @@ CONSUMERS: dict[type, Any] = {
 @given(cls=st.sampled_from(list(CONSUMERS)), body=st.binary(max_size=400),
        attrs=st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 40), st.binary(
            max_size=100)), max_size=4), template=st.booleans())
-def test_anything_decodes_or_is_a_decode_error(cls: type, body: bytes,
+def test_anything_decodes_or_is_a_decode_error(cls: type[nlmsg], body: bytes,
                                                attrs: list[tuple[int, int, bytes]],
                                                template: bool) -> None:
     """Random bytes, or the right struct size with random attributes: a value the sink reads,
@@ -209,7 +210,7 @@ def fake_kernel(sock: NetlinkSocket) -> Iterator[socket.socket]:
 @pytest.mark.parametrize("answer", [
     with_length(sa_message(), 100),  # cut inside the struct
     with_length(sa_message(), len(sa_message()) - 4),  # cut inside an attribute
-    HEADER.pack(HEADER.size + 2, netlink.NLMSG_ERROR, 0, 1, 0) + b"\0\0",  # a short error
+    HEADER.pack(HEADER.size + 2, NLMSG_ERROR, 0, 1, 0) + b"\0\0",  # a short error
 ], ids=["cut in the struct", "cut in an attribute", "a short error"])
 async def test_a_dump_answer_that_does_not_decode_is_an_xfrm_error(answer: bytes) -> None:
     kernel = XfrmKernel()
@@ -255,7 +256,7 @@ def xfrm_sink(events: Events) -> XfrmSink:
     config = XfrmSinkConfig.model_validate({
         "type": "xfrm", "local": str(A), "remote": str(B), "local_subnets": ["10.1.0.0/16"],
         "remote_subnets": ["10.2.0.0/16"]})
-    return config.build(SinkContext("ab", Policy(), events, HostPort("192.0.2.1", 9443),
+    return config.build(SinkContext("ab", lifetimes(), events, HostPort("192.0.2.1", 9443),
                                     HostPort("198.51.100.1", 9443)))
 
 

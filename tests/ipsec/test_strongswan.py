@@ -15,7 +15,7 @@ import functools
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ def _need_strongswan() -> None:
 
 
 def _world(tmp_path_factory: pytest.TempPathFactory, name: str, policy: dict[str, Any],
-           phase: Callable[[sw.World], Awaitable[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+           phase: Callable[[sw.World], Coroutine[Any, Any, dict[str, Any]]],
+           ) -> Iterator[dict[str, Any]]:
     """One world for PHASE, kept up while the module's tests judge its results."""
     with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}"), policy) as world:
         yield asyncio.run(phase(world))
@@ -193,7 +194,8 @@ def test_at_least_20_rotations_each_a_new_ike_sa_with_a_new_ppk(main: dict[str, 
     assert len(set(ids)) == len(ids), "a PPK id was used twice"
     assert epochs == list(range(1, len(ids) + 1)), "one PPK per epoch, in order"
     last = main["status"]["a"]["epoch"]  # read before the log: a later epoch may follow
-    assert last in epochs[-2:] and main["status"]["b"]["epoch"] in epochs[-2:]
+    assert last in epochs[-2:]
+    assert main["status"]["b"]["epoch"] in epochs[-2:]
     assert main["status"]["a"]["fingerprint"] == main["status"]["b"]["fingerprint"]
 
 
@@ -293,7 +295,8 @@ def test_charon_killed_and_restarted_comes_back_on_the_current_epochs_ppk(
     # (later: the epoch of the gateway-crash part below)
     assert used_ppk_ids(_after(restart["charon_b"], "b"))[0] == _ppk(restart, e + 1)
     samples = [s for s in restart["samples"] if "sas" in s and s["t"] > ev["back-b"]]
-    assert samples and all(any(sa["state"] == "ESTABLISHED" and sa["ppk"] == "yes"
+    assert samples
+    assert all(any(sa["state"] == "ESTABLISHED" and sa["ppk"] == "yes"
                                for sa in s["sas"]) for s in samples[-5:])
 
 
@@ -318,11 +321,13 @@ def test_gateway_crash_adopts_the_ike_sa_and_loses_nothing(restart: dict[str, An
         assert lost == [], f"{direction}: {len(lost)} lost after the gateway was killed"
     # The adopted IKE SA was retired with the first new epoch: one IKE SA left at the end.
     last = [s for s in restart["samples"] if s["site"] == "a" and "sas" in s][-1]
-    assert len(last["sas"]) == 1 and last["sas"][0]["ppk"] == "yes", last
+    assert len(last["sas"]) == 1, last
+    assert last["sas"][0]["ppk"] == "yes", last
 
 
 def test_nothing_in_clear_while_charon_was_down(restart: dict[str, Any]) -> None:
     wire = read_wire(Path(restart["capture"]["pcap"]))
     assert restart["capture"]["dropped"] == 0
     assert wire.leaked == 0, wire.leaks
-    assert wire.esp["a>b"] > 0 and wire.esp["b>a"] > 0
+    assert wire.esp["a>b"] > 0
+    assert wire.esp["b>a"] > 0

@@ -10,6 +10,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyroute2.netlink import nlmsg
 
 from ipsec.xfrm import structs as s
 from ipsec.xfrm.objects import (
@@ -36,11 +37,11 @@ KERNEL_SIZES = [
 
 
 @pytest.mark.parametrize(("cls", "size"), KERNEL_SIZES, ids=lambda x: getattr(x, "__name__", ""))
-def test_struct_sizes_match_the_kernel(cls: type, size: int) -> None:
+def test_struct_sizes_match_the_kernel(cls: type[nlmsg], size: int) -> None:
     assert sum(struct.calcsize(fmt) for _, fmt in cls.fields) == size
 
 
-def _offset(cls: type, field: str) -> int:
+def _offset(cls: type[nlmsg], field: str) -> int:
     offset = 0
     for name, fmt in cls.fields:
         if name == field:
@@ -63,10 +64,10 @@ def test_field_offsets_match_the_kernel() -> None:
     assert _offset(s.xfrm_user_expire, "hard") == 224
 
 
-def _roundtrip(msg: object, cls: type) -> object:
-    msg["header"] = {"type": 0x10}  # type: ignore[index]
-    msg.encode()  # type: ignore[attr-defined]
-    out = cls(bytes(msg.data))  # type: ignore[attr-defined]
+def _roundtrip(msg: nlmsg, cls: type[nlmsg]) -> nlmsg:
+    msg["header"] = {"type": 0x10}
+    msg.encode()
+    out = cls(bytes(msg.data))
     out.decode()
     return out
 
@@ -85,7 +86,8 @@ def test_sa_roundtrip(spi: int, reqid: int, v6: bool, window: int, packets: int 
     state = SaState.from_message(m)
     assert (state.src, state.dst, state.spi, state.reqid, state.mode) == \
         (src, dst, spi, reqid, Mode.TUNNEL)
-    assert state.algorithm == "rfc4106(gcm(aes))" and state.replay_window == window
+    assert state.algorithm == "rfc4106(gcm(aes))"
+    assert state.replay_window == window
     assert m["lft_soft_packet_limit"] == (s.XFRM_INF if packets is None else packets)
     assert m["flags"] == s.XFRM_STATE_AF_UNSPEC
     assert m["family"] == (socket.AF_INET6 if v6 else socket.AF_INET)
@@ -109,7 +111,8 @@ def test_an_encoded_sa_carries_the_key_once_and_aligned() -> None:
 def test_key_is_never_in_a_repr() -> None:
     sa = SaSpec(ip_address("192.0.2.1"), ip_address("198.51.100.1"), 0x1234, 7,
                 Mode.TUNNEL, KEY)
-    assert KEY.hex() not in repr(sa) and str(KEY) not in repr(sa)
+    assert KEY.hex() not in repr(sa)
+    assert str(KEY) not in repr(sa)
 
 
 @given(v6=st.booleans(), block=st.booleans(), prefix=st.integers(8, 24),
@@ -131,7 +134,8 @@ def test_selector_ports_roundtrip() -> None:
     sel = Selector(ip_network("192.0.2.1/32"), ip_network("198.51.100.1/32"), 6, 0, 9443)
     state = PolicyState.from_message(_roundtrip(
         PolicySpec(sel, Direction.IN, 5).message(), s.xfrm_userpolicy_info))
-    assert state.selector == sel and state.selector.reversed().sport == 9443
+    assert state.selector == sel
+    assert state.selector.reversed().sport == 9443
 
 
 @pytest.mark.parametrize(("kwargs", "error"), [

@@ -27,6 +27,7 @@ from gateway.demo import topology
 from gateway.demo.topology import Site, Topology
 from ipsec.xfrm.sink import XfrmSink, XfrmSinkConfig
 from kdf.schedule import EpochKeys
+from tests.helpers import lifetimes
 
 T = TypeVar("T")
 CONTROL_PORT = 9443
@@ -97,9 +98,9 @@ def tunnel(**kw: Any) -> XfrmSinkConfig:
 
 
 def build(config: XfrmSinkConfig, events: Events | None = None) -> XfrmSink:
-    context = SinkContext("ab", Policy(interval=60, hard_lifetime=300), events or Events(),
-                          HostPort("192.0.2.1", CONTROL_PORT), HostPort("192.0.2.2",
-                                                                        CONTROL_PORT))
+    context = SinkContext("ab", lifetimes(Policy(interval=60, hard_lifetime=300)),
+                          events or Events(), HostPort("192.0.2.1", CONTROL_PORT),
+                          HostPort("192.0.2.2", CONTROL_PORT))
     return config.build(context)
 
 
@@ -118,7 +119,8 @@ def test_before_any_key_traffic_between_the_subnets_is_dropped(net: Net) -> None
     assert net.reaches(net.lan, "10.1.0.1")  # the gateway itself is not cut off
     policy = net.policy()
     assert policy.count("action block") == 2  # IPv4 and IPv6 out
-    assert policy.count("dir in") == 2 and policy.count("dir fwd") == 2
+    assert policy.count("dir in") == 2
+    assert policy.count("dir fwd") == 2
     assert policy.count("proto esp reqid") == 4  # in and fwd accept ESP only
 
 
@@ -156,7 +158,8 @@ def test_stop_leaves_blocking_policies_by_default(net: Net) -> None:
 
     net.run(start_and_stop)
     policy = net.policy()
-    assert policy.count("action block") == 2 and policy.count("proto esp") == 4
+    assert policy.count("action block") == 2
+    assert policy.count("proto esp") == 4
     assert not net.reaches(net.lan, "10.2.0.2")
 
 
@@ -185,8 +188,10 @@ def test_transport_mode_lets_the_peer_channel_through_and_nothing_else(net: Net)
         {"type": "xfrm", "mode": "transport", "local": "192.0.2.1", "remote": "192.0.2.2"}))
     net.run(sink.start)
     policy = net.policy()
-    assert "mode transport" in policy and "dir fwd" not in policy
-    assert f"dport {CONTROL_PORT}" in policy and f"sport {CONTROL_PORT}" in policy
+    assert "mode transport" in policy
+    assert "dir fwd" not in policy
+    assert f"dport {CONTROL_PORT}" in policy
+    assert f"sport {CONTROL_PORT}" in policy
 
     # far listens on the control port and another one; gw connects to both.
     server = subprocess.Popen(

@@ -39,7 +39,8 @@ class World:
         return phase
 
     def event(self, what: str) -> float:
-        return next(t for t, w in self.results["events"] if w == what)
+        t: float = next(t for t, w in self.results["events"] if w == what)
+        return t
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,8 @@ def test_sa_counters_rise_and_old_sas_are_gone_after_the_grace_period(uml: World
         packets: dict[int, list[int]] = defaultdict(list)
         for s in samples:
             for sa in s["sas"]:
-                assert sa["alg"] == "rfc4106(gcm(aes))" and sa["mode"] == 1
+                assert sa["alg"] == "rfc4106(gcm(aes))"
+                assert sa["mode"] == 1
                 if sa["out"]:
                     seen.setdefault(sa["spi"], []).append(s["t"])
                     packets[sa["spi"]].append(sa["packets"])
@@ -164,15 +166,19 @@ def test_ip_xfrm_reads_back_what_the_sink_installed(uml: World) -> None:
     sas = _entries(dump["state"])
     assert sas
     for sa in sas:
-        assert "proto esp" in sa and "mode tunnel" in sa and "flag af-unspec" in sa
+        assert "proto esp" in sa
+        assert "mode tunnel" in sa
+        assert "flag af-unspec" in sa
         assert "aead rfc4106(gcm(aes)) <key> 128" in sa
         assert "replay_window 64" in sa
     policies = _entries(dump["policy"])
     for src, dst in ((world.LAN_A, world.LAN_B), (world.LAN6_A, world.LAN6_B)):
         out = [p for p in policies if p.startswith(f"src {src} dst {dst}")]
-        assert len(out) == 1 and "dir out" in out[0]
+        assert len(out) == 1
+        assert "dir out" in out[0]
         assert f"tmpl src {world.GW_A} dst {world.GW_B}" in out[0]
-        assert "proto esp reqid" in out[0] and "mode tunnel" in out[0]
+        assert "proto esp reqid" in out[0]
+        assert "mode tunnel" in out[0]
         back = [p for p in policies if p.startswith(f"src {dst} dst {src}")]
         assert sorted(p.split("\n")[1].split()[1] for p in back) == ["fwd", "in"]
         assert all(f"tmpl src {world.GW_B} dst {world.GW_A}" in p for p in back)
@@ -185,7 +191,8 @@ def test_stop_deletes_the_sas_and_leaves_blocking_policies(uml: World) -> None:
         after = m["after_stop"][site]
         assert after["state"].strip() == ""
         assert after["policy"].count("action block") == 2
-    assert m["stopped_ping"]["transmitted"] == 5 and m["stopped_ping"]["received"] == 0
+    assert m["stopped_ping"]["transmitted"] == 5
+    assert m["stopped_ping"]["received"] == 0
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -214,7 +221,8 @@ def test_peer_killed_traffic_flows_until_the_hard_lifetime_then_stops(
     assert f["blocked_a"]["blocked"] is True
     # A keeps sending on its current SA (the peer's kernel still answers) ...
     replies = [t for t in reply_times(f["ping"]) if killed < t < restarted]
-    assert replies and max(replies) >= killed + 2
+    assert replies
+    assert max(replies) >= killed + 2
     # ... until A's hard lifetime blocks it: nothing leaves A afterwards.
     assert max(replies) <= killed + hard + 1.5
     assert _esp_between(faults_wire, "a>b", killed + hard + 1.5, restarted) == 0
@@ -228,9 +236,11 @@ def test_peer_killed_traffic_flows_until_the_hard_lifetime_then_stops(
 def test_peer_restarted_resynchronises_and_traffic_resumes(uml: World) -> None:
     f = uml.phase("faults")
     resumed = [t for t in reply_times(f["ping"]) if t > f["restarted_at"]]
-    assert resumed and min(resumed) < f["restarted_at"] + 30
+    assert resumed
+    assert min(resumed) < f["restarted_at"] + 30
     resumed_b = [t for t in reply_times(f["ping_b"]) if t > f["restarted_at"]]
-    assert resumed_b and min(resumed_b) < f["restarted_at"] + 30
+    assert resumed_b
+    assert min(resumed_b) < f["restarted_at"] + 30
 
 
 def test_rekeys_succeed_with_loss_and_delay_on_the_control_path(uml: World) -> None:
@@ -257,7 +267,8 @@ def test_soft_packet_limit_makes_the_link_rekey(uml: World) -> None:
     sent = s["ping"]["transmitted"]
     assert s["ping"]["received"] == sent
     assert s["rekeys"] >= sent // s["soft_packets"] - 1  # no timed rekey in this phase
-    assert s["soft_limit_lines"]["a"] >= 1 and s["soft_limit_lines"]["b"] >= 1
+    assert s["soft_limit_lines"]["a"] >= 1
+    assert s["soft_limit_lines"]["b"] >= 1
 
 
 def test_transport_mode_protects_the_gateways_own_traffic(uml: World) -> None:
@@ -270,7 +281,8 @@ def test_transport_mode_protects_the_gateways_own_traffic(uml: World) -> None:
     assert len({spi for _, spi in wire.timeline["a>b"]}) >= 15
     assert wire.control > 0  # the peer channel, through the bypass policies
     sas = _entries(t["dump"]["state"])
-    assert sas and all("mode transport" in sa for sa in sas)
+    assert sas
+    assert all("mode transport" in sa for sa in sas)
 
 
 def test_nothing_left_behind(uml: World) -> None:

@@ -44,18 +44,16 @@ from typing import Any
 
 import yaml
 
-from gateway.demo.sites import (
-    GW_A,
-    GW_B,
-    HOST_A,
-    HOST_B,
-    LAN_A,
-    LAN_B,
-    QKDGW,
-    prepare_kms,
-    site_config,
-)
-from gateway.demo.topology import Topology, run, until
+# GW_A, ..., run and until re-exported (X as X) for test_xfrm_uml.py and bench/xfrm.py
+from gateway.demo.sites import GW_A as GW_A
+from gateway.demo.sites import GW_B as GW_B
+from gateway.demo.sites import HOST_A, QKDGW, prepare_kms, site_config
+from gateway.demo.sites import HOST_B as HOST_B
+from gateway.demo.sites import LAN_A as LAN_A
+from gateway.demo.sites import LAN_B as LAN_B
+from gateway.demo.topology import Topology
+from gateway.demo.topology import run as run
+from gateway.demo.topology import until as until
 from tests.netns_sites import Sites
 
 #: The namespaces: IPv6 LANs too; the gateways route the remote LANs towards `wan`.

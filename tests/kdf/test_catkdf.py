@@ -32,7 +32,7 @@ def test_every_published_vector_is_here() -> None:
     assert sum(1 for c, _ in VECTORS if c == "CONCATENATION TEST VECTOR 1") == 7
 
 
-@pytest.mark.parametrize("context,hash_name,v,expected", cases())
+@pytest.mark.parametrize(("context", "hash_name", "v", "expected"), cases())
 def test_annex_c_vectors(context: str, hash_name: str, v: dict[str, bytes],
                          expected: bytes) -> None:
     out = catkdf(psk=b"", secrets=[v["k1"], v["k2"]], context=context.encode(),
@@ -50,7 +50,7 @@ def test_rejects_unknown_hash() -> None:
         catkdf(**BASE, hash="md5")
 
 
-@pytest.mark.parametrize("change,error,message", [
+@pytest.mark.parametrize(("change", "error", "message"), [
     ({"secrets": []}, KdfError, "at least one shared secret"),
     ({"secrets": [b"k", b""]}, KdfError, r"secrets\[1\] is empty"),
     ({"secrets": [b"k", "x"]}, TypeError, r"secrets\[1\] must be bytes, not str"),
@@ -67,7 +67,8 @@ def test_rejects_bad_input(change: dict[str, Any], error: type[Exception], messa
 
 def test_psk_is_optional_and_matters() -> None:
     without = catkdf(**{**BASE, "psk": b""})
-    assert len(without) == 48 and without != catkdf(**BASE)
+    assert len(without) == 48
+    assert without != catkdf(**BASE)
 
 
 # -- properties -------------------------------------------------------------------------------
@@ -84,7 +85,8 @@ inputs = st.fixed_dictionaries({
 @given(inputs, st.integers(1, 400))
 def test_length_and_determinism(kw: dict[str, Any], length: int) -> None:
     out = catkdf(**{**kw, "length": length})
-    assert len(out) == length and catkdf(**{**kw, "length": length}) == out
+    assert len(out) == length
+    assert catkdf(**{**kw, "length": length}) == out
 
 
 def _flip(data: bytes, i: int) -> bytes:

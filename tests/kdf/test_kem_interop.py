@@ -15,7 +15,7 @@ from kdf.kem import Kem
 from tests.kdf.test_kem import ACVP_768, KATS, _id
 
 kyber = pytest.importorskip("kyber_py.ml_kem", reason="pip install kyber-py")
-INDEPENDENT = {MlKem768: kyber.ML_KEM_768, MlKem1024: kyber.ML_KEM_1024}
+INDEPENDENT: dict[type[Kem], Any] = {MlKem768: kyber.ML_KEM_768, MlKem1024: kyber.ML_KEM_1024}
 
 
 @pytest.mark.parametrize("t", ACVP_768[:5], ids=lambda t: f"tcId{t['tcId']}")

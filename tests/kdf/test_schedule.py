@@ -82,7 +82,8 @@ def test_whole_schedule_matches_an_independent_implementation() -> None:
     qkd, k1, k2, t = a_real_epoch()
     keys = derive_epoch(qkd_keys=qkd, mlkem_secret=k1, x25519_secret=k2, transcript=t)
     ref = reference_schedule(b"".join(qkd), k1, k2, t)
-    assert keys.epoch_secret == ref["epoch"] and len(keys.epoch_secret) == EPOCH_SECRET_SIZE
+    assert keys.epoch_secret == ref["epoch"]
+    assert len(keys.epoch_secret) == EPOCH_SECRET_SIZE
     for purpose in Purpose:
         assert keys.key(purpose) == ref[purpose.name], purpose
 
@@ -91,7 +92,8 @@ def test_both_sides_derive_the_same_keys_and_epochs_differ() -> None:
     qkd, k1, k2, t = a_real_epoch()
     a = derive_epoch(qkd_keys=qkd, mlkem_secret=k1, x25519_secret=k2, transcript=t)
     b = derive_epoch(qkd_keys=list(qkd), mlkem_secret=k1, x25519_secret=k2, transcript=t)
-    assert a.epoch_secret == b.epoch_secret and a.fingerprint == b.fingerprint
+    assert a.epoch_secret == b.epoch_secret
+    assert a.fingerprint == b.fingerprint
     import dataclasses
 
     later = dataclasses.replace(t, epoch=2)
@@ -103,7 +105,10 @@ def test_both_sides_derive_the_same_keys_and_epochs_differ() -> None:
 def test_each_of_the_three_secrets_counts(which: str, byte: int) -> None:
     qkd, k1, k2, t = a_real_epoch()
     base = derive_epoch(qkd_keys=qkd, mlkem_secret=k1, x25519_secret=k2, transcript=t)
-    flip = lambda s: s[:byte] + bytes([s[byte] ^ 0x80]) + s[byte + 1:]  # noqa: E731
+
+    def flip(s: bytes) -> bytes:
+        return s[:byte] + bytes([s[byte] ^ 0x80]) + s[byte + 1:]
+
     if which == "qkd":
         qkd = [flip(qkd[0])]
     elif which == "mlkem":
@@ -116,7 +121,8 @@ def test_each_of_the_three_secrets_counts(which: str, byte: int) -> None:
 
 def test_purposes_are_distinct_and_sized() -> None:
     labels = [p.label for p in Purpose]
-    assert len(set(labels)) == len(labels) and EPOCH_LABEL not in labels
+    assert len(set(labels)) == len(labels)
+    assert EPOCH_LABEL not in labels
     assert all(lbl.startswith(b"qkd-gateway v1 ") and b"\0" not in lbl for lbl in labels)
     keys = EpochKeys(1, b"\x07" * 48)
     values = [keys.key(p) for p in Purpose]
@@ -148,12 +154,14 @@ def test_secrets_never_show() -> None:
     qkd, k1, k2, t = a_real_epoch()
     keys = derive_epoch(qkd_keys=qkd, mlkem_secret=k1, x25519_secret=k2, transcript=t)
     shown = repr(keys) + str(keys)
-    assert keys.epoch_secret.hex() not in shown and repr(keys.epoch_secret) not in shown
+    assert keys.epoch_secret.hex() not in shown
+    assert repr(keys.epoch_secret) not in shown
     assert keys.fingerprint in shown
     kem = MlKem768()
     dk = kem.generate()
     sent = kem.encapsulate(dk.encapsulation_key)
     for text in (repr(dk), repr(sent), repr(X25519PrivateKey()), repr(kem)):
-        assert sent.shared_secret.hex()[:16] not in text and repr(sent.shared_secret) not in text
+        assert sent.shared_secret.hex()[:16] not in text
+        assert repr(sent.shared_secret) not in text
     assert repr(dk) == "<ML-KEM-768 private key (cryptography)>"
     assert repr(X25519PrivateKey()) == "<X25519 private key>"

@@ -113,8 +113,11 @@ def test_layout_example() -> None:
     p = Party("gw-a", b"\xaa" * 32, "sae-a", "kme-a")
     q = Party("gw-b", b"\xbb" * 32, "sae-b", "kme-b")
     t = Transcript("s", "ab", 7, p, q, ("k1",), b"N", b"M", 1, 2, b"E", b"X", b"C", b"Y")
-    party = lambda x: (b"\0\0\0\x04" + x.gateway.encode() + b"\0\0\0\x20" + x.cert_sha256  # noqa: E731
-                       + b"\0\0\0\x05" + x.sae_id.encode() + b"\0\0\0\x05" + x.kme_id.encode())
+
+    def party(x: Party) -> bytes:
+        return (b"\0\0\0\x04" + x.gateway.encode() + b"\0\0\0\x20" + x.cert_sha256
+                + b"\0\0\0\x05" + x.sae_id.encode() + b"\0\0\0\x05" + x.kme_id.encode())
+
     assert t.context() == (b"\0\0\0\x16qkd-gateway transcript\0\x01" + b"\0\0\0\x01s"
                            + b"\0\0\0\x02ab" + (7).to_bytes(8, "big") + party(p) + party(q)
                            + b"\0\0\0\x01" + b"\0\0\0\x02k1" + b"\0\0\0\x01N" + b"\0\0\0\x01M"

@@ -80,7 +80,8 @@ def _check_result(call: Call, result: Status | KeyBatch) -> None:
     if isinstance(result, Status):
         assert call.op == "status"
         for v in (result.stored_key_count, result.max_key_count, result.key_size):
-            assert type(v) is int and 0 <= v < 2**32
+            assert type(v) is int
+            assert 0 <= v < 2**32
         assert result.qber is None or 0.0 <= result.qber <= 1.0
         assert result.key_rate is None or 0.0 <= result.key_rate <= 1e12
         return
@@ -182,6 +183,7 @@ def test_every_call_ends_in_time_with_a_valid_answer_or_a_kms_error(
     else:
         _check_result(call, result)
     for line in lines.lines:
-        assert line.isprintable() and len(line) < 2000, line
+        assert line.isprintable(), line
+        assert len(line) < 2000, line
         for secret in secrets:  # no key material, not even a piece of it
             assert secret[:12] not in line, line

@@ -123,7 +123,8 @@ async def test_the_redirect_target_is_quoted_escaped(demo: DemoLayout, kme: Host
     async with client(demo, kme) as c:
         with pytest.raises(KmsProtocolError) as e:
             await call(c, "status")
-    assert "redirected to http://x/a\\tb\\u202ec" in str(e.value) and printable(e.value)
+    assert "redirected to http://x/a\\tb\\u202ec" in str(e.value)
+    assert printable(e.value)
 
 
 # -- deadlines -------------------------------------------------------------------------------
@@ -159,20 +160,27 @@ async def test_a_kme_trickling_its_headers_cannot_hold_a_call(demo: DemoLayout,
 
 def test_timeouts_are_checked() -> None:
     assert Timeouts().total >= Timeouts().connect
-    for bad in ({"total": 0}, {"read": float("nan")}, {"connect": float("inf")},
-                {"connect": 5.0, "total": 4.0}, {"read": 20.0, "total": 15.0}):
-        with pytest.raises(ValueError):
+    for bad, message in (
+            ({"total": 0}, "total must be a positive finite number"),
+            ({"read": float("nan")}, "read must be a positive finite number"),
+            ({"connect": float("inf")}, "connect must be a positive finite number"),
+            ({"connect": 5.0, "total": 4.0}, "total must be at least connect and read"),
+            ({"read": 20.0, "total": 15.0}, "total must be at least connect and read")):
+        with pytest.raises(ValueError, match=message):
             Timeouts(**bad)
-    for bad_retry in ({"attempts": 0}, {"attempts": 11}, {"backoff": -1.0},
-                      {"max_backoff": float("inf")}):
-        with pytest.raises(ValueError):
+    for bad_retry, message in (
+            ({"attempts": 0}, "attempts must be from 1 to 10"),
+            ({"attempts": 11}, "attempts must be from 1 to 10"),
+            ({"backoff": -1.0}, "backoff must be a finite number of seconds, 0 or more"),
+            ({"max_backoff": float("inf")}, "max_backoff must be a finite number of seconds")):
+        with pytest.raises(ValueError, match=message):
             RetryPolicy(**bad_retry)
 
 
 # -- numbers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path,raw", [
+@pytest.mark.parametrize(("path", "raw"), [
     (("stored_key_count",), "1" + "0" * 400),
     (("max_key_count",), "1" + "0" * 400),
     (("stored_key_count",), str(2**32)),
@@ -200,7 +208,8 @@ async def test_status_numbers_out_of_bounds_are_protocol_errors(
     async with client(demo, kme) as c:
         with pytest.raises(KmsProtocolError) as e:
             await call(c, "status")
-    assert path[-1] in str(e.value) and printable(e.value)
+    assert path[-1] in str(e.value)
+    assert printable(e.value)
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400,
@@ -301,4 +310,5 @@ async def test_an_unparsable_answer_is_never_quoted(demo: DemoLayout, kme: Hosti
         with pytest.raises(KmsError) as e:
             await call(c, "enc_keys")
     key = json.loads(body)["keys"][0]["key"]
-    assert key[:12] not in str(e.value) and "Bad status line" in str(e.value)
+    assert key[:12] not in str(e.value)
+    assert "Bad status line" in str(e.value)

@@ -39,7 +39,8 @@ async def test_status_reports_link_and_pool(kme_a: KmeClient, sim: SimProcess) -
     st = await kme_a.status("sae-b")
     assert (st.source_KME_ID, st.target_KME_ID) == ("kme-a", "kme-b")
     assert (st.master_SAE_ID, st.slave_SAE_ID) == ("sae-a", "sae-b")
-    assert st.key_size == 256 and st.max_key_per_request == 128
+    assert st.key_size == 256
+    assert st.max_key_per_request == 128
     assert st.stored_key_count == st.max_key_count == 10000
     assert st.max_SAE_ID_count == 0
     ext = st.status_extension
@@ -54,7 +55,8 @@ async def test_keys_identical_on_both_sides_and_delivered_once(
     number = 1 if dec_method == "GET" else 4
     sim.admin("POST", "/admin/links/qkd-ab/outage", {"seconds": 60})  # freeze the pool
     sent = await kme_a.enc_keys("sae-b", number, 512, method=enc_method)  # type: ignore[arg-type]
-    assert len(sent.keys) == number and all(k.size_bits == 512 for k in sent.keys)
+    assert len(sent.keys) == number
+    assert all(k.size_bits == 512 for k in sent.keys)
     got = await kme_b.dec_keys("sae-a", sent.key_ids, size=512,
                                method=dec_method)  # type: ignore[arg-type]
     assert got.key_ids == sent.key_ids
@@ -110,12 +112,16 @@ async def test_outage_and_qber_show_in_status_extension(kme_a: KmeClient,
                                                         sim: SimProcess) -> None:
     sim.admin("POST", "/admin/links/qkd-ab/outage", {"seconds": 30})
     ext = (await kme_a.status("sae-b")).status_extension
-    assert ext is not None and ext["link_up"] is False and ext["key_rate"] == 0.0
+    assert ext is not None
+    assert ext["link_up"] is False
+    assert ext["key_rate"] == 0.0
     sim.admin("DELETE", "/admin/links/qkd-ab/outage")
     sim.admin("POST", "/admin/links/qkd-ab/qber", {"qber": 0.115})
     ext = (await kme_a.status("sae-b")).status_extension
-    assert ext is not None and ext["link_up"] is True
-    assert ext["qber"] == 0.115 and ext["key_rate"] == 0.0  # past the BB84 limit
+    assert ext is not None
+    assert ext["link_up"] is True
+    assert ext["qber"] == 0.115
+    assert ext["key_rate"] == 0.0  # past the BB84 limit
 
 
 # -- identities and authorisation ----------------------------------------------------------
@@ -305,7 +311,8 @@ async def test_error_messages_never_carry_key_material(kme_a: KmeClient,
         await kme_a.enc_keys("sae-b", 1, 256)
     text = str(e.value) + repr(e.value)
     assert "248 bits, 256 requested" in text
-    assert "key=" not in text and "input" not in text
+    assert "key=" not in text
+    assert "input" not in text
 
 
 async def test_connection_refused(demo: DemoLayout, sim: SimProcess) -> None:
@@ -320,12 +327,15 @@ async def test_connection_refused(demo: DemoLayout, sim: SimProcess) -> None:
 
 async def test_client_rejects_bad_arguments_before_sending(kme_a: KmeClient,
                                                            sim: SimProcess) -> None:
-    for call in (kme_a.enc_keys("sae-b", 0), kme_a.enc_keys("sae-b", 1, 12),
-                 kme_a.dec_keys("sae-a", ["not-a-uuid"]),
-                 kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000"] * 2),
-                 kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000",
-                                          "0a782fb5-3434-48fe-aa4d-14f41d46cf92"],
-                                method="GET")):
-        with pytest.raises(ValueError):
+    for call, message in (
+            (kme_a.enc_keys("sae-b", 0), "number must be at least 1"),
+            (kme_a.enc_keys("sae-b", 1, 12), "size is in bits: a positive multiple of 8"),
+            (kme_a.dec_keys("sae-a", ["not-a-uuid"]), "bad key IDs: .* must be a UUID"),
+            (kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000"] * 2),
+             "bad key IDs: .* repeats a key_ID"),
+            (kme_a.dec_keys("sae-a", ["550e8400-e29b-41d4-a716-446655440000",
+                                      "0a782fb5-3434-48fe-aa4d-14f41d46cf92"], method="GET"),
+             "the GET form of dec_keys carries one key_ID")):
+        with pytest.raises(ValueError, match=message):
             await call
     assert sim.requests("kme-a") == {}

@@ -11,7 +11,7 @@ from common.text import MAX_QUOTED, quote_remote
 from kms.errors import KmsBadRequest
 
 
-@pytest.mark.parametrize("text,shown", [
+@pytest.mark.parametrize(("text", "shown"), [
     ("keys not found", "keys not found"),
     ("line 1\nINFO forged line 2", "line 1\\nINFO forged line 2"),
     ("a\r\tb", "a\\r\\tb"),

@@ -4,6 +4,7 @@ against the simulator, over mutual TLS."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.helpers import SimProcess
 etsi = pytest.importorskip("etsi_qkd_014_client", reason="pip install etsi-qkd-014-client")
 
 
-def client(demo: DemoLayout, site: str, cn: str) -> object:
+def client(demo: DemoLayout, site: str, cn: str) -> Any:  # the library is untyped
     return etsi.QKD014Client(f"127.0.0.1:{demo.kme_port(site)}", str(demo.pki / f"{cn}.pem"),
                              str(demo.pki / f"{cn}.key"), str(demo.pki / "ca.pem"))
 
@@ -26,7 +27,7 @@ def test_status(demo: DemoLayout, sim: SimProcess) -> None:
     assert (status.key_size, status.max_key_per_request, status.max_sae_id_count) == (256, 128, 0)
 
 
-@pytest.mark.parametrize("number,size", [(None, None), (3, 512)])  # GET form, POST form
+@pytest.mark.parametrize(("number", "size"), [(None, None), (3, 512)])  # GET form, POST form
 def test_keys_round_trip(demo: DemoLayout, sim: SimProcess, number: int | None,
                          size: int | None) -> None:
     code, container = client(demo, "a", "sae-a").get_key("sae-b", number=number, size=size)

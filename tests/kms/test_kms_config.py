@@ -24,7 +24,7 @@ def test_total_timeout_reaches_the_client(demo: DemoLayout) -> None:
     assert c.timeouts() == Timeouts(1.0, 2.0, 4.0)
 
 
-@pytest.mark.parametrize("extra,message", [
+@pytest.mark.parametrize(("extra", "message"), [
     ({"total_timeout": float("nan")}, "finite number"),
     ({"read_timeout": float("inf")}, "finite number"),
     ({"connect_timeout": 1e300}, "less than or equal to 3600"),

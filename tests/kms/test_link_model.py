@@ -29,16 +29,21 @@ def test_fills_at_key_rate_up_to_capacity() -> None:
 
 def test_take_is_all_or_nothing() -> None:
     m = link(stored_bits=1000.0, key_rate=0.0)
-    assert not m.take(1001, 100.0) and m.stored_bits == 1000
-    assert m.take(1000, 100.0) and m.stored_bits == 0
+    assert not m.take(1001, 100.0)
+    assert m.stored_bits == 1000
+    assert m.take(1000, 100.0)
+    assert m.stored_bits == 0
 
 
 def test_scheduled_outage_stops_supply() -> None:
     m = link(outages=(Outage(start=10, duration=5),))
-    assert m.in_outage(112.0) and not m.in_outage(115.0) and not m.in_outage(109.9)
+    assert m.in_outage(112.0)
+    assert not m.in_outage(115.0)
+    assert not m.in_outage(109.9)
     m.advance(120.0)
     assert m.stored_bits == pytest.approx(15_000)  # 20 s minus 5 s of outage
-    assert m.rate_at(112.0) == 0.0 and m.rate_at(116.0) == 1000.0
+    assert m.rate_at(112.0) == 0.0
+    assert m.rate_at(116.0) == 1000.0
 
 
 def test_periodic_outages() -> None:
@@ -62,7 +67,7 @@ def test_qber_scales_by_secret_fraction_and_stops_past_the_limit() -> None:
     assert m.rate_at(101.0) == pytest.approx(1000 * secret_fraction(0.05) / secret_fraction(0.02))
     m.set_qber(0.11, 101.0)
     assert m.rate_at(102.0) == 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"QBER is a fraction between 0 and 0\.5"):
         m.set_qber(0.7, 102.0)
 
 

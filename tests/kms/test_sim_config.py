@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -11,10 +13,13 @@ from common.config import ConfigError
 from gateway.initdemo import DemoLayout
 from kms.sim.config import SimConfig
 
+#: Changes a loaded configuration in place (what it returns is ignored).
+Edit = Callable[[dict[str, Any]], object]
 
-def write(tmp_path: Path, demo: DemoLayout, edit: object) -> Path:
+
+def write(tmp_path: Path, demo: DemoLayout, edit: Edit) -> Path:
     config = yaml.safe_load(demo.kms_config.read_text())
-    edit(config)  # type: ignore[operator]
+    edit(config)
     path = tmp_path / "kms.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -27,7 +32,7 @@ def test_demo_config_loads_with_paths_resolved(demo: DemoLayout) -> None:
     assert config.links[0].kmes == ("kme-a", "kme-b")
 
 
-@pytest.mark.parametrize("edit,message", [
+@pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c["links"][0].update(key_size=260), "links.0: key_size is in bits"),
     (lambda c: c["links"][0].update(qber=0.2), "links.0.qber: Input should be less than 0.11"),
     (lambda c: c["links"][0].update(kmes=["kme-a", "kme-x"]), "no KME with id 'kme-x'"),
@@ -53,12 +58,13 @@ def test_demo_config_loads_with_paths_resolved(demo: DemoLayout) -> None:
     (lambda c: c.update(request_timeout=0), "request_timeout"),
     (lambda c: c.update(request_timeout=float("inf")), "request_timeout"),
 ])
-def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: object,
+def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: Edit,
                                message: str) -> None:
     path = write(tmp_path, demo, edit)
     with pytest.raises(ConfigError) as e:
         SimConfig.load(path)
-    assert str(path) in str(e.value) and message in str(e.value)
+    assert str(path) in str(e.value)
+    assert message in str(e.value)
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ async def sae_b(demo: DemoLayout, sim: SimProcess) -> AsyncIterator[Raw]:
         yield Raw(s, f"https://127.0.0.1:{demo.kme_port('b')}/api/v1/keys/")
 
 
-@pytest.mark.parametrize("body,message", [
+@pytest.mark.parametrize(("body", "message"), [
     ({"size": 0}, "size: Input should be greater than 0"),
     ({"size": 12}, "multiple of 8"),
     ({"size": 8200}, "size 8200 is outside [64, 8192] bits"),
@@ -69,7 +69,7 @@ async def test_enc_keys_post_bad_parameters_are_400(sae_a: Raw, body: dict[str, 
     assert message in err["message"]
 
 
-@pytest.mark.parametrize("params,message", [
+@pytest.mark.parametrize(("params", "message"), [
     ({"number": "0"}, "number must be a positive integer"),
     ({"size": "-8"}, "size must be a positive integer"),
     ({"size": "12"}, "multiple of 8"),
@@ -78,28 +78,33 @@ async def test_enc_keys_post_bad_parameters_are_400(sae_a: Raw, body: dict[str, 
 async def test_enc_keys_get_bad_parameters_are_400(sae_a: Raw, params: dict[str, str],
                                                    message: str) -> None:
     status, _, err = await sae_a.call("GET", "sae-b/enc_keys", params=params)
-    assert status == 400 and message in err["message"]
+    assert status == 400
+    assert message in err["message"]
 
 
 async def test_enc_keys_empty_body_means_defaults(sae_a: Raw) -> None:
     status, _, body = await sae_a.call("POST", "sae-b/enc_keys", data=b"")
-    assert status == 200 and len(body["keys"]) == 1
+    assert status == 200
+    assert len(body["keys"]) == 1
     status, _, body = await sae_a.call("GET", "sae-b/enc_keys")
-    assert status == 200 and len(body["keys"]) == 1
+    assert status == 200
+    assert len(body["keys"]) == 1
 
 
 async def test_optional_extensions_are_ignored(sae_a: Raw) -> None:
     status, _, body = await sae_a.call(
         "POST", "sae-b/enc_keys", json={"number": 2, "extension_optional": [{"abc_max_age": 1}]})
-    assert status == 200 and len(body["keys"]) == 2
+    assert status == 200
+    assert len(body["keys"]) == 2
 
 
 async def test_body_not_json_is_400(sae_a: Raw) -> None:
     status, _, err = await sae_a.call("POST", "sae-b/enc_keys", data=b"{number: 1")
-    assert status == 400 and err == {"message": "request body is not JSON"}
+    assert status == 400
+    assert err == {"message": "request body is not JSON"}
 
 
-@pytest.mark.parametrize("method,kwargs", [
+@pytest.mark.parametrize(("method", "kwargs"), [
     ("POST", {"json": {"key_IDs": [{"key_ID": UNKNOWN_ID}]}}),
     ("GET", {"params": {"key_ID": UNKNOWN_ID}}),
 ])
@@ -119,22 +124,25 @@ async def test_dec_keys_is_atomic(sae_a: Raw, sae_b: Raw) -> None:
     status, _, _ = await sae_b.call("POST", "sae-a/dec_keys", json=ids)
     assert status == 400
     status, _, got = await sae_b.call("GET", "sae-a/dec_keys", params={"key_ID": good})
-    assert status == 200 and got == body
+    assert status == 200
+    assert got == body
 
 
-@pytest.mark.parametrize("body,message", [
+@pytest.mark.parametrize(("body", "message"), [
     ({"key_IDs": []}, "key_IDs: List should have at least 1 item"),
     ({"key_IDs": [{"key_ID": "12"}]}, "UUID"),
     ({"key_IDs": [{"key_ID": UNKNOWN_ID}], "key_ID": UNKNOWN_ID}, "unknown member(s)"),
 ])
 async def test_dec_keys_bad_bodies_are_400(sae_b: Raw, body: dict[str, Any], message: str) -> None:
     status, _, err = await sae_b.call("POST", "sae-a/dec_keys", json=body)
-    assert status == 400 and message in err["message"]
+    assert status == 400
+    assert message in err["message"]
 
 
 async def test_dec_keys_get_needs_key_id(sae_b: Raw) -> None:
     status, _, err = await sae_b.call("GET", "sae-a/dec_keys")
-    assert status == 400 and err["message"] == "key_ID query parameter is required"
+    assert status == 400
+    assert err["message"] == "key_ID query parameter is required"
 
 
 async def test_unknown_endpoint_is_json_error(sae_a: Raw) -> None:
@@ -148,4 +156,5 @@ async def test_wrong_sae_in_path_of_dec_keys_is_401(sae_a: Raw, sae_b: Raw) -> N
     _, _, body = await sae_a.call("POST", "sae-b/enc_keys", json={"number": 1})
     key_id = body["keys"][0]["key_ID"]
     status, _, err = await sae_b.call("GET", "sae-b/dec_keys", params={"key_ID": key_id})
-    assert status == 401 and "SAE sae-b has no QKD link with SAE sae-b" in err["message"]
+    assert status == 401
+    assert "SAE sae-b has no QKD link with SAE sae-b" in err["message"]

@@ -61,7 +61,8 @@ def test_init_demo_with_tls_psk_sinks_and_stunnel_without_systemd(
         config = tmp_path / f"site-{site}.yaml"
         config.write_text(switch_to_tls_psk(config.read_text()))
         [sink] = SiteConfig.load(config).links[0].sinks
-        assert isinstance(sink, TlsPskSinkConfig) and sink.role == role
+        assert isinstance(sink, TlsPskSinkConfig)
+        assert sink.role == role
         assert sink.path == tmp_path / f"state-{site}" / f"ab-{role}.psk"
 
     def spawn(name: str, *argv: str) -> None:

@@ -48,7 +48,8 @@ def test_sweep_removes_what_is_past_its_deadline_or_has_none(tmp_path: Path) -> 
     assert path.read_bytes() == placeholder  # the placeholder stays as it is
     path.unlink()
     assert guard.sweep(t, now) == ([], None)  # no file yet: the service can start anyway
-    assert identities(path) == ["qkdgw-ab-blocked"] and not t.reload_due
+    assert identities(path) == ["qkdgw-ab-blocked"]
+    assert not t.reload_due
 
 
 def test_sweep_fails_closed_on_files_it_cannot_read(tmp_path: Path,
@@ -61,7 +62,8 @@ def test_sweep_fails_closed_on_files_it_cannot_read(tmp_path: Path,
     assert "counts as expired" in caplog.text
     path.write_text("not a PSK file\n")
     assert guard.sweep(t, now) == ([], None)
-    assert identities(path) == ["qkdgw-ab-blocked"] and t.reload_due
+    assert identities(path) == ["qkdgw-ab-blocked"]
+    assert t.reload_due
     assert K[0].hex() not in caplog.text
 
 
@@ -72,7 +74,8 @@ def test_reload_signals_and_runs_the_hook_without_the_key(tmp_path: Path) -> Non
                hook=["sh", "-c", f"env | grep QKDGW_ > {out}"])
     assert asyncio.run(guard.reload(t))  # no pid file: not running, nothing to signal
     env = out.read_text()
-    assert "QKDGW_EVENT=expire" in env and "QKDGW_PSK_IDENTITY=qkdgw-ab-e3" in env
+    assert "QKDGW_EVENT=expire" in env
+    assert "QKDGW_PSK_IDENTITY=qkdgw-ab-e3" in env
     assert K[0].hex() not in env
     (tmp_path / "none.pid").write_text("-1")
     assert not asyncio.run(guard.reload(t))  # a problem: told again on the next pass
@@ -87,7 +90,8 @@ def site(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.Popen[bytes]]]
         [sys.executable, "-c", "import signal, sys, time\n"
          "signal.signal(signal.SIGHUP, lambda *a: print('hup', flush=True))\n"
          "print('up', flush=True)\nwhile True: time.sleep(1)"], stdout=subprocess.PIPE)
-    assert service.stdout is not None and service.stdout.readline() == b"up\n"
+    assert service.stdout is not None
+    assert service.stdout.readline() == b"up\n"
     (tmp_path / "svc.pid").write_text(f"{service.pid}\n")
     data = yaml.safe_load(config.read_text())
     data["links"][0]["sinks"] = [{"type": "tls_psk", "path": "b.psk", "role": "server",
@@ -124,18 +128,23 @@ def test_the_guard_ends_identities_at_their_deadlines_with_no_gateway(
             expiry.write(path, {"qkdgw-ab-e2": now + 4, "qkdgw-ab-e1": now + 1})
             path.write_bytes(pskfile.dumps([("qkdgw-ab-e2", K[0]), ("qkdgw-ab-e1", K[1])]))
         assert hups(service, 30) == 1  # e1 removed, service told
-        assert time.time() >= now + 1 and identities(path) == ["qkdgw-ab-e2"]
+        assert time.time() >= now + 1
+        assert identities(path) == ["qkdgw-ab-e2"]
         assert hups(service, 30) == 1  # e2 removed
-        assert time.time() >= now + 4 and identities(path) == ["qkdgw-ab-blocked"]
+        assert time.time() >= now + 4
+        assert identities(path) == ["qkdgw-ab-blocked"]
         second = subprocess.run(qkdgw("tls-guard", "-c", str(config)), capture_output=True,
                                 text=True, timeout=30, check=False)
-        assert second.returncode == 1 and "another qkdgw tls-guard guards" in second.stderr
+        assert second.returncode == 1
+        assert "another qkdgw tls-guard guards" in second.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     log = err.decode()
-    assert "removed qkdgw-ab-e1" in log and "removed qkdgw-ab-e2" in log
-    assert K[0].hex() not in log and K[1].hex() not in log
+    assert "removed qkdgw-ab-e1" in log
+    assert "removed qkdgw-ab-e2" in log
+    assert K[0].hex() not in log
+    assert K[1].hex() not in log
 
 
 def test_once_cleans_before_the_service_starts_and_signals_nothing(
@@ -153,4 +162,5 @@ def test_once_cleans_before_the_service_starts_and_signals_nothing(
     config.write_text(yaml.safe_dump(data))
     done = subprocess.run(qkdgw("tls-guard", "--once", "-c", str(config)),
                           capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 2 and "no tls_psk sink: nothing to guard" in done.stderr
+    assert done.returncode == 2
+    assert "no tls_psk sink: nothing to guard" in done.stderr

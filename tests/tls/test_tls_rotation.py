@@ -36,6 +36,12 @@ def run(request: pytest.FixtureRequest,
         yield asyncio.run(_phase(world))
 
 
+def _epoch(ident: str) -> int:
+    epoch = pskfile.epoch_of(ident)
+    assert epoch is not None, f"not a gateway identity: {ident}"
+    return epoch
+
+
 async def _phase(w: tw.World) -> dict[str, Any]:
     await w.start()
     if w.kind == "stunnel":
@@ -54,7 +60,7 @@ async def _phase(w: tw.World) -> dict[str, Any]:
     w.procs.pop("load")
     after = (await w.link("a"))["epoch"]
     current = pskfile.loads(w.psk_file("b").read_bytes())
-    retired = sorted((i for i in seen if i not in dict(current)), key=pskfile.epoch_of)
+    retired = sorted((i for i in seen if i not in dict(current)), key=_epoch)
     probe_retired = w.try_psk(retired[0], seen[retired[0]]) if retired else None
     probe_current = w.try_psk(*current[0])
 

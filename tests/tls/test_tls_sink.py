@@ -22,6 +22,7 @@ from common.config import HostPort
 from common.sink import EpochMaterial, EpochRef, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
 from kdf.schedule import EpochKeys, Purpose
+from tests.helpers import lifetimes
 from tls import expiry, pskfile
 from tls.sink import TlsPskSink, TlsPskSinkConfig
 
@@ -34,7 +35,7 @@ class Events:
 def build(tmp_path: Path, **kw: Any) -> TlsPskSink:
     config = TlsPskSinkConfig.model_validate({"type": "tls_psk", "path": str(tmp_path / "p"),
                                               "role": "server", **kw})
-    return config.build(SinkContext("ab", Policy(), Events(), HostPort(host="h", port=1),
+    return config.build(SinkContext("ab", lifetimes(), Events(), HostPort(host="h", port=1),
                                     HostPort(host="h", port=2)))
 
 
@@ -63,7 +64,8 @@ def test_file_round_trip_and_errors_name_the_line() -> None:
         pskfile.loads(b"a:00000000\n")
     with pytest.raises(pskfile.PskFileError, match="cannot be written"):
         pskfile.dumps([("a:b", b"\0" * 32)])
-    assert pskfile.epoch_of("qkdgw-ab-e17") == 17 and pskfile.epoch_of("other") is None
+    assert pskfile.epoch_of("qkdgw-ab-e17") == 17
+    assert pskfile.epoch_of("other") is None
 
 
 def test_server_accepts_live_epochs_client_uses_only_the_current(tmp_path: Path) -> None:
@@ -116,7 +118,8 @@ def test_a_restarted_gateway_adopts_the_file(tmp_path: Path) -> None:
         await sink.activate_outbound(m5)
         again = build(tmp_path)
         await again.start()
-        assert again.current == 5 and set(again.keys) == {4, 5}
+        assert again.current == 5
+        assert set(again.keys) == {4, 5}
         await again.retire_inbound(ref(4))
         assert [i for i, _ in read(again)] == ["qkdgw-ab-e5"]
 
@@ -168,16 +171,19 @@ def test_a_restart_adopts_only_identities_before_their_deadline(tmp_path: Path) 
         return sink
 
     sink = asyncio.run(go())
-    assert sink.current == 4 and set(sink.keys) == {1, 4}
+    assert sink.current == 4
+    assert set(sink.keys) == {1, 4}
     assert sink.deadlines == {4: now + 60, 1: now + 60}  # the old deadlines, not new ones
     assert read(sink) == [("qkdgw-ab-e4", k[0]), ("qkdgw-ab-e1", k[3])]
     expiry.write(path, {"qkdgw-ab-e4": now - 1, "qkdgw-ab-e1": now - 1})
     sink = asyncio.run(go())
-    assert sink.keys == {} and [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
+    assert sink.keys == {}
+    assert [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
     (tmp_path / "p.expiry").write_text("[1, 2]")  # not ours: adopt nothing
     path.write_bytes(pskfile.dumps([("qkdgw-ab-e4", k[0])]))
     sink = asyncio.run(go())
-    assert sink.keys == {} and [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
+    assert sink.keys == {}
+    assert [i for i, _ in read(sink)] == ["qkdgw-ab-blocked"]
 
 
 def test_on_stop_block_leaves_the_placeholder_keep_leaves_the_file(tmp_path: Path) -> None:
@@ -229,7 +235,8 @@ def test_reload_signals_the_pid_file_and_tolerates_a_stopped_service(tmp_path: P
                                  "signal.signal(signal.SIGHUP, lambda *a: sys.exit(42))\n"
                                  "print('up', flush=True); time.sleep(30)"],
                                 stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
         pid_file = tmp_path / "svc.pid"
         pid_file.write_text(f"{proc.pid}\n")
         sink = build(tmp_path, reload_pid_file=str(pid_file))
@@ -258,7 +265,8 @@ def test_hook_gets_the_identity_never_the_key(tmp_path: Path) -> None:
         await sink.install_inbound(m)
         await sink.activate_outbound(m)
         env = out.read_text()
-        assert "QKDGW_PSK_IDENTITY=qkdgw-ab-e6" in env and "QKDGW_EVENT=activate" in env
+        assert "QKDGW_PSK_IDENTITY=qkdgw-ab-e6" in env
+        assert "QKDGW_EVENT=activate" in env
         assert m.key(Purpose.TLS_PSK).hex() not in env
 
     asyncio.run(go())

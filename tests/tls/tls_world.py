@@ -151,7 +151,8 @@ class World(Sites):
                           f"{GW_B}:{TLS_PORT}", "-tls1_3", "-ciphersuites", SUITE, "-psk",
                           key.hex(), "-psk_identity", identity),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         try:
             proc.stdin.write(b"qkdgw-probe\n")
             proc.stdin.flush()

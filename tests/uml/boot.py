@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,9 @@ def missing() -> str | None:
     for tool in ("ip", "ping", "tcpdump", "modprobe", "tc"):
         if shutil.which(tool) is None:
             return f"{tool} not found (apt-get install iproute2 iputils-ping tcpdump kmod)"
-    if not Path("/dev/shm").is_dir():
-        return "/dev/shm missing: UML keeps the guest's memory there"
+    shm = Path("/dev/shm")  # noqa: S108 (where UML keeps the guest's memory; only checked here)
+    if not shm.is_dir():
+        return f"{shm} missing: UML keeps the guest's memory there"
     return None
 
 
@@ -160,5 +162,5 @@ def _read(path: Path) -> str:
 
 
 if __name__ == "__main__":  # python -m tests.uml.boot CMD...: try a command in a guest
-    run = boot(sys.argv[1:], Path(f"/tmp/uml-{os.getpid()}"), timeout=300)
+    run = boot(sys.argv[1:], Path(tempfile.mkdtemp(prefix="uml-")), timeout=300)
     print(run.stdout, run.stderr, f"exit {run.returncode} in {run.seconds:.1f} s", sep="\n")
