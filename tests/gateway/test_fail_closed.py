@@ -253,10 +253,9 @@ def test_a_data_plane_that_refuses_the_switch_blocks_alarms_and_recovers(
         async def scenario(daemons: dict[str, Daemon], sinks: dict[str, ProbeSink]) -> None:
             a, b = daemons["a"], daemons["b"]
             await _until("the first epochs", lambda: _converged(daemons, 1))
-            with filler.open("wb") as f, contextlib.suppress(OSError):
+            with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
                 while True:  # until ENOSPC
                     f.write(bytes(4096))
-                    f.flush()
             await _until("A's switch failed", lambda: "sink-failed" in _alarms(a))
             alarm = _alarms(a)["sink-failed"]
             assert "could not switch" in alarm, alarm

@@ -326,6 +326,11 @@ async def phase_crash(w: World) -> dict[str, Any]:
         w.ping(f"ping-crash-{site}", f"lan-{site}", target, count=100_000, interval=0.02,
                timestamps=True)
     await asyncio.sleep(3)
+    # Crash mid-interval: past the last switch's grace (1 s) and before the next rekey (2 s
+    # interval), when the kernel holds exactly one SA each way.
+    before = (await w.link("a"))["epoch"]
+    await until("a rekey", lambda: _rekeyed_past(w, before))
+    await asyncio.sleep(1.4)
     epoch = (await w.link("a"))["epoch"]
     w.note("crash gw-a")
     w.kill("gw-a", signal.SIGKILL)
