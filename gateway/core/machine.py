@@ -17,6 +17,7 @@ The machine is made of named parts (gateway/core/):
 - link.py: the state of one link, the driver's interface, the steps both roles share;
 - initiator.py and responder.py: the protocol's handlers, by role; qkd.py: the QKD key
   fetched ahead and the KMS's status, for both;
+- plane.py: the sinks' answers: failures (protocol.md, "When a sink fails") and late ones;
 - keyring.py: which keys are in the data plane and when each may go (make-before-break);
 - qkdkeys.py: the QKD key fetched ahead for the next epoch, and the key IDs used;
 - kmsview.py: what the link knows of its KMS (health, supply, KME identities);
@@ -61,6 +62,7 @@ from gateway.core.events import (
 )
 from gateway.core.initiator import InitiatorHandlers
 from gateway.core.link import LinkCore, LinkIdentity
+from gateway.core.plane import PlaneHandlers
 from gateway.core.responder import ResponderHandlers
 from gateway.core.table import (
     CoreError,
@@ -77,7 +79,7 @@ __all__ = ["TRANSITIONS", "CoreError", "IllegalEvent", "LinkIdentity", "LinkMach
            "PeerMessageRejected", "State", "TransitionError"]
 
 
-class LinkMachine(InitiatorHandlers, ResponderHandlers):
+class LinkMachine(InitiatorHandlers, ResponderHandlers, PlaneHandlers):
     """Both roles' handlers; the link's role picks where one event means different things."""
 
     def _rekey_now(self, event: RekeyRequested, now: float) -> list[Action]:
