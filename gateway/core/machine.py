@@ -194,9 +194,10 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
     row(None, KmsStatusObserved, M._kms_status, (), "track KMS health and key supply"),
     row(None, KmsUnreachable, M._kms_unreachable, (), "the KMS cannot be reached"),
     row(None, Tick, M._tick, (), "timers: a scheduled rekey starts (I); an exchange past"
-        " attempt_timeout is given up; retransmissions; old keys retired; the hard lifetime",
+        " attempt_timeout is given up (unless the data plane is switching keys: its answer"
+        " decides); retransmissions; old keys retired; the hard lifetime",
         ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED),
          *((a, S.IDLE) for a in (S.FETCHING, S.OFFERED, S.INSTALLING, S.ACCEPTED,
-                                 S.ACTIVATING, S.COMMITTED)))),
+                                 S.COMMITTED)))),
 )
 LinkCore.table = {(t.state, t.event): t for t in TRANSITIONS}

@@ -548,3 +548,24 @@ def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
     assert again == [m.attempt.accept]  # type: ignore[union-attr]
     w.run_for(2)
     assert w.converged() and not w.violations
+
+
+def test_a_switch_in_progress_is_not_given_up_on_a_timer() -> None:
+    """A data plane slower to switch than an exchange may take: the initiator waits for its
+    answer. Given up on the timer, its next Offer would tell the responder (`out`) that it
+    sends on the new epoch while its data plane still sends on the old one, and the
+    responder would retire the old inbound key under it."""
+    w = World(seed=36, policy_i=policy(prefetch=False))
+    w.kms_status()
+    w.run_for(3)
+    old = w.i.plane.outbound
+    w.i.feed(RekeyRequested("operator"))
+    while w.i.machine.state is not State.INSTALLING:
+        assert w.step(until=w.now + FAST.attempt_timeout), "I never installed"
+    w.sink_delay = FAST.attempt_timeout + 2  # the switch takes longer than an exchange may
+    w.run_for(FAST.attempt_timeout + 1)
+    assert w.i.plane.outbound == old and w.i.machine.state is State.ACTIVATING
+    w.sink_delay = 0.0
+    w.run_for(FAST.attempt_timeout)
+    assert not w.violations
+    assert old is not None and w.i.plane.sent_on[1] == old + 1 and w.converged()
