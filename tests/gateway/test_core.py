@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from pydantic import ValidationError
 
+from common.sink import EpochRef, Role
 from gateway.core.events import (
     Alarm,
     Block,
@@ -20,6 +21,7 @@ from gateway.core.events import (
     SinkInstalled,
     received,
 )
+from gateway.core.keyring import KeyRing
 from gateway.core.machine import TRANSITIONS, IllegalEvent, LinkMachine, State
 from gateway.core.messages import (
     MAX_EPOCH,
@@ -33,7 +35,7 @@ from gateway.core.messages import (
     encode,
 )
 from gateway.core.policy import Mode, Policy
-from gateway.core.snapshot import Snapshot
+from gateway.core.snapshot import MAX_PENDING, Snapshot
 from tests.gateway.world import CERT_I, CERT_R, FAST, World, policy
 
 # -- happy path and modes ------------------------------------------------------------------
@@ -569,3 +571,15 @@ def test_a_switch_in_progress_is_not_given_up_on_a_timer() -> None:
     w.run_for(FAST.attempt_timeout)
     assert not w.violations
     assert old is not None and w.i.plane.sent_on[1] == old + 1 and w.converged()
+
+
+def test_a_state_file_lists_the_newest_keys_to_retire_when_sinks_refuse_many() -> None:
+    """Sinks that refuse for long to retire keys (and to install them: every failed
+    exchange leaves a key to clean up) leave more keys to retire than a state file may
+    list: it lists the newest, and saving never fails (found by the property tests at 2000
+    examples: the daemon's state flush raised)."""
+    ring = KeyRing("ab", FAST)
+    for e in range(1, MAX_PENDING + 7):
+        ring.install(EpochRef("ab", e, 0x100 + e, 0x200 + e))
+    snap = ring.save("ab", Role.RESPONDER, MAX_PENDING + 6, [])
+    assert [p.epoch for p in snap.inbound] == list(range(7, MAX_PENDING + 7))
