@@ -43,6 +43,7 @@ from gateway.core.events import (
     ActivateFailed,
     Alarm,
     BlockFailed,
+    Cause,
     CommitReceived,
     InstallFailed,
     KmsStatusObserved,
@@ -126,6 +127,13 @@ class LinkMachine(InitiatorHandlers, ResponderHandlers):
         a = need(self.attempt, "the exchange")
         if event.epoch != a.epoch:
             return self._late_activated(event, now)
+        o = self.keys.outbound
+        if o is None or o.ref.epoch != a.epoch:
+            # The key passed its hard lifetime while the data plane switched to it: block
+            # (again: the switch may have landed after the block) and give the exchange up.
+            why = f"epoch {a.epoch}: the data plane switched after the key's hard lifetime"
+            return self._plane_failed(why, now) + self._give_up(now, why, Cause.SINK,
+                                                                failed=True)
         if self.role is Role.RESPONDER:
             return self._switched_second(a, now)
         return self._switched_first(a, now)

@@ -583,3 +583,25 @@ def test_a_state_file_lists_the_newest_keys_to_retire_when_sinks_refuse_many() -
         ring.install(EpochRef("ab", e, 0x100 + e, 0x200 + e))
     snap = ring.save("ab", Role.RESPONDER, MAX_PENDING + 6, [])
     assert [p.epoch for p in snap.inbound] == list(range(7, MAX_PENDING + 7))
+
+
+def test_a_switch_slower_than_the_keys_lifetime_ends_blocked() -> None:
+    """A data plane that takes longer to switch than the new key may live: the key expires
+    during the switch (blocked, as always past the hard lifetime); when the switch lands,
+    the link is blocked again and the exchange given up, not an error (found by the
+    explorer)."""
+    w = World(seed=37, policy_i=policy(prefetch=False))
+    w.kms_status()
+    w.run_for(3)
+    old = w.i.plane.outbound
+    w.i.feed(RekeyRequested("operator"))
+    while w.i.machine.state is not State.INSTALLING:
+        assert w.step(until=w.now + FAST.attempt_timeout), "I never installed"
+    w.sink_delay = FAST.hard_lifetime + 2
+    w.run_for(FAST.hard_lifetime + 3)
+    assert w.i.plane.blocked and w.i.machine.state is not State.ACTIVATING
+    assert "sink-failed" in w.i.alarms and not w.violations
+    w.sink_delay = 0.0
+    assert w.settle(2 * FAST.hard_lifetime)  # (a call made while the sink was slow lands)
+    assert old is not None and w.i.plane.outbound is not None and w.i.plane.outbound > old + 1
+    assert not w.violations
