@@ -257,6 +257,9 @@ class LinkRunner:
                     self.active_until = (o.activated_at if o else time.time()) + \
                         self.machine.policy.hard_lifetime
                     e = a.material.epoch
+                    # The status shows this epoch from now on (state `activating` until the
+                    # switch is done): with its key's fingerprint, not none.
+                    self.daemon.note_fingerprint(self.name, e, a.material.fingerprint)
                     failed = await self._each_sink(
                         f"epoch {e}: activate outbound",
                         lambda s, m=a.material: s.activate_outbound(m), first=True)
@@ -642,6 +645,13 @@ class Daemon:
                 site=self.config.site, seq=head.seq, hash=head.hash)})
         return message
 
+    def note_fingerprint(self, link: str, epoch: int, fingerprint: str) -> None:
+        """The status names the key of the epoch a link sends on (the newest 16 kept)."""
+        prints = self.fingerprints.setdefault(link, {})
+        prints[epoch] = fingerprint
+        for old in sorted(prints)[:-16]:
+            del prints[old]
+
     def peer_head(self, runner: LinkRunner, message: Message) -> None:
         """Record the peer's audit head from the Commit or Ack that completed an epoch."""
         head = message.audit if isinstance(message, Commit | Ack) else None
@@ -662,10 +672,7 @@ class Daemon:
                 latency, ids, r.fingerprint or "-", f" ({r.detail})" if r.detail else "",
                 extra={"link": link, "epoch": r.epoch, "event": r.kind})
         if r.kind in (K.ACTIVATED, K.REKEYED) and r.fingerprint:
-            prints = self.fingerprints.setdefault(link, {})
-            prints[r.epoch] = r.fingerprint
-            for old in sorted(prints)[:-16]:
-                del prints[old]
+            self.note_fingerprint(link, r.epoch, r.fingerprint)
         if r.kind is K.REKEYED:
             suite = runner.machine.outbound.suite.name if runner.machine.outbound else ""
             self.metrics.rekeys.labels(link, suite).inc()
