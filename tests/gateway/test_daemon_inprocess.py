@@ -36,7 +36,7 @@ class RecordingSink:
         self.active: int | None = None
 
     async def start(self) -> None:
-        pass  # no data plane to take over
+        """Nothing to take over: the keys are only recorded."""
 
     async def install_inbound(self, m: EpochMaterial) -> None:
         self.keys += [m.keys.epoch_secret, *(m.key(p) for p in Purpose)]
