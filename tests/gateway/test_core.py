@@ -577,14 +577,12 @@ def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
     w.run_for(3)
     w.sink_delay = 1.0
     w.i.feed(RekeyRequested("operator"))
-    while w.r.machine.state is not State.INSTALLING:
-        assert w.step(until=w.now + 1)
+    w.step_until(w.r, State.INSTALLING, 1)
     offer = w.r.machine.attempt.offer  # type: ignore[union-attr]
     assert offer is not None
     m = w.r.machine
     assert not [a for a in m.handle(received(offer, CERT_I), w.now) if isinstance(a, Send)]
-    while m.state is not State.ACCEPTED:  # the key is in, the Accept on its way
-        assert w.step(until=w.now + 2)
+    w.step_until(w.r, State.ACCEPTED, 2)  # the key is in, the Accept on its way
     again = [a.message for a in m.handle(received(offer, CERT_I), w.now)
              if isinstance(a, Send)]
     assert again == [m.attempt.accept]  # type: ignore[union-attr]

@@ -187,8 +187,7 @@ def _targeted() -> list[World]:
         w.kms_status()
         w.run_for(3)
         offer = _offer_in_flight(w, **faults)
-        while w.r.machine.state is not state:
-            assert w.step(until=w.now + FAST.attempt_timeout), f"R never reached {state}"
+        w.step_until(w.r, state, FAST.attempt_timeout)
         w.r.feed(received(_abort(offer), CERT_I))  # the initiator gave this exchange up
         worlds.append(w)
     worlds += _while_the_responder_switches()
@@ -239,8 +238,7 @@ def _while_the_responder_switches() -> list[World]:
         w.run_for(3)
         w.sink_delay = 1.0
         w.i.feed(RekeyRequested("operator"))
-        while w.r.machine.state is not State.ACTIVATING:
-            assert w.step(until=w.now + FAST.attempt_timeout), "R never switched"
+        w.step_until(w.r, State.ACTIVATING, FAST.attempt_timeout)
         w.kms.available = kms_up  # down: a PQC-only Offer, installed without a fetch
         w.kms_status(ok=kms_up)
         w.i.restart()
@@ -251,8 +249,7 @@ def _while_the_responder_switches() -> list[World]:
     w.run_for(3)
     w.sink_delay = 1.0
     w.i.feed(RekeyRequested("operator"))
-    while w.i.machine.state is not State.COMMITTED:
-        assert w.step(until=w.now + FAST.attempt_timeout), "I never committed"
+    w.step_until(w.i, State.COMMITTED, FAST.attempt_timeout)
     w.kms.available = False
     w.kms_status(ok=False)  # qkd+pqc with no QKD keys: no new exchange for now
     w.r.restart()

@@ -300,6 +300,12 @@ class World:
             pass
         self.now = max(self.now, end)
 
+    def step_until(self, side: Side, state: State, within: float) -> None:
+        """Step until SIDE's machine is in STATE; fail if nothing is left to run within
+        WITHIN seconds of simulated time (each step)."""
+        while side.machine.state is not state:
+            assert self.step(until=self.now + within), f"{side.name} never reached {state}"
+
     def settle(self, limit: float) -> bool:
         """Run until both sides send on the same epoch (an exchange in flight lands), at most
         LIMIT seconds."""
