@@ -41,11 +41,12 @@ from pyroute2.netlink import (
     nlmsg,
 )
 
+from common.sockets import grow_receive_buffer
+
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NLMSGERR_ATTR_MSG = 1
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; the socket module does not name it
 _HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 _NLA_HEADER = struct.Struct("=HH")  # struct nlattr
 _ERROR_SIZE = 4 + _HEADER.size  # struct nlmsgerr without the request's payload
@@ -100,10 +101,7 @@ class NetlinkSocket:
                                    e.errno or errno_.EPERM) from None
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
         sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-        try:  # past the rmem_max limit when allowed (root)
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        grow_receive_buffer(sock, rcvbuf)
         sock.bind((0, groups))
         self._sock = sock
         self._seq = itertools.count(1)

@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.sockets import grow_receive_buffer
 from gateway.demo.sites import ADDR, HOST, LAN, SIM_ADMIN_PORT, Sites
 from gateway.demo.topology import Topology, namespace
 from gateway.demo.wire import Kind, Live, Tally
 
 Plane = Literal["auto", "xfrm", "strongswan"]
 FLOW_PORT = 5001
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; the socket module does not name it
 #: A packet sent less than this long ago may still be on its way: not lost (yet).
 IN_FLIGHT = 0.5
 #: After the traffic stops, the last packets get this long to arrive before the count.
@@ -128,7 +128,7 @@ class Flow:
     def start(self) -> None:
         # Room for a burst (what a gateway held during a rotation arrives together): a loss
         # counted must be the tunnel's, never this socket's. The demo runs as root.
-        self.rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        grow_receive_buffer(self.rx, 4 << 20)
         self.rx.bind(("0.0.0.0", FLOW_PORT))  # noqa: S104 (in the LAN host's own namespace)
         self.rx.settimeout(0.2)
         for target in (self._send, self._receive):

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from ipsec.netlink import SO_RCVBUFFORCE
+from common.sockets import grow_receive_buffer
 
 HEADER = struct.Struct("!Id")  # sequence number, send time
 
@@ -59,10 +59,7 @@ def recv(port: int, out: Path) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     # Room for a burst (packets held during a rotation arrive together): a loss must be the
     # network's, never this socket's.
-    try:  # past the rmem_max limit when allowed (root)
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-    except PermissionError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    grow_receive_buffer(sock, 8 << 20)
     sock.bind(("0.0.0.0", port))  # noqa: S104 (in a test namespace: a LAN host or gateway)
     sock.settimeout(0.2)
     received: list[tuple[int, float]] = []
