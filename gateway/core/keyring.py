@@ -19,7 +19,7 @@ from common.sink import EpochRef, Role
 from gateway.core.events import Action, Record, RecordKind, RetireInbound, RetireOutbound
 from gateway.core.messages import Suite
 from gateway.core.policy import Policy
-from gateway.core.snapshot import OutboundRef, PendingRef, Snapshot
+from gateway.core.snapshot import MAX_PENDING, OutboundRef, PendingRef, Snapshot
 from gateway.core.table import CoreError
 
 
@@ -159,8 +159,7 @@ class KeyRing:
             outbound=None if o is None else OutboundRef(
                 epoch=o.ref.epoch, spi_in=o.ref.spi_in, spi_out=o.ref.spi_out,
                 suite=o.suite.name, activated_at=o.activated_at, switched=o.switched),
-            inbound=[_pending(k) for k in self.inbound.values()],
-            old_outbound=[_pending(k) for k in self.replaced.values()],
+            inbound=_newest(self.inbound), old_outbound=_newest(self.replaced),
             used_key_ids=used_key_ids)
 
     def restore(self, snap: Snapshot) -> None:
@@ -182,6 +181,13 @@ class KeyRing:
     def switching(self) -> bool:
         """A switch of the outbound key is not known to have finished."""
         return self.outbound is not None and not self.outbound.switched
+
+
+def _newest(ring: dict[int, InstalledKey]) -> list[PendingRef]:
+    """What a state file lists of RING: the newest MAX_PENDING epochs. A sink that refuses
+    to retire keys for long (and every install, each leaving a key to clean up) leaves more;
+    after a restart the oldest are left to the data plane's own lifetimes."""
+    return [_pending(ring[e]) for e in sorted(ring)[-MAX_PENDING:]]
 
 
 def _pending(k: InstalledKey) -> PendingRef:

@@ -206,7 +206,9 @@ class LinkCore(ABC):
         times = [self.next_rekey_at, self.next_nudge_at, self.reblock_at,
                  *self.keys.deadlines()]
         if self.attempt is not None:
-            times += [self.attempt.started + self.policy.attempt_timeout, self.attempt.next_send]
+            times.append(self.attempt.next_send)
+            if self.state is not State.ACTIVATING:  # (see _tick)
+                times.append(self.attempt.started + self.policy.attempt_timeout)
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -298,7 +300,11 @@ class LinkCore(ABC):
                     *self._alarm(Alarm.HARD_LIFETIME, f"no fresh key for link"
                                  f" {self.identity.link}: traffic blocked")]
         a = self.attempt
-        if a is not None and now >= a.started + self.policy.attempt_timeout:
+        # While the data plane switches keys its answer decides, not a timer: given up now,
+        # the next message's `out` would name a key the data plane may not send on yet, and
+        # the peer would retire the one it still sends on.
+        if a is not None and now >= a.started + self.policy.attempt_timeout \
+                and self.state is not State.ACTIVATING:
             if self.state is State.COMMITTED:
                 # Our outbound already moved; only the Ack is missing. Keep everything and
                 # try a new epoch soon, which tells the peer where we are.

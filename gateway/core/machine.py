@@ -44,6 +44,7 @@ from gateway.core.events import (
     ActivateFailed,
     Alarm,
     BlockFailed,
+    Cause,
     CommitReceived,
     InstallFailed,
     KmsStatusObserved,
@@ -128,6 +129,13 @@ class LinkMachine(InitiatorHandlers, ResponderHandlers, PlaneHandlers):
         a = need(self.attempt, "the exchange")
         if event.epoch != a.epoch:
             return self._late_activated(event, now)
+        o = self.keys.outbound
+        if o is None or o.ref.epoch != a.epoch:
+            # The key passed its hard lifetime while the data plane switched to it: block
+            # (again: the switch may have landed after the block) and give the exchange up.
+            why = f"epoch {a.epoch}: the data plane switched after the key's hard lifetime"
+            return self._plane_failed(why, now) + self._give_up(now, why, Cause.SINK,
+                                                                failed=True)
         if self.role is Role.RESPONDER:
             return self._switched_second(a, now)
         return self._switched_first(a, now)
@@ -196,9 +204,10 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
     row(None, KmsStatusObserved, M._kms_status, (), "track KMS health and key supply"),
     row(None, KmsUnreachable, M._kms_unreachable, (), "the KMS cannot be reached"),
     row(None, Tick, M._tick, (), "timers: a scheduled rekey starts (I); an exchange past"
-        " attempt_timeout is given up; retransmissions; old keys retired; the hard lifetime",
+        " attempt_timeout is given up (unless the data plane is switching keys: its answer"
+        " decides); retransmissions; old keys retired; the hard lifetime",
         ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED),
          *((a, S.IDLE) for a in (S.FETCHING, S.OFFERED, S.INSTALLING, S.ACCEPTED,
-                                 S.ACTIVATING, S.COMMITTED)))),
+                                 S.COMMITTED)))),
 )
 LinkCore.table = {(t.state, t.event): t for t in TRANSITIONS}

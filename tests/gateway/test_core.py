@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 from pydantic import ValidationError
 
+from common.sink import EpochRef, Role
 from gateway.core.events import (
     Alarm,
     Block,
@@ -20,6 +21,7 @@ from gateway.core.events import (
     SinkInstalled,
     received,
 )
+from gateway.core.keyring import KeyRing
 from gateway.core.machine import TRANSITIONS, IllegalEvent, LinkMachine, State
 from gateway.core.messages import (
     MAX_EPOCH,
@@ -33,7 +35,7 @@ from gateway.core.messages import (
     encode,
 )
 from gateway.core.policy import Mode, Policy
-from gateway.core.snapshot import Snapshot
+from gateway.core.snapshot import MAX_PENDING, Snapshot
 from tests.gateway.world import CERT_I, CERT_R, FAST, World, policy
 
 # -- happy path and modes ------------------------------------------------------------------
@@ -588,4 +590,69 @@ def test_a_repeated_offer_gets_no_accept_before_the_inbound_key_is_in() -> None:
     assert again == [m.attempt.accept]  # type: ignore[union-attr]
     w.run_for(2)
     assert w.converged()
+
+
+def _until_installing(w: World) -> None:
+    """Run until the initiator installs its inbound key (a function: the state moves on)."""
+    while w.i.machine.state is not State.INSTALLING:
+        assert w.step(until=w.now + FAST.attempt_timeout), "I never installed"
+
+
+def test_a_switch_in_progress_is_not_given_up_on_a_timer() -> None:
+    """A data plane slower to switch than an exchange may take: the initiator waits for its
+    answer. Given up on the timer, its next Offer would tell the responder (`out`) that it
+    sends on the new epoch while its data plane still sends on the old one, and the
+    responder would retire the old inbound key under it."""
+    w = World(seed=36, policy_i=policy(prefetch=False))
+    w.kms_status()
+    w.run_for(3)
+    old = w.i.plane.outbound
+    w.i.feed(RekeyRequested("operator"))
+    _until_installing(w)
+    w.sink_delay = FAST.attempt_timeout + 2  # the switch takes longer than an exchange may
+    w.run_for(FAST.attempt_timeout + 1)
+    assert w.i.plane.outbound == old
+    assert w.i.machine.state is State.ACTIVATING
+    w.sink_delay = 0.0
+    w.run_for(FAST.attempt_timeout)
+    assert not w.violations
+    assert old is not None
+    assert w.i.plane.sent_on[1] == old + 1
+    assert w.converged()
+
+
+def test_a_state_file_lists_the_newest_keys_to_retire_when_sinks_refuse_many() -> None:
+    """Sinks that refuse for long to retire keys (and to install them: every failed
+    exchange leaves a key to clean up) leave more keys to retire than a state file may
+    list: it lists the newest, and saving never fails (found by the property tests at 2000
+    examples: the daemon's state flush raised)."""
+    ring = KeyRing("ab", FAST)
+    for e in range(1, MAX_PENDING + 7):
+        ring.install(EpochRef("ab", e, 0x100 + e, 0x200 + e))
+    snap = ring.save("ab", Role.RESPONDER, MAX_PENDING + 6, [])
+    assert [p.epoch for p in snap.inbound] == list(range(7, MAX_PENDING + 7))
+
+
+def test_a_switch_slower_than_the_keys_lifetime_ends_blocked() -> None:
+    """A data plane that takes longer to switch than the new key may live: the key expires
+    during the switch (blocked, as always past the hard lifetime); when the switch lands,
+    the link is blocked again and the exchange given up, not an error (found by the
+    explorer)."""
+    w = World(seed=37, policy_i=policy(prefetch=False))
+    w.kms_status()
+    w.run_for(3)
+    old = w.i.plane.outbound
+    w.i.feed(RekeyRequested("operator"))
+    _until_installing(w)
+    w.sink_delay = FAST.hard_lifetime + 2
+    w.run_for(FAST.hard_lifetime + 3)
+    assert w.i.plane.blocked
+    assert w.i.machine.state is not State.ACTIVATING
+    assert "sink-failed" in w.i.alarms
+    assert not w.violations
+    w.sink_delay = 0.0
+    assert w.settle(2 * FAST.hard_lifetime)  # (a call made while the sink was slow lands)
+    assert old is not None
+    assert w.i.plane.outbound is not None
+    assert w.i.plane.outbound > old + 1
     assert not w.violations

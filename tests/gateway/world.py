@@ -8,8 +8,9 @@
 
 Everything the machines ask for is carried out here, possibly late or not at all, as the
 faults say. The data plane models record what a kernel or TLS stack would hold: installed
-inbound keys, the active outbound key, whether traffic is blocked. The invariants are checked
-against those, not against the machines' own view.
+inbound keys, the active outbound key, whether traffic is blocked. The invariants
+(tests/gateway/invariants.py, shared with the explorer) are checked against those, not
+against the machines' own view.
 """
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ from gateway.core.events import (
     received,
 )
 from gateway.core.machine import LinkIdentity, LinkMachine, PeerMessageRejected, State
-from gateway.core.messages import Message, decode, encode
+from gateway.core.messages import Message, Offer, decode, encode
 from gateway.core.policy import Mode, Policy
 from gateway.core.snapshot import Snapshot
 from kms.models import QkdKey
+from tests.gateway import invariants
+from tests.gateway.invariants import DataPlane, Ledger
 
 CERT_I = hashlib.sha256(b"gw-a certificate").digest()
 CERT_R = hashlib.sha256(b"gw-b certificate").digest()
@@ -61,19 +64,6 @@ CERT_R = hashlib.sha256(b"gw-b certificate").digest()
 FAST = Policy(interval=10.0, jitter=0.1, hard_lifetime=60.0, grace=1.0, retransmit=0.5,
               retransmit_max=2.0, attempt_timeout=6.0, retry_backoff=1.0,
               retry_backoff_max=8.0)
-
-
-@dataclass
-class DataPlane:
-    """What a sink holds for the link."""
-
-    inbound: dict[int, bytes] = field(default_factory=dict)  # epoch -> inbound ESP key
-    outbound: int | None = None
-    outbound_key: bytes = b""
-    blocked: bool = True
-    #: A Block the sink refused: traffic goes on as before until the machine blocks again.
-    block_refused: bool = False
-    sent_on: list[int] = field(default_factory=list)  # epochs activated, in order
 
 
 class Kms:
@@ -118,7 +108,7 @@ class Side:
         self.role = role
         self.policy = policy
         self.name = "I" if role is Role.INITIATOR else "R"
-        self.plane = DataPlane()
+        self.plane = DataPlane(self.name)
         self.snapshot: Snapshot | None = None
         self.alarms: set[str] = set()
         self.records: list[Record] = []
@@ -149,6 +139,8 @@ class Side:
         """The daemon restarts: the machine comes back from its last snapshot; the data plane
         (kernel SAs, PSK files) is untouched; the daemon polls its KME's status first."""
         self.generation += 1  # answers to the old process's requests go nowhere
+        if self.snapshot is None and self.role is Role.INITIATOR:
+            self.world.ledger.state_lost()
         self.machine = self._new_machine()
         self.world.execute(self, self.machine.start(self.world.now))
         if self.last_status is not None:
@@ -184,8 +176,7 @@ class World:
         #: Sink calls that fail: "install", "activate", "retire", "block".
         self.sink_fails: frozenset[str] = frozenset()
         # history for the invariants
-        self.epoch_keys: dict[int, bytes] = {}  # epoch -> I's outbound key (= R's inbound)
-        self.key_ids_by_epoch: dict[int, tuple[str, ...]] = {}
+        self.ledger = Ledger()
         self.violations: list[str] = []
         #: State changes seen: (from, to, event, the row's state or None for any-state rows).
         self.moves: set[tuple[State, State, type[Event], State | None]] = set()
@@ -215,28 +206,26 @@ class World:
                 self._send(side, a.message)
             elif isinstance(a, FetchQkdKeys | FetchQkdKeysById):
                 self.later(self.kms_delay, side, a, local=True)
-            elif isinstance(a, InstallInbound | ActivateOutbound):  # done when the sink is
+            elif isinstance(a, InstallInbound):  # done when the sink is
+                self._sink(side, a)
+            elif isinstance(a, ActivateOutbound):
+                side.plane.ask(a.material.epoch, self.now)
                 self._sink(side, a)
             elif isinstance(a, RetireInbound | RetireOutbound):
                 out = isinstance(a, RetireOutbound)
                 if "retire" in self.sink_fails:  # the key stays in the data plane
                     self._sink(side, RetireFailed(a.ref, out, "refused"))
                 elif out:
-                    if side.plane.outbound == a.ref.epoch and not side.plane.blocked:
-                        if side.plane.block_refused:  # removing the key stops the traffic
-                            side.plane.blocked, side.plane.outbound = True, None
-                            side.plane.block_refused = False
-                        else:
-                            self.violations.append(f"{side.name} retired the key it sends on")
+                    self.violations += side.plane.retire_outbound(a.ref.epoch, self.now)
                 else:
-                    side.plane.inbound.pop(a.ref.epoch, None)
+                    self.violations += invariants.retire_inbound(
+                        side.plane, side.peer.plane, a.ref.epoch, self.now, side.policy.grace)
             elif isinstance(a, Block):
                 if "block" in self.sink_fails:  # the data plane goes on as it was
-                    side.plane.block_refused = True
+                    side.plane.refuse_block()
                     self._sink(side, BlockFailed("refused"))
                 else:
-                    side.plane.blocked, side.plane.outbound = True, None
-                    side.plane.block_refused = False
+                    side.plane.block(self.now)
             elif isinstance(a, Persist):
                 side.snapshot = side.machine.snapshot()
             elif isinstance(a, RaiseAlarm):
@@ -248,17 +237,18 @@ class World:
 
     def _note_keys(self, side: Side, epoch: int, key: bytes, key_ids: tuple[str, ...],
                    inbound: bool) -> None:
-        # I's outbound key and R's inbound key are the same key (I→R), and vice versa; so
-        # normalise to the I→R key: I outbound or R inbound.
-        if (side is self.i) != inbound:
-            known = self.epoch_keys.setdefault(epoch, key)
-            if known != key:
-                self.violations.append(f"epoch {epoch}: the two sides hold different keys")
-        ids = self.key_ids_by_epoch.setdefault(epoch, key_ids)
-        if ids != key_ids:
-            self.violations.append(f"epoch {epoch}: key IDs differ between the sides")
+        # I's outbound key and R's inbound key are the same key (I→R), and vice versa; the
+        # ledger keeps the I→R key: I outbound or R inbound.
+        i_to_r = (side is self.i) != inbound
+        self.violations += self.ledger.note_keys(epoch, key_ids, key if i_to_r else None)
+
+    @property
+    def epoch_keys(self) -> dict[int, bytes]:
+        return self.ledger.keys
 
     def _send(self, side: Side, message: Message) -> None:
+        if isinstance(message, Offer):
+            self.violations += self.ledger.offer(message.epoch, message.nonce)
         raw = encode(message)
         if self.rng.random() < self.loss:
             return
@@ -336,7 +326,7 @@ class World:
             if "install" in self.sink_fails:
                 side.feed(InstallFailed(m.epoch, "the data plane refused the key"))
                 return
-            side.plane.inbound[m.epoch] = m.inbound_esp
+            side.plane.install(m.epoch, m.inbound_esp)
             self._note_keys(side, m.epoch, m.inbound_esp, m.key_ids, inbound=True)
             side.feed(SinkInstalled(m.epoch))
         elif isinstance(what, ActivateOutbound):
@@ -344,12 +334,7 @@ class World:
             if "activate" in self.sink_fails:  # it still sends on what it had
                 side.feed(ActivateFailed(m.epoch, "the data plane refused the switch"))
                 return
-            if side.plane.outbound is not None and m.epoch <= side.plane.outbound:
-                self.violations.append(f"{side.name} activated epoch {m.epoch} after"
-                                       f" {side.plane.outbound}")
-            side.plane.outbound, side.plane.outbound_key = m.epoch, m.outbound_esp
-            side.plane.blocked = side.plane.block_refused = False
-            side.plane.sent_on.append(m.epoch)
+            self.violations += side.plane.activate(m.epoch, m.outbound_esp, self.now)
             self._note_keys(side, m.epoch, m.outbound_esp, m.key_ids, inbound=False)
             side.feed(SinkActivated(m.epoch))
         else:
@@ -365,30 +350,15 @@ class World:
     # -- invariants -------------------------------------------------------------------------
 
     def check(self) -> None:
-        for side in (self.i, self.r):
-            p = side.plane
-            # 4: never a moment without protection: a key to send on, or blocked.
-            if not p.blocked and p.outbound is None:
-                self.violations.append(f"{side.name}: traffic neither keyed nor blocked")
-            # 1: whoever sends on an epoch's key finds that key installed inbound at the peer.
-            # (Unless it meant to block and its sink refused: traffic is lost, not in clear;
-            # the machine alarms and blocks again.)
-            if not p.blocked and p.outbound is not None and not p.block_refused:
-                peer_in = side.peer.plane.inbound.get(p.outbound)
-                if peer_in is None:
-                    self.violations.append(f"{side.name} sends on epoch {p.outbound}, which"
-                                           f" {side.peer.name} has not installed")
-                elif peer_in != p.outbound_key:
-                    self.violations.append(f"epoch {p.outbound}: {side.name}'s outbound key"
-                                           f" is not {side.peer.name}'s inbound key")
-        # 2: different epochs never share a key.
-        keys = list(self.epoch_keys.values())
-        if len(set(keys)) != len(keys):
-            self.violations.append("two epochs share a key")
-        # 3: a QKD key ID belongs to one epoch at most.
-        ids = [k for v in self.key_ids_by_epoch.values() for k in v]
-        if len(set(ids)) != len(ids):
-            self.violations.append("a QKD key ID was used in two epochs")
+        self.violations += invariants.check(self.i.plane, self.r.plane, self.now,
+                                            self.i.policy, self.r.policy,
+                                            self._switching(self.i), self._switching(self.r))
+
+    def _switching(self, side: Side) -> bool:
+        """SIDE's sink is still switching to a newer key."""
+        return any(p.side == side.name and p.generation == side.generation
+                   and isinstance(p.what, ActivateOutbound)
+                   and p.what.material.epoch != side.plane.outbound for p in self.queue)
 
     def converged(self) -> bool:
         i, r = self.i.plane, self.r.plane
