@@ -19,11 +19,14 @@ happen next:
   in turn) succeeds or fails;
 - a side restarts from its last state file (also midway through a sink call: its effect
   done, its answer lost), or without one;
-- time jumps to the next deadline of either side; over KMS requests or sink calls still
-  in progress, that is a slow KMS or sink: a fault.
+- time jumps to the next deadline of either side (messages may stay in flight: delay is
+  free); over KMS requests or sink calls still in progress, that is a slow KMS or sink: a
+  fault.
 
 Faults are counted; losing a state file and a KME replay are the drastic ones, at most one
 per path (together they defeat any defence: nothing is left that remembers the key IDs).
+The search starts from a cold start (neither side has a key) and from a running link
+(epoch 1 in place on both sides), so that the depth bound reaches a rekey.
 
 Every distinct state (both cores, the world, the history the rules need: hashed in a
 canonical form, with times relative to now) is explored once, breadth-first. Safety: the
@@ -256,10 +259,8 @@ class Half:
     sink: tuple[Pending, ...]
     kms: tuple[Pending, ...]
     snapshot: Snapshot | None
-    process: int
     deadline: float | None
     max_epoch: int
-    state: str
     key: int  # hash of its canonical form, times relative to `at`
     at: float
 
@@ -506,7 +507,6 @@ class Build:
         self.sink = list(half.sink)
         self.kms = list(half.kms)
         self.snapshot = half.snapshot
-        self.process = half.process
         self.touched = False  # anything of the side's changed
 
     def load(self) -> tuple[LinkMachine, CountingRng]:
@@ -528,8 +528,7 @@ class Build:
             return self.half
         m, rng = self.load() if self.changed else (self.half.core, self.half.rng)
         sink, kms = tuple(self.sink), tuple(self.kms)
-        return Half(m, rng, plane, sink, kms, self.snapshot, self.process, m.next_deadline(),
-                    m.max_epoch, m.state.value,
+        return Half(m, rng, plane, sink, kms, self.snapshot, m.next_deadline(), m.max_epoch,
                     half_key(m, rng, plane, sink, kms, self.snapshot, now), now)
 
 
@@ -730,9 +729,8 @@ class Step:
                 self.own_ledger().state_lost()
         b.sink.clear()
         b.kms.clear()
-        b.process += 1
         b.changed = b.touched = True
-        rng = CountingRng(b.name, b.process)
+        rng = CountingRng(b.name, b.half.rng.process + 1)
         role = Role.INITIATOR if b.name == "I" else Role.RESPONDER
         try:
             m = LinkMachine(identity(role), self.x.policy, now=self.now, snapshot=b.snapshot,
@@ -859,8 +857,7 @@ class Explorer:
         for name, role in (("I", Role.INITIATOR), ("R", Role.RESPONDER)):
             rng = CountingRng(name, -1)  # (replaced as the gateway starts)
             m = LinkMachine(identity(role), self.policy, now=0.0, rng=rng, kem=KEM)
-            halves.append(Half(m, rng, DataPlane(name), (), (), None, -1, None, 0, "idle", 0,
-                               0.0))
+            halves.append(Half(m, rng, DataPlane(name), (), (), None, None, 0, 0, 0.0))
         i, r = halves
         step = Step(self, Node(0.0, i, r, (), 0, frozenset(), Ledger(), 0, False, 0))
         for b in step.sides.values():
@@ -1103,9 +1100,11 @@ def main(argv: list[str] | None = None) -> int:
 bounds:
   The state space is finite because every path is cut three ways: faults (at most
   --faults on a path), epoch numbers (faults only while no number above --epochs is in
-  use) and depth (faults only in the first --depth steps). Past the epoch or depth bound
-  only the fault-free continuation is followed, up to --slack numbers more: what the
-  liveness check needs.
+  use) and depth (faults only in the first --depth steps from either start: a cold start
+  and a running link on epoch 1). Past the epoch or depth bound only the fault-free
+  continuation is followed, up to --slack numbers more: what the liveness check needs.
+  A fault: a message lost or duplicated, a KMS request failed, corrupted or replayed, a
+  sink call failed, a restart, time passing over a KMS request or sink call in progress.
   CI bound:   --epochs {CI.epochs} --faults {CI.faults} --depth {CI.depth} --slack {CI.slack}
   soak bound: --epochs {SOAK.epochs} --faults {SOAK.faults} --depth {SOAK.depth}\
  --slack {SOAK.slack} (--soak)
@@ -1118,7 +1117,8 @@ liveness_violations, seconds. Exit status 0 only without violations.""")
     parser.add_argument("--depth", type=int, help="steps on one path with faults allowed")
     parser.add_argument("--slack", type=int, help="epoch numbers the fault-free continuation"
                         " may go past --epochs")
-    parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.QKD_PQC.value)
+    parser.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.QKD_PQC.value,
+                        help="both gateways' mode (qkd+pqc)")
     parser.add_argument("--stop-at-first", action="store_true",
                         help="stop at the first violation (its trace is still the shortest)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

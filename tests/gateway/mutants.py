@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             examples = _in(tree, f"hypothesis_examples({args.examples})", timeout=3600)
         by_explorer += trace is not None
         by_hypothesis += examples is not None
-        rows.append(f"| {m.name:<26} | {'yes, ' + str(trace) + ' steps' if trace else 'NO'}"
-                    f" | {'yes, ' + str(examples) if examples else 'no'} |")
+        explorer = f"yes, {trace} steps" if trace else "NO"
+        hypothesis = f"yes, {examples}" if examples else f"no, {2 * args.examples}"
+        rows.append(f"| {m.name:<26} | {explorer} | {hypothesis} |")
         print(rows[-1], f"  ({m.what})", flush=True)
     print()
     print("\n".join(rows))
