@@ -788,6 +788,8 @@ class Step:
 
 @dataclass
 class Result:
+    """What a search found: the figures, and a violation's trace to show."""
+
     states: int = 0
     transitions: int = 0
     depth: int = 0
@@ -811,6 +813,8 @@ class Result:
 
 
 class Explorer:
+    """The breadth-first search over the world's states, within BOUNDS."""
+
     def __init__(self, bounds: Bounds, *, stop_at_first: bool = False,
                  progress: Callable[[str], None] | None = None) -> None:
         self.bounds = bounds
@@ -831,12 +835,11 @@ class Explorer:
 
     # -- the graph -------------------------------------------------------------------------------
 
-    def roots(self) -> list[tuple[Node, list[Line]]]:
-        """Where the search starts: a cold start (both gateways start for the first time),
-        and a running link (the cold start's fault-free continuation until both send on
-        epoch 1, nothing in progress), so that the depth bound reaches a rekey. (A core
+    def roots(self, cold: Node, line: Line) -> list[tuple[Node, list[Line]]]:
+        """Where the search starts: a cold start (COLD: both gateways start for the first
+        time), and a running link (the cold start's fault-free continuation until both send
+        on epoch 1, nothing in progress), so that the depth bound reaches a rekey. (A core
         that never gets there has only the first: the liveness check says what is wrong.)"""
-        cold, line, _ = self.initial()
         s, lines = cold, [line]
         for _ in range(ROOT_STEPS):
             if self.common(s) == 1 and not s.net and not any(h.sink or h.kms
@@ -947,7 +950,11 @@ class Explorer:
         started = time.monotonic()
         res = Result()
         b = self.bounds
-        roots = self.roots()
+        cold, line, bad = self.initial()
+        if bad:
+            res.violations, res.trace, res.broken = 1, [line], bad
+            return res
+        roots = self.roots(cold, line)
         ids: dict[int, int] = {}
         parent, move, depth = array("q"), array("i"), array("i")
         desig, base, common, top = array("q"), array("i"), array("i"), array("i")
