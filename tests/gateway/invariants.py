@@ -20,10 +20,11 @@ own view:
 7. the transition table holds: the worlds run the machines with `check_transitions`, so a
    move outside its row raises TransitionError.
 
-Two things look like breaches and are not: a Block the sink refused leaves traffic on the
-old key (the peer may retire it: traffic is lost, not sent in clear; the core alarms and
-blocks again), and a key whose switch to a newer one, or whose block, the sink is still
-carrying out is not held to its hard lifetime (the core asked in time).
+Two things look like breaches and are not: a Block the sink refused, or is still carrying
+out, leaves traffic on the old key (the peer may retire it: traffic is lost, not sent in
+clear; after a refusal the core alarms and blocks again), and a key whose switch to a newer
+one, or whose block, the sink is still carrying out is not held to its hard lifetime (the
+core asked in time).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class DataPlane:
     blocked: bool = True
     #: A Block the sink refused: traffic goes on as before until the machine blocks again.
     block_refused: bool = False
+    #: A Block the core asked for and the sink has not carried out yet.
+    blocking: bool = False
     sent_on: list[int] = field(default_factory=list)  # epochs activated, in order
     #: epoch -> when the core asked this plane to send on it (its hard lifetime runs from
     #: then, as the core's does)
@@ -61,6 +64,11 @@ class DataPlane:
     def sending(self) -> int | None:
         """The epoch whose key the data plane sends on, if it sends at all."""
         return None if self.blocked else self.outbound
+
+    @property
+    def stopping(self) -> bool:
+        """The core asked this plane to stop sending (a Block), and it has not yet."""
+        return self.block_refused or self.blocking
 
     def ask(self, epoch: int, now: float) -> None:
         """The core asked the sink to send on EPOCH (ActivateOutbound)."""
@@ -79,13 +87,20 @@ class DataPlane:
         self.sent_on.append(epoch)
         return bad
 
+    def ask_block(self, now: float) -> None:
+        """The core asked the sink to block (for a sink that takes its time): what it sends
+        from now on is lost, not owed a grace."""
+        self._leave(now)
+        self.blocking = True
+
     def block(self, now: float) -> None:
         self._leave(now)
-        self.blocked, self.outbound, self.block_refused = True, None, False
+        self.blocked, self.outbound = True, None
+        self.block_refused = self.blocking = False
 
     def refuse_block(self) -> None:
         """The sink refused to block: the data plane goes on as it was."""
-        self.block_refused = True
+        self.block_refused, self.blocking = True, False
 
     def retire_outbound(self, epoch: int, now: float) -> list[str]:
         """The key this side sent on for EPOCH leaves the data plane."""
@@ -97,17 +112,18 @@ class DataPlane:
         return [f"{self.name} retired the key it sends on"]
 
     def _leave(self, now: float) -> None:
-        # After a refused block, traffic is lost, not sent in clear: no grace is owed to it.
-        if self.sending is not None and not self.block_refused:
+        # Once a block was asked for, traffic is lost, not sent in clear: no grace is owed
+        # to it.
+        if self.sending is not None and not self.stopping:
             self.left[self.sending] = now
 
     def pruned(self, now: float, grace: float) -> DataPlane:
         """The same plane without what no rule can ask any more (the explorer's states
         then compare equal): when it left an epoch more than GRACE ago, when it was asked
-        to send on epochs older than the newest it sent on."""
+        to send on an epoch it no longer sends on, or never will (rule 5)."""
         newest = self.sent_on[-1] if self.sent_on else 0
         left = {e: t for e, t in self.left.items() if now < t + grace}
-        asked = {e: t for e, t in self.asked.items() if e >= newest}
+        asked = {e: t for e, t in self.asked.items() if e > newest or e == self.sending}
         if left == self.left and asked == self.asked:
             return self
         return replace(self.copy(), left=left, asked=asked)
@@ -117,7 +133,7 @@ def retire_inbound(plane: DataPlane, peer: DataPlane, epoch: int, now: float, gr
                    ) -> list[str]:
     """PLANE's inbound key for EPOCH leaves the data plane; rule 6."""
     bad = []
-    if peer.sending == epoch and not peer.block_refused:
+    if peer.sending == epoch and not peer.stopping:
         bad.append(f"{plane.name} retired its inbound key of epoch {epoch}, which"
                    f" {peer.name} still sends on")
     elif epoch in peer.left and now < peer.left[epoch] + grace:
@@ -168,7 +184,7 @@ class Ledger:
             return []
         if (epoch, nonce) == (last, last_nonce):
             return []  # a retransmission
-        return [f"I offered epoch {epoch} anew after it had offered epoch {last}"]
+        return [f"I made a new Offer for epoch {epoch}, having offered up to epoch {last}"]
 
     def state_lost(self) -> None:
         """The initiator restarted without its state file: it counts from 0 again, and the
@@ -185,7 +201,7 @@ def check(i: DataPlane, r: DataPlane, now: float, policy_i: Policy, policy_r: Po
         if not plane.blocked and plane.outbound is None:
             bad.append(f"{plane.name}: traffic neither keyed nor blocked")
         e = plane.sending
-        if e is None or plane.block_refused:
+        if e is None or plane.stopping:
             continue
         peer_in = peer.inbound.get(e)
         if peer_in is None:

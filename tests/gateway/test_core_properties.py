@@ -2,7 +2,8 @@
 
 Faults: message loss, duplication, reordering and delay; a KMS that fails, slows and
 recovers, and whose QBER spikes; gateway restarts; operator rekeys; slow sinks. After every
-step the world checks the invariants against the data planes (tests/gateway/world.py):
+step the world checks the rules of tests/gateway/invariants.py (shared with the explorer)
+against the data planes, among them:
 1. whoever sends on an epoch's key finds it installed inbound at the peer;
 2. both sides hold the same key for an epoch, and epochs never share a key;
 3. epochs only move forward; a QKD key ID belongs to one epoch at most;

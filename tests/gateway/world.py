@@ -92,6 +92,16 @@ class Kms:
         return tuple(QkdKey(i, self.reserved.pop(i)) for i in ids)
 
 
+def identity(role: Role) -> LinkIdentity:
+    """The link "ab" between gw-a (initiator, SAE sae-a) and gw-b (responder, sae-b)."""
+    initiator = role is Role.INITIATOR
+    return LinkIdentity(
+        link="ab", role=role,
+        gateway="gw-a" if initiator else "gw-b", cert_sha256=CERT_I if initiator else CERT_R,
+        sae_id="sae-a" if initiator else "sae-b", peer_gateway="gw-b" if initiator else "gw-a",
+        peer_sae_id="sae-b" if initiator else "sae-a")
+
+
 @dataclass(order=True)
 class Pending:
     at: float
@@ -120,14 +130,9 @@ class Side:
         self.machine = self._new_machine()
 
     def _new_machine(self) -> LinkMachine:
-        initiator = self.role is Role.INITIATOR
-        identity = LinkIdentity(
-            link="ab", role=self.role,
-            gateway="gw-a" if initiator else "gw-b", cert_sha256=CERT_I if initiator else CERT_R,
-            sae_id="sae-a" if initiator else "sae-b", peer_gateway="gw-b" if initiator else "gw-a",
-            peer_sae_id="sae-b" if initiator else "sae-a")
         rng = random.Random(self.world.rng.random())  # noqa: S311 (seeded: the world replays)
-        return LinkMachine(identity, self.policy, now=self.world.now, snapshot=self.snapshot,
+        return LinkMachine(identity(self.role), self.policy, now=self.world.now,
+                           snapshot=self.snapshot,
                            rng=rng.randbytes,
                            check_transitions=True)  # every move held to its table row
 
