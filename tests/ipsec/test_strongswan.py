@@ -283,7 +283,10 @@ def test_charon_killed_and_restarted_comes_back_on_the_current_epochs_ppk(
     """charon-a (IKE initiator) restarted: its sink re-injects the current epoch and opens a
     new IKE SA with its PPK, no rotation. charon-b (IKE responder) restarted: its sink
     restores the current PPK and asks for a new epoch at once (charon-a would notice only by
-    dead peer detection); the tunnel comes back on that one."""
+    dead peer detection); the tunnel comes back on that one, or on the one after: charon's
+    socket answers before `swanctl --load-all` has loaded the sites' IKE secret (and unloads
+    the PPKs it does not know), so the initiator's switch to the new epoch may fail its IKE
+    authentication, which blocks, alarms and gives that epoch up (fail closed)."""
     ev, epochs = restart["events"], restart["epochs"]
     for site in ("a", "b"):
         print(f"\ncharon-{site} killed: tunnel back {ev[f'back-{site}'] - ev[f'start-{site}']:.1f}"
@@ -291,9 +294,12 @@ def test_charon_killed_and_restarted_comes_back_on_the_current_epochs_ppk(
     e = epochs["before"]
     assert epochs["back-a"] == e, "a rotation happened: the comeback would not show re-injection"
     assert set(used_ppk_ids(_after(restart["charon_a"], "a"))) >= {_ppk(restart, e)}
-    assert epochs["back-b"] == e + 1
+    back = epochs["back-b"]
+    assert back in (e + 1, e + 2)
+    if back == e + 2:  # the switch to e + 1 raced swanctl: it failed closed, with the alarm
+        assert f"epoch {e + 1}: could not switch to its key" in restart["gw_a"]
     # (later: the epoch of the gateway-crash part below)
-    assert used_ppk_ids(_after(restart["charon_b"], "b"))[0] == _ppk(restart, e + 1)
+    assert used_ppk_ids(_after(restart["charon_b"], "b"))[0] == _ppk(restart, back)
     samples = [s for s in restart["samples"] if "sas" in s and s["t"] > ev["back-b"]]
     assert samples
     assert all(any(sa["state"] == "ESTABLISHED" and sa["ppk"] == "yes"
