@@ -6,6 +6,9 @@ Topology and wiring: tests/ipsec/strongswan_world.py. Two phases, one world each
 - restart: a long interval (no rotation during the phase), so what brings the tunnel back
   is the sink's watchdog re-injecting the current epoch: charon-a (the IKE initiator's) is
   SIGKILLed and restarted, then charon-b's.
+- refused: charon-b loses the sites' IKE secret, so the initiator's switch to a new epoch
+  fails its IKE authentication (a real data plane refusing a switch): gw-a blocks, raises
+  `sink-failed` and gives the epoch up; once the secret is back, a later epoch recovers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 
 from gateway.demo.wire import Kind, Tally
+from ipsec.strongswan.vici import Vici
 from tests.ipsec import strongswan_world as sw
 
 RATE, SECONDS, INTERVAL = 500, 42, 1.5
@@ -334,6 +338,73 @@ def test_gateway_crash_adopts_the_ike_sa_and_loses_nothing(restart: dict[str, An
 def test_nothing_in_clear_while_charon_was_down(restart: dict[str, Any]) -> None:
     wire = read_wire(Path(restart["capture"]["pcap"]))
     assert restart["capture"]["dropped"] == 0
+    assert wire.leaked == 0, wire.leaks
+    assert wire.esp["a>b"] > 0
+    assert wire.esp["b>a"] > 0
+
+
+# -- refused ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from _world(tmp_path_factory, "refused", RESTART_POLICY, _refused_phase)
+
+
+async def _refused_phase(w: sw.World) -> dict[str, Any]:
+    await w.start()
+    e = (await w.link("a"))["epoch"]
+    out: dict[str, Any] = {"before": e}
+    with w.capture("refused") as capture:
+        w.start_flows(100, 40)  # stopped once the tunnel is back
+        start = time.time()
+        await sw.until("traffic through the tunnel", functools.partial(_received_since, w, start))
+        vici = await Vici.connect(w.vici_path("b"))
+        try:
+            await vici.request("unload-shared", {"id": "ike-sites"})
+        finally:
+            await vici.close()
+        await w.admin("a", "POST", "/rekey")
+        await sw.until("gw-a blocked with sink-failed", functools.partial(_alarmed, w), COMEBACK)
+        out["alarmed"] = await w.link("a")
+        await asyncio.to_thread(
+            sw.run, "swanctl", "--load-creds", "--noprompt", "--uri",
+            f"unix://{w.vici_path('b')}", "--file", str(w.root / "swanctl-b.conf"))
+        back_at = time.time()
+        await sw.until("a new epoch once the IKE secret is back",
+                       functools.partial(_rekeyed_past, w, e + 1), COMEBACK)
+        out["recovered"] = await w.link("a")
+        await sw.until("tunnel back", functools.partial(_received_since, w, back_at), COMEBACK)
+        for site in ("a", "b"):
+            w.procs[f"send-{site}"].send_signal(signal.SIGTERM)
+        out["flows"] = await w.flows_done()
+    out.update(capture=capture, gw_a=(w.root / "gw-a.log").read_text(),
+               charon_a=(w.root / "charon-a.log").read_text(),
+               charon_b=(w.root / "charon-b.log").read_text())
+    return out
+
+
+async def _alarmed(w: sw.World) -> bool:
+    a = await w.link("a")
+    return bool(a["blocked"]) and "sink-failed" in a["alarms"]
+
+
+def test_a_switch_charon_refuses_blocks_alarms_and_gives_the_epoch_up(
+        refused: dict[str, Any]) -> None:
+    e, alarmed, recovered = refused["before"], refused["alarmed"], refused["recovered"]
+    assert f"epoch {e + 1}: could not switch to its key" in alarmed["alarms"]["sink-failed"]
+    assert f"link ab epoch {e + 1} discarded" in refused["gw_a"]
+    # The refused epoch's PPK never keyed an IKE SA; a later one did, and cleared the alarm.
+    assert not [i for i in used_ppk_ids(refused["charon_b"]) if i.startswith(f"qkdgw-ab-e{e + 1}-")]
+    assert recovered["epoch"] > e + 1
+    assert _ppk(refused, recovered["epoch"]) in used_ppk_ids(refused["charon_b"])
+    assert not recovered["blocked"]
+    assert "sink-failed" not in recovered["alarms"]
+
+
+def test_nothing_in_clear_while_the_switch_was_refused(refused: dict[str, Any]) -> None:
+    wire = read_wire(Path(refused["capture"]["pcap"]))
+    assert refused["capture"]["dropped"] == 0
     assert wire.leaked == 0, wire.leaks
     assert wire.esp["a>b"] > 0
     assert wire.esp["b>a"] > 0
