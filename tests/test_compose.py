@@ -105,9 +105,13 @@ def stack(docker: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                 cwd=COMPOSE, env=env, stdout=subprocess.PIPE, text=True) for site in ("a", "b")}
             for site, proc in procs.items():
                 pings[site] = proc.communicate(timeout=120)[0]
-            after = _status(compose, "a")
+            pair: list[dict[str, Any]] = []
+            # Both read on one epoch: a rekey may land between two status calls.
+            wait_until("both gateways' status on one epoch",
+                       lambda: _on_one_epoch(compose, pair), 30)
+            after, status_b = pair
         yield {"built": built, "before": before, "after": after, "pings": pings,
-               "pcap": Path(wan["pcap"]), "status_b": _status(compose, "b"),
+               "pcap": Path(wan["pcap"]), "status_b": status_b,
                "logs": compose("logs", "--no-color", check=False)}
     finally:
         compose("down", "-v", "--remove-orphans", check=False)
@@ -118,6 +122,13 @@ def _status(compose: Any, site: str) -> dict[str, Any]:
                               f"/conf/site-{site}.yaml", "--json"))
     link: dict[str, Any] = data["links"][0]
     return link
+
+
+def _on_one_epoch(compose: Any, pair: list[dict[str, Any]]) -> bool:
+    """Both sites' status into PAIR, if they show the same epoch."""
+    a, b = _status(compose, "a"), _status(compose, "b")
+    pair[:] = [a, b]
+    return bool(a["epoch"] == b["epoch"])
 
 
 def _converged(compose: Any) -> bool:

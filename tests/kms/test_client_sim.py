@@ -89,8 +89,9 @@ async def test_concurrent_requests_never_share_a_key(kme_a: KmeClient, sim: SimP
 
 
 async def test_pool_empty_is_503_after_retries(kme_a: KmeClient, sim: SimProcess) -> None:
+    # The outage first: between the two calls the link would refill (a key each 5 ms).
+    sim.admin("POST", "/admin/links/qkd-ab/outage", {"seconds": 60})
     sim.admin("POST", "/admin/links/qkd-ab/pool", {"stored_keys": 0})
-    sim.admin("POST", "/admin/links/qkd-ab/outage", {"seconds": 60})  # no refill meanwhile
     with pytest.raises(KmsUnavailable, match="not enough key material") as e:
         await kme_a.enc_keys("sae-b", 1, 256)
     assert e.value.status == 503
