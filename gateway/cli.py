@@ -19,11 +19,11 @@ from cryptography import x509
 
 from common.config import ConfigError
 from common.sink import SinkError
-from common.tlsctx import client_context
 from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
+from gateway.site import check as check_site
 from gateway.status import Rekeying, SiteStatus, Stopping
 from kdf import fingerprint
 from kms.errors import KmsError
@@ -283,10 +283,7 @@ def _cmd_kms_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    site = SiteConfig.load(args.file)
-    client_context(site.kms.ca, site.kms.cert, site.kms.key)
-    pc = site.peer_channel
-    client_context(pc.ca, pc.cert, pc.key)
+    site = check_site(args.file)
     print(f"{args.file}: OK (site {site.site}, {len(site.links)} link(s))")
     for link in site.links:
         p = site.link_policy(link)
