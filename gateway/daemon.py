@@ -753,6 +753,7 @@ class Daemon:
             await self._poll_kms_once(added)  # they know the KMS before their first exchange
             for name in p.removed:
                 await self._remove_link(name)
+            self.metrics.forget(set(p.removed))
             # From here to the end, no await: no link restarts halfway between the two
             # configurations (a restarted link takes its policy from self.config).
             self.config = new
@@ -776,7 +777,7 @@ class Daemon:
 
     async def _remove_link(self, name: str) -> None:
         """Stop the link for good: its task and channel end, each sink is removed (its stop
-        behaviour, then its key files), its state file goes, and so do its metrics."""
+        behaviour, then its key files), its state file goes (its metrics: the caller's)."""
         task = self._link_tasks.pop(name)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -796,7 +797,6 @@ class Daemon:
             self._state_path(name).unlink()
         for table in (self.failed, self.fingerprints, self.connects, self._identities):
             table.pop(name, None)
-        self.metrics.forget(name)
         log.info("link %s removed: its sinks stopped as their on_stop says, its key files and"
                  " state file deleted", name)
 

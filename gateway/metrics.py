@@ -53,16 +53,15 @@ class Metrics:
         self.reloads = Counter("qkdgw_config_reloads", "Configuration reloads, by outcome",
                                ["outcome"], registry=r)
 
-    def forget(self, link: str) -> None:
-        """Drop every series of LINK (removed by a reload): the label sets stay bounded by
-        the links configured, and a removed link shows nothing stale."""
+    def forget(self, links: set[str]) -> None:
+        """Drop every series of LINKS (removed by a reload), in one pass over each metric's
+        label sets (prometheus_client keeps them in `_metrics`, and has no public way to
+        list them): the label sets stay bounded by the links configured, and a removed link
+        shows nothing stale."""
         for metric in (self.epoch, self.key_age, self.blocked, self.rekeys, self.failures,
                        self.latency, self.rejected, self.kms_stored, self.kms_qber,
                        self.kms_key_rate, self.kms_up, self.mode, self.alarm,
                        self.channel_connects):
-            names: tuple[str, ...] = metric._labelnames
-            series = {tuple(sample.labels[n] for n in names)
-                      for family in metric.collect() for sample in family.samples
-                      if sample.labels.get("link") == link}
-            for values in series:
+            at = metric._labelnames.index("link")
+            for values in [v for v in metric._metrics if v[at] in links]:
                 metric.remove(*values)
