@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
              "                   scheduling of a rekey);\n"
              "  sinks changed    take over at the link's next epoch (`qkdgw rekey --link L`:\n"
              "                   at once);\n"
-             "  anything else    untouched: no rekey, no reconnect.\n"
+             "  other links      untouched: no rekey, no reconnect.\n"
              "A file that does not pass `qkdgw check-config` is refused with its message;\n"
              "changes that take a restart (state_dir, kms, peer_channel: its listen address\n"
              "and this gateway's certificate and key, admin, metrics, audit_log, site; a\n"
