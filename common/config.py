@@ -167,15 +167,22 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{what}line {mark.line + 1}, column {mark.column + 1}: {e.problem}{context}"
 
 
-def _read_yaml(path: Path) -> tuple[Any, Callable[[Loc], int | None]]:
-    """PATH's content, and where in it each location is: its line, if known.
-
-    Raises ConfigError naming the file (and the line or byte) for everything refused."""
+def read_config_bytes(path: Path) -> bytes:
+    """PATH's bytes (at most MAX_CONFIG_BYTES + 1: what is longer is refused anyway)."""
     try:
         with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
+            return f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _read_yaml(path: Path, raw: bytes | None = None) -> tuple[Any, Callable[[Loc], int | None]]:
+    """PATH's content (RAW if given: the bytes already read from it), and where in it each
+    location is: its line, if known.
+
+    Raises ConfigError naming the file (and the line or byte) for everything refused."""
+    if raw is None:
+        raw = read_config_bytes(path)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes: not a configuration"
                           " file")
@@ -242,9 +249,10 @@ def format_validation_error(source: str, error: ValidationError,
     return "\n".join(lines)
 
 
-def load_yaml_model(path: Path, model: type[M]) -> M:
-    """Read PATH as YAML and validate it as MODEL; relative paths inside resolve next to it."""
-    data, line_of = _read_yaml(path)
+def load_yaml_model(path: Path, model: type[M], raw: bytes | None = None) -> M:
+    """Read PATH as YAML and validate it as MODEL; relative paths inside resolve next to it.
+    RAW: PATH's bytes, read by the caller (who hashes what was validated, not a later copy)."""
+    data, line_of = _read_yaml(path, raw)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:

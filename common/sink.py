@@ -144,6 +144,11 @@ class Sink(Protocol):
         """The daemon stops: release resources, and leave the data plane as the sink's
         documented stop behaviour says (never sending in clear)."""
 
+    async def remove(self) -> None:
+        """The sink is gone from the configuration (its link removed, or the sink replaced by
+        a reload): stop as `close` does, and delete what holds a key of this sink only and
+        would otherwise outlive it (a key file nothing will ever replace)."""
+
 
 class SinkConfig(ConfigModel):
     """Base of every sink's configuration (a subclass adds `type: Literal[...]`)."""

@@ -51,6 +51,7 @@ class TrailEvent(StrEnum):
     STATE_DISCARDED = "state-discarded"  # a link's state file could not be read
     PEER_HEAD = "peer-head"  # the peer's audit head, from the Commit or Ack of an epoch
     CHECKPOINT = "checkpoint"  # signed with the gateway's key
+    RELOADED = "reloaded"  # the configuration was read again and its changes applied
 
 
 GENESIS = "0" * 64
@@ -169,11 +170,15 @@ class AuditLog:
     def append(self, event: str, *, link: str = "", epoch: int = 0,
                key_ids: Sequence[str] = (), fingerprint: str = "",
                sinks: Sequence[str] = (), detail: str = "",
-               peer: Head | None = None, peer_site: str = "") -> Head:
-        """Append one record; PEER (with PEER_SITE) is the peer's head for `peer-head`."""
+               peer: Head | None = None, peer_site: str = "",
+               config: dict[str, Any] | None = None) -> Head:
+        """Append one record; PEER (with PEER_SITE) is the peer's head for `peer-head`,
+        CONFIG what a `reloaded` record says about the configuration."""
         extra: dict[str, Any] = {}
         if peer is not None:
             extra["peer"] = {"site": peer_site, "seq": peer.seq, "hash": peer.hash}
+        if config is not None:
+            extra["config"] = config
         head = self._write(event, link=link, epoch=epoch, key_ids=list(key_ids),
                            fingerprint=fingerprint, sinks=list(sinks), detail=detail, **extra)
         self._since_checkpoint += 1

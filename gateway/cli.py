@@ -19,12 +19,12 @@ from cryptography import x509
 
 from common.config import ConfigError
 from common.sink import SinkError
-from common.tlsctx import client_context
 from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
-from gateway.status import Rekeying, SiteStatus, Stopping
+from gateway.site import check as check_site
+from gateway.status import Rekeying, Reloaded, SiteStatus, Stopping
 from kdf import fingerprint
 from kms.errors import KmsError
 
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
              "says and install the keys in the configured sinks. On stop each sink leaves its\n"
              "data plane as documented (kernel SAs deleted, policies left blocking; a TLS\n"
              "PSK file left with a placeholder; a `file` sink's key kept); the next start\n"
-             "resumes. See docs/operations.md.")
+             "resumes. SIGHUP reloads the configuration as `qkdgw reload` does. See\n"
+             "docs/operations.md.")
     _site_arg(p)
 
     p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms")
@@ -155,6 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "rekey", _cmd_rekey, "start a rekey now (all links, or one)")
     _site_arg(p)
     p.add_argument("--link", help="only this link")
+
+    p = _add(sub, "reload", _cmd_reload,
+             "re-read the configuration and apply the changes to the running daemon",
+             "Make the running daemon read SITE.yaml again (the file it runs; SIGHUP does the\n"
+             "same) and apply the difference, without a restart:\n"
+             "  links added      start, and key as soon as their peer has them too;\n"
+             "  links removed    stop: each sink as its on_stop says, then a `file` sink's\n"
+             "                   key file and the link's state file are deleted;\n"
+             "  policy changed   applied, the current key kept (a new interval from the next\n"
+             "                   scheduling of a rekey);\n"
+             "  sinks changed    take over at the link's next epoch (`qkdgw rekey --link L`:\n"
+             "                   at once);\n"
+             "  other links      untouched: no rekey, no reconnect.\n"
+             "A file that does not pass `qkdgw check-config` is refused with its message;\n"
+             "changes that take a restart (state_dir, kms, peer_channel: its listen address\n"
+             "and this gateway's certificate and key, admin, metrics, audit_log, site; a\n"
+             "link's role, peer name, peer SAE ID or KEM) are refused, each named. A refused\n"
+             "reload changes nothing (exit status 2). Each reload applied is an audit record\n"
+             "(`reloaded`: the SHA-256 of the old and new file, the links added, removed and\n"
+             "changed). See docs/operations.md.")
+    _site_arg(p)
 
     p = _add(sub, "stop", _cmd_stop, "stop the daemon",
              "Ask the running daemon to stop, as SIGTERM does. Each sink leaves its data\n"
@@ -283,10 +305,7 @@ def _cmd_kms_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    site = SiteConfig.load(args.file)
-    client_context(site.kms.ca, site.kms.cert, site.kms.key)
-    pc = site.peer_channel
-    client_context(pc.ca, pc.cert, pc.key)
+    site = check_site(args.file)
     print(f"{args.file}: OK (site {site.site}, {len(site.links)} link(s))")
     for link in site.links:
         p = site.link_policy(link)
@@ -298,9 +317,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from gateway.daemon import run
+    from gateway.daemon import ConfigFile, run
 
-    asyncio.run(run(SiteConfig.load(args.config), debug=args.verbose))
+    source = ConfigFile(args.config, check_site)
+    config, sha256 = source.read()
+    asyncio.run(run(config, debug=args.verbose, source=source, config_sha256=sha256))
     return EXIT_OK
 
 
@@ -363,6 +384,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_rekey(args: argparse.Namespace) -> int:
     data = _admin(args.config, "POST", "/rekey", {"link": args.link} if args.link else {})
     print("rekeying: " + ", ".join(Rekeying.model_validate(data).rekeying))
+    return EXIT_OK
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    check_site(args.config)  # refused here as by check-config; the daemon checks it again
+    try:
+        data = _admin(args.config, "POST", "/reload", {"config": str(args.config.resolve())})
+    except DaemonUnreachable as e:
+        raise DaemonUnreachable(f"{e} If this file moves state_dir or admin.socket, the"
+                                " daemon is not where it says: a running daemon cannot take"
+                                " that change (SIGHUP it to see the refusal), restart it"
+                                " instead.") from None
+    r = Reloaded.model_validate(data)
+    print(f"reloaded {r.config} (sha256 {r.old_sha256[:16]} -> {r.new_sha256[:16]})")
+    print(f"  added: {', '.join(r.added) or '-'}")
+    print(f"  removed: {', '.join(r.removed) or '-'}")
+    print("  changed: " + ("; ".join(f"{link} ({', '.join(what)})"
+                                    for link, what in r.changed.items()) or "-"))
+    if r.site:
+        print(f"  site: {', '.join(r.site)}")
+    print(f"  unchanged: {r.unchanged} link(s)")
     return EXIT_OK
 
 

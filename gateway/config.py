@@ -154,5 +154,6 @@ class SiteConfig(ConfigModel, Generic[S]):
         return self.audit_log or self.state_dir / "audit.jsonl"
 
     @classmethod
-    def load(cls, path: Path) -> Self:
-        return load_yaml_model(path, cls)
+    def load(cls, path: Path, raw: bytes | None = None) -> Self:
+        """PATH (or RAW, its bytes as already read) as a site configuration."""
+        return load_yaml_model(path, cls, raw)

@@ -10,6 +10,11 @@ switched or not; a retirement or a block that failed): the core decides what a f
 A graceful stop (SIGTERM, Ctrl-C) leaves each data plane as its sink's stop behaviour says
 and keeps the state files; the next start resumes from them.
 
+A reload (`qkdgw reload`, SIGHUP) reads the configuration file again and applies the
+difference (gateway/reload.py decides it): links added start, links removed stop and are
+cleaned up, a changed policy goes to the link's core through its own queue, changed sinks
+take over at the link's next epoch; links that did not change are not touched at all.
+
 Failing closed does not rest on the happy path:
 - each link runs under a supervisor: an exception nobody foresaw blocks the link's traffic,
   raises the `link-failed` alarm, writes an audit record and restarts the link from its saved
@@ -27,11 +32,13 @@ import asyncio
 import contextlib
 import faulthandler
 import fcntl
+import hashlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, assert_never
@@ -40,9 +47,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from common.config import ConfigError, HostPort
+from common.config import ConfigError, HostPort, read_config_bytes
 from common.files import write_private
-from common.sink import RekeyCause, Role, Sink, SinkContext, SinkError
+from common.sink import RekeyCause, Role, Sink, SinkConfig, SinkContext, SinkError
 from common.text import quote_remote
 from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
 from gateway.config import LinkConfig, SiteConfig
@@ -88,15 +95,18 @@ from gateway.core.machine import (
     PeerMessageRejected,
 )
 from gateway.core.messages import Ack, AuditHead, Commit, Message
+from gateway.core.policy import Policy
 from gateway.core.snapshot import Snapshot
 from gateway.metrics import Metrics
 from gateway.peer import PeerClient, PeerServer, certificate_sha256
+from gateway.reload import LinkChange, NotLive, Plan, plan, tls_files
 from gateway.status import (
     AuditStatus,
     KmsStatus,
     LastRekey,
     LinkStatus,
     Rekeying,
+    Reloaded,
     SiteStatus,
     Stopping,
 )
@@ -148,6 +158,28 @@ class _TaskFailed(Event):
     error: BaseException
 
 
+@dataclass(frozen=True)
+class _PolicyChanged(Event):
+    """A reload changed the link's policy: its own task hands it to the core, between two
+    events (never in the middle of carrying out the actions of one)."""
+
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class SinkSwap:
+    """The sinks a reload gives a link, put in place at its next epoch (before that epoch's
+    inbound key is installed): the current key stays where it is until then."""
+
+    configs: list[SinkConfig]
+    #: In configuration order: the sinks kept (the running objects) and the new ones.
+    sinks: list[Sink]
+    context: SinkContext
+    #: The running sinks that go, each with whether its configuration is gone (`remove`:
+    #: its key files go too) or only rebuilt with new lifetimes or peer address (`close`).
+    leaving: list[tuple[Sink, bool]]
+
+
 @dataclass
 class LinkRunner:
     daemon: Daemon
@@ -155,6 +187,16 @@ class LinkRunner:
     machine: LinkMachine
     sinks: list[Sink]
     peer: PeerClient
+    #: What the running sinks were built from (a reload compares the new configuration).
+    sink_configs: list[SinkConfig]
+    sink_context: SinkContext
+    #: Sinks not started yet (a link added by a reload, or sinks a reload replaced): started
+    #: before the link's first action, or before the next epoch's install.
+    unstarted: list[Sink] = field(default_factory=list)
+    #: A reload's new sinks, waiting for the next epoch.
+    swap: SinkSwap | None = None
+    #: A reload removed the link: what still holds this runner leaves it alone.
+    removed: bool = False
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     last_latency: float | None = None
@@ -175,6 +217,8 @@ class LinkRunner:
 
     async def run(self, *, plane_blocked: bool = False) -> None:
         m = self.machine
+        if failed := await self._start_sinks():
+            raise LinkFailure(f"cannot start a sink: {failed}")
         if m.outbound is not None and not plane_blocked:  # adopted after a restart
             self.active_until = m.outbound.activated_at + m.policy.hard_lifetime
         await self.execute(m.start(time.time(), plane_blocked=plane_blocked))
@@ -182,6 +226,11 @@ class LinkRunner:
             event = await self._next_event()
             if isinstance(event, _TaskFailed):
                 raise LinkFailure(f"{event.what} failed") from event.error
+            if isinstance(event, _PolicyChanged):
+                await self.execute(m.reconfigure(event.policy, time.time()))
+                if self.active_until is not None and m.outbound is not None:
+                    self.active_until = m.outbound.activated_at + m.policy.hard_lifetime
+                continue
             try:
                 actions = m.handle(event, time.time())
             except PeerMessageRejected as e:
@@ -247,7 +296,8 @@ class LinkRunner:
                     self.spawn("dec_keys", self._fetch_by_id(a))
                 case InstallInbound():
                     e = a.material.epoch
-                    failed = await self._each_sink(
+                    failed = await self._sinks_in_place(e)
+                    failed = failed or await self._each_sink(
                         f"epoch {e}: install inbound",
                         lambda s, m=a.material: s.install_inbound(m), first=True)
                     await self.queue.put(InstallFailed(e, failed) if failed
@@ -288,9 +338,10 @@ class LinkRunner:
                     assert_never(a)
 
     async def _each_sink(self, what: str, call: Any, *, first: bool = False) -> str:
-        """CALL on every sink (up to the FIRST failure if asked); what failed, or ""."""
+        """CALL on every started sink (up to the FIRST failure if asked); what failed, or
+        "". A sink not started holds no key: nothing to install, switch, retire or block."""
         failed = []
-        for sink in self.sinks:
+        for sink in [s for s in self.sinks if s not in self.unstarted]:
             try:
                 async with asyncio.timeout(SINK_TIMEOUT):
                     await call(sink)
@@ -302,6 +353,43 @@ class LinkRunner:
                 if first:
                     break
         return "; ".join(failed)
+
+    async def _sinks_in_place(self, epoch: int) -> str:
+        """Before an epoch's install: a reload's new sinks take over (the ones that go stop,
+        or are removed), and every sink not started yet starts. What failed, or ""."""
+        swap, self.swap = self.swap, None
+        if swap is not None:
+            for sink, gone in swap.leaving:
+                if sink in self.unstarted:
+                    continue  # never started: nothing to stop
+                try:
+                    async with asyncio.timeout(SINK_TIMEOUT):
+                        await (sink.remove() if gone else sink.close())
+                except Exception as e:  # the others must still be swapped
+                    log.error("link %s: %s %s failed: %s", self.name,
+                              "removing" if gone else "closing", sink.name, _describe(e))
+            running = [s for s in self.sinks if s not in self.unstarted]
+            self.unstarted = [s for s in swap.sinks if s not in running]
+            self.sinks, self.sink_configs, self.sink_context = \
+                swap.sinks, swap.configs, swap.context
+            log.info("link %s: epoch %d goes to the reloaded sinks: %s", self.name, epoch,
+                     ", ".join(s.name for s in self.sinks) or "none")
+        return await self._start_sinks()
+
+    async def _start_sinks(self) -> str:
+        """Start the sinks not started yet, in order, up to the first failure (it is tried
+        again next time). What failed, or ""."""
+        for sink in list(self.unstarted):
+            try:
+                async with asyncio.timeout(SINK_TIMEOUT):
+                    await sink.start()
+            except (SinkError, TimeoutError, OSError) as e:
+                reason = f"{sink.name}: {e or type(e).__name__}"
+                log.error("link %s: starting a sink failed: %s", self.name, reason)
+                self.daemon.metrics.failures.labels(self.name, Cause.SINK.value).inc()
+                return reason
+            self.unstarted.remove(sink)
+        return ""
 
     async def _fetch(self, a: FetchQkdKeys) -> None:
         try:
@@ -336,15 +424,44 @@ class LinkRunner:
             next_rekey_in=None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
             alarms=alarms,
-            kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}))
+            kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}),
+            peer_channel_connects=self.daemon.connects.get(self.name, 0))
+
+
+#: Reads and checks a site configuration file as `qkdgw check-config` does, from its bytes
+#: already read: the composition root's (gateway.site.check), which knows every sink type.
+Check = Callable[[Path, bytes], SiteConfig[Any]]
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The file a daemon runs from, and how to read it again (`qkdgw reload`, SIGHUP)."""
+
+    path: Path
+    check: Check
+
+    def read(self) -> tuple[SiteConfig[Any], str]:
+        """The configuration as checked, and the SHA-256 of the bytes it was read from."""
+        raw = read_config_bytes(self.path)
+        return self.check(self.path, raw), hashlib.sha256(raw).hexdigest()
+
+
+class ReloadRefused(Exception):
+    """A reload that changed nothing; the message says why (as `qkdgw check-config` would,
+    for a file that does not pass it)."""
 
 
 class Daemon:
-    def __init__(self, config: SiteConfig[Any], *, debug: bool = False) -> None:
+    def __init__(self, config: SiteConfig[Any], *, debug: bool = False,
+                 source: ConfigFile | None = None, config_sha256: str = "") -> None:
         """DEBUG (`qkdgw -v run`): each link's core also holds every move to its row of the
-        transition table (a mismatch fails the link, and says where)."""
+        transition table (a mismatch fails the link, and says where). SOURCE: the file
+        CONFIG was read from (whose bytes hash to CONFIG_SHA256), read again on a reload;
+        without it a reload is refused."""
         self.config = config
         self.debug = debug
+        self.source = source
+        self.config_sha256 = config_sha256
         self.metrics = Metrics()
         self.fingerprints: dict[str, dict[int, str]] = {}
         self.runners: dict[str, LinkRunner] = {}
@@ -362,6 +479,14 @@ class Daemon:
         self.heartbeat = time.monotonic()  # the watchdog's last round (for the stall thread)
         self.stopping = False
         self.stop_requested = asyncio.Event()  # `qkdgw stop`, SIGTERM, SIGINT
+        self.running = False  # started, until it stops: a reload can be applied
+        self._link_tasks: dict[str, asyncio.Task[None]] = {}  # each link's supervisor
+        self.connects: dict[str, int] = {}  # link -> peer channel connections opened
+        self._reload_lock = asyncio.Lock()  # one reload at a time
+        self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP's, in progress
+        self._gateway = ""  # this gateway's certificate commonName ...
+        self._cert_sha256 = b""  # ... and the SHA-256 of that certificate
+        self._tls_digests: dict[str, str] = {}  # the TLS files as loaded at start
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -376,30 +501,16 @@ class Daemon:
             raise ConfigError(f"peer_channel: cannot sign audit checkpoints with"
                               f" {c.peer_channel.key}: {e}") from None
         self.audit = AuditLog(c.audit_path, c.site, signer)
-        gateway, cert_sha256 = certificate_sha256(c.peer_channel.cert)
+        self._gateway, self._cert_sha256 = certificate_sha256(c.peer_channel.cert)
+        self._tls_digests = _digests(c)
         for link in c.links:
-            identity = LinkIdentity(
-                link=link.name, role=Role(link.role), gateway=gateway, cert_sha256=cert_sha256,
-                sae_id=c.kms.sae_id, peer_gateway=link.peer.name, peer_sae_id=link.peer.sae_id,
-                kem=link.kem)
-            self._identities[link.name] = identity
-            try:
-                machine = self._machine(link, self._load_snapshot(link.name))
-            except CoreError as e:
-                raise ConfigError(f"{self._state_path(link.name)}: {e}; move it away to start"
-                                  " this link afresh (the peer resynchronises)") from None
-            context = SinkContext(link.name, c.lifetimes(link), self, c.peer_channel.listen,
-                                  link.peer.address)
-            sinks: list[Sink] = [s.build(context) for s in link.sinks]
-            self.runners[link.name] = LinkRunner(self, link, machine, sinks,
-                                                 PeerClient(link.name, c.peer_channel, link.peer))
-            self.metrics.mode.labels(link.name, machine.policy.mode.value).set(1)
+            self.runners[link.name] = self._runner(c, link)
         for runner in self.runners.values():
+            runner.unstarted = []  # started here: (as before) each is closed on stop
             for sink in runner.sinks:
                 await sink.start()  # a SinkError stops the start: the CLI says why
-        self._peer_server = PeerServer(c.peer_channel,
-                                       {r.name: r.config.peer.name for r in self.runners.values()},
-                                       self._deliver, self.rejected)
+        self._peer_server = PeerServer(c.peer_channel, self._pinned_peer, self._deliver,
+                                       self.rejected, self.channel_opened)
         await self._peer_server.start()
         await self._serve_admin()
         if c.metrics is not None:
@@ -412,18 +523,53 @@ class Daemon:
                                                name="state-flush"))
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         for runner in self.runners.values():
-            self._tasks.append(asyncio.create_task(self._supervise(runner.name),
-                                                   name=f"link-{runner.name}"))
+            self._supervise_link(runner.name)
+        self.running = True
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
 
-    def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None) -> LinkMachine:
-        return LinkMachine(self._identities[link.name], self.config.link_policy(link),
+    def _runner(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> LinkRunner:
+        """A runner for LINK of SITE, from its saved state; its sinks built, not started.
+        Raises ConfigError for a state file that cannot be read."""
+        self._identities[link.name] = LinkIdentity(
+            link=link.name, role=Role(link.role), gateway=self._gateway,
+            cert_sha256=self._cert_sha256, sae_id=site.kms.sae_id,
+            peer_gateway=link.peer.name, peer_sae_id=link.peer.sae_id, kem=link.kem)
+        try:
+            machine = self._machine(link, self._load_snapshot(link.name),
+                                    site.link_policy(link))
+        except CoreError as e:
+            raise ConfigError(f"{self._state_path(link.name)}: {e}; move it away to start"
+                              " this link afresh (the peer resynchronises)") from None
+        context = self._sink_context(site, link)
+        sinks: list[Sink] = [s.build(context) for s in link.sinks]
+        peer = PeerClient(link.name, site.peer_channel, link.peer, self.channel_opened)
+        return LinkRunner(self, link, machine, sinks, peer, sink_configs=list(link.sinks),
+                          sink_context=context, unstarted=list(sinks))
+
+    def _sink_context(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> SinkContext:
+        return SinkContext(link.name, site.lifetimes(link), self, site.peer_channel.listen,
+                           link.peer.address)
+
+    def _supervise_link(self, name: str) -> None:
+        self.metrics.mode.labels(name, self.runners[name].machine.policy.mode.value).set(1)
+        task = asyncio.create_task(self._supervise(name), name=f"link-{name}")
+        self._link_tasks[name] = task
+        self._tasks.append(task)
+
+    def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None,
+                 policy: Policy | None = None) -> LinkMachine:
+        return LinkMachine(self._identities[link.name], policy or self.config.link_policy(link),
                            now=time.time(), snapshot=snapshot, check_transitions=self.debug)
 
     async def stop(self) -> None:
         """Stop; each sink leaves its data plane as its stop behaviour says (a key file
         stays, kernel SAs are deleted and policies left blocking ...)."""
         self.stopping = True
+        self.running = False
+        async with self._reload_lock:  # a reload in progress finishes first
+            pass
+        for task in self._reloads:
+            task.cancel()
         for task in self._tasks:
             task.cancel()
         for runner in self.runners.values():
@@ -432,7 +578,7 @@ class Daemon:
         self._flush_state()
         for runner in self.runners.values():
             await runner.peer.close()
-            for sink in runner.sinks:
+            for sink in [s for s in runner.sinks if s not in runner.unstarted]:
                 try:
                     await sink.close()
                 except Exception as e:  # one sink's failure must not keep the others open
@@ -525,9 +671,9 @@ class Daemon:
         await self._block(runner, f"link failed: {why}")
 
     async def _block(self, runner: LinkRunner, reason: str) -> None:
-        """Block every sink of the link, whatever state its task is in."""
+        """Block every started sink of the link, whatever state its task is in."""
         runner.active_until = None
-        for sink in runner.sinks:
+        for sink in [s for s in runner.sinks if s not in runner.unstarted]:
             try:
                 async with asyncio.timeout(SINK_TIMEOUT):
                     await sink.block(runner.name, reason)
@@ -550,7 +696,9 @@ class Daemon:
             self._write_audit(TrailEvent.STATE_DISCARDED, link=old.name, detail=f"{e}")
             snapshot = None
         machine = self._machine(old.config, snapshot)
-        return LinkRunner(self, old.config, machine, old.sinks, old.peer)
+        return LinkRunner(self, old.config, machine, old.sinks, old.peer,
+                          sink_configs=old.sink_configs, sink_context=old.sink_context,
+                          unstarted=old.unstarted, swap=old.swap)
 
     async def _watchdog(self) -> None:
         """Hold every link to its hard lifetime, whatever its task is doing."""
@@ -574,15 +722,164 @@ class Daemon:
                 if runner.task is not None:
                     runner.task.cancel()
 
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self, requested: Path | None = None) -> Reloaded:
+        """Read the configuration file again and apply the difference; REQUESTED: the file
+        `qkdgw reload` names, which must be the one this daemon runs. Raises ReloadRefused,
+        having changed nothing, for a file that does not pass `qkdgw check-config` (with its
+        message) or has changes that cannot be applied live (each named)."""
+        async with self._reload_lock:
+            if self.source is None:
+                raise ReloadRefused("this daemon was not started from a configuration file")
+            if not self.running:
+                raise ReloadRefused("the daemon is starting or stopping: try again")
+            path = self.source.path
+            if requested is not None and requested.resolve() != path.resolve():
+                raise ReloadRefused(f"this daemon runs {path}, not {requested}")
+            try:
+                new, digest = self.source.read()
+                files = _digests(new)
+            except (ConfigError, ValueError, OSError) as e:
+                raise ReloadRefused(config_problem(e)) from None
+            try:
+                p = plan(self.config, new, old_files=self._tls_digests, new_files=files)
+            except NotLive as e:
+                raise ReloadRefused(f"{path}: {e}") from None
+            try:  # everything that can fail comes before any change
+                added = {n: self._runner(new, new.link(n)) for n in p.added}
+            except ConfigError as e:
+                raise ReloadRefused(str(e)) from None
+            await self._poll_kms_once(added)  # they know the KMS before their first exchange
+            for name in p.removed:
+                await self._remove_link(name)
+            self.metrics.forget(set(p.removed))
+            # From here to the end, no await: no link restarts halfway between the two
+            # configurations (a restarted link takes its policy from self.config).
+            self.config = new
+            replaced = [self._change_link(new, change) for change in p.changed]
+            for name, runner in added.items():
+                self.runners[name] = runner
+                self._supervise_link(name)
+            old, self.config_sha256 = self.config_sha256, digest
+            result = Reloaded(
+                config=str(path), old_sha256=old, new_sha256=digest, added=list(p.added),
+                removed=list(p.removed), changed={c.name: list(c.what) for c in p.changed},
+                site=list(p.site), unchanged=p.unchanged)
+            self._write_audit(TrailEvent.RELOADED, detail=_summary(p),
+                              config=result.model_dump(exclude={"unchanged"}))
+            self.metrics.reloads.labels("applied").inc()
+            log.info("configuration reloaded from %s (sha256 %s): %s", path, digest, _summary(p))
+            for peer in replaced:
+                if peer is not None:
+                    await peer.close()
+            return result
+
+    async def _remove_link(self, name: str) -> None:
+        """Stop the link for good: its task and channel end, each sink is removed (its stop
+        behaviour, then its key files), its state file goes (its metrics: the caller's)."""
+        task = self._link_tasks.pop(name)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._tasks.remove(task)
+        runner = self.runners.pop(name)  # from here the peer channel refuses the link
+        runner.removed = True
+        self.dirty.discard(name)  # (before any await: no flush looks for it again)
+        runner.cancel_tasks()
+        await runner.peer.close()
+        for sink in [s for s in runner.sinks if s not in runner.unstarted]:
+            try:
+                async with asyncio.timeout(SINK_TIMEOUT):
+                    await sink.remove()
+            except Exception as e:  # one sink's failure must not keep the others
+                log.error("link %s: removing %s failed: %s", name, sink.name, _describe(e))
+        with contextlib.suppress(FileNotFoundError):
+            self._state_path(name).unlink()
+        for table in (self.failed, self.fingerprints, self.connects, self._identities):
+            table.pop(name, None)
+        log.info("link %s removed: its sinks stopped as their on_stop says, its key files and"
+                 " state file deleted", name)
+
+    def _change_link(self, site: SiteConfig[Any], change: LinkChange) -> PeerClient | None:
+        """Give a running link its new configuration without touching its current key: the
+        policy through its own queue, a new peer address at its next message, new sinks at
+        its next epoch. The channel to the old address, if it changed, for the caller to
+        close."""
+        runner = self.runners[change.name]
+        link = site.link(change.name)
+        if change.policy:
+            policy = site.link_policy(link)
+            was = runner.machine.policy.mode
+            if policy.mode != was:
+                self.metrics.mode.labels(change.name, was.value).set(0)
+                self.metrics.mode.labels(change.name, policy.mode.value).set(1)
+            runner.queue.put_nowait(_PolicyChanged(policy))
+        old = None
+        if change.address:
+            old, runner.peer = runner.peer, PeerClient(change.name, site.peer_channel,
+                                                       link.peer, self.channel_opened)
+        if change.sinks:
+            runner.swap = self._sink_swap(runner, list(link.sinks),
+                                          self._sink_context(site, link))
+        runner.config = link
+        log.info("link %s: reloaded: %s changed%s", change.name, ", ".join(change.what),
+                 "; the sinks change at the next epoch" if change.sinks else "")
+        return old
+
+    def _sink_swap(self, runner: LinkRunner, configs: list[SinkConfig],
+                   context: SinkContext) -> SinkSwap | None:
+        """The sinks CONFIGS describe: a running one kept where its configuration and
+        context are the same, the others built anew. None if that is what runs."""
+        pool = list(zip(runner.sink_configs, runner.sinks, strict=True)) \
+            if context == runner.sink_context else []
+        sinks: list[Sink] = []
+        for config in configs:
+            same = next((i for i, (c, _) in enumerate(pool) if c == config), None)
+            sinks.append(pool.pop(same)[1] if same is not None else config.build(context))
+        if sinks == runner.sinks:
+            return None
+        leaving = [(s, c not in configs) for c, s in
+                   zip(runner.sink_configs, runner.sinks, strict=True) if s not in sinks]
+        return SinkSwap(configs, sinks, context, leaving)
+
+    def reload_on_signal(self) -> None:
+        """SIGHUP: reload as `qkdgw reload` does; the outcome goes to the log."""
+        task = asyncio.create_task(self._reload_logged(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload_logged(self) -> None:
+        log.info("SIGHUP: reloading the configuration")
+        try:
+            await self.reload()
+        except ReloadRefused as e:
+            self.metrics.reloads.labels("refused").inc()
+            log.error("reload refused: %s", e)
+
     # -- events in --------------------------------------------------------------------------
 
     async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
-        await self.runners[link].queue.put(received(message, peer_cert))
+        runner = self.runners.get(link)
+        if runner is not None:  # (else a reload removed it since the channel checked)
+            await runner.queue.put(received(message, peer_cert))
+
+    def _pinned_peer(self, link: str) -> str | None:
+        """The peer channel asks for every connection and message: the links as they are
+        now, reloads included."""
+        runner = self.runners.get(link)
+        return None if runner is None else runner.config.peer.name
+
+    def channel_opened(self, link: str, direction: str) -> None:
+        """A peer channel connection was opened for LINK (`in`: by the peer)."""
+        if link in self.runners:
+            self.connects[link] = self.connects.get(link, 0) + 1
+            self.metrics.channel_connects.labels(link, direction).inc()
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """A sink says its data plane needs a new key (SinkEvents): the link rekeys now."""
         log.info("link %s: rekey needed (%s): %s", link, cause.value, detail)
-        self.runners[link].queue.put_nowait(RekeyRequested(f"{cause.value}: {detail}"))
+        if (runner := self.runners.get(link)) is not None:
+            runner.queue.put_nowait(RekeyRequested(f"{cause.value}: {detail}"))
 
     def rekey(self, link: str | None) -> list[str]:
         names = [link] if link else list(self.runners)
@@ -595,25 +892,30 @@ class Daemon:
             await asyncio.sleep(self.config.kms_status_interval)
             await self._poll_kms_once()
 
-    async def _poll_kms_once(self) -> None:
+    async def _poll_kms_once(self, links: dict[str, LinkRunner] | None = None) -> None:
+        """Poll the KMS status for every link (or those of LINKS: links a reload adds,
+        before they start)."""
+        links = self.runners if links is None else links
         by_peer: dict[str, list[str]] = {}
-        for runner in self.runners.values():
+        for runner in links.values():
             by_peer.setdefault(runner.config.peer.sae_id, []).append(runner.name)
         for peer_sae, names in by_peer.items():
+            # (by name, when their turn comes: a link may have been restarted, or removed
+            # by a reload, since)
+            runners = [r for n in names if (r := links.get(n)) is not None]
             try:
-                await self._poll_status(peer_sae, names)
+                await self._poll_status(peer_sae, runners)
             except Exception as e:  # never foreseen: no QKD for these links, and say why
                 log.error("KMS status for %s: unexpected failure", peer_sae, exc_info=True)
-                for name in names:
-                    await self.runners[name].queue.put(KmsUnreachable(
+                for runner in runners:
+                    await runner.queue.put(KmsUnreachable(
                         f"status poll failed: {_describe(e)}"))
 
-    async def _poll_status(self, peer_sae: str, names: list[str]) -> None:
-        runners = [self.runners[n] for n in names]
+    async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> None:
         try:
             st = await self.kme.status(peer_sae)
         except KmsError as e:
-            for r in runners:
+            for r in [r for r in runners if not r.removed]:
                 self.metrics.kms_up.labels(r.name).set(0)
                 r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
@@ -622,7 +924,7 @@ class Daemon:
             stored_key_count=st.stored_key_count, key_size=st.key_size,
             kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
             key_rate=st.key_rate, link_up=st.link_up)
-        for r in runners:
+        for r in [r for r in runners if not r.removed]:  # (no metrics for a removed link)
             m = self.metrics
             m.kms_up.labels(r.name).set(1)
             m.kms_stored.labels(r.name).set(st.stored_key_count)
@@ -771,6 +1073,7 @@ class Daemon:
 
         app.router.add_get("/status", status)
         app.router.add_post("/rekey", self._admin_rekey)
+        app.router.add_post("/reload", self._admin_reload)
         app.router.add_post("/stop", self._admin_stop)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -789,6 +1092,20 @@ class Daemon:
             return web.json_response({"error": f"no link {link!r} (links: "
                                       + ", ".join(self.runners) + ")"}, status=404)
         return web.json_response(Rekeying(rekeying=self.rekey(link)).model_dump())
+
+    async def _admin_reload(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response({"error": "the request body is not JSON"}, status=400)
+        named = body.get("config") if isinstance(body, dict) else None
+        try:
+            result = await self.reload(Path(named) if isinstance(named, str) else None)
+        except ReloadRefused as e:
+            self.metrics.reloads.labels("refused").inc()
+            log.error("reload refused: %s", e)
+            return web.json_response({"error": str(e)}, status=409)
+        return web.json_response(result.model_dump())
 
     async def _admin_stop(self, _: web.Request) -> web.Response:
         log.info("stop requested on the admin socket")
@@ -841,6 +1158,28 @@ def _describe(e: BaseException) -> str:
     return quote_remote(text)
 
 
+def config_problem(e: Exception) -> str:
+    """What `qkdgw check-config` says of a file that does not pass (after "qkdgw: ")."""
+    if isinstance(e, OSError) and not isinstance(e, ConfigError):
+        return f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+    return str(e)
+
+
+def _digests(config: SiteConfig[Any]) -> dict[str, str]:
+    """The SHA-256 of each certificate and key file CONFIG names (a reload refuses a new
+    one under the same name: it is loaded only at start)."""
+    return {name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for name, path in tls_files(config).items()}
+
+
+def _summary(p: Plan) -> str:
+    parts = [f"{len(names)} {what} ({', '.join(names)})" if names else f"0 {what}"
+             for what, names in (("added", p.added), ("removed", p.removed),
+                                 ("changed", [c.name for c in p.changed]))]
+    site = f", site: {', '.join(p.site)}" if p.site else ""
+    return f"{', '.join(parts)}, {p.unchanged} unchanged{site}"
+
+
 def _invalid(e: Exception) -> str:
     if isinstance(e, ValidationError):
         first = e.errors(include_url=False, include_input=False)[0]
@@ -872,13 +1211,16 @@ class LoopWatchdog(threading.Thread):
         self._stop.set()
 
 
-async def run(config: SiteConfig[Any], *, debug: bool = False) -> None:
-    """Run until `qkdgw stop`, SIGTERM or SIGINT."""
-    daemon = Daemon(config, debug=debug)
+async def run(config: SiteConfig[Any], *, debug: bool = False,
+              source: ConfigFile | None = None, config_sha256: str = "") -> None:
+    """Run until `qkdgw stop`, SIGTERM or SIGINT; SIGHUP reloads SOURCE (see Daemon)."""
+    daemon = Daemon(config, debug=debug, source=source, config_sha256=config_sha256)
     stop = daemon.stop_requested
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Until the daemon runs, a SIGHUP is noted and refused (never the default: ending it).
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_on_signal)
     try:
         await daemon.start()
     except BaseException:

@@ -46,3 +46,22 @@ class Metrics:
                            registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)
+        self.channel_connects = Counter(
+            "qkdgw_peer_channel_connects", "Peer channel connections opened for the link, by"
+            " who opened it (out: this gateway, in: the peer)", ["link", "direction"],
+            registry=r)
+        self.reloads = Counter("qkdgw_config_reloads", "Configuration reloads, by outcome",
+                               ["outcome"], registry=r)
+
+    def forget(self, links: set[str]) -> None:
+        """Drop every series of LINKS (removed by a reload), in one pass over each metric's
+        label sets (prometheus_client keeps them in `_metrics`, and has no public way to
+        list them): the label sets stay bounded by the links configured, and a removed link
+        shows nothing stale."""
+        for metric in (self.epoch, self.key_age, self.blocked, self.rekeys, self.failures,
+                       self.latency, self.rejected, self.kms_stored, self.kms_qber,
+                       self.kms_key_rate, self.kms_up, self.mode, self.alarm,
+                       self.channel_connects):
+            at = metric._labelnames.index("link")
+            for values in [v for v in metric._metrics if v[at] in links]:
+                metric.remove(*values)

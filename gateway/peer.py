@@ -7,6 +7,10 @@ configured peer name (the server checks the client certificate's commonName befo
 upgrade, the client checks the server's certificate against that name). Delivery is best
 effort: the rekey core retransmits, so a message that cannot be sent is logged and dropped.
 A refused message is answered with a text frame `{"error": ...}`, which the sender logs.
+
+Which links exist is asked of the daemon for every connection and every message (`pinned`),
+never copied: a link a reload adds is accepted at once, one it removes is refused at once
+(its open channel closed at its next message).
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ HEARTBEAT = 20.0
 
 Deliver = Callable[[str, Message, bytes], Awaitable[None]]
 Reject = Callable[[str, str, str], None]
+#: The pinned peer name of a link this site has now; None for a link it has not.
+Pinned = Callable[[str], str | None]
+#: A channel was opened for a link: (link, "in" when the peer opened it, "out" when we did).
+Connected = Callable[[str, str], None]
 
 
 def certificate_sha256(pem_path: Path) -> tuple[str, bytes]:
@@ -51,14 +59,15 @@ def certificate_sha256(pem_path: Path) -> tuple[str, bytes]:
 
 
 class PeerServer:
-    """Receives messages for the site's links; PEERS maps link name → pinned peer name."""
+    """Receives messages for the site's links; PINNED names each link's pinned peer."""
 
-    def __init__(self, config: PeerChannelConfig, peers: dict[str, str], deliver: Deliver,
-                 reject: Reject) -> None:
+    def __init__(self, config: PeerChannelConfig, pinned: Pinned, deliver: Deliver,
+                 reject: Reject, connected: Connected | None = None) -> None:
         self.config = config
-        self.peers = peers
+        self._pinned = pinned
         self._deliver = deliver
         self._reject = reject
+        self._connected = connected
         ctx = server_context(config.ca, config.cert, config.key)
         ctx.verify_mode = ssl.CERT_REQUIRED  # gateways always authenticate each other
         self._ssl = ctx
@@ -84,13 +93,14 @@ class PeerServer:
             else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         who = peer_common_name(ssl_object.getpeercert() if ssl_object else None)
-        if link not in self.peers:
+        pinned = self._pinned(link)
+        if pinned is None:
             self._reject("", "unknown-link", f"channel for unknown link"
                          f" {quote_remote(link)!r} from {who}")
             return web.json_response({"error": "no such link"}, status=404)
-        if who != self.peers[link]:
+        if who != pinned:
             self._reject(link, "wrong-peer", f"certificate {who!r} is not the pinned peer"
-                         f" {self.peers[link]!r}")
+                         f" {pinned!r}")
             return web.json_response({"error": "not this link's peer"}, status=403)
         cert_sha256 = hashlib.sha256(der or b"").digest()
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, heartbeat=HEARTBEAT)
@@ -103,9 +113,16 @@ class PeerServer:
             # Not the half-prepared WebSocket: aiohttp would finish it ("Call .prepare()
             # first"); a plain answer to the gone peer ends quietly.
             return web.Response(status=400)
+        if self._connected is not None:
+            self._connected(link, "in")
         async for frame in ws:
             if frame.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
                 continue
+            if self._pinned(link) is None:  # a reload removed the link
+                self._reject("", "unknown-link", f"message for removed link"
+                             f" {quote_remote(link)!r} from {who}")
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"no such link")
+                break
             raw = frame.data if isinstance(frame.data, bytes) else frame.data.encode()
             try:
                 message = decode(raw)
@@ -123,9 +140,11 @@ class PeerServer:
 class PeerClient:
     """Sends one link's messages to its peer over one WebSocket."""
 
-    def __init__(self, link: str, channel: PeerChannelConfig, peer: PeerConfig) -> None:
+    def __init__(self, link: str, channel: PeerChannelConfig, peer: PeerConfig,
+                 connected: Connected | None = None) -> None:
         self.link = link
         self.peer = peer
+        self._on_connect = connected
         self._ssl = client_context(channel.ca, channel.cert, channel.key)
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -159,6 +178,8 @@ class PeerClient:
                     self.url, server_hostname=self.peer.name, heartbeat=HEARTBEAT,
                     max_msg_size=MAX_MESSAGE_BYTES)
             self._reader = asyncio.create_task(self._read(self._ws))
+            if self._on_connect is not None:
+                self._on_connect(self.link, "out")
             return self._ws
 
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:

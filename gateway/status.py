@@ -51,6 +51,9 @@ class LinkStatus(_Status):
     next_rekey_in: float | None = Field(description="seconds to the next scheduled rekey (I)")
     alarms: dict[str, str] = Field(description="raised alarms and their details")
     kms: KmsStatus = Field(description="the link's KMS, as the last status poll saw it")
+    peer_channel_connects: int = Field(default=0, description="peer channel connections"
+                                       " opened for the link since the daemon started, by"
+                                       " either side (a reconnect counts one more)")
 
 
 class AuditStatus(_Status):
@@ -71,6 +74,20 @@ class Rekeying(_Status):
     """POST /rekey: the links asked to rekey now."""
 
     rekeying: list[str]
+
+
+class Reloaded(_Status):
+    """POST /reload: the configuration file read again and its differences applied."""
+
+    config: str = Field(description="the configuration file")
+    old_sha256: str = Field(description="SHA-256 of the file as the daemon ran it before")
+    new_sha256: str = Field(description="SHA-256 of the file as read now")
+    added: list[str] = Field(description="links started")
+    removed: list[str] = Field(description="links stopped and cleaned up")
+    changed: dict[str, list[str]] = Field(description="links whose policy, sinks or peer"
+                                                      " address changed, and what changed")
+    site: list[str] = Field(description="site-wide settings that changed")
+    unchanged: int = Field(description="links left as they were")
 
 
 class Stopping(_Status):

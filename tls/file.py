@@ -12,8 +12,9 @@ nothing can pick up a stale key.
         format: hex               # hex | base64 | raw
         hook: [systemctl, reload, my-service]
 
-The hook runs with QKDGW_EVENT (activate | block), QKDGW_LINK, QKDGW_EPOCH,
-QKDGW_FINGERPRINT and QKDGW_KEY_FILE in its environment; never the key itself.
+The hook runs with QKDGW_EVENT (activate | block | remove: the link or the sink left the
+configuration, and the file with it), QKDGW_LINK, QKDGW_EPOCH, QKDGW_FINGERPRINT and
+QKDGW_KEY_FILE in its environment; never the key itself.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class FileSinkConfig(SinkConfig):
     hook_timeout: Seconds = 10.0
 
     def build(self, context: SinkContext) -> FileSink:
-        return FileSink(self)  # a file has no limits to report
+        return FileSink(self, context.link)  # a file has no limits to report
 
     @classmethod
     def check_together(cls, sinks: Sequence[tuple[str, Self]]) -> None:
@@ -57,8 +58,8 @@ class FileSinkConfig(SinkConfig):
 
 
 class FileSink:
-    def __init__(self, config: FileSinkConfig) -> None:
-        self.config = config
+    def __init__(self, config: FileSinkConfig, link: str) -> None:
+        self.config, self.link = config, link
         self.name = f"file:{config.path}"
 
     async def start(self) -> None:
@@ -90,6 +91,13 @@ class FileSink:
 
     async def close(self) -> None:
         """The key file stays: the service keeps working across a gateway restart."""
+
+    async def remove(self) -> None:
+        """The key file goes, as on block: no epoch will ever replace it. The hook runs with
+        QKDGW_EVENT=remove."""
+        with contextlib.suppress(FileNotFoundError):
+            self.config.path.unlink()
+        await self._hook("remove", self.link, 0, "")
 
     async def _hook(self, event: str, link: str, epoch: int, fingerprint: str) -> None:
         if self.config.hook:

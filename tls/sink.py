@@ -165,6 +165,11 @@ class TlsPskSink:
             return
         log.info("link %s: %s left blocked (on_stop: block)", self.link, path)
 
+    async def remove(self) -> None:
+        """As on stop: the file stays (the service reads it, and a missing file would make
+        its reload fail and keep its old keys), blocked or left to the guard as on_stop says."""
+        await self.close()
+
     # -- the file ----------------------------------------------------------------------------
 
     def _learn(self, material: EpochMaterial) -> None:

@@ -192,6 +192,25 @@ class LinkCore(ABC):
             self.next_nudge_at = now + self.policy.retransmit_max
         return out + self._persist()
 
+    def reconfigure(self, policy: Policy, now: float) -> list[Action]:
+        """Take a new policy (`qkdgw reload`) without disturbing the current key: it, the
+        exchange in progress and the time already set for the next rekey stay; each new value
+        applies from the next decision that reads it (the interval from the next scheduling,
+        the hard lifetime from the next check of the current key). QKD keys of the old
+        `qkd_key_bits` can no longer be used: those held ahead are discarded, and an exchange
+        still waiting for its keys is given up (the next one fetches at the new size)."""
+        resized = policy.qkd_key_bits != self.policy.qkd_key_bits
+        self.policy = policy
+        self.keys.policy = policy
+        if not resized:
+            return []
+        why = f"qkd_key_bits changed to {policy.qkd_key_bits}"
+        self.next_keys.given_up()  # a fetch in flight: its keys come stale, and are discarded
+        out = self.next_keys.drop(self.used, why)
+        if self.state is State.FETCHING:
+            out += self._give_up(now, why, Cause.DROPPED)
+        return out + self._persist()
+
     def handle(self, event: Event, now: float) -> list[Action]:
         t = self.table.get((self.state, type(event))) or self.table.get((None, type(event)))
         if t is None:

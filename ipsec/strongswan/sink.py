@@ -342,6 +342,10 @@ class StrongswanSink:
         log.info("link %s: strongSwan IKE SAs terminated, PPKs and connection %s unloaded",
                  self.context.link, self.conn)
 
+    async def remove(self) -> None:
+        """As on stop: IKE SAs terminated, PPKs and the connection unloaded; no file."""
+        await self.close()
+
     # -- VICI --------------------------------------------------------------------------------
 
     async def _session(self) -> Vici:

@@ -369,6 +369,10 @@ class XfrmSink:
         log.info("link %s: xfrm SAs removed, policies %s", self.context.link,
                  "left blocking" if self.config.on_stop == "block" else "removed")
 
+    async def remove(self) -> None:
+        """As on stop: the SAs go, the policies block or go as on_stop says; no file."""
+        await self.close()
+
     # -- helpers -------------------------------------------------------------------------
 
     def _kernel(self) -> XfrmKernel:

@@ -56,6 +56,9 @@ class RecordingSink:
     async def close(self) -> None:
         pass
 
+    async def remove(self) -> None:
+        pass
+
 
 def _spy_on_kme(daemon: Daemon, seen: list[bytes]) -> None:
     """Record the QKD keys the (real) KME client returns."""

@@ -76,6 +76,9 @@ class ProbeSink:
     async def close(self) -> None:
         pass
 
+    async def remove(self) -> None:
+        pass
+
 
 async def _until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
     deadline = time.monotonic() + timeout
