@@ -22,6 +22,7 @@ from common.sink import SinkError
 from common.tlsctx import client_context
 from gateway import __version__, logs
 from gateway.audit import AuditError
+from gateway.demo import QBER_SPIKE
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
 from gateway.status import Rekeying, SiteStatus, Stopping
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KMEs unreachable from AT for SECONDS (the gateways go PQC-only and"
                         " raise the qkd-fallback alarm); repeatable")
     p.add_argument("--qber-spike", metavar="AT:SECONDS", action="append", default=[],
-                   help="QBER 0.2 on the QKD link from AT for SECONDS (above the threshold:"
-                        " the link's keys are not used); repeatable")
+                   help=f"QBER {QBER_SPIKE} on the QKD link from AT for SECONDS (above the"
+                        " threshold: the link's keys are not used); repeatable")
+    _link_profile_arg(p)
     p.add_argument("--keep", type=Path, default=None, metavar="DIR",
                    help="write configurations and logs to DIR and keep them")
     p.add_argument("--kms-only", action="store_true",
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator configuration (kms.yaml)")
     p.add_argument("--check", action="store_true",
                    help="validate FILE (and its certificates) and exit")
+    _link_profile_arg(p)
 
     p = _add(sub, "check-config", _cmd_check_config,
              "validate a site configuration and the files it names")
@@ -231,6 +234,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _link_profile_arg(p: argparse.ArgumentParser) -> None:
+    from kms.sim.profiles import PROFILES
+
+    p.add_argument("--link-profile", metavar="NAME", type=_link_profile,
+                   help="every QKD link follows a published field result (key rate, QBER,"
+                        " drift, outages; docs/kms-simulator.md): "
+                        + ", ".join(f"{name} ({_rate(p.key_rate)}, QBER {p.qber * 100:g} %%)"
+                                    for name, p in PROFILES.items()))
+
+
+def _rate(bits_per_s: float) -> str:
+    return f"{bits_per_s / 1000:g} kbit/s" if bits_per_s >= 1000 else f"{bits_per_s:g} bit/s"
+
+
+def _link_profile(name: str) -> str:
+    from kms.sim.profiles import profile
+
+    try:
+        profile(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def _finite(text: str) -> float:
     """A number option: NaN and infinities would make every comparison with it false."""
     try:
@@ -274,6 +301,8 @@ def _cmd_kms_sim(args: argparse.Namespace) -> int:
     from kms.sim.server import Simulator, serve
 
     config = SimConfig.load(args.config)
+    if args.link_profile is not None:
+        config = config.with_profile(args.link_profile)
     if args.check:
         Simulator(config)  # loads every certificate and key
         print(f"{args.config}: OK ({len(config.kmes)} KMEs, {len(config.links)} link(s))")
@@ -505,7 +534,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise ConfigError("--keys must be between 1 and 128")
         if not args.verbose:
             logging.getLogger("kms").setLevel(logging.WARNING)
-        return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port))
+        return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port,
+                                        link_profile=args.link_profile))
     from gateway.demo.live import DemoError, run_demo
 
     if args.duration is not None and args.duration <= 0:
@@ -519,7 +549,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_demo(args.plane, duration=args.duration,
                                     interval=args.rekey_interval, rate=args.rate,
-                                    faults=faults, keep=args.keep))
+                                    faults=faults, keep=args.keep,
+                                    link_profile=args.link_profile))
     except DemoError as e:
         raise ConfigError(str(e)) from None
     except RuntimeError as e:  # a command building the sites failed (it says which, and why)

@@ -130,7 +130,7 @@ def test_qber_above_threshold_counts_as_kms_unavailable() -> None:
     w = World(seed=4)
     w.kms_status()
     w.run_for(5)
-    w.kms_status(qber=0.2)
+    w.kms_status(qber=0.3)
     assert w.i.alarms == {"kms-unavailable"}
     w.run_for(30)
     assert not any(r.kind == "fetched" and r.epoch > 2 for r in w.i.records)
