@@ -28,11 +28,12 @@ import contextlib
 import faulthandler
 import fcntl
 import logging
+import math
 import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -99,8 +100,10 @@ from gateway.status import (
     Rekeying,
     SiteStatus,
     Stopping,
+    SupplyStatus,
 )
 from kms.errors import KmsError
+from kms.models import Status
 
 log = logging.getLogger("gateway")
 
@@ -336,7 +339,8 @@ class LinkRunner:
             next_rekey_in=None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
             alarms=alarms,
-            kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}))
+            kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}),
+            supply=SupplyStatus(**_rounded(asdict(m.supply(now)))))
 
 
 class Daemon:
@@ -599,30 +603,61 @@ class Daemon:
         by_peer: dict[str, list[str]] = {}
         for runner in self.runners.values():
             by_peer.setdefault(runner.config.peer.sae_id, []).append(runner.name)
+        answers: dict[str, Status] = {}
         for peer_sae, names in by_peer.items():
             try:
-                await self._poll_status(peer_sae, names)
+                st = await self._poll_status(peer_sae, names)
             except Exception as e:  # never foreseen: no QKD for these links, and say why
                 log.error("KMS status for %s: unexpected failure", peer_sae, exc_info=True)
                 for name in names:
                     await self.runners[name].queue.put(KmsUnreachable(
                         f"status poll failed: {_describe(e)}"))
+            else:
+                if st is not None:
+                    answers[peer_sae] = st
+        shares = self._shares({name: (st.source_KME_ID, st.target_KME_ID)
+                               for peer_sae, st in answers.items()
+                               for name in by_peer[peer_sae]})
+        for peer_sae, st in answers.items():
+            self._observed(st, [self.runners[n] for n in by_peer[peer_sae]], shares)
 
-    async def _poll_status(self, peer_sae: str, names: list[str]) -> None:
+    def _shares(self, pairs: dict[str, tuple[str, str]]) -> dict[str, tuple[float, int]]:
+        """Each link's fraction of its KME pair's supply, and how many links draw from the
+        pair: the initiators (enc_keys) of one pair, each w / max(1, sum of w) by its
+        `qkd_share` weight w. PAIRS: link -> its (KME, peer KME), from the status polls."""
+        drawing: dict[tuple[str, str], list[LinkRunner]] = {}
+        for name, pair in pairs.items():
+            runner = self.runners[name]
+            if runner.machine.role is Role.INITIATOR:
+                drawing.setdefault(pair, []).append(runner)
+        shares = {}
+        for runners in drawing.values():
+            total = max(1.0, sum(r.machine.policy.qkd_share for r in runners))
+            for r in runners:
+                shares[r.name] = (r.machine.policy.qkd_share / total, len(runners))
+        return shares
+
+    async def _poll_status(self, peer_sae: str, names: list[str]) -> Status | None:
+        """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
         runners = [self.runners[n] for n in names]
         try:
-            st = await self.kme.status(peer_sae)
+            return await self.kme.status(peer_sae)
         except KmsError as e:
             for r in runners:
                 self.metrics.kms_up.labels(r.name).set(0)
                 r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
-            return
-        event = KmsStatusObserved(  # every number bounded by the client's Status model
-            stored_key_count=st.stored_key_count, key_size=st.key_size,
-            kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
-            key_rate=st.key_rate, link_up=st.link_up)
+            return None
+
+    def _observed(self, st: Status, runners: list[LinkRunner],
+                  shares: dict[str, tuple[float, int]]) -> None:
+        """Tell RUNNERS what the KME's status ST says, and their share of its supply."""
         for r in runners:
+            share, sharing = shares.get(r.name, (1.0, 1))
+            event = KmsStatusObserved(  # every number bounded by the client's Status model
+                stored_key_count=st.stored_key_count, key_size=st.key_size,
+                kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
+                key_rate=st.key_rate, link_up=st.link_up, share=share, sharing=sharing)
             m = self.metrics
             m.kms_up.labels(r.name).set(1)
             m.kms_stored.labels(r.name).set(st.stored_key_count)
@@ -633,7 +668,7 @@ class Daemon:
             r.kms_seen = KmsStatus(ok=True, reason="", stored_key_count=st.stored_key_count,
                                    qber=event.qber, key_rate=event.key_rate,
                                    link_up=event.link_up, kme=st.source_KME_ID)
-            await r.queue.put(event)
+            r.queue.put_nowait(event)
 
     # -- effects out ------------------------------------------------------------------------
 
@@ -748,6 +783,12 @@ class Daemon:
             self.metrics.blocked.labels(r.name).set(1 if m.blocked else 0)
             age = now - m.outbound.activated_at if m.outbound else 0.0
             self.metrics.key_age.labels(r.name).set(age)
+            supply = m.supply(now)
+            if supply.share is not None:  # (a responder's peer draws its keys)
+                self.metrics.qkd_share.labels(r.name).set(supply.share)
+            for gauge, value in ((self.metrics.qkd_cadence, supply.qkd_cadence),
+                                 (self.metrics.pool_dry_in, supply.pool_dry_in)):
+                gauge.labels(r.name).set(math.inf if value is None else value)
 
     # -- status, admin socket, metrics ------------------------------------------------------
 
@@ -831,6 +872,11 @@ async def _owner_only(request: web.Request, handler: Any) -> web.StreamResponse:
             return web.json_response({"error": "not allowed"}, status=403)
     response: web.StreamResponse = await handler(request)
     return response
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats to the millisecond (or part per thousand): the status is for people."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
 
 
 def _describe(e: BaseException) -> str:
