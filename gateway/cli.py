@@ -25,7 +25,7 @@ from gateway.audit import AuditError
 from gateway.demo import QBER_SPIKE
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
-from gateway.status import Rekeying, SiteStatus, Stopping
+from gateway.status import Rekeying, SiteStatus, Stopping, SupplyStatus
 from kdf import fingerprint
 from kms.errors import KmsError
 
@@ -368,7 +368,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = SiteStatus.model_validate(data)
     print(f"site {status.site} (pid {status.pid}, up {status.uptime} s)")
     header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",
-              "alarms")
+              "QKD every", "pool dry in", "alarms")
     rows: list[tuple[str, ...]] = [header]
     for link in status.links:
         kms = link.kms
@@ -381,12 +381,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
         age = "-" if link.key_age is None else f"{link.key_age:.1f} s"
         epoch = f"{link.epoch}" + (" BLOCKED" if link.blocked else "")
         rows.append((link.link, link.role, link.state, epoch, age, link.fingerprint or "-",
-                     link.mode, kms_text, ", ".join(link.alarms) or "-"))
+                     link.mode, kms_text, *_supply_columns(link.supply),
+                     ", ".join(link.alarms) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     print(f"audit: {status.audit.records} records, head {status.audit.head}")
     return EXIT_OK
+
+
+def _supply_columns(s: SupplyStatus) -> tuple[str, str]:
+    """The QKD cadence (with the link's share while rationed) and the pool's forecast."""
+    if s.share is None:
+        every = "-"  # the peer draws this link's keys
+    elif s.qkd_cadence is None:
+        every = "none now"
+    else:
+        every = f"{_duration(s.qkd_cadence)}" + (f" ({s.share:.0%})" if s.rationed else "")
+    dry = "-" if s.pool_dry_in is None else "now" if s.pool_dry_in == 0 \
+        else _duration(s.pool_dry_in)
+    return every, dry
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 def _cmd_rekey(args: argparse.Namespace) -> int:

@@ -58,8 +58,11 @@ class InitiatorHandlers(QkdHandlers):
             return [Record(RecordKind.REKEY_STARTED, self.max_epoch + 1, detail=f"{reason}, QKD key"
                            " fetched ahead")] + self._send_offer(now, keys)
         out = self._drop_ahead("the KMS is not usable")
-        if self.kms.usable(now) and self.kms.may_draw(now):
-            self.kms.drew(now)
+        # A link that has had no key since it started may take its first from the reserve;
+        # one whose share let its key expire waits for the share (fail closed, alarmed).
+        first = self.keys.blocked and self.rekeys == 0
+        if self.kms.usable(now) and self.kms.may_draw(now, keyless=first):
+            self.kms.drew(now, keyless=first)
             self._request += 1
             self.attempt = Attempt(epoch=0, started=now, request=self._request)
             self.state = State.FETCHING

@@ -8,7 +8,8 @@ whether this link may draw one (`may_draw`).
 Several links may share one KME pair's supply. While the pool is above the reserve it pays
 for every link's cadence; once it is down to the reserve the supply is rationed: each link
 earns credit at its share of the supply (`share`, from the driver: its weight normalised
-over the links drawing from the pair) and draws a QKD key only with a whole key of credit.
+over the links drawing from the pair), from nothing, and draws a QKD key only with a whole
+key of credit; a link that has had no key yet may take its first from the reserve at once.
 Rationing ends when the pool has grown a key per sharing link above the reserve again.
 """
 
@@ -63,7 +64,7 @@ class KmsView:
     share: float = 1.0  # this link's fraction of the KME pair's supply
     sharing: int = 1  # links drawing from the pair
     rationed: bool = False  # the pool is down to the reserve: draw only with credit
-    credit: float = 1.0  # keys this link may draw while rationed (a first key at once)
+    credit: float = 0.0  # keys this link may draw while rationed
     credit_at: float | None = None  # when `credit` was last brought up to date
     key_bits: int = 256  # the link's QKD key size (the supply in keys)
 
@@ -84,7 +85,8 @@ class KmsView:
         self.stored, self.key_rate = event.stored_key_count, event.key_rate
         self.share, self.sharing = event.share, event.sharing
         if event.stored_key_count <= reserve_keys and not self.rationed:
-            self.rationed, self.credit_at = True, now
+            # Credit left from an earlier stretch would be drawn at once from an empty pool.
+            self.rationed, self.credit, self.credit_at = True, 0.0, now
         elif event.stored_key_count >= reserve_keys + self.sharing:
             self.rationed = False
         self.kme_id, self.peer_kme_id = event.kme_id, event.peer_kme_id
@@ -134,14 +136,15 @@ class KmsView:
     def _bring_credit_up_to(self, now: float) -> None:
         self.credit, self.credit_at = self._credit_now(now), now
 
-    def may_draw(self, now: float) -> bool:
-        """This link may take a QKD key from the pool now: it is not rationed, or its share
-        has earned one."""
-        return not self.rationed or self._credit_now(now) >= 1.0
+    def may_draw(self, now: float, *, keyless: bool = False) -> bool:
+        """This link may take a QKD key from the pool now: it is not rationed, its share has
+        earned one, or it is KEYLESS (has had no key yet: the reserve is kept for that)."""
+        return not self.rationed or keyless or self._credit_now(now) >= 1.0
 
-    def drew(self, now: float) -> None:
-        """The link asked the KME for a key: it is paid from its credit while rationed."""
-        if self.rationed:
+    def drew(self, now: float, *, keyless: bool = False) -> None:
+        """The link asked the KME for a key: paid from its credit while rationed, unless it
+        was KEYLESS."""
+        if self.rationed and not keyless:
             self.credit, self.credit_at = max(0.0, self._credit_now(now) - 1.0), now
 
     def until_credit(self, now: float) -> float:

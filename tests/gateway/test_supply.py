@@ -39,10 +39,10 @@ def test_at_the_reserve_each_link_draws_its_share() -> None:
     observe(v, status(10, key_rate=256.0, share=0.25, sharing=4), 0.0)  # 1 key/s, 1/4 mine
     assert v.rationed
     assert v.allotment() == pytest.approx(0.25)
-    assert v.may_draw(0.0)  # the first key at once: a link without one is blocked
-    v.drew(0.0)
-    assert not v.may_draw(0.0)
-    assert v.until_credit(0.0) == pytest.approx(4.0)
+    assert not v.may_draw(0.0)  # credit starts from nothing: the pool is at its reserve
+    assert v.may_draw(0.0, keyless=True)  # ... which is kept for a link without a key
+    v.drew(0.0, keyless=True)
+    assert v.until_credit(0.0) == pytest.approx(4.0)  # and that key was not paid for
     assert not v.may_draw(3.9)
     assert v.may_draw(4.0)
     v.drew(4.0)
@@ -58,7 +58,6 @@ def test_at_the_reserve_each_link_draws_its_share() -> None:
 def test_credit_follows_the_supply_of_each_poll() -> None:
     v = KmsView()
     observe(v, status(0, key_rate=256.0, share=0.5), 0.0)
-    v.drew(0.0)
     observe(v, status(0, key_rate=0.0, share=0.5), 1.0)  # 0.5 key earned, then an outage
     assert v.until_credit(100.0) == float("inf")
     observe(v, status(0, key_rate=256.0, share=0.5), 100.0)
@@ -118,7 +117,7 @@ def test_a_qkd_pqc_link_waits_for_its_share_and_keeps_its_key() -> None:
     w.run_for(400)
     qkd, pqc = qkd_epochs(w.i)
     assert pqc == 0  # qkd+pqc: never an epoch without QKD
-    assert 10 <= qkd <= 12  # the first at once, then one per 40 s
+    assert 10 <= qkd <= 12  # the first at once (from the reserve: it had none), then 1/40 s
     assert "qkd-supply-low" in w.i.alarms
     assert not w.i.plane.blocked  # 40 s < the 60 s hard lifetime
     assert w.converged()
@@ -131,7 +130,7 @@ def test_a_share_too_small_for_the_hard_lifetime_blocks_and_alarms() -> None:
     w.run_for(90)
     assert w.i.plane.blocked
     assert {"qkd-supply-low", "hard-lifetime"} <= w.i.alarms
-    w.run_for(20)  # its share has earned a key: a new epoch, traffic again
+    w.run_for(20)  # its share has earned a key (at 100 s): a new epoch, traffic again
     assert not w.i.plane.blocked
     assert qkd_epochs(w.i) == (2, 0)
     assert not w.violations
