@@ -24,11 +24,12 @@ from gateway.core.table import IllegalEvent
 
 #: How far back the QKD supply is estimated from the pool's trend, seconds.
 SUPPLY_WINDOW = 300.0
-#: The pool's consumption for the forecast is its trend over this much of the recent past:
-#: "the current consumption", yet a few status polls at the default 10 s.
-FORECAST_WINDOW = 60.0
-#: ... and needs polls spanning at least this long (two polls at the default interval).
-FORECAST_MIN_SPAN = 5.0
+#: The pool's consumption for the forecast is its trend over this many recent status polls
+#: (100 s at the default 10 s): "the current consumption", counted in polls so that it
+#: follows `kms_status_interval`, yet enough of them that one uneven poll does not swing it ...
+FORECAST_POLLS = 10
+#: ... and at least this many (two intervals) before any forecast.
+FORECAST_MIN_POLLS = 3
 #: Credit a rationed link may save up, in keys: enough to absorb the status polls' jitter,
 #: too little for a link that left its share unused to take a burst from the others.
 CREDIT_CAP = 2.0
@@ -166,15 +167,15 @@ class KmsView:
         return None if not rate else max(interval, 1.0 / rate)
 
     def dry_in(self, now: float, reserve_keys: int) -> float | None:
-        """Forecast: seconds until the pool is down to RESERVE_KEYS at its current net
-        consumption (the trend over FORECAST_WINDOW); 0 when it is; None while it is not
-        shrinking or too little is known."""
+        """Forecast: seconds from NOW until the pool is down to RESERVE_KEYS at its current
+        net consumption (the trend of the last FORECAST_POLLS polls); 0 when it is; None
+        while it is not shrinking or too little is known."""
         if self.stored is None:
             return None
         if self.stored <= reserve_keys:
             return 0.0
-        recent = [(t, s) for t, s, _ in self.samples if t >= now - FORECAST_WINDOW]
-        if len(recent) < 2 or recent[-1][0] - recent[0][0] < FORECAST_MIN_SPAN:
+        recent = [(t, s) for t, s, _ in list(self.samples)[-FORECAST_POLLS:]]
+        if len(recent) < FORECAST_MIN_POLLS or recent[-1][0] <= recent[0][0]:
             return None
         n = len(recent)
         mt = sum(t for t, _ in recent) / n
@@ -183,4 +184,6 @@ class KmsView:
         slope = sum((t - mt) * (s - ms) for t, s in recent) / var  # keys per second
         if slope >= 0:
             return None
-        return (self.stored - reserve_keys) / -slope
+        last = recent[-1][0]  # the fitted line's value there, not the last poll's count alone
+        level = ms + slope * (last - mt)
+        return max(0.0, (level - reserve_keys) / -slope - (now - last))

@@ -359,7 +359,7 @@ class LinkCore(ABC):
     def _schedule_rekey(self, now: float) -> list[Action]:
         unit = int.from_bytes(self._rng(4), "big") / 2**32
         interval, limited = self.policy.next_interval(
-            supply_keys_per_s=self.kms.allotment(), rationed=self.kms.rationed, unit=unit)
+            share_wait=self.kms.until_credit(now) if self.kms.rationed else None, unit=unit)
         self.next_rekey_at = now + interval
         if limited:
             return self._alarm(Alarm.QKD_SUPPLY_LOW, f"next rekey in {interval:.0f} s, paced"

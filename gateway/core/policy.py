@@ -68,22 +68,20 @@ class Policy:
             raise ValueError("grace and retransmit must be positive, attempt_timeout longer"
                              " than retransmit")
 
-    def next_interval(self, *, supply_keys_per_s: float | None, rationed: bool,
-                      unit: float) -> tuple[float, bool]:
+    def next_interval(self, *, share_wait: float | None, unit: float) -> tuple[float, bool]:
         """Seconds to the next rekey, and whether the QKD supply limits it.
 
         UNIT in [0, 1) draws the jitter. While the pool is above the reserve it pays for the
-        configured cadence; once RATIONED, a qkd+pqc link's epochs (one QKD key each) must
-        not outrun its share of the supply, SUPPLY_KEYS_PER_S (pqc-fallback links keep
-        their cadence: epochs without a QKD key go on with ML-KEM + X25519). Rekeys are not
-        paced beyond half the hard lifetime: there the link asks again, and waits for its
-        share (the qkd-supply-low alarm says so).
+        configured cadence (SHARE_WAIT None); once it is rationed, a qkd+pqc link's epochs
+        (one QKD key each) wait until its share has earned a key, SHARE_WAIT seconds (inf
+        without supply); pqc-fallback links keep their cadence (epochs without a QKD key go
+        on with ML-KEM + X25519). Rekeys are not paced beyond half the hard lifetime: there
+        the link asks again, and waits for its share (the qkd-supply-low alarm says so).
         """
         base = self.interval * (1 + self.jitter * (2 * unit - 1))
-        if not rationed or supply_keys_per_s is None or self.mode is Mode.PQC_FALLBACK:
+        if share_wait is None or self.mode is Mode.PQC_FALLBACK:
             return base, False
-        supply = supply_keys_per_s
-        paced = float("inf") if supply <= 0 else 1.0 / supply
+        paced = share_wait
         if paced <= base:
             return base, False
         return min(paced, self.hard_lifetime / 2), True
