@@ -21,10 +21,11 @@ from common.config import ConfigError
 from common.sink import SinkError
 from gateway import __version__, logs
 from gateway.audit import AuditError
+from gateway.demo import QBER_SPIKE
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
 from gateway.site import check as check_site
-from gateway.status import Rekeying, Reloaded, SiteStatus, Stopping
+from gateway.status import Rekeying, Reloaded, SiteStatus, Stopping, SupplyStatus
 from kdf import fingerprint
 from kms.errors import KmsError
 
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KMEs unreachable from AT for SECONDS (the gateways go PQC-only and"
                         " raise the qkd-fallback alarm); repeatable")
     p.add_argument("--qber-spike", metavar="AT:SECONDS", action="append", default=[],
-                   help="QBER 0.2 on the QKD link from AT for SECONDS (above the threshold:"
-                        " the link's keys are not used); repeatable")
+                   help=f"QBER {QBER_SPIKE} on the QKD link from AT for SECONDS (above the"
+                        " threshold: the link's keys are not used); repeatable")
+    _link_profile_arg(p)
     p.add_argument("--keep", type=Path, default=None, metavar="DIR",
                    help="write configurations and logs to DIR and keep them")
     p.add_argument("--kms-only", action="store_true",
@@ -134,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="simulator configuration (kms.yaml)")
     p.add_argument("--check", action="store_true",
                    help="validate FILE (and its certificates) and exit")
+    _link_profile_arg(p)
 
     p = _add(sub, "check-config", _cmd_check_config,
              "validate a site configuration and the files it names")
@@ -253,6 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _link_profile_arg(p: argparse.ArgumentParser) -> None:
+    from kms.sim.profiles import PROFILES
+
+    p.add_argument("--link-profile", metavar="NAME", type=_link_profile,
+                   help="every QKD link follows a published field result (key rate, QBER,"
+                        " drift, outages; docs/kms-simulator.md): "
+                        + ", ".join(f"{name} ({_rate(p.key_rate)}, QBER {p.qber * 100:g} %%)"
+                                    for name, p in PROFILES.items()))
+
+
+def _rate(bits_per_s: float) -> str:
+    return f"{bits_per_s / 1000:g} kbit/s" if bits_per_s >= 1000 else f"{bits_per_s:g} bit/s"
+
+
+def _link_profile(name: str) -> str:
+    from kms.sim.profiles import profile
+
+    try:
+        profile(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def _finite(text: str) -> float:
     """A number option: NaN and infinities would make every comparison with it false."""
     try:
@@ -296,6 +323,8 @@ def _cmd_kms_sim(args: argparse.Namespace) -> int:
     from kms.sim.server import Simulator, serve
 
     config = SimConfig.load(args.config)
+    if args.link_profile is not None:
+        config = config.with_profile(args.link_profile)
     if args.check:
         Simulator(config)  # loads every certificate and key
         print(f"{args.config}: OK ({len(config.kmes)} KMEs, {len(config.links)} link(s))")
@@ -360,7 +389,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = SiteStatus.model_validate(data)
     print(f"site {status.site} (pid {status.pid}, up {status.uptime} s)")
     header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",
-              "alarms")
+              "QKD every", "pool dry in", "alarms")
     rows: list[tuple[str, ...]] = [header]
     for link in status.links:
         kms = link.kms
@@ -373,12 +402,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
         age = "-" if link.key_age is None else f"{link.key_age:.1f} s"
         epoch = f"{link.epoch}" + (" BLOCKED" if link.blocked else "")
         rows.append((link.link, link.role, link.state, epoch, age, link.fingerprint or "-",
-                     link.mode, kms_text, ", ".join(link.alarms) or "-"))
+                     link.mode, kms_text, *_supply_columns(link.supply),
+                     ", ".join(link.alarms) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     print(f"audit: {status.audit.records} records, head {status.audit.head}")
     return EXIT_OK
+
+
+def _supply_columns(s: SupplyStatus) -> tuple[str, str]:
+    """The QKD cadence (with the link's share while rationed) and the pool's forecast."""
+    if s.share is None:
+        every = "-"  # the peer draws this link's keys
+    elif s.qkd_cadence is None:
+        every = "none now"
+    else:
+        every = f"{_duration(s.qkd_cadence)}" + (f" ({s.share:.0%})" if s.rationed else "")
+    dry = "-" if s.pool_dry_in is None else "now" if s.pool_dry_in == 0 \
+        else _duration(s.pool_dry_in)
+    return every, dry
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 def _cmd_rekey(args: argparse.Namespace) -> int:
@@ -547,7 +597,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise ConfigError("--keys must be between 1 and 128")
         if not args.verbose:
             logging.getLogger("kms").setLevel(logging.WARNING)
-        return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port))
+        return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port,
+                                        link_profile=args.link_profile))
     from gateway.demo.live import DemoError, run_demo
 
     if args.duration is not None and args.duration <= 0:
@@ -561,7 +612,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_demo(args.plane, duration=args.duration,
                                     interval=args.rekey_interval, rate=args.rate,
-                                    faults=faults, keep=args.keep))
+                                    faults=faults, keep=args.keep,
+                                    link_profile=args.link_profile))
     except DemoError as e:
         raise ConfigError(str(e)) from None
     except RuntimeError as e:  # a command building the sites failed (it says which, and why)

@@ -24,6 +24,9 @@ S = TypeVar("S", bound=SinkConfig)
 
 #: More keys than any KME stores (ETSI GS QKD 014 `max_key_count`s are thousands).
 MAX_RESERVE_KEYS = 1_000_000
+#: The largest `qkd_share` weight: a thousand to one between two links is more than any
+#: operator needs, and it keeps every share a plain number.
+MAX_QKD_SHARE = 1000.0
 
 
 class PeerChannelConfig(ConfigModel):
@@ -59,7 +62,9 @@ class PolicyConfig(ConfigModel):
     qkd_key_bits: int | None = Field(default=None, ge=128, le=8192, multiple_of=8)
     qber_threshold: float | None = Field(default=None, gt=0, lt=0.5)
     reserve_keys: int | None = Field(default=None, ge=0, le=MAX_RESERVE_KEYS)
-    qkd_share: float | None = Field(default=None, gt=0, le=1)
+    qkd_share: float | None = Field(
+        default=None, gt=0, le=MAX_QKD_SHARE, description="weight in sharing the KME pair's"
+        " supply: w / max(1, sum of the weights of the links drawing from it)")
     prefetch: bool | None = Field(
         default=None, description="fetch the next epoch's QKD key ahead; off for KMEs that"
                                   " serve only the keys of their latest enc_keys call")

@@ -34,12 +34,13 @@ import faulthandler
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -109,8 +110,10 @@ from gateway.status import (
     Reloaded,
     SiteStatus,
     Stopping,
+    SupplyStatus,
 )
 from kms.errors import KmsError
+from kms.models import Status
 
 log = logging.getLogger("gateway")
 
@@ -425,7 +428,8 @@ class LinkRunner:
             else round(max(0.0, m.next_rekey_at - now), 3),
             alarms=alarms,
             kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}),
-            peer_channel_connects=self.daemon.connects.get(self.name, 0))
+            peer_channel_connects=self.daemon.connects.get(self.name, 0),
+            supply=SupplyStatus(**_rounded(asdict(m.supply(now)))))
 
 
 #: Reads and checks a site configuration file as `qkdgw check-config` does, from its bytes
@@ -894,37 +898,51 @@ class Daemon:
 
     async def _poll_kms_once(self, links: dict[str, LinkRunner] | None = None) -> None:
         """Poll the KMS status for every link (or those of LINKS: links a reload adds,
-        before they start)."""
+        before they start), and tell each its share of its KME pair's supply."""
         links = self.runners if links is None else links
         by_peer: dict[str, list[str]] = {}
         for runner in links.values():
             by_peer.setdefault(runner.config.peer.sae_id, []).append(runner.name)
+        answers: list[tuple[Status, list[LinkRunner]]] = []
         for peer_sae, names in by_peer.items():
             # (by name, when their turn comes: a link may have been restarted, or removed
             # by a reload, since)
             runners = [r for n in names if (r := links.get(n)) is not None]
             try:
-                await self._poll_status(peer_sae, runners)
+                st = await self._poll_status(peer_sae, runners)
             except Exception as e:  # never foreseen: no QKD for these links, and say why
                 log.error("KMS status for %s: unexpected failure", peer_sae, exc_info=True)
                 for runner in runners:
                     await runner.queue.put(KmsUnreachable(
                         f"status poll failed: {_describe(e)}"))
+            else:
+                if st is not None:
+                    answers.append((st, runners))
+        shares = _shares([((st.source_KME_ID, st.target_KME_ID), r)
+                          for st, runners in answers for r in runners])
+        for st, runners in answers:
+            self._observed(st, [r for r in runners if not r.removed], shares)
 
-    async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> None:
+    async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> Status | None:
+        """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
         try:
-            st = await self.kme.status(peer_sae)
+            return await self.kme.status(peer_sae)
         except KmsError as e:
             for r in [r for r in runners if not r.removed]:
                 self.metrics.kms_up.labels(r.name).set(0)
                 r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
-            return
-        event = KmsStatusObserved(  # every number bounded by the client's Status model
-            stored_key_count=st.stored_key_count, key_size=st.key_size,
-            kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
-            key_rate=st.key_rate, link_up=st.link_up)
-        for r in [r for r in runners if not r.removed]:  # (no metrics for a removed link)
+            return None
+
+    def _observed(self, st: Status, runners: list[LinkRunner],
+                  shares: dict[str, tuple[float, int]]) -> None:
+        """Tell RUNNERS what the KME's status ST says, and their share of its supply."""
+        for r in runners:  # (no metrics for a removed link)
+            share, sharing = shares.get(r.name, (1.0, 1))
+            event = KmsStatusObserved(  # every number bounded by the client's Status model
+                stored_key_count=st.stored_key_count, key_size=st.key_size,
+                kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
+                key_rate=st.key_rate, link_up=st.link_up, share=share, sharing=sharing)
             m = self.metrics
             m.kms_up.labels(r.name).set(1)
             m.kms_stored.labels(r.name).set(st.stored_key_count)
@@ -935,7 +953,7 @@ class Daemon:
             r.kms_seen = KmsStatus(ok=True, reason="", stored_key_count=st.stored_key_count,
                                    qber=event.qber, key_rate=event.key_rate,
                                    link_up=event.link_up, kme=st.source_KME_ID)
-            await r.queue.put(event)
+            r.queue.put_nowait(event)
 
     # -- effects out ------------------------------------------------------------------------
 
@@ -1050,6 +1068,12 @@ class Daemon:
             self.metrics.blocked.labels(r.name).set(1 if m.blocked else 0)
             age = now - m.outbound.activated_at if m.outbound else 0.0
             self.metrics.key_age.labels(r.name).set(age)
+            supply = m.supply(now)
+            if supply.share is not None:  # (a responder's peer draws its keys)
+                self.metrics.qkd_share.labels(r.name).set(supply.share)
+            for gauge, value in ((self.metrics.qkd_cadence, supply.qkd_cadence),
+                                 (self.metrics.pool_dry_in, supply.pool_dry_in)):
+                gauge.labels(r.name).set(math.inf if value is None else value)
 
     # -- status, admin socket, metrics ------------------------------------------------------
 
@@ -1148,6 +1172,27 @@ async def _owner_only(request: web.Request, handler: Any) -> web.StreamResponse:
             return web.json_response({"error": "not allowed"}, status=403)
     response: web.StreamResponse = await handler(request)
     return response
+
+
+def _rounded(values: dict[str, Any]) -> dict[str, Any]:
+    """Floats to the millisecond (or part per thousand): the status is for people."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in values.items()}
+
+
+def _shares(drawing: list[tuple[tuple[str, str], LinkRunner]]) -> dict[str, tuple[float, int]]:
+    """Each link's fraction of its KME pair's supply, and how many links draw from the pair:
+    the initiators (enc_keys) of one pair, each w / max(1, sum of w) by its `qkd_share`
+    weight w. DRAWING: each link with its (KME, peer KME), from the status polls."""
+    by_pair: dict[tuple[str, str], list[LinkRunner]] = {}
+    for pair, runner in drawing:
+        if runner.machine.role is Role.INITIATOR:
+            by_pair.setdefault(pair, []).append(runner)
+    shares = {}
+    for runners in by_pair.values():
+        total = max(1.0, sum(r.machine.policy.qkd_share for r in runners))
+        for r in runners:
+            shares[r.name] = (r.machine.policy.qkd_share / total, len(runners))
+    return shares
 
 
 def _describe(e: BaseException) -> str:

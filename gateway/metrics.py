@@ -44,6 +44,15 @@ class Metrics:
                           registry=r)
         self.alarm = Gauge("qkdgw_alarm", "1 while an alarm is raised", ["link", "alarm"],
                            registry=r)
+        self.qkd_share = Gauge("qkdgw_qkd_share", "The link's fraction of its KME pair's QKD"
+                               " supply once rationed (initiators: they draw the keys)",
+                               ["link"], registry=r)
+        self.qkd_cadence = Gauge("qkdgw_qkd_cadence_seconds", "Seconds between the link's"
+                                 " QKD keys as things stand (+Inf: none now)", ["link"],
+                                 registry=r)
+        self.pool_dry_in = Gauge("qkdgw_kms_pool_dry_in_seconds", "Forecast: seconds until the"
+                                 " KME pool is down to the reserve at the current consumption"
+                                 " (+Inf: not shrinking)", ["link"], registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)
         self.channel_connects = Counter(

@@ -26,6 +26,23 @@ class KmsStatus(_Status):
     error: str | None = Field(default=None, description="why the last poll failed")
 
 
+class SupplyStatus(_Status):
+    """The link's part of its KME pair's QKD supply (docs/operations.md, the QKD supply)."""
+
+    share: float | None = Field(default=None, description="fraction of the KME pair's supply"
+                                " this link may draw once the pool is down to the reserve"
+                                " (initiator; null: the peer draws)")
+    rationed: bool = Field(default=False, description="the pool is down to the reserve: QKD"
+                           " keys only as the share earns them")
+    qkd_cadence: float | None = Field(default=None, description="seconds between this link's"
+                                      " QKD keys as things stand (initiator; null: none now)")
+    pool_dry_in: float | None = Field(default=None, description="forecast: seconds until the"
+                                      " pool is down to the reserve at the current"
+                                      " consumption (0: it is; null: it is not shrinking)")
+    qkd_keys: int = Field(default=0, description="QKD keys this link fetched since the daemon"
+                          " started")
+
+
 class LastRekey(_Status):
     epoch: int = Field(description="the last epoch this side completed")
     started_at: float | None = Field(description="when the exchange started here (Unix time)")
@@ -54,6 +71,8 @@ class LinkStatus(_Status):
     peer_channel_connects: int = Field(default=0, description="peer channel connections"
                                        " opened for the link since the daemon started, by"
                                        " either side (a reconnect counts one more)")
+    supply: SupplyStatus = Field(default_factory=SupplyStatus,
+                                 description="the link's part of the QKD key supply")
 
 
 class AuditStatus(_Status):
@@ -96,7 +115,7 @@ class Stopping(_Status):
     stopping: str
 
 
-NESTED = (LinkStatus, KmsStatus, LastRekey, AuditStatus)
+NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus)
 
 
 def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:

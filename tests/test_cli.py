@@ -66,6 +66,10 @@ def test_every_command_has_help(cmd: list[str]) -> None:
     (["demo", "--kms-outage", "nan:5"], "--kms-outage 'nan:5': expected AT:SECONDS"),
     (["demo", "--qber-spike", "1:inf"], "--qber-spike '1:inf': expected AT:SECONDS"),
     (["stop", "-c", "x.yaml", "--timeout", "NaN"], "--timeout: 'NaN' is not a finite number"),
+    (["kms-sim", "-c", "kms.yaml", "--link-profile", "aerial"],
+     "argument --link-profile: unknown link profile 'aerial' (profiles: metro-45km,"
+     " long-haul-254km, aerial-70km, buried-69km)"),
+    (["demo", "--kms-only", "--link-profile", "x"], "unknown link profile 'x' (profiles:"),
 ])
 def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
     r = qkdgw(*args)
@@ -99,6 +103,17 @@ def test_init_demo_writes_a_working_pki(tmp_path: Path) -> None:
     ctx.load_cert_chain(str(root / "pki/sae-a.pem"), str(root / "pki/sae-a.key"))
     assert qkdgw("check-config", str(root / "site-a.yaml")).returncode == 0
     assert qkdgw("kms-sim", "--check", "-c", str(root / "kms.yaml")).returncode == 0
+    r = qkdgw("kms-sim", "--check", "-c", str(root / "kms.yaml"), "--link-profile",
+              "buried-69km")
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_link_profiles_are_listed_in_help() -> None:
+    for cmd in ("kms-sim", "demo"):
+        text = " ".join(qkdgw(cmd, "--help").stdout.split())
+        for name in ("metro-45km", "long-haul-254km", "aerial-70km (12.7 bit/s, QBER 13.3 %)",
+                     "buried-69km (22.2 bit/s, QBER 6.1 %)"):
+            assert name in text, (cmd, name)
 
 
 def test_init_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:

@@ -56,6 +56,10 @@ class KmsStatusObserved(Event):
     qber: float | None = None
     key_rate: float | None = None  # secret key rate, bit/s
     link_up: bool | None = None
+    #: This link's fraction of the KME pair's supply, and how many links draw from the pair
+    #: (the driver knows them all: gateway/core/kmsview.py says how the supply is shared).
+    share: float = 1.0
+    sharing: int = 1
 
 
 @dataclass(frozen=True)

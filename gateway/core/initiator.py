@@ -58,17 +58,34 @@ class InitiatorHandlers(QkdHandlers):
             return [Record(RecordKind.REKEY_STARTED, self.max_epoch + 1, detail=f"{reason}, QKD key"
                            " fetched ahead")] + self._send_offer(now, keys)
         out = self._drop_ahead("the KMS is not usable")
-        if self.kms.usable(now):
+        # A link that has had no key since it started may take its first from the reserve;
+        # one whose share let its key expire waits for the share (fail closed, alarmed).
+        first = self.keys.blocked and self.rekeys == 0
+        if self.kms.usable(now) and self.kms.may_draw(now, keyless=first):
+            self.kms.drew(now, keyless=first)
             self._request += 1
             self.attempt = Attempt(epoch=0, started=now, request=self._request)
             self.state = State.FETCHING
             return out + [Record(RecordKind.REKEY_STARTED, self.max_epoch + 1, detail=reason),
                           FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
+        if self.kms.usable(now):  # rationed, and its share has not earned a key yet
+            if self.policy.mode is Mode.PQC_FALLBACK:
+                out += self._share_short("epochs go on without QKD until it has")
+            else:
+                return out + self._wait_for_share(now)
         if self.policy.mode is Mode.PQC_FALLBACK:
             self.attempt = Attempt(epoch=0, started=now)
             return out + [Record(RecordKind.REKEY_STARTED, self.max_epoch + 1, detail=reason)] + \
                 self._send_offer(now, ())
         return out + self._kms_down_retry(now)
+
+    def _wait_for_share(self, now: float) -> list[Action]:
+        """qkd+pqc, rationed, and the link's share has not earned a key: keep the current
+        key (until its hard lifetime) and ask again once the share has one."""
+        self.attempt = None
+        self.state = State.IDLE
+        self.next_rekey_at = now + min(self.kms.until_credit(now), self.policy.retry_backoff_max)
+        return self._share_short("the current key stays until its hard lifetime")
 
     def _kms_down_retry(self, now: float) -> list[Action]:
         """qkd+pqc without QKD keys: keep the current key, try again later."""

@@ -31,7 +31,7 @@ from gateway.core.events import (
     Tick,
 )
 from gateway.core.keyring import CurrentKey, KeyRing
-from gateway.core.kmsview import KmsView
+from gateway.core.kmsview import KmsView, Supply
 from gateway.core.messages import (
     Abort,
     AbortReason,
@@ -130,7 +130,7 @@ class LinkCore(ABC):
         self.keys = KeyRing(identity.link, policy)
         self.used = UsedKeyIds()
         self.next_keys = KeysAhead()
-        self.kms = KmsView()
+        self.kms = KmsView(key_bits=policy.qkd_key_bits)
         self.attempt: Attempt | None = None
         self.alarms: dict[Alarm, str] = {}
         self.next_rekey_at: float | None = None
@@ -366,18 +366,30 @@ class LinkCore(ABC):
         return [Send(RekeyRequest(link=self.identity.link, epoch=self.max_epoch,
                                   out=self.keys.out_epoch, reason=reason))]
 
-    def supply_keys_per_s(self) -> float | None:
-        return self.kms.supply_keys_per_s(self.policy.qkd_key_bits)
+    def supply(self, now: float) -> Supply:
+        """The link's part of its KME pair's QKD supply, for the status and metrics."""
+        k = self.kms
+        mine = self.role is Role.INITIATOR  # the initiator draws the keys (enc_keys)
+        return Supply(share=k.share if mine else None, rationed=k.rationed,
+                      qkd_cadence=k.cadence(self.policy.interval) if mine else None,
+                      pool_dry_in=k.dry_in(now, self.policy.reserve_keys),
+                      qkd_keys=self.consumed)
 
     def _schedule_rekey(self, now: float) -> list[Action]:
         unit = int.from_bytes(self._rng(4), "big") / 2**32
         interval, limited = self.policy.next_interval(
-            supply_keys_per_s=self.supply_keys_per_s(), stored_keys=self.kms.stored, unit=unit)
+            share_wait=self.kms.until_credit(now) if self.kms.rationed else None, unit=unit)
         self.next_rekey_at = now + interval
         if limited:
             return self._alarm(Alarm.QKD_SUPPLY_LOW, f"next rekey in {interval:.0f} s, paced"
-                               " to the QKD key supply")
-        return self._clear(Alarm.QKD_SUPPLY_LOW)
+                               " to this link's share of the QKD key supply")
+        return [] if self.kms.rationed else self._clear(Alarm.QKD_SUPPLY_LOW)
+
+    def _share_short(self, then: str) -> list[Action]:
+        """The alarm of a link whose share has not earned a QKD key when it needs one."""
+        return self._alarm(Alarm.QKD_SUPPLY_LOW, f"the KME pool is at its reserve and this"
+                           f" link's {self.kms.share:.0%} share of the supply has no QKD key"
+                           f" yet: {then}")
 
     def _next_backoff(self) -> float:
         delay = self.backoff

@@ -43,13 +43,17 @@ class Policy:
     #: QKD key size fetched per epoch, bits.
     qkd_key_bits: int = 256
     #: A QBER above this (from the KMS status extension) counts as the KMS being
-    #: unavailable: BB84 distils little or no secret key near 11 %, and an unexplained rise
-    #: is a sign of eavesdropping.
-    qber_threshold: float = 0.08
+    #: unavailable. Not a security margin: a KMS delivers keys already error-corrected and
+    #: privacy-amplified for the QBER it measured (field links deliver at 13.3 %). A QBER
+    #: above 20 %, where not even two-way BB84 post-processing distils a key, means the
+    #: link's reports do not describe a working link: a fault, or someone at the fibre.
+    qber_threshold: float = 0.2
     #: Keys the pool may be spent down to at the configured cadence; below it, rekeys are
     #: paced to the link's supply.
     reserve_keys: int = 10
-    #: This link's share of its KME pair's key supply, when several links share one.
+    #: This link's weight when several links draw from one KME pair's supply: the driver
+    #: gives each w / max(1, sum of the weights) of it once the pool is down to the reserve
+    #: (weights summing to at most 1 are fractions, the rest left to others).
     qkd_share: float = 1.0
     #: Fetch the next epoch's QKD key during the current exchange (one key ahead), so no
     #: rekey waits for a KME round trip. Same consumption: one key per epoch.
@@ -64,20 +68,20 @@ class Policy:
             raise ValueError("grace and retransmit must be positive, attempt_timeout longer"
                              " than retransmit")
 
-    def next_interval(self, *, supply_keys_per_s: float | None, stored_keys: int | None,
-                      unit: float) -> tuple[float, bool]:
+    def next_interval(self, *, share_wait: float | None, unit: float) -> tuple[float, bool]:
         """Seconds to the next rekey, and whether the QKD supply limits it.
 
-        UNIT in [0, 1) draws the jitter. Above the reserve the pool pays for the configured
-        cadence; below it, one key per epoch must not outrun the link's supply. Rekeys are
-        never paced beyond half the hard lifetime: there the reserve is spent (and the
-        qkd-supply-low alarm says so) rather than let keys expire.
+        UNIT in [0, 1) draws the jitter. While the pool is above the reserve it pays for the
+        configured cadence (SHARE_WAIT None); once it is rationed, a qkd+pqc link's epochs
+        (one QKD key each) wait until its share has earned a key, SHARE_WAIT seconds (inf
+        without supply); pqc-fallback links keep their cadence (epochs without a QKD key go
+        on with ML-KEM + X25519). Rekeys are not paced beyond half the hard lifetime: there
+        the link asks again, and waits for its share (the qkd-supply-low alarm says so).
         """
         base = self.interval * (1 + self.jitter * (2 * unit - 1))
-        if stored_keys is None or stored_keys > self.reserve_keys or supply_keys_per_s is None:
+        if share_wait is None or self.mode is Mode.PQC_FALLBACK:
             return base, False
-        supply = supply_keys_per_s * self.qkd_share
-        paced = float("inf") if supply <= 0 else 1.0 / supply
+        paced = share_wait
         if paced <= base:
             return base, False
         return min(paced, self.hard_lifetime / 2), True

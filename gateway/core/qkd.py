@@ -31,8 +31,11 @@ class QkdHandlers(LinkCore):
         responder those the initiator announced (dec_keys)."""
         if not self.policy.prefetch or self.next_keys.busy() or not self.kms.usable(now):
             return []
+        if self.role is Role.INITIATOR and not self.kms.may_draw(now):
+            return []  # its share has no key to spare: the next exchange asks again
         self._request += 1
         if self.role is Role.INITIATOR:
+            self.kms.drew(now)
             self.next_keys.fetching(self._request, announced_in=self.max_epoch)
             return [FetchQkdKeys(self._request, 1, self.policy.qkd_key_bits)]
         self.next_keys.fetching(self._request, key_ids)
@@ -74,7 +77,8 @@ class QkdHandlers(LinkCore):
 
     def _kms_status(self, event: KmsStatusObserved, now: float) -> list[Action]:
         was_ok = self.kms.ok
-        problem = self.kms.observe(event, now, self.consumed, self.policy.qber_threshold)
+        problem = self.kms.observe(event, now, self.consumed, self.policy.qber_threshold,
+                                   self.policy.reserve_keys)
         if problem is not None:
             return self._drop_ahead(problem) + self._alarm(Alarm.KMS_UNAVAILABLE, problem)
         out = self._clear(Alarm.KMS_UNAVAILABLE)

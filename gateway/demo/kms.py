@@ -23,21 +23,27 @@ from kms.sim.server import Simulator
 KEY_BITS = 256
 
 
-async def run_kms_demo(directory: Path | None, *, keys: int, base_port: int) -> int:
+async def run_kms_demo(directory: Path | None, *, keys: int, base_port: int,
+                       link_profile: str | None = None) -> int:
+    """LINK_PROFILE: the QKD link follows that published field result."""
     if directory is None:
         with tempfile.TemporaryDirectory(prefix="qkdgw-demo-") as tmp:
-            return await _run(Path(tmp), keys, base_port, fresh=True)
-    return await _run(directory, keys, base_port,
+            return await _run(Path(tmp), keys, base_port, link_profile, fresh=True)
+    return await _run(directory, keys, base_port, link_profile,
                       fresh=not (directory / "kms.yaml").exists())
 
 
-async def _run(root: Path, keys: int, base_port: int, *, fresh: bool) -> int:
+async def _run(root: Path, keys: int, base_port: int, link_profile: str | None, *,
+               fresh: bool) -> int:
     if fresh:
         init_demo(root, base_port=base_port)
         print(f"[1/4] demo PKI and configs written to {root}")
     else:
         print(f"[1/4] using the demo setup in {root}")
-    sim = Simulator(SimConfig.load(root / "kms.yaml"))
+    config = SimConfig.load(root / "kms.yaml")
+    if link_profile is not None:
+        config = config.with_profile(link_profile)
+    sim = Simulator(config)
     try:
         await sim.start()
     except OSError as e:
@@ -53,7 +59,9 @@ async def _run(root: Path, keys: int, base_port: int, *, fresh: bool) -> int:
         async with site_a.kms.client() as kme_a, site_b.kms.client() as kme_b:
             st = await kme_a.status(sae_b)
             ext = st.status_extension or {}
-            print(f"      link {ext.get('link')}: {st.stored_key_count} keys of {st.key_size}"
+            profile = f" (profile {link_profile})" if link_profile else ""
+            print(f"      link {ext.get('link')}{profile}: {st.stored_key_count} keys of"
+                  f" {st.key_size}"
                   f" bits stored, QBER {ext.get('qber')}, key rate {ext.get('key_rate')} bit/s")
             batch = await kme_a.enc_keys(sae_b, number=keys, size=KEY_BITS)
             print(f"[3/4] site A ({sae_a}) got {keys} key(s) from KME-A (enc_keys);"

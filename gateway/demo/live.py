@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.sockets import grow_receive_buffer
+from gateway.demo import QBER_SPIKE
 from gateway.demo.sites import ADDR, HOST, LAN, SIM_ADMIN_PORT, Sites
 from gateway.demo.topology import Topology, namespace
 from gateway.demo.wire import Kind, Live, Tally
@@ -177,7 +178,7 @@ class Flow:
 
 class Demo:
     def __init__(self, plane: Literal["xfrm", "strongswan"], root: Path, interval: float,
-                 rate: float) -> None:
+                 rate: float, link_profile: str | None = None) -> None:
         policy = {"interval": interval, "jitter": 0.0, "grace": min(1.0, interval / 2),
                   "hard_lifetime": max(10 * interval, 30.0), "mode": "pqc-fallback"}
         if plane == "strongswan":
@@ -190,6 +191,7 @@ class Demo:
         else:
             self.sites = XfrmSites(root, policy)
         self.sites.verbose = False
+        self.sites.link_profile = link_profile
         self.plane, self.rate = plane, rate
         self.flows: list[Flow] = []
         self.wire: Live | None = None
@@ -216,20 +218,22 @@ class Demo:
         if fault.kind == "kms-outage":
             path, body = "/admin/faults", {"kind": "unavailable", "seconds": fault.seconds}
         else:
-            path, body = "/admin/links/qkd-ab/qber", {"qber": 0.2}
+            path, body = "/admin/links/qkd-ab/qber", {"qber": QBER_SPIKE}
         self._sim(path, body)
         self.events.append(f"{time.strftime('%H:%M:%S')} {fault.kind} for {fault.seconds:g} s")
 
     def end_qber_spike(self) -> None:
-        self._sim("/admin/links/qkd-ab/qber", {"qber": 0.02})
-        self.events.append(f"{time.strftime('%H:%M:%S')} QBER back to 0.02")
+        self._sim("/admin/links/qkd-ab/qber", None)
+        self.events.append(f"{time.strftime('%H:%M:%S')} QBER back to the link's own")
 
-    def _sim(self, path: str, body: dict[str, Any]) -> None:
+    def _sim(self, path: str, body: dict[str, Any] | None) -> None:
+        """POST BODY to PATH; DELETE PATH without one."""
         """The simulator's admin API listens on loopback inside the wan namespace."""
         with self.sites.net.inside("wan"):
             conn = socket.create_connection(("127.0.0.1", SIM_ADMIN_PORT), timeout=5)
-        data = json.dumps(body).encode()
-        request = (f"POST {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
+        data = b"" if body is None else json.dumps(body).encode()
+        method = "DELETE" if body is None else "POST"
+        request = (f"{method} {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
         with conn:
             conn.sendall(request)
@@ -304,7 +308,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
-                   faults: list[Fault], keep: Path | None) -> int:
+                   faults: list[Fault], keep: Path | None, link_profile: str | None = None
+                   ) -> int:
     """Run the demo; the exit status. Ctrl-C (or SIGTERM, SIGHUP) ends it as --duration
     does: the counted summary, the cleanup, and the summary's status (0: nothing lost,
     nothing in clear). Before the traffic started there is nothing to count: 128 + signal.
@@ -332,7 +337,7 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
     status = 1
     try:
         root.mkdir(parents=True, exist_ok=True)
-        demo = Demo(chosen, root, interval, rate)
+        demo = Demo(chosen, root, interval, rate, link_profile)
         print(f"building two sites ({chosen} data plane), files in {root} ...", flush=True)
         if not stopped_by:
             body = asyncio.create_task(_live(demo, duration, faults, tty))

@@ -83,6 +83,8 @@ class Sites:
     topology = TOPOLOGY
     #: Progress lines on stderr (the demo has its own view).
     verbose = True
+    #: The QKD link follows this published field result (`kms-sim --link-profile`).
+    link_profile: str | None = None
 
     def __init__(self, root: Path, policy: dict[str, Any], *, out: Path | None = None) -> None:
         self.root = root
@@ -167,7 +169,8 @@ class Sites:
             return proc.wait()
 
     def start_sim(self) -> None:
-        self.spawn("kms-sim", "wan", [QKDGW, "kms-sim", "-c", "kms.yaml"])
+        profile = ["--link-profile", self.link_profile] if self.link_profile else []
+        self.spawn("kms-sim", "wan", [QKDGW, "kms-sim", "-c", "kms.yaml", *profile])
         wait_until("kms-sim listening", lambda: self.net.listening("wan", KME_B_PORT))
 
     def start_data_plane(self, site: str) -> None:

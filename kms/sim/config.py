@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from common.config import (
     MAX_SECONDS,
@@ -19,9 +19,15 @@ from common.config import (
     load_yaml_model,
 )
 from kms.models import MAX_COUNT, MAX_KEY_BITS, MAX_KEY_RATE, EntityId
+from kms.sim.profiles import QberDrift, RandomOutages, profile
 
-#: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0).
+#: Above ~11 % QBER BB84 distils no secret key (Shor–Preskill bound: 1 − 2·h(Q) = 0): the
+#: default `qber_limit`.
 QBER_LIMIT = 0.11
+#: A link's clock may run at most this much faster than the wall clock (`time_scale`).
+MAX_TIME_SCALE = 1e6
+#: Fields a profile sets: a link names a profile or sets them, not both.
+PROFILE_FIELDS = ("key_rate", "qber", "qber_limit", "qber_drift", "random_outages")
 
 KeyBits = Annotated[int, Field(gt=0, le=MAX_KEY_BITS)]
 Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
@@ -56,6 +62,9 @@ class LinkConfig(ConfigModel):
     """A QKD link between two KMEs and the key supply it models."""
 
     name: EntityId
+    profile: str | None = Field(default=None, description="a field result's figures"
+                                " (kms/sim/profiles.py) for key_rate, qber, qber_limit,"
+                                " qber_drift and random_outages")
     kmes: tuple[EntityId, EntityId]
     key_size: KeyBits = 256
     min_key_size: KeyBits = 64
@@ -65,10 +74,45 @@ class LinkConfig(ConfigModel):
     initial_key_count: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     key_rate: float = Field(default=10_000.0, ge=0, le=MAX_KEY_RATE,
                             description="secret key rate, bit/s")
-    qber: float = Field(default=0.02, ge=0, lt=QBER_LIMIT)
+    qber_limit: float | None = Field(
+        default=None, gt=0, lt=0.5, description="the QBER at which the modelled"
+        " post-processing distils no key; null: BB84 one-way, 0.11")
+    qber: float = Field(default=0.02, ge=0, lt=0.5)
+    qber_drift: QberDrift | None = None
     ageing_half_life: Seconds | None = None
     reserved_key_ttl: Seconds = 300.0
     outages: tuple[Outage, ...] = ()
+    random_outages: RandomOutages | None = None
+    seed: int = Field(default=0, ge=0, lt=2**63,
+                      description="seeds the drift and random outages (with the link's name)")
+    time_scale: float = Field(
+        default=1.0, gt=0, le=MAX_TIME_SCALE, description="the link's clock runs this much"
+        " faster than the wall clock: its supply, drift, ageing and outages")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("profile") is None:
+            return data
+        name = data["profile"]
+        if not isinstance(name, str):
+            raise ValueError("profile must be a name")
+        preset = profile(name)
+        clash = [f for f in PROFILE_FIELDS if f in data]
+        if clash:
+            raise ValueError(f"profile {name} sets {', '.join(clash)}: leave"
+                             f" {'it' if len(clash) == 1 else 'them'} out, or the profile")
+        return {**data, **preset.fields()}
+
+    @field_validator("qber")
+    @classmethod
+    def _below_limit(cls, qber: float, info: ValidationInfo) -> float:
+        limit = info.data.get("qber_limit") or QBER_LIMIT
+        if qber >= limit:
+            raise ValueError(f"Input should be less than {limit:g} (qber_limit)"
+                             if info.data.get("qber_limit") else
+                             f"Input should be less than {QBER_LIMIT}")
+        return qber
 
     @model_validator(mode="after")
     def _consistent(self) -> LinkConfig:
@@ -86,6 +130,10 @@ class LinkConfig(ConfigModel):
     @property
     def initial_keys(self) -> int:
         return self.max_key_count if self.initial_key_count is None else self.initial_key_count
+
+    def with_profile(self, name: str) -> LinkConfig:
+        """This link with profile NAME's figures instead of its own (`--link-profile`)."""
+        return self.model_copy(update={"profile": name, **profile(name).fields()})
 
 
 class AdminConfig(ConfigModel):
@@ -133,3 +181,8 @@ class SimConfig(ConfigModel):
     @classmethod
     def load(cls, path: Path) -> SimConfig:
         return load_yaml_model(path, cls)
+
+    def with_profile(self, name: str) -> SimConfig:
+        """Every link with profile NAME's figures (`qkdgw kms-sim --link-profile NAME`)."""
+        return self.model_copy(update={"links": [link.with_profile(name)
+                                                 for link in self.links]})

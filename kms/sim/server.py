@@ -244,6 +244,7 @@ class Simulator:
         app.router.add_post("/admin/links/{link}/outage", self._outage)
         app.router.add_delete("/admin/links/{link}/outage", self._end_outage)
         app.router.add_post("/admin/links/{link}/qber", self._qber)
+        app.router.add_delete("/admin/links/{link}/qber", self._end_qber)
         app.router.add_post("/admin/links/{link}/pool", self._pool)
         app.router.add_post("/admin/reset", self._reset)
         return app
@@ -261,6 +262,8 @@ class Simulator:
                     "stored_bits": int(link.model.stored_bits),
                     "pending_keys": link.pending(now),
                     **link.link_extension(now),
+                    "profile": link.config.profile,
+                    "time_scale": link.config.time_scale,
                     "kmes": list(link.config.kmes),
                 }
                 for name, link in self.links.items()
@@ -318,6 +321,12 @@ class Simulator:
         body = await _admin_body(request, _Qber)
         link.model.set_qber(body.qber, self.clock())
         log.info("link %s: QBER set to %s", link.config.name, body.qber)
+        return web.json_response(link.link_extension(self.clock()))
+
+    async def _end_qber(self, request: web.Request) -> web.Response:
+        link = self._link(request)
+        link.model.set_qber(None, self.clock())
+        log.info("link %s: QBER back to its model", link.config.name)
         return web.json_response(link.link_extension(self.clock()))
 
     async def _pool(self, request: web.Request) -> web.Response:

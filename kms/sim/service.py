@@ -61,6 +61,12 @@ class LinkService:
             stored_bits=float(c.initial_keys * c.key_size),
             half_life=c.ageing_half_life,
             outages=c.outages,
+            qber_limit=c.qber_limit,
+            drift=c.qber_drift,
+            random_outages=c.random_outages,
+            seed=c.seed,
+            name=c.name,
+            time_scale=c.time_scale,
         )
         self.reserved: OrderedDict[str, Reserved] = OrderedDict()
 
@@ -71,7 +77,7 @@ class LinkService:
     def link_extension(self, now: float) -> dict[str, object]:
         return {
             "link": self.config.name,
-            "qber": round(self.model.qber, 6),
+            "qber": round(self.model.qber_at(now), 6),
             "key_rate": round(self.model.rate_at(now), 3),
             "link_up": not self.model.in_outage(now),
         }

@@ -130,7 +130,7 @@ def test_qber_above_threshold_counts_as_kms_unavailable() -> None:
     w = World(seed=4)
     w.kms_status()
     w.run_for(5)
-    w.kms_status(qber=0.2)
+    w.kms_status(qber=0.3)
     assert w.i.alarms == {"kms-unavailable"}
     w.run_for(30)
     assert not any(r.kind == "fetched" and r.epoch > 2 for r in w.i.records)
@@ -326,16 +326,17 @@ def test_illegal_events_raise_and_leave_the_state_untouched() -> None:
 
 def test_interval_jitter_and_pacing() -> None:
     p = Policy(interval=100, jitter=0.1, hard_lifetime=1000, reserve_keys=10)
-    assert p.next_interval(supply_keys_per_s=None, stored_keys=None, unit=0.0) == (90.0, False)
-    assert p.next_interval(supply_keys_per_s=None, stored_keys=None, unit=0.5) == (100.0, False)
-    # above the reserve the pool pays for the configured cadence
-    assert p.next_interval(supply_keys_per_s=0.001, stored_keys=11, unit=0.5) == (100.0, False)
-    # below it, one key per epoch at most what the link supplies
-    assert p.next_interval(supply_keys_per_s=0.005, stored_keys=3, unit=0.5) == (200.0, True)
-    # ... but never so slow that keys would expire
-    assert p.next_interval(supply_keys_per_s=0.0, stored_keys=0, unit=0.5) == (500.0, True)
-    shared = replace(p, qkd_share=0.5)
-    assert shared.next_interval(supply_keys_per_s=0.01, stored_keys=3, unit=0.5) == (200.0, True)
+    # above the reserve the pool pays for the configured cadence (no wait for a share)
+    assert p.next_interval(share_wait=None, unit=0.0) == (90.0, False)
+    assert p.next_interval(share_wait=None, unit=0.5) == (100.0, False)
+    # at it, an epoch waits until the link's share has earned its QKD key ...
+    assert p.next_interval(share_wait=50.0, unit=0.5) == (100.0, False)
+    assert p.next_interval(share_wait=200.0, unit=0.5) == (200.0, True)
+    # ... asking again at half the hard lifetime at the latest
+    assert p.next_interval(share_wait=float("inf"), unit=0.5) == (500.0, True)
+    # pqc-fallback keeps its cadence: epochs without a QKD key go on with ML-KEM + X25519
+    fallback = replace(p, mode=Mode.PQC_FALLBACK)
+    assert fallback.next_interval(share_wait=200.0, unit=0.5) == (100.0, False)
     with pytest.raises(ValueError, match="hard_lifetime"):
         Policy(interval=100, hard_lifetime=50)
 

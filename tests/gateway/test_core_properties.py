@@ -53,7 +53,7 @@ class RekeyWorld(RuleBasedStateMachine):
         self.world.kms_delay = delay
         self.world.kms_status(ok=available)
 
-    @rule(qber=st.sampled_from([0.01, 0.05, 0.2]))
+    @rule(qber=st.sampled_from([0.01, 0.05, 0.3]))
     def qber(self, qber: float) -> None:
         self.world.kms_status(ok=self.world.kms.available, qber=qber)
 
