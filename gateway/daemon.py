@@ -64,6 +64,8 @@ from gateway.core.events import (
     InstallInbound,
     KmsStatusObserved,
     KmsUnreachable,
+    LinkUnknownAtPeer,
+    PeerMessage,
     Persist,
     QkdFetchFailed,
     QkdKeysFetched,
@@ -90,12 +92,13 @@ from gateway.core.machine import (
 from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.snapshot import Snapshot
 from gateway.metrics import Metrics
-from gateway.peer import PeerClient, PeerServer, certificate_sha256
+from gateway.peer import PeerChannel, PeerChannels, PeerServer, certificate_sha256
 from gateway.status import (
     AuditStatus,
     KmsStatus,
     LastRekey,
     LinkStatus,
+    PeerChannelStatus,
     Rekeying,
     SiteStatus,
     Stopping,
@@ -128,6 +131,10 @@ LOOP_STALL_LIMIT = 10.0
 #: Exit status after a stalled event loop (EX_SOFTWARE).
 EXIT_STALLED = 70
 
+#: Peer messages waiting in one link's queue at most; more are refused for that link alone
+#: (the channel reads on). An honest peer has one or two in flight per link.
+MAX_PEER_BACKLOG = 32
+
 #: Record kinds that go to the audit trail (key handling); all are logged.
 K = RecordKind
 AUDITED = {K.FETCHED, K.OFFERED, K.DERIVED, K.INSTALLED, K.ACTIVATED, K.REKEYED, K.RETIRED,
@@ -154,8 +161,9 @@ class LinkRunner:
     config: LinkConfig[Any]
     machine: LinkMachine
     sinks: list[Sink]
-    peer: PeerClient
+    peer: PeerChannel
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    peer_backlog: int = 0  # peer messages in the queue (bounded: MAX_PEER_BACKLOG)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     last_latency: float | None = None
     last_rekey: LastRekey | None = None
@@ -207,7 +215,7 @@ class LinkRunner:
         at the core's next deadline."""
         if not self.queue.empty():
             await asyncio.sleep(0)  # let the other links have a turn
-            return self.queue.get_nowait()
+            return self._taken(self.queue.get_nowait())
         deadline = self.machine.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         # asyncio.timeout, not wait_for: under load, 3.11's wait_for can swallow a
@@ -215,9 +223,14 @@ class LinkRunner:
         # and the daemon would never stop.
         try:
             async with asyncio.timeout(timeout):
-                return await self.queue.get()
+                return self._taken(await self.queue.get())
         except TimeoutError:
             return Tick()
+
+    def _taken(self, event: Event) -> Event:
+        if isinstance(event, PeerMessage):
+            self.peer_backlog -= 1
+        return event
 
     def spawn(self, what: str, coroutine: Any) -> None:
         """Run COROUTINE beside the link; if it fails unexpectedly, the link fails."""
@@ -240,7 +253,7 @@ class LinkRunner:
         for a in actions:
             match a:
                 case Send():
-                    self.spawn("send", self.peer.send(self.daemon.stamp(a.message)))
+                    self.spawn("send", self.peer.send(self.name, self.daemon.stamp(a.message)))
                 case FetchQkdKeys():
                     self.spawn("enc_keys", self._fetch(a))
                 case FetchQkdKeysById():
@@ -352,6 +365,8 @@ class Daemon:
         self._lock_fd: int | None = None
         self._servers: list[web.AppRunner] = []
         self._peer_server: PeerServer | None = None
+        self.channels: PeerChannels | None = None
+        self.accepted: dict[str, int] = {}  # peer -> inbound channel connections accepted
         self._tasks: list[asyncio.Task[Any]] = []
         self._identities: dict[str, LinkIdentity] = {}
         self._blocking: set[asyncio.Task[None]] = set()  # the watchdog's blocks in progress
@@ -377,6 +392,7 @@ class Daemon:
                               f" {c.peer_channel.key}: {e}") from None
         self.audit = AuditLog(c.audit_path, c.site, signer)
         gateway, cert_sha256 = certificate_sha256(c.peer_channel.cert)
+        self.channels = channels = PeerChannels(c.peer_channel, self)
         for link in c.links:
             identity = LinkIdentity(
                 link=link.name, role=Role(link.role), gateway=gateway, cert_sha256=cert_sha256,
@@ -391,15 +407,13 @@ class Daemon:
             context = SinkContext(link.name, c.lifetimes(link), self, c.peer_channel.listen,
                                   link.peer.address)
             sinks: list[Sink] = [s.build(context) for s in link.sinks]
-            self.runners[link.name] = LinkRunner(self, link, machine, sinks,
-                                                 PeerClient(link.name, c.peer_channel, link.peer))
+            channel = channels.channel(link.name, link.peer.name, link.peer.address)
+            self.runners[link.name] = LinkRunner(self, link, machine, sinks, channel)
             self.metrics.mode.labels(link.name, machine.policy.mode.value).set(1)
         for runner in self.runners.values():
             for sink in runner.sinks:
                 await sink.start()  # a SinkError stops the start: the CLI says why
-        self._peer_server = PeerServer(c.peer_channel,
-                                       {r.name: r.config.peer.name for r in self.runners.values()},
-                                       self._deliver, self.rejected)
+        self._peer_server = PeerServer(c.peer_channel, self._peer_of, self._is_peer, self)
         await self._peer_server.start()
         await self._serve_admin()
         if c.metrics is not None:
@@ -430,8 +444,9 @@ class Daemon:
             runner.cancel_tasks()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_state()
+        if self.channels is not None:
+            await self.channels.close()
         for runner in self.runners.values():
-            await runner.peer.close()
             for sink in runner.sinks:
                 try:
                     await sink.close()
@@ -576,8 +591,36 @@ class Daemon:
 
     # -- events in --------------------------------------------------------------------------
 
-    async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
-        await self.runners[link].queue.put(received(message, peer_cert))
+    def _peer_of(self, link: str) -> str | None:
+        runner = self.runners.get(link)
+        return None if runner is None else runner.config.peer.name
+
+    def _is_peer(self, name: str) -> bool:
+        return any(r.config.peer.name == name for r in self.runners.values())
+
+    def deliver(self, link: str, message: Message, peer_cert: bytes) -> bool:
+        """A peer message for LINK (the channel checked the peer is the link's): queued,
+        or refused when the link has MAX_PEER_BACKLOG waiting (the others are not held)."""
+        runner = self.runners[link]
+        if runner.peer_backlog >= MAX_PEER_BACKLOG:
+            return False
+        runner.peer_backlog += 1
+        runner.peer.heard(link)
+        runner.queue.put_nowait(received(message, peer_cert))
+        return True
+
+    def link_unknown(self, link: str, detail: str) -> None:
+        """The peer has no such link (yet): the link's core raises peer-link-unknown."""
+        runner = self.runners.get(link)
+        if runner is not None:
+            runner.queue.put_nowait(LinkUnknownAtPeer(detail))
+
+    def channel_opened(self, peer: str, inbound: bool) -> None:
+        if inbound:
+            self.accepted[peer] = self.accepted.get(peer, 0) + 1
+            self.metrics.channel_accepts.labels(peer).inc()
+        else:
+            self.metrics.channel_connects.labels(peer).inc()
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """A sink says its data plane needs a new key (SinkEvents): the link rekeys now."""
@@ -759,7 +802,11 @@ class Daemon:
             audit=AuditStatus(path=str(self.config.audit_path),
                               records=head.seq if head else 0,
                               head=head.hash if head else None),
-            links=[r.status(now) for r in self.runners.values()])
+            links=[r.status(now) for r in self.runners.values()],
+            peers=[PeerChannelStatus(peer=p.name, address=str(p.address), connected=p.connected,
+                                     connects=p.connects, accepted=self.accepted.get(p.name, 0),
+                                     links=len(p.links))
+                   for p in (self.channels.channels.values() if self.channels else ())])
 
     async def _serve_admin(self) -> None:
         path = self.config.admin_socket

@@ -44,5 +44,11 @@ class Metrics:
                           registry=r)
         self.alarm = Gauge("qkdgw_alarm", "1 while an alarm is raised", ["link", "alarm"],
                            registry=r)
+        self.channel_connects = Counter("qkdgw_peer_channel_connects", "Channel connections"
+                                        " this gateway opened to the peer gateway",
+                                        ["peer"], registry=r)
+        self.channel_accepts = Counter("qkdgw_peer_channel_accepts", "Channel connections"
+                                       " the peer gateway opened to this one", ["peer"],
+                                       registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)

@@ -59,12 +59,26 @@ class AuditStatus(_Status):
     head: str | None = Field(description="the hash of the last record")
 
 
+class PeerChannelStatus(_Status):
+    """One peer gateway's channel: one connection each way carries all its links."""
+
+    peer: str = Field(description="the peer gateway's name (its certificate's commonName)")
+    address: str = Field(description="where its peer channel listens")
+    connected: bool = Field(description="this gateway's connection to it is open")
+    connects: int = Field(description="connections this gateway opened to it since the"
+                                      " start (one per reconnect, not per link)")
+    accepted: int = Field(description="connections it opened to this gateway since the start")
+    links: int = Field(description="links with it")
+
+
 class SiteStatus(_Status):
     site: str = Field(description="the site's name")
     pid: int = Field(description="the daemon's process ID")
     uptime: float = Field(description="seconds since the daemon started")
     audit: AuditStatus = Field(description="the audit trail (docs/operations.md#audit-trail)")
     links: list[LinkStatus] = Field(description="one entry per link")
+    peers: list[PeerChannelStatus] = Field(default_factory=list,
+                                           description="one entry per peer gateway")
 
 
 class Rekeying(_Status):
@@ -79,7 +93,7 @@ class Stopping(_Status):
     stopping: str
 
 
-NESTED = (LinkStatus, KmsStatus, LastRekey, AuditStatus)
+NESTED = (LinkStatus, KmsStatus, LastRekey, AuditStatus, PeerChannelStatus)
 
 
 def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:
