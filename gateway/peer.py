@@ -251,17 +251,17 @@ class PeerChannel:
             ws = await self._connected()
             await ws.send_bytes(frame(link, message))
             return True
-        except ChannelDown as e:
+        except (aiohttp.ClientError, TimeoutError, OSError, ConnectionError) as e:
+            if isinstance(e, ChannelDown):  # said once, by the send that tried to connect
+                log.debug("link %s: %s for epoch %d not sent: %s", link, message.type,
+                          message.epoch, e)
+            else:
+                log.info("link %s: cannot send %s for epoch %d to %s at %s: %s", link,
+                         message.type, message.epoch, self.name, self.address,
+                         e or type(e).__name__)
+                await self._drop()
             if self._refused:
                 self._link_unknown(link, self._refused)
-            log.debug("link %s: %s for epoch %d not sent: %s", link, message.type,
-                      message.epoch, e)
-            return False
-        except (aiohttp.ClientError, TimeoutError, OSError, ConnectionError) as e:
-            log.info("link %s: cannot send %s for epoch %d to %s at %s: %s", link,
-                     message.type, message.epoch, self.name, self.address,
-                     e or type(e).__name__)
-            await self._drop()
             return False
         finally:
             self._in_flight[link] -= 1
@@ -336,9 +336,14 @@ class PeerChannel:
                     quote_remote(str(reason)), quote_remote(str(error)))
 
     def _link_unknown(self, link: str, detail: str) -> None:
-        _, last = self._unknown.get(link, (0.0, 0.0))
+        """The peer does not have LINK: hold its messages back, and tell its core, once per
+        wait (refusals the peer repeats within it change nothing)."""
+        now = time.monotonic()
+        until, last = self._unknown.get(link, (0.0, 0.0))
+        if now < until:
+            return
         backoff = min(last * 2, UNKNOWN_LINK_RETRY_MAX) if last else UNKNOWN_LINK_RETRY
-        self._unknown[link] = (time.monotonic() + backoff, backoff)
+        self._unknown[link] = (now + backoff, backoff)
         self._listener.link_unknown(link, detail)
 
     async def _drop(self) -> None:
