@@ -7,8 +7,9 @@
 
 Many links share one connection each way per pair of gateways (counted by the daemons
 themselves, `qkdgw_peer_channel_connects_total`); a hostile frame for one link is refused for
-that link alone; a link that one side does not have waits (`peer-link-unknown`) without
-spending epoch numbers, and keys epoch 1 once the peer has it.
+that link alone, and a flood of them fills that link's queue alone (a daemon in this
+process); a link that one side does not have waits (`peer-link-unknown`) without spending
+epoch numbers, and keys epoch 1 once the peer has it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ import pytest
 import yaml
 
 from gateway import pki
-from gateway.demo.topology import WAIT, wait_until
-from gateway.initdemo import init_demo
+from gateway.core.messages import Ack
+from gateway.daemon import MAX_PEER_BACKLOG, Daemon
+from gateway.demo.topology import WAIT, until, wait_until
+from gateway.initdemo import DemoLayout, init_demo
+from gateway.peer import frame
+from gateway.site import SiteConfig
 from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
 
 pytestmark = pytest.mark.slow
@@ -329,3 +334,48 @@ def test_a_link_one_side_lacks_waits_without_spending_epochs_and_keys_epoch_1(
         h.stop()
     for site in SITES:
         assert "Traceback" not in h.log(site), h.log(site)[-3000:]
+
+
+def test_a_flood_for_one_link_is_refused_for_it_alone(setup: tuple[DemoLayout, SimProcess]
+                                                      ) -> None:
+    """The channel never waits for a link: past MAX_PEER_BACKLOG of its messages waiting,
+    one link's frames are refused (`overloaded`) while the next link's are still delivered;
+    once the link has caught up it takes messages again. Daemon A in this process, frames
+    handed to its channel server one after the other without yielding: what a burst read
+    from one connection is."""
+    layout, _ = setup
+    path = layout.site_config("a")
+    config = yaml.safe_load(path.read_text())
+    config["links"].append({**config["links"][0], "name": "ab2", "sinks": []})
+    path.write_text(yaml.safe_dump(config))
+    nonce = b"\x01" * 32
+    ack = Ack(link="ab", epoch=1, out=1, nonce_i=nonce, nonce_r=nonce)  # stale: ignored
+
+    async def main() -> None:
+        a = Daemon(SiteConfig.load(path))
+        await a.start()
+        try:
+            server, cert = a._peer_server, b"\x02" * 32
+            assert server is not None
+            answers = [server.receive("gw-b", cert, frame("ab", ack))
+                       for _ in range(MAX_PEER_BACKLOG + 8)]
+            assert answers[:MAX_PEER_BACKLOG] == [None] * MAX_PEER_BACKLOG
+            assert {(r.link, r.reason) for r in answers[MAX_PEER_BACKLOG:] if r} == {
+                ("ab", "overloaded")}
+            assert all(answers[MAX_PEER_BACKLOG:])
+            other = ack.model_copy(update={"link": "ab2"})
+            assert server.receive("gw-b", cert, frame("ab2", other)) is None
+
+            async def caught_up() -> bool:
+                return a.runners["ab"].peer_backlog == 0
+
+            await until("ab caught up", caught_up)
+            assert server.receive("gw-b", cert, frame("ab", ack)) is None
+            assert a.metrics.registry.get_sample_value(
+                "qkdgw_peer_messages_rejected_total", {"link": "ab", "reason": "overloaded"}
+            ) == 8
+        finally:
+            await a.stop()
+
+    asyncio.run(main())
+
