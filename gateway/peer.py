@@ -202,6 +202,10 @@ class PeerServer:
         except MessageError as e:
             self._listener.rejected(link, "malformed", str(e))
             return Refusal(link, "malformed", str(e))
+        if message.link != link:  # another link's message never reaches this link's core
+            self._listener.rejected(link, "wrong-link", f"message for link"
+                                    f" {quote_remote(message.link)!r} tagged {link!r}")
+            return Refusal(link, "wrong-link", "the message names another link")
         if not self._listener.deliver(link, message, cert_sha256):
             self._listener.rejected(link, "overloaded", f"{message.type} for epoch"
                                     f" {message.epoch} dropped: too many messages queued")

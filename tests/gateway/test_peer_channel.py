@@ -255,12 +255,13 @@ def test_a_hostile_frame_for_one_link_is_refused_for_it_alone(hub: Hub) -> None:
         b"ac0\n" + json.dumps({**stale_ack, "link": "ac0"}).encode(),  # C's link, not B's
         b"nosuchlink\n{}",  # a link the hub does not have
         b"no tag at all",
+        b"ab2\n" + json.dumps({**stale_ack, "link": "ab1"}).encode(),  # tagged for another
         b"ab1\n" + json.dumps({**stale_ack, "link": "ab1"}).encode(),  # stale: no answer
         b"ab0\n" + json.dumps(stale_ack).encode(),  # the channel still reads for ab0
     ])
     assert [(a["link"], a["reason"]) for a in answers] == [
         ("ab0", "malformed"), ("ac0", "wrong-peer"), ("nosuchlink", "unknown-link"),
-        (None, "malformed")]
+        (None, "malformed"), ("ab2", "wrong-link")]
     assert answers[0]["error"] == "message is not JSON"
     # Every link goes on rekeying; the hub's own channels were not reopened.
     hub.wait_until("every link two epochs further", lambda: all(
@@ -269,6 +270,7 @@ def test_a_hostile_frame_for_one_link_is_refused_for_it_alone(hub: Hub) -> None:
     assert m['qkdgw_peer_messages_rejected_total{link="ab0",reason="malformed"}'] == 1.0
     assert m['qkdgw_peer_messages_rejected_total{link="ac0",reason="wrong-peer"}'] == 1.0
     assert m['qkdgw_peer_messages_rejected_total{link="-",reason="unknown-link"}'] == 1.0
+    assert m['qkdgw_peer_messages_rejected_total{link="ab2",reason="wrong-link"}'] == 1.0
     assert _connections(hub, "a") == {"gw-b": (1.0, 2.0), "gw-c": (1.0, 1.0)}
     # A gateway that is the peer of none of the hub's links cannot open the channel.
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
