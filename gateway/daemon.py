@@ -72,6 +72,8 @@ from gateway.core.events import (
     InstallInbound,
     KmsStatusObserved,
     KmsUnreachable,
+    LinkUnknownAtPeer,
+    PeerMessage,
     Persist,
     QkdFetchFailed,
     QkdKeysFetched,
@@ -99,13 +101,14 @@ from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.policy import Policy
 from gateway.core.snapshot import Snapshot
 from gateway.metrics import Metrics
-from gateway.peer import PeerClient, PeerServer, certificate_sha256
+from gateway.peer import PeerChannel, PeerChannels, PeerServer, certificate_sha256
 from gateway.reload import LinkChange, NotLive, Plan, plan, tls_files
 from gateway.status import (
     AuditStatus,
     KmsStatus,
     LastRekey,
     LinkStatus,
+    PeerChannelStatus,
     Rekeying,
     Reloaded,
     SiteStatus,
@@ -140,6 +143,10 @@ WATCHDOG_SLACK = 1.0
 LOOP_STALL_LIMIT = 10.0
 #: Exit status after a stalled event loop (EX_SOFTWARE).
 EXIT_STALLED = 70
+
+#: Peer messages waiting in one link's queue at most; more are refused for that link alone
+#: (the channel reads on). An honest peer has one or two in flight per link.
+MAX_PEER_BACKLOG = 32
 
 #: Record kinds that go to the audit trail (key handling); all are logged.
 K = RecordKind
@@ -189,7 +196,7 @@ class LinkRunner:
     config: LinkConfig[Any]
     machine: LinkMachine
     sinks: list[Sink]
-    peer: PeerClient
+    peer: PeerChannel
     #: What the running sinks were built from (a reload compares the new configuration).
     sink_configs: list[SinkConfig]
     sink_context: SinkContext
@@ -201,6 +208,7 @@ class LinkRunner:
     #: A reload removed the link: what still holds this runner leaves it alone.
     removed: bool = False
     queue: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    peer_backlog: int = 0  # peer messages in the queue (bounded: MAX_PEER_BACKLOG)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     last_latency: float | None = None
     last_rekey: LastRekey | None = None
@@ -259,7 +267,7 @@ class LinkRunner:
         at the core's next deadline."""
         if not self.queue.empty():
             await asyncio.sleep(0)  # let the other links have a turn
-            return self.queue.get_nowait()
+            return self._taken(self.queue.get_nowait())
         deadline = self.machine.next_deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         # asyncio.timeout, not wait_for: under load, 3.11's wait_for can swallow a
@@ -267,9 +275,14 @@ class LinkRunner:
         # and the daemon would never stop.
         try:
             async with asyncio.timeout(timeout):
-                return await self.queue.get()
+                return self._taken(await self.queue.get())
         except TimeoutError:
             return Tick()
+
+    def _taken(self, event: Event) -> Event:
+        if isinstance(event, PeerMessage):
+            self.peer_backlog -= 1
+        return event
 
     def spawn(self, what: str, coroutine: Any) -> None:
         """Run COROUTINE beside the link; if it fails unexpectedly, the link fails."""
@@ -292,7 +305,7 @@ class LinkRunner:
         for a in actions:
             match a:
                 case Send():
-                    self.spawn("send", self.peer.send(self.daemon.stamp(a.message)))
+                    self.spawn("send", self.peer.send(self.name, self.daemon.stamp(a.message)))
                 case FetchQkdKeys():
                     self.spawn("enc_keys", self._fetch(a))
                 case FetchQkdKeysById():
@@ -428,7 +441,8 @@ class LinkRunner:
             else round(max(0.0, m.next_rekey_at - now), 3),
             alarms=alarms,
             kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}),
-            peer_channel_connects=self.daemon.connects.get(self.name, 0),
+            peer_channel_connects=self.peer.connects + self.daemon.accepted.get(
+                self.config.peer.name, 0),
             supply=SupplyStatus(**_rounded(asdict(m.supply(now)))))
 
 
@@ -473,6 +487,8 @@ class Daemon:
         self._lock_fd: int | None = None
         self._servers: list[web.AppRunner] = []
         self._peer_server: PeerServer | None = None
+        self.channels: PeerChannels | None = None
+        self.accepted: dict[str, int] = {}  # peer -> inbound channel connections accepted
         self._tasks: list[asyncio.Task[Any]] = []
         self._identities: dict[str, LinkIdentity] = {}
         self._blocking: set[asyncio.Task[None]] = set()  # the watchdog's blocks in progress
@@ -485,7 +501,6 @@ class Daemon:
         self.stop_requested = asyncio.Event()  # `qkdgw stop`, SIGTERM, SIGINT
         self.running = False  # started, until it stops: a reload can be applied
         self._link_tasks: dict[str, asyncio.Task[None]] = {}  # each link's supervisor
-        self.connects: dict[str, int] = {}  # link -> peer channel connections opened
         self._reload_lock = asyncio.Lock()  # one reload at a time
         self._reloads: set[asyncio.Task[None]] = set()  # SIGHUP's, in progress
         self._gateway = ""  # this gateway's certificate commonName ...
@@ -507,14 +522,14 @@ class Daemon:
         self.audit = AuditLog(c.audit_path, c.site, signer)
         self._gateway, self._cert_sha256 = certificate_sha256(c.peer_channel.cert)
         self._tls_digests = _digests(c)
+        self.channels = PeerChannels(c.peer_channel, self)
         for link in c.links:
             self.runners[link.name] = self._runner(c, link)
         for runner in self.runners.values():
             runner.unstarted = []  # started here: (as before) each is closed on stop
             for sink in runner.sinks:
                 await sink.start()  # a SinkError stops the start: the CLI says why
-        self._peer_server = PeerServer(c.peer_channel, self._pinned_peer, self._deliver,
-                                       self.rejected, self.channel_opened)
+        self._peer_server = PeerServer(c.peer_channel, self._peer_of, self._is_peer, self)
         await self._peer_server.start()
         await self._serve_admin()
         if c.metrics is not None:
@@ -546,9 +561,15 @@ class Daemon:
                               " this link afresh (the peer resynchronises)") from None
         context = self._sink_context(site, link)
         sinks: list[Sink] = [s.build(context) for s in link.sinks]
-        peer = PeerClient(link.name, site.peer_channel, link.peer, self.channel_opened)
+        peer = self._channels().channel(link.name, link.peer.name, link.peer.address)
         return LinkRunner(self, link, machine, sinks, peer, sink_configs=list(link.sinks),
                           sink_context=context, unstarted=list(sinks))
+
+    def _channels(self) -> PeerChannels:
+        """The site's peer channels (made at start, before any link)."""
+        if self.channels is None:
+            raise RuntimeError("the peer channels are used before the daemon started")
+        return self.channels
 
     def _sink_context(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> SinkContext:
         return SinkContext(link.name, site.lifetimes(link), self, site.peer_channel.listen,
@@ -580,8 +601,9 @@ class Daemon:
             runner.cancel_tasks()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_state()
+        if self.channels is not None:
+            await self.channels.close()
         for runner in self.runners.values():
-            await runner.peer.close()
             for sink in [s for s in runner.sinks if s not in runner.unstarted]:
                 try:
                     await sink.close()
@@ -774,9 +796,9 @@ class Daemon:
                               config=result.model_dump(exclude={"unchanged"}))
             self.metrics.reloads.labels("applied").inc()
             log.info("configuration reloaded from %s (sha256 %s): %s", path, digest, _summary(p))
-            for peer in replaced:
-                if peer is not None:
-                    await peer.close()
+            for change, channel in zip(p.changed, replaced, strict=True):
+                if channel is not None:
+                    await self._channels().release(change.name, channel)
             return result
 
     async def _remove_link(self, name: str) -> None:
@@ -790,7 +812,7 @@ class Daemon:
         runner.removed = True
         self.dirty.discard(name)  # (before any await: no flush looks for it again)
         runner.cancel_tasks()
-        await runner.peer.close()
+        await self._channels().release(name, runner.peer)
         for sink in [s for s in runner.sinks if s not in runner.unstarted]:
             try:
                 async with asyncio.timeout(SINK_TIMEOUT):
@@ -799,12 +821,12 @@ class Daemon:
                 log.error("link %s: removing %s failed: %s", name, sink.name, _describe(e))
         with contextlib.suppress(FileNotFoundError):
             self._state_path(name).unlink()
-        for table in (self.failed, self.fingerprints, self.connects, self._identities):
+        for table in (self.failed, self.fingerprints, self._identities):
             table.pop(name, None)
         log.info("link %s removed: its sinks stopped as their on_stop says, its key files and"
                  " state file deleted", name)
 
-    def _change_link(self, site: SiteConfig[Any], change: LinkChange) -> PeerClient | None:
+    def _change_link(self, site: SiteConfig[Any], change: LinkChange) -> PeerChannel | None:
         """Give a running link its new configuration without touching its current key: the
         policy through its own queue, a new peer address at its next message, new sinks at
         its next epoch. The channel to the old address, if it changed, for the caller to
@@ -820,8 +842,8 @@ class Daemon:
             runner.queue.put_nowait(_PolicyChanged(policy))
         old = None
         if change.address:
-            old, runner.peer = runner.peer, PeerClient(change.name, site.peer_channel,
-                                                       link.peer, self.channel_opened)
+            old, runner.peer = runner.peer, self._channels().channel(
+                change.name, link.peer.name, link.peer.address)
         if change.sinks:
             runner.swap = self._sink_swap(runner, list(link.sinks),
                                           self._sink_context(site, link))
@@ -862,22 +884,38 @@ class Daemon:
 
     # -- events in --------------------------------------------------------------------------
 
-    async def _deliver(self, link: str, message: Message, peer_cert: bytes) -> None:
-        runner = self.runners.get(link)
-        if runner is not None:  # (else a reload removed it since the channel checked)
-            await runner.queue.put(received(message, peer_cert))
-
-    def _pinned_peer(self, link: str) -> str | None:
-        """The peer channel asks for every connection and message: the links as they are
-        now, reloads included."""
+    def _peer_of(self, link: str) -> str | None:
+        """The peer channel asks for every frame: the links as they are now, reloads
+        included."""
         runner = self.runners.get(link)
         return None if runner is None else runner.config.peer.name
 
-    def channel_opened(self, link: str, direction: str) -> None:
-        """A peer channel connection was opened for LINK (`in`: by the peer)."""
-        if link in self.runners:
-            self.connects[link] = self.connects.get(link, 0) + 1
-            self.metrics.channel_connects.labels(link, direction).inc()
+    def _is_peer(self, name: str) -> bool:
+        return any(r.config.peer.name == name for r in self.runners.values())
+
+    def deliver(self, link: str, message: Message, peer_cert: bytes) -> bool:
+        """A peer message for LINK (the channel checked the peer is the link's): queued,
+        or refused when the link has MAX_PEER_BACKLOG waiting (the others are not held)."""
+        runner = self.runners[link]
+        if runner.peer_backlog >= MAX_PEER_BACKLOG:
+            return False
+        runner.peer_backlog += 1
+        runner.peer.heard(link)
+        runner.queue.put_nowait(received(message, peer_cert))
+        return True
+
+    def link_unknown(self, link: str, detail: str) -> None:
+        """The peer has no such link (yet): the link's core raises peer-link-unknown."""
+        runner = self.runners.get(link)
+        if runner is not None:
+            runner.queue.put_nowait(LinkUnknownAtPeer(detail))
+
+    def channel_opened(self, peer: str, inbound: bool) -> None:
+        if inbound:
+            self.accepted[peer] = self.accepted.get(peer, 0) + 1
+            self.metrics.channel_accepts.labels(peer).inc()
+        else:
+            self.metrics.channel_connects.labels(peer).inc()
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """A sink says its data plane needs a new key (SinkEvents): the link rekeys now."""
@@ -1085,7 +1123,11 @@ class Daemon:
             audit=AuditStatus(path=str(self.config.audit_path),
                               records=head.seq if head else 0,
                               head=head.hash if head else None),
-            links=[r.status(now) for r in self.runners.values()])
+            links=[r.status(now) for r in self.runners.values()],
+            peers=[PeerChannelStatus(peer=p.name, address=str(p.address), connected=p.connected,
+                                     connects=p.connects, accepted=self.accepted.get(p.name, 0),
+                                     links=len(p.links))
+                   for p in (self.channels.channels.values() if self.channels else ())])
 
     async def _serve_admin(self) -> None:
         path = self.config.admin_socket

@@ -53,12 +53,14 @@ class Metrics:
         self.pool_dry_in = Gauge("qkdgw_kms_pool_dry_in_seconds", "Forecast: seconds until the"
                                  " KME pool is down to the reserve at the current consumption"
                                  " (+Inf: not shrinking)", ["link"], registry=r)
+        self.channel_connects = Counter("qkdgw_peer_channel_connects", "Channel connections"
+                                        " this gateway opened to the peer gateway",
+                                        ["peer"], registry=r)
+        self.channel_accepts = Counter("qkdgw_peer_channel_accepts", "Channel connections"
+                                       " the peer gateway opened to this one", ["peer"],
+                                       registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)
-        self.channel_connects = Counter(
-            "qkdgw_peer_channel_connects", "Peer channel connections opened for the link, by"
-            " who opened it (out: this gateway, in: the peer)", ["link", "direction"],
-            registry=r)
         self.reloads = Counter("qkdgw_config_reloads", "Configuration reloads, by outcome",
                                ["outcome"], registry=r)
 
@@ -70,7 +72,7 @@ class Metrics:
         for metric in (self.epoch, self.key_age, self.blocked, self.rekeys, self.failures,
                        self.latency, self.rejected, self.kms_stored, self.kms_qber,
                        self.kms_key_rate, self.kms_up, self.mode, self.alarm,
-                       self.channel_connects):
+                       self.qkd_share, self.qkd_cadence, self.pool_dry_in):
             at = metric._labelnames.index("link")
             for values in [v for v in metric._metrics if v[at] in links]:
                 metric.remove(*values)

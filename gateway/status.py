@@ -68,9 +68,11 @@ class LinkStatus(_Status):
     next_rekey_in: float | None = Field(description="seconds to the next scheduled rekey (I)")
     alarms: dict[str, str] = Field(description="raised alarms and their details")
     kms: KmsStatus = Field(description="the link's KMS, as the last status poll saw it")
-    peer_channel_connects: int = Field(default=0, description="peer channel connections"
-                                       " opened for the link since the daemon started, by"
-                                       " either side (a reconnect counts one more)")
+    peer_channel_connects: int = Field(default=0, description="connections of the peer"
+                                       " channel the link uses (the one to its peer gateway,"
+                                       " shared with that peer's other links) since the daemon"
+                                       " started, opened by either side (a reconnect counts"
+                                       " one more)")
     supply: SupplyStatus = Field(default_factory=SupplyStatus,
                                  description="the link's part of the QKD key supply")
 
@@ -81,12 +83,26 @@ class AuditStatus(_Status):
     head: str | None = Field(description="the hash of the last record")
 
 
+class PeerChannelStatus(_Status):
+    """One peer gateway's channel: one connection each way carries all its links."""
+
+    peer: str = Field(description="the peer gateway's name (its certificate's commonName)")
+    address: str = Field(description="where its peer channel listens")
+    connected: bool = Field(description="this gateway's connection to it is open")
+    connects: int = Field(description="connections this gateway opened to it since the"
+                                      " start (one per reconnect, not per link)")
+    accepted: int = Field(description="connections it opened to this gateway since the start")
+    links: int = Field(description="links with it")
+
+
 class SiteStatus(_Status):
     site: str = Field(description="the site's name")
     pid: int = Field(description="the daemon's process ID")
     uptime: float = Field(description="seconds since the daemon started")
     audit: AuditStatus = Field(description="the audit trail (docs/operations.md#audit-trail)")
     links: list[LinkStatus] = Field(description="one entry per link")
+    peers: list[PeerChannelStatus] = Field(default_factory=list,
+                                           description="one entry per peer gateway")
 
 
 class Rekeying(_Status):
@@ -115,7 +131,7 @@ class Stopping(_Status):
     stopping: str
 
 
-NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus)
+NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus, PeerChannelStatus)
 
 
 def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:

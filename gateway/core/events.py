@@ -23,6 +23,7 @@ class Alarm(StrEnum):
     PEER_UNREACHABLE = "peer-unreachable"  # exchanges with the peer keep failing
     EXCHANGE_FAILED = "exchange-failed"  # the peer refused or failed an exchange
     SINK_FAILED = "sink-failed"  # a sink could not install, switch, retire or block
+    PEER_LINK_UNKNOWN = "peer-link-unknown"  # the peer gateway has no such link with us
     #: The link's task failed unexpectedly (raised by the daemon, not the core): traffic
     #: blocked and the link restarted from its saved state.
     LINK_FAILED = "link-failed"
@@ -121,6 +122,14 @@ _RECEIVED: dict[type[Message], type[PeerMessage]] = {
     Offer: OfferReceived, Accept: AcceptReceived, Commit: CommitReceived, Ack: AckReceived,
     Abort: AbortReceived, RekeyRequest: RekeyRequestReceived,
 }
+
+
+@dataclass(frozen=True)
+class LinkUnknownAtPeer(Event):
+    """The peer gateway answered that it has no such link with this gateway (not configured
+    yet, or with another peer): what was sent never reached a peer's core."""
+
+    detail: str
 
 
 def received(message: Message, peer_cert_sha256: bytes = b"") -> PeerMessage:

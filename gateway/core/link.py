@@ -22,6 +22,8 @@ from gateway.core.events import (
     ClearAlarm,
     Event,
     InstallInbound,
+    LinkUnknownAtPeer,
+    PeerMessage,
     Persist,
     RaiseAlarm,
     Record,
@@ -103,6 +105,17 @@ class Attempt:
     commit: Commit | None = None
     next_send: float | None = None
     send_interval: float = 0.0
+    #: I: the peer said it has no such link. The Offer is retransmitted but never given up
+    #: on a timer: no epoch number (nor QKD key) is spent until the peer can take it.
+    held: bool = False
+    #: When the peer was heard again after a hold: attempt_timeout counts from then.
+    resumed: float | None = None
+
+    def give_up_at(self, timeout: float) -> float | None:
+        """When the exchange is given up without an answer (None while held)."""
+        if self.held:
+            return None
+        return (self.started if self.resumed is None else self.resumed) + timeout
 
 
 class LinkCore(ABC):
@@ -219,6 +232,8 @@ class LinkCore(ABC):
         out = t.handler(self, event, now)
         if self.check_transitions:
             t.check(before, self.state)
+        if isinstance(event, PeerMessage):
+            out += self._peer_has_link(now)
         return out + self._persist()
 
     def next_deadline(self) -> float | None:
@@ -227,7 +242,7 @@ class LinkCore(ABC):
         if self.attempt is not None:
             times.append(self.attempt.next_send)
             if self.state is not State.ACTIVATING:  # (see _tick)
-                times.append(self.attempt.started + self.policy.attempt_timeout)
+                times.append(self.attempt.give_up_at(self.policy.attempt_timeout))
         due = [t for t in times if t is not None]
         return min(due) if due else None
 
@@ -304,6 +319,23 @@ class LinkCore(ABC):
     def _ignore(self, event: Event, now: float) -> list[Action]:
         return []
 
+    # -- a link the peer does not have -------------------------------------------------------
+
+    def _link_unknown(self, event: LinkUnknownAtPeer, now: float) -> list[Action]:
+        """The peer has no such link (yet): alarm; an Offer waits for it rather than time
+        out, which would spend an epoch number on every attempt the peer cannot receive."""
+        a = self.attempt
+        if self.role is Role.INITIATOR and self.state is State.OFFERED and a is not None:
+            a.held = True
+        return self._alarm(Alarm.PEER_LINK_UNKNOWN, event.detail)
+
+    def _peer_has_link(self, now: float) -> list[Action]:
+        """Any message of the peer for this link shows it has the link now."""
+        a = self.attempt
+        if a is not None and a.held:
+            a.held, a.resumed = False, now
+        return self._clear(Alarm.PEER_LINK_UNKNOWN)
+
     # -- timers ------------------------------------------------------------------------------
 
     def _tick(self, event: Tick, now: float) -> list[Action]:
@@ -319,10 +351,11 @@ class LinkCore(ABC):
                     *self._alarm(Alarm.HARD_LIFETIME, f"no fresh key for link"
                                  f" {self.identity.link}: traffic blocked")]
         a = self.attempt
+        give_up_at = None if a is None else a.give_up_at(self.policy.attempt_timeout)
         # While the data plane switches keys its answer decides, not a timer: given up now,
         # the next message's `out` would name a key the data plane may not send on yet, and
         # the peer would retire the one it still sends on.
-        if a is not None and now >= a.started + self.policy.attempt_timeout \
+        if a is not None and give_up_at is not None and now >= give_up_at \
                 and self.state is not State.ACTIVATING:
             if self.state is State.COMMITTED:
                 # Our outbound already moved; only the Ack is missing. Keep everything and

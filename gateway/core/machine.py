@@ -49,6 +49,7 @@ from gateway.core.events import (
     InstallFailed,
     KmsStatusObserved,
     KmsUnreachable,
+    LinkUnknownAtPeer,
     OfferReceived,
     QkdFetchFailed,
     QkdKeysFetched,
@@ -201,6 +202,9 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
         ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED), (S.OFFERED, S.FETCHING),
          (S.OFFERED, S.IDLE), (S.COMMITTED, S.FETCHING), (S.COMMITTED, S.OFFERED),
          (S.COMMITTED, S.IDLE))),
+    row(None, LinkUnknownAtPeer, M._link_unknown, (), "the peer has no such link: alarm; I"
+        " keeps its Offer (retransmitted, not given up on a timer) until the peer is heard"
+        " from"),
     row(None, KmsStatusObserved, M._kms_status, (), "track KMS health and key supply"),
     row(None, KmsUnreachable, M._kms_unreachable, (), "the KMS cannot be reached"),
     row(None, Tick, M._tick, (), "timers: a scheduled rekey starts (I); an exchange past"

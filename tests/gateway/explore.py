@@ -298,8 +298,8 @@ class Node:
 # -- the canonical form -------------------------------------------------------------------------
 
 #: Absolute times in the core's state: relative to now in the canonical form.
-_TIMES = frozenset({"started", "next_send", "next_rekey_at", "next_nudge_at", "reblock_at",
-                    "retire_at", "activated_at", "credit_at"})
+_TIMES = frozenset({"started", "resumed", "next_send", "next_rekey_at", "next_nudge_at",
+                    "reblock_at", "retire_at", "activated_at", "credit_at"})
 #: Times the core only compares with `now >=`: every past value is the same.
 _PASSED = frozenset({"failed_until", "refused_until"})
 #: Not state: constants of the link, metrics, what is a function of the rest (`_persisted`

@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.core.messages import Message, MessageError, Offer, decode
+from gateway.peer import CHANNEL_PATH
 
 T = TypeVar("T")
 
@@ -71,7 +72,7 @@ class HostilePeer:
 
     async def _start(self) -> None:
         app = web.Application()
-        app.router.add_get("/v1/links/{link}/channel", self._channel)
+        app.router.add_get(CHANNEL_PATH, self._channel)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=0.5)
         await self._runner.setup()
@@ -94,8 +95,9 @@ class HostilePeer:
         async for frame in ws:
             if frame.type is aiohttp.WSMsgType.BINARY:
                 self.raw_received += 1
+                _, _, body = frame.data.partition(b"\n")  # after the link tag
                 with contextlib.suppress(MessageError):  # garbage: raw_received counts it
-                    self.received.append(decode(frame.data))
+                    self.received.append(decode(body))
         return ws
 
     def last_offer(self, after: int = 0, timeout: float = 20.0) -> Offer:
@@ -110,9 +112,11 @@ class HostilePeer:
 
     # -- what it sends ---------------------------------------------------------------------
 
-    def send(self, raw: bytes, *, text: bool = False) -> str | None:
-        """Send one frame to the gateway under test; its refusal text, or None."""
-        return self._call(self._send(raw, text))
+    def send(self, raw: bytes, *, text: bool = False, tag: bytes | None = None) -> str | None:
+        """Send one frame to the gateway under test, tagged with the link (or with TAG, as
+        it is); its refusal text, or None."""
+        return self._call(self._send((f"{self.link}\n".encode() if tag is None else tag) + raw,
+                                     text))
 
     async def _send(self, raw: bytes, text: bool) -> str | None:
         for attempt in (1, 2):
@@ -142,7 +146,7 @@ class HostilePeer:
             assert self._session is not None
             host, port = self._target
             self._ws = await self._session.ws_connect(
-                f"https://{host}:{port}/v1/links/{self.link}/channel", ssl=self._client_ssl,
+                f"https://{host}:{port}{CHANNEL_PATH}", ssl=self._client_ssl,
                 server_hostname=self._target_name, max_msg_size=0)
         return self._ws
 

@@ -31,6 +31,8 @@ from gateway.core.messages import (
     Accept,
     MessageError,
     Offer,
+    RekeyReason,
+    RekeyRequest,
     decode,
     encode,
 )
@@ -656,4 +658,68 @@ def test_a_switch_slower_than_the_keys_lifetime_ends_blocked() -> None:
     assert old is not None
     assert w.i.plane.outbound is not None
     assert w.i.plane.outbound > old + 1
+    assert not w.violations
+
+
+# -- a link the peer does not have (yet) -----------------------------------------------------
+
+
+def test_a_link_the_peer_does_not_have_spends_no_epoch_number() -> None:
+    """R's gateway has no such link yet (its configuration not reloaded): I's Offer is
+    answered `unknown-link`. I raises peer-link-unknown and keeps that one Offer far past
+    attempt_timeout, offering no other epoch and fetching no more QKD keys; once R has the
+    link (it starts, and asks for an epoch), epoch 1 completes and the alarm clears."""
+    w = World(seed=5)
+    w.without_link.add("R")
+    w.kms_status()
+    w.run_for(8 * FAST.attempt_timeout)
+    i = w.i.machine
+    assert i.state is State.OFFERED
+    assert i.max_epoch == 1
+    assert [r.epoch for r in w.i.records if r.kind == "offered"] == [1]
+    assert not [r for r in w.i.records if r.kind == "discarded"]
+    assert w.i.alarms == {Alarm.PEER_LINK_UNKNOWN.value}  # not peer-unreachable
+    assert len(w.kms.issued) == 2  # the Offer's key and the next one's, fetched ahead
+    w.without_link.clear()
+    w.r.snapshot = None  # a new link there: no state file
+    w.r.restart()
+    assert w.settle(1.0)
+    assert w.i.plane.outbound == w.r.plane.outbound == 1
+    assert Alarm.PEER_LINK_UNKNOWN.value not in w.i.alarms
+    assert not w.violations
+
+
+def test_after_a_hold_the_exchange_times_out_from_when_the_peer_was_heard() -> None:
+    """The hold ends with the first message of the peer for the link; an exchange that then
+    gets no further is given up attempt_timeout later, as any other."""
+    w = World(seed=6)
+    w.without_link.add("R")
+    w.kms_status()
+    w.run_for(3 * FAST.attempt_timeout)
+    a = w.i.machine.attempt
+    assert a is not None
+    assert a.held
+    w.without_link.clear()
+    w.loss = 1.0  # R has the link now, but nothing gets through but its restart request
+    w.i.feed(received(RekeyRequest(link="ab", epoch=0, out=0, reason=RekeyReason.RESTART),
+                      CERT_R))
+    assert not a.held
+    assert a.give_up_at(FAST.attempt_timeout) == w.now + FAST.attempt_timeout
+    w.run_for(FAST.attempt_timeout + 0.1)
+    assert [r.epoch for r in w.i.records if r.kind == "discarded"] == [1]
+
+
+def test_a_responder_whose_peer_lacks_the_link_alarms_until_it_hears_from_it() -> None:
+    w = World(seed=8)
+    w.without_link.add("I")
+    w.kms_status()
+    w.run_for(4 * FAST.retransmit_max)
+    assert Alarm.PEER_LINK_UNKNOWN.value in w.r.alarms
+    assert w.r.machine.max_epoch == 0
+    w.without_link.clear()
+    w.i.snapshot = None  # a new link there
+    w.i.restart()
+    assert w.settle(1.0)
+    assert w.i.plane.outbound == 1
+    assert Alarm.PEER_LINK_UNKNOWN.value not in w.r.alarms
     assert not w.violations

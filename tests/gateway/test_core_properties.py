@@ -1,7 +1,8 @@
 """The rekey core under faults: hypothesis stateful tests over two machines.
 
 Faults: message loss, duplication, reordering and delay; a KMS that fails, slows and
-recovers, and whose QBER spikes; gateway restarts; operator rekeys; slow sinks. After every
+recovers, and whose QBER spikes; gateway restarts; operator rekeys; slow sinks; a gateway
+whose configuration lacks the link for a while (the channel answers `unknown-link`). After every
 step the world checks the rules of tests/gateway/invariants.py (shared with the explorer)
 against the data planes, among them:
 1. whoever sends on an epoch's key finds it installed inbound at the peer;
@@ -67,6 +68,11 @@ class RekeyWorld(RuleBasedStateMachine):
     def restart(self, initiator: bool) -> None:
         (self.world.i if initiator else self.world.r).restart()
 
+    @rule(side=st.sampled_from(["I", "R", ""]))
+    def link_configured(self, side: str) -> None:
+        """SIDE's gateway does not have the link (for now); "": both have it again."""
+        self.world.without_link = {side} if side else set()
+
     @rule(initiator=st.booleans())
     def operator_rekey(self, initiator: bool) -> None:
         side = self.world.i if initiator else self.world.r
@@ -83,6 +89,7 @@ class RekeyWorld(RuleBasedStateMachine):
         w.loss, w.duplicate, w.max_delay = 0.0, 0.0, 0.01
         w.kms.available, w.kms_delay, w.sink_delay = True, 0.0, 0.0
         w.sink_fails = frozenset()
+        w.without_link = set()
         w.kms_status()
         before = max(w.i.plane.sent_on + w.r.plane.sent_on, default=0)
         # Bound: the longest backoff, a failed attempt, then one full interval and exchange.

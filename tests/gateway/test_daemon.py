@@ -25,6 +25,7 @@ import aiohttp
 import pytest
 
 from gateway.core.messages import MAX_MESSAGE_BYTES
+from gateway.peer import MAX_FRAME_BYTES
 from tests.gateway.sites import Sites, file_mode
 from tests.helpers import qkdgw_command
 
@@ -179,12 +180,14 @@ def test_graceful_stop_and_restart_resume(sites: Sites) -> None:
 
 def _frames(sites: Sites, bodies: list[bytes], cert: str = "gw-b", link: str = "ab"
             ) -> list[str]:
-    """Open the peer channel to A as CERT and send BODIES; what comes back: one text per
-    refused frame, then 'closed <code>' if A closed the channel, or 'handshake <status>'."""
+    """Open the peer channel to A as CERT and send BODIES, each tagged with LINK (none if
+    LINK is ""); what comes back: one refusal per refused frame ('REASON: ERROR', about
+    LINK), then 'closed <code>' if A closed the channel, or 'handshake <status>'."""
     pki = sites.layout.pki
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
-    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/{link}/channel"
+    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/channel"
+    tag = f"{link}\n".encode() if link else b""
 
     async def go() -> list[str]:
         out: list[str] = []
@@ -194,13 +197,15 @@ def _frames(sites: Sites, bodies: list[bytes], cert: str = "gw-b", link: str = "
             except aiohttp.WSServerHandshakeError as e:
                 return [f"handshake {e.status}"]
             for body in bodies:
-                await ws.send_bytes(body)
+                await ws.send_bytes(tag + body)
                 try:
                     frame = await ws.receive(timeout=1.0)
                 except TimeoutError:
                     continue  # accepted: no answer
                 if frame.type is aiohttp.WSMsgType.TEXT:
-                    out.append(json.loads(frame.data)["error"])
+                    answer = json.loads(frame.data)
+                    assert answer["link"] == (link or None)
+                    out.append(f"{answer['reason']}: {answer['error']}")
                 else:
                     out.append(f"closed {ws.close_code}")
                     break
@@ -221,22 +226,30 @@ def test_hostile_peer_messages_are_refused_and_change_nothing(sites: Sites) -> N
         json.dumps({**old, "extra": 1}).encode(),  # unknown field
         json.dumps({**old, "v": 2}).encode(),  # another protocol version
         json.dumps(old).encode(),  # well formed, stale: accepted on the wire, ignored
-        b"{" + b" " * MAX_MESSAGE_BYTES + b"}",  # oversized: the channel is closed
+        b"{" + b" " * MAX_MESSAGE_BYTES + b"}",  # oversized message: refused for the link
+        b"{" + b" " * MAX_FRAME_BYTES + b"}",  # oversized frame: the channel is closed
     ])
-    assert answers[0] == "message is not JSON"
-    assert answers[1].startswith("extra: Extra inputs")
-    assert answers[2].startswith("unsupported protocol version")
-    # The stale Ack got no answer; the oversized frame closed the channel: with 1009, or,
-    # when A's close races our still-running write of the 1 MiB frame, a dropped
-    # connection (1006). The malformed count below shows A refused it either way.
-    assert answers[3] in ("closed 1009", "closed 1006"), answers
-    assert _frames(sites, [b"{}"], cert="sae-b") == ["handshake 403"]  # not the pinned peer
-    assert _frames(sites, [b"{}"], link="zz") == ["handshake 404"]
+    assert answers[0] == "malformed: message is not JSON"
+    assert answers[1].startswith("malformed: extra: Extra inputs")
+    assert answers[2].startswith("malformed: unsupported protocol version")
+    # The stale Ack got no answer.
+    assert answers[3].startswith("malformed: message of"), answers
+    # The oversized frame closed the channel: with 1009, or, when A's close races our
+    # still-running write of the frame, a dropped connection (1006). The malformed count
+    # below shows A refused it either way.
+    assert answers[4] in ("closed 1009", "closed 1006"), answers
+    assert _frames(sites, [b"{}"], cert="sae-b") == ["handshake 403"]  # the peer of no link
+    assert _frames(sites, [b"{}"], link="zz") == ["unknown-link: no such link"]
+    assert _frames(sites, [b"{}"], link="") == [
+        "malformed: frame without a link tag (LINK, newline, message)"]
     after = sites.epochs("a")
     assert all(after[e] == f for e, f in before.items())  # no key changed
     metrics = _metrics(sites)
     assert 'qkdgw_peer_messages_rejected_total{link="ab",reason="malformed"} 4.0' in metrics
-    assert 'qkdgw_peer_messages_rejected_total{link="ab",reason="wrong-peer"} 1.0' in metrics
+    # The untagged frame and the closed channel belong to no link.
+    assert 'qkdgw_peer_messages_rejected_total{link="-",reason="malformed"} 2.0' in metrics
+    assert 'qkdgw_peer_messages_rejected_total{link="-",reason="wrong-peer"} 1.0' in metrics
+    assert 'qkdgw_peer_messages_rejected_total{link="-",reason="unknown-link"} 1.0' in metrics
     sites.wait_until("still rekeying", lambda: sites.converged()
                      and sites.link("a")["epoch"] > max(before) + 1)
 
@@ -248,7 +261,7 @@ def test_untrusted_certificate_cannot_connect(sites: Sites, tmp_path: Path) -> N
     pki.save(pki.issue(rogue, "gw-b", client=True), tmp_path / "r.pem", tmp_path / "r.key")
     ctx = ssl.create_default_context(cafile=str(sites.layout.pki / "ca.pem"))
     ctx.load_cert_chain(str(tmp_path / "r.pem"), str(tmp_path / "r.key"))
-    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/links/ab/channel"
+    url = f"https://127.0.0.1:{sites.layout.gateway_port('a')}/v1/channel"
 
     async def go() -> None:
         async with aiohttp.ClientSession() as s:

@@ -231,7 +231,10 @@ def test_a_hostile_peer_finds_nothing_that_kills_spins_hangs_or_leaks(world: Wor
         frames = data.draw(st.lists(_frame(offers[-1] if offers else None), min_size=1,
                                     max_size=4))
         for raw in frames:
-            world.hostile.send(raw, text=data.draw(st.booleans()))
+            # Tagged with the link, or not at all, or with another link or any bytes.
+            tag = data.draw(st.one_of(st.none(), st.sampled_from([b"", b"zz\n", b"\n"]),
+                                      st.binary(max_size=300)))
+            world.hostile.send(raw, text=data.draw(st.booleans()), tag=tag)
             sent += 1
         world.alive()
 

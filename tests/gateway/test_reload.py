@@ -167,7 +167,7 @@ def test_links_added_and_removed_live_and_the_others_see_nothing(sites: Reloadin
     assert sites.untouched("ab") == before
     assert before["a"][2] >= 1  # (the counter counts: the channel was opened once)
     metrics = sites.metrics("a")
-    assert 'qkdgw_peer_channel_connects_total{direction="out",link="ab"} 1.0' in metrics
+    assert 'qkdgw_peer_channel_connects_total{peer="gw-b"} 1.0' in metrics
     assert sites.on_same_epoch("ac")
 
 

@@ -36,6 +36,7 @@ from gateway.core.events import (
     InstallFailed,
     InstallInbound,
     KmsStatusObserved,
+    LinkUnknownAtPeer,
     Persist,
     QkdFetchFailed,
     QkdKeysFetched,
@@ -180,6 +181,9 @@ class World:
         self.sink_delay = 0.0
         #: Sink calls that fail: "install", "activate", "retire", "block".
         self.sink_fails: frozenset[str] = frozenset()
+        #: Sides ("I", "R") whose gateway does not have the link (yet): they send nothing
+        #: for it, and the channel answers what is sent to them with LinkUnknownAtPeer.
+        self.without_link: set[str] = set()
         # history for the invariants
         self.ledger = Ledger()
         self.violations: list[str] = []
@@ -252,6 +256,12 @@ class World:
         return self.ledger.keys
 
     def _send(self, side: Side, message: Message) -> None:
+        if side.name in self.without_link:
+            return
+        if side.peer.name in self.without_link:
+            self.later(self.rng.uniform(0, self.max_delay), side,
+                       LinkUnknownAtPeer(f"peer has no link {message.link}"))
+            return
         if isinstance(message, Offer):
             self.violations += self.ledger.offer(message.epoch, message.nonce)
         raw = encode(message)
