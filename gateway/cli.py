@@ -152,8 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
              "docs/operations.md.")
     _site_arg(p)
 
-    p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms")
+    p = _add(sub, "status", _cmd_status, "show the running daemon's links, epochs and alarms",
+             "Ask the running daemon how its links are: first a summary over all links\n"
+             "(how many in each state and mode, blocked, per peer gateway, the alarms with\n"
+             "the first links raising each, the exchanges and KME requests in flight and\n"
+             "queued), then one line per link. See docs/operations.md#status.")
     _site_arg(p)
+    p.add_argument("--link", help="only this link's line (the summary still counts all)")
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
 
     p = _add(sub, "rekey", _cmd_rekey, "start a rekey now (all links, or one)")
@@ -382,12 +387,17 @@ class DaemonUnreachable(Exception):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    data = _admin(args.config, "GET", "/status")
+    from urllib.parse import quote
+
+    query = "" if args.link is None else f"?link={quote(args.link, safe='')}"
+    data = _admin(args.config, "GET", f"/status{query}")
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     status = SiteStatus.model_validate(data)
     print(f"site {status.site} (pid {status.pid}, up {status.uptime} s)")
+    for line in _summary(status, named=args.link is None):
+        print(line)
     header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",
               "QKD every", "pool dry in", "alarms")
     rows: list[tuple[str, ...]] = [header]
@@ -401,7 +411,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             kms_text = "DOWN" if not kms.ok else "?"
         age = "-" if link.key_age is None else f"{link.key_age:.1f} s"
         epoch = f"{link.epoch}" + (" BLOCKED" if link.blocked else "")
-        rows.append((link.link, link.role, link.state, epoch, age, link.fingerprint or "-",
+        state = "queued" if link.queued else link.state
+        rows.append((link.link, link.role, state, epoch, age, link.fingerprint or "-",
                      link.mode, kms_text, *_supply_columns(link.supply),
                      ", ".join(link.alarms) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -429,6 +440,37 @@ def _duration(seconds: float) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
     return f"{seconds:.1f} s"
+
+
+#: The summary names this many links per alarm (a hub has thousands).
+ALARM_LINKS_NAMED = 3
+
+
+def _summary(status: SiteStatus, *, named: bool) -> list[str]:
+    """The summary's lines: counts over all links; NAMED: the first links of each alarm."""
+    s = status.summary
+
+    def counts(by: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in by.items()) or "-"
+
+    def alarm(name: str, n: int) -> str:
+        links = [link.link for link in status.links if name in link.alarms]
+        if not named or not links:
+            return f"{name} {n}"
+        more = f", +{n - ALARM_LINKS_NAMED} more" if n > ALARM_LINKS_NAMED else ""
+        return f"{name} {n} ({', '.join(links[:ALARM_LINKS_NAMED])}{more})"
+
+    p = s.pacing
+    throttled = f"; throttled: {', '.join(p.throttled_peers)}" if p.throttled_peers else ""
+    return [
+        f"{s.links} links, {s.blocked} blocked; peers: {counts(s.by_peer)}",
+        f"  state:  {counts(s.by_state)}",
+        f"  mode:   {counts(s.by_mode)}",
+        f"  alarms: {', '.join(alarm(a, n) for a, n in s.alarms.items()) or 'none'}",
+        f"  turns:  exchanges {p.exchanges} of {p.exchange_limit} ({p.exchange_limit_per_peer}"
+        f" per peer), {p.exchanges_queued} queued; KME requests {p.kms_requests} of"
+        f" {p.kms_request_limit}, {p.kms_requests_queued} queued{throttled}",
+    ]
 
 
 def _cmd_rekey(args: argparse.Namespace) -> int:

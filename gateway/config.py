@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from common.config import Address, ConfigModel, FilePath, Seconds, load_yaml_model
 from common.sink import KeyLifetimes, SinkConfig
 from gateway.core.policy import Mode, Policy
+from gateway.pacing import EXCHANGES_IN_FLIGHT, EXCHANGES_PER_PEER, KMS_REQUESTS_IN_FLIGHT
 from kms.config import KmsClientConfig
 from kms.models import EntityId
 
@@ -27,6 +28,9 @@ MAX_RESERVE_KEYS = 1_000_000
 #: The largest `qkd_share` weight: a thousand to one between two links is more than any
 #: operator needs, and it keeps every share a plain number.
 MAX_QKD_SHARE = 1000.0
+
+#: More turns than links a daemon can run: a bound, not a recommendation.
+MAX_TURNS = 100_000
 
 
 class PeerChannelConfig(ConfigModel):
@@ -83,6 +87,18 @@ class LinkConfig(ConfigModel, Generic[S]):
     sinks: list[S] = Field(default_factory=list)
 
 
+class PacingConfig(ConfigModel):
+    """How many exchanges and KME requests run at once (gateway/pacing.py explains the
+    defaults; docs/operations.md, "Restart storms")."""
+
+    exchanges: int = Field(default=EXCHANGES_IN_FLIGHT, ge=1, le=MAX_TURNS,
+                           description="exchanges this daemon starts, in flight at once")
+    exchanges_per_peer: int = Field(default=EXCHANGES_PER_PEER, ge=1, le=MAX_TURNS,
+                                    description="... towards one peer gateway")
+    kms_requests: int = Field(default=KMS_REQUESTS_IN_FLIGHT, ge=1, le=MAX_TURNS,
+                              description="KME key requests in flight at once")
+
+
 class AdminConfig(ConfigModel):
     """The local control socket of `qkdgw status` and `qkdgw rekey` (mode 0600)."""
 
@@ -103,6 +119,7 @@ class SiteConfig(ConfigModel, Generic[S]):
         default=10.0, description="seconds between KMS status polls")
     peer_channel: PeerChannelConfig
     policy: PolicyConfig = PolicyConfig()
+    pacing: PacingConfig = PacingConfig()
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig | None = None
     audit_log: FilePath | None = Field(default=None,

@@ -81,12 +81,14 @@ from gateway.core.events import (
     Record,
     RecordKind,
     RekeyRequested,
+    RequestStart,
     RetireFailed,
     RetireInbound,
     RetireOutbound,
     Send,
     SinkActivated,
     SinkInstalled,
+    StartGranted,
     Tick,
     received,
 )
@@ -96,11 +98,13 @@ from gateway.core.machine import (
     LinkIdentity,
     LinkMachine,
     PeerMessageRejected,
+    State,
 )
 from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.policy import Policy
 from gateway.core.snapshot import Snapshot
 from gateway.metrics import Metrics
+from gateway.pacing import GATHER_LIMIT, Pacer
 from gateway.peer import PeerChannel, PeerChannels, PeerServer, certificate_sha256
 from gateway.reload import LinkChange, NotLive, Plan, plan, tls_files
 from gateway.status import (
@@ -108,11 +112,13 @@ from gateway.status import (
     KmsStatus,
     LastRekey,
     LinkStatus,
+    PacingStatus,
     PeerChannelStatus,
     Rekeying,
     Reloaded,
     SiteStatus,
     Stopping,
+    Summary,
     SupplyStatus,
 )
 from kms.errors import KmsError
@@ -147,6 +153,12 @@ EXIT_STALLED = 70
 #: Peer messages waiting in one link's queue at most; more are refused for that link alone
 #: (the channel reads on). An honest peer has one or two in flight per link.
 MAX_PEER_BACKLOG = 32
+
+#: How often the start looks whether every link has asked for its first turn.
+GATHER_POLL = 0.01
+
+#: An unknown link's error names this many of the site's links (a hub has thousands).
+LINKS_NAMED = 10
 
 #: Record kinds that go to the audit trail (key handling); all are logged.
 K = RecordKind
@@ -221,6 +233,8 @@ class LinkRunner:
     stuck: str = ""  # why the watchdog cancelled the task
     #: The last Commit or Ack received: its audit head is anchored once its epoch is done.
     completing: Commit | Ack | None = None
+    #: The link holds a turn of the daemon's exchange pacer (until it is idle again).
+    turn: bool = False
 
     @property
     def name(self) -> str:
@@ -251,6 +265,8 @@ class LinkRunner:
                 log.error("link %s: %s (ignored)", self.name, e)
                 continue
             await self.execute(actions)
+            if self.turn and m.state is State.IDLE and m.queued is None:
+                self.give_turn_back()
             if isinstance(event, CommitReceived | AckReceived):
                 self.completing = event.message
             done = next((a.epoch for a in actions
@@ -301,6 +317,25 @@ class LinkRunner:
         for task in list(self.tasks):
             task.cancel()
 
+    async def _await_turn(self, deadline: float) -> None:
+        """The core asked to start an exchange: wait for a turn (unless it still holds the
+        last one), then let it."""
+        if not self.turn:
+            await self.daemon.exchanges.acquire(self.config.peer.name, deadline)
+            self.turn = True
+        self.queue.put_nowait(StartGranted())
+
+    def give_turn_back(self) -> None:
+        if self.turn:
+            self.turn = False
+            self.daemon.exchanges.release(self.config.peer.name)
+
+    @property
+    def deadline(self) -> float:
+        """When the link's key reaches its hard lifetime (now, without one): the pacers
+        serve the earliest first."""
+        return time.time() if self.active_until is None else self.active_until
+
     async def execute(self, actions: list[Action]) -> None:
         for a in actions:
             match a:
@@ -350,6 +385,8 @@ class LinkRunner:
                     self.daemon.record(self, a)
                 case Persist():
                     self.daemon.dirty.add(self.name)
+                case RequestStart():
+                    self.spawn("turn", self._await_turn(a.deadline))
                 case _:
                     assert_never(a)
 
@@ -409,7 +446,9 @@ class LinkRunner:
 
     async def _fetch(self, a: FetchQkdKeys) -> None:
         try:
-            batch = await self.daemon.kme.enc_keys(self.config.peer.sae_id, a.number, a.size)
+            async with self.daemon.kms_requests.turn("", self.deadline):
+                batch = await self.daemon.kme.enc_keys(self.config.peer.sae_id, a.number,
+                                                       a.size)
         except KmsError as e:
             await self.queue.put(QkdFetchFailed(a.request, str(e)))
         else:
@@ -417,8 +456,9 @@ class LinkRunner:
 
     async def _fetch_by_id(self, a: FetchQkdKeysById) -> None:
         try:
-            batch = await self.daemon.kme.dec_keys(self.config.peer.sae_id, a.key_ids,
-                                                   size=a.size)
+            async with self.daemon.kms_requests.turn("", self.deadline):
+                batch = await self.daemon.kme.dec_keys(self.config.peer.sae_id, a.key_ids,
+                                                       size=a.size)
         except (KmsError, ValueError) as e:
             await self.queue.put(QkdFetchFailed(a.request, str(e)))
         else:
@@ -439,6 +479,7 @@ class LinkRunner:
             rekeys=m.rekeys, last_rekey_latency=self.last_latency, last_rekey=self.last_rekey,
             next_rekey_in=None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
+            queued=m.queued is not None and not self.turn,
             alarms=alarms,
             kms=self.kms_seen.model_copy(update={"ok": m.kms.ok, "reason": m.kms.reason}),
             peer_channel_connects=self.peer.connects + self.daemon.accepted.get(
@@ -484,6 +525,12 @@ class Daemon:
         self.fingerprints: dict[str, dict[int, str]] = {}
         self.runners: dict[str, LinkRunner] = {}
         self.kme = config.kms.client()
+        pacing = config.pacing
+        #: Turns for the exchanges this daemon starts, per peer gateway (docs/operations.md);
+        #: held back at start until every link has asked (`_open_turns`).
+        self.exchanges = Pacer(pacing.exchanges, pacing.exchanges_per_peer, paused=True)
+        #: Turns for KME key requests.
+        self.kms_requests = Pacer(pacing.kms_requests)
         self._lock_fd: int | None = None
         self._servers: list[web.AppRunner] = []
         self._peer_server: PeerServer | None = None
@@ -543,6 +590,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         for runner in self.runners.values():
             self._supervise_link(runner.name)
+        self._tasks.append(asyncio.create_task(self._open_turns(), name="turns"))
         self.running = True
         log.info("site %s up: %d link(s)", c.site, len(self.runners))
 
@@ -581,10 +629,22 @@ class Daemon:
         self._link_tasks[name] = task
         self._tasks.append(task)
 
+    async def _open_turns(self) -> None:
+        """Hand out exchange turns once every initiator link has asked for its first (or
+        GATHER_LIMIT passed): after a restart the links nearest their hard lifetime go
+        first, not those that happened to ask first."""
+        until = time.monotonic() + GATHER_LIMIT
+        while time.monotonic() < until and any(
+                r.machine.queued is None for r in self.runners.values()
+                if r.machine.role is Role.INITIATOR):
+            await asyncio.sleep(GATHER_POLL)
+        self.exchanges.resume()
+
     def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None,
                  policy: Policy | None = None) -> LinkMachine:
         return LinkMachine(self._identities[link.name], policy or self.config.link_policy(link),
-                           now=time.time(), snapshot=snapshot, check_transitions=self.debug)
+                           now=time.time(), snapshot=snapshot, check_transitions=self.debug,
+                           admission=True)
 
     async def stop(self) -> None:
         """Stop; each sink leaves its data plane as its stop behaviour says (a key file
@@ -685,6 +745,7 @@ class Daemon:
         changed); the restart takes the last saved state, which the protocol absorbs."""
         name = runner.name
         runner.cancel_tasks()
+        runner.give_turn_back()
         self.dirty.discard(name)
         detail = f"{why}; traffic blocked, restarting in {restart_in:g} s"
         self.failed[name] = detail
@@ -812,6 +873,7 @@ class Daemon:
         runner.removed = True
         self.dirty.discard(name)  # (before any await: no flush looks for it again)
         runner.cancel_tasks()
+        runner.give_turn_back()
         await self._channels().release(name, runner.peer)
         for sink in [s for s in runner.sinks if s not in runner.unstarted]:
             try:
@@ -1031,6 +1093,11 @@ class Daemon:
                 extra={"link": link, "epoch": r.epoch, "event": r.kind})
         if r.kind in (K.ACTIVATED, K.REKEYED) and r.fingerprint:
             self.note_fingerprint(link, r.epoch, r.fingerprint)
+        if runner.machine.role is Role.INITIATOR:  # its peer's share of the turns
+            if r.kind is K.REKEYED:
+                self.exchanges.succeeded(runner.config.peer.name)
+            elif r.kind is K.UNCONFIRMED or r.cause is Cause.TIMEOUT:
+                self.exchanges.failed(runner.config.peer.name)
         if r.kind is K.REKEYED:
             suite = runner.machine.outbound.suite.name if runner.machine.outbound else ""
             self.metrics.rekeys.labels(link, suite).inc()
@@ -1115,27 +1182,45 @@ class Daemon:
 
     # -- status, admin socket, metrics ------------------------------------------------------
 
-    def status(self) -> SiteStatus:
+    def status(self, link: str | None = None) -> SiteStatus:
+        """The site's status; with LINK, only that link's entry (the summary counts all)."""
         now = time.time()
         head = self.audit.head if self.audit else None
+        links = [r.status(now) for r in self.runners.values()]
+        x, k = self.exchanges, self.kms_requests
+        pacing = PacingStatus(
+            exchanges=x.in_flight, exchanges_queued=x.waiting, exchange_limit=x.limit,
+            exchange_limit_per_peer=x.per_group, throttled_peers=x.throttled(),
+            kms_requests=k.in_flight, kms_requests_queued=k.waiting, kms_request_limit=k.limit)
         return SiteStatus(
             site=self.config.site, pid=os.getpid(), uptime=round(now - self.started, 1),
             audit=AuditStatus(path=str(self.config.audit_path),
                               records=head.seq if head else 0,
                               head=head.hash if head else None),
-            links=[r.status(now) for r in self.runners.values()],
+            summary=Summary.of(links, pacing),
+            links=[s for s in links if link is None or s.link == link],
             peers=[PeerChannelStatus(peer=p.name, address=str(p.address), connected=p.connected,
                                      connects=p.connects, accepted=self.accepted.get(p.name, 0),
                                      links=len(p.links))
                    for p in (self.channels.channels.values() if self.channels else ())])
+
+    def _unknown_link(self, link: object) -> web.Response:
+        """404 naming the link asked for and some that exist (a hub has thousands)."""
+        names = list(self.runners)
+        shown = ", ".join(names[:LINKS_NAMED]) + \
+            (f" and {len(names) - LINKS_NAMED} more" if len(names) > LINKS_NAMED else "")
+        return web.json_response({"error": f"no link {link!r} (links: {shown})"}, status=404)
 
     async def _serve_admin(self) -> None:
         path = self.config.admin_socket
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         app = web.Application(middlewares=[_owner_only])
-        async def status(_: web.Request) -> web.Response:
-            return web.json_response(self.status().model_dump(mode="json"))
+        async def status(request: web.Request) -> web.Response:
+            link = request.query.get("link")
+            if link is not None and link not in self.runners:
+                return self._unknown_link(link)
+            return web.json_response(self.status(link).model_dump(mode="json"))
 
         app.router.add_get("/status", status)
         app.router.add_post("/rekey", self._admin_rekey)
@@ -1155,8 +1240,7 @@ class Daemon:
         body = await request.json() if request.can_read_body else {}
         link = body.get("link") if isinstance(body, dict) else None
         if link is not None and link not in self.runners:
-            return web.json_response({"error": f"no link {link!r} (links: "
-                                      + ", ".join(self.runners) + ")"}, status=404)
+            return self._unknown_link(link)
         return web.json_response(Rekeying(rekeying=self.rekey(link)).model_dump())
 
     async def _admin_reload(self, request: web.Request) -> web.Response:

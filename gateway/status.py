@@ -66,6 +66,8 @@ class LinkStatus(_Status):
     last_rekey: LastRekey | None = Field(default=None, description="the last epoch this side"
                                                                    " completed, and when")
     next_rekey_in: float | None = Field(description="seconds to the next scheduled rekey (I)")
+    queued: bool = Field(default=False, description="waiting for its turn to start an"
+                                                    " exchange (I; restart-storm pacing)")
     alarms: dict[str, str] = Field(description="raised alarms and their details")
     kms: KmsStatus = Field(description="the link's KMS, as the last status poll saw it")
     peer_channel_connects: int = Field(default=0, description="connections of the peer"
@@ -95,12 +97,52 @@ class PeerChannelStatus(_Status):
     links: int = Field(description="links with it")
 
 
+class PacingStatus(_Status):
+    """The daemon's turns (docs/operations.md#restart-storms)."""
+
+    exchanges: int = Field(description="exchanges started by this daemon, in flight")
+    exchanges_queued: int = Field(description="links waiting for their turn to start one")
+    exchange_limit: int = Field(description="at most this many at once")
+    exchange_limit_per_peer: int = Field(description="... and this many towards one peer")
+    throttled_peers: list[str] = Field(description="peers held to one exchange at a time"
+                                                   " since one timed out")
+    kms_requests: int = Field(description="KME key requests in flight")
+    kms_requests_queued: int = Field(description="KME key requests waiting for their turn")
+    kms_request_limit: int = Field(description="at most this many at once")
+
+
+class Summary(_Status):
+    """Counts over every link of the site, for sites with many."""
+
+    links: int = Field(description="links of the site")
+    blocked: int = Field(description="links whose traffic is blocked")
+    by_state: dict[str, int] = Field(description="links per rekey core state")
+    by_mode: dict[str, int] = Field(description="links per mode")
+    by_peer: dict[str, int] = Field(description="links per peer gateway")
+    alarms: dict[str, int] = Field(description="links raising each alarm")
+    pacing: PacingStatus = Field(description="exchanges and KME requests in flight")
+
+    @classmethod
+    def of(cls, links: list[LinkStatus], pacing: PacingStatus) -> Summary:
+        def count(values: list[str]) -> dict[str, int]:
+            return {v: values.count(v) for v in sorted(set(values))}
+
+        return cls(links=len(links), blocked=sum(1 for link in links if link.blocked),
+                   by_state=count([link.state for link in links]),
+                   by_mode=count([link.mode for link in links]),
+                   by_peer=count([link.peer for link in links]),
+                   alarms=count([a for link in links for a in link.alarms]),
+                   pacing=pacing)
+
+
 class SiteStatus(_Status):
     site: str = Field(description="the site's name")
     pid: int = Field(description="the daemon's process ID")
     uptime: float = Field(description="seconds since the daemon started")
     audit: AuditStatus = Field(description="the audit trail (docs/operations.md#audit-trail)")
-    links: list[LinkStatus] = Field(description="one entry per link")
+    summary: Summary = Field(description="counts over all links (also with `?link=`)")
+    links: list[LinkStatus] = Field(description="one entry per link (`GET /status?link=NAME`:"
+                                                " that one)")
     peers: list[PeerChannelStatus] = Field(default_factory=list,
                                            description="one entry per peer gateway")
 
@@ -131,7 +173,8 @@ class Stopping(_Status):
     stopping: str
 
 
-NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus, PeerChannelStatus)
+NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus, PeerChannelStatus,
+          Summary, PacingStatus)
 
 
 def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:
@@ -141,9 +184,11 @@ def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:
     if model is not None:
         return "object", model
     if getattr(kind, "__origin__", None) is list:
+        if args[0] is str:
+            return "list of strings", None
         return "list of objects", next(m for m in NESTED if m is args[0])
     if getattr(kind, "__origin__", None) is dict:
-        return "object of strings", None
+        return f"object of {'integers' if args[1] is int else 'strings'}", None
     if type(None) in args:
         inner, nested = _shown(next(a for a in args if a is not type(None)))
         return f"{inner} or null", nested

@@ -188,6 +188,11 @@ class BlockFailed(Event):
     reason: str
 
 
+@dataclass(frozen=True)
+class StartGranted(Event):
+    """The driver's answer to RequestStart: the link may start its exchange now."""
+
+
 # -- actions -------------------------------------------------------------------------------
 
 
@@ -241,6 +246,16 @@ class RetireOutbound:
     expired."""
 
     ref: EpochRef
+
+
+@dataclass(frozen=True)
+class RequestStart:
+    """Ask for a turn to start an exchange (the driver paces how many run at once, e.g.
+    after a restart, when every link wants one); answer StartGranted. DEADLINE: when the
+    link's key reaches its hard lifetime (the time of asking when it has none): the driver
+    serves the earliest first."""
+
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -318,4 +333,4 @@ class Persist:
 #: Everything the core asks the driver to do; a driver handles each (mypy checks it does).
 Action: TypeAlias = (FetchQkdKeys | FetchQkdKeysById | Send | InstallInbound | ActivateOutbound
                      | RetireInbound | RetireOutbound | Block | RaiseAlarm | ClearAlarm | Record
-                     | Persist)
+                     | Persist | RequestStart)

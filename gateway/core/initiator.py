@@ -135,7 +135,7 @@ class InitiatorHandlers(QkdHandlers):
             return self._peer_restarted(m, now)
         if self.state is not State.IDLE:
             return []
-        return self._start_exchange(now, f"peer asked: {m.reason}")
+        return self._begin(now, f"peer asked: {m.reason}")
 
     def _peer_restarted(self, m: RekeyRequest, now: float) -> list[Action]:
         """The responder restarted: what it held of an exchange in progress is gone, and so
@@ -163,7 +163,7 @@ class InitiatorHandlers(QkdHandlers):
                                  detail=f"{why} before its Ack")] + \
                 self._start_exchange(now, why)
         if self.state is State.IDLE:
-            return out + self._start_exchange(now, f"peer asked: {m.reason}")
+            return out + self._begin(now, f"peer asked: {m.reason}")
         return out
 
     # -- finishing -----------------------------------------------------------------------------

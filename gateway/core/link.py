@@ -28,8 +28,10 @@ from gateway.core.events import (
     RaiseAlarm,
     Record,
     RecordKind,
+    RequestStart,
     RetireOutbound,
     Send,
+    StartGranted,
     Tick,
 )
 from gateway.core.keyring import CurrentKey, KeyRing
@@ -132,11 +134,18 @@ class LinkCore(ABC):
         rng: Callable[[int], bytes] = os.urandom,
         kem: Kem | None = None,
         check_transitions: bool = False,
+        admission: bool = False,
     ) -> None:
+        """ADMISSION: the initiator asks the driver for a turn (RequestStart) before it
+        starts an exchange of its own accord, and starts on StartGranted (the daemon paces
+        restart storms this way); without it, it starts at once."""
         self.identity = identity
         self.policy = policy
         self.kem = kem or kem_by_name(identity.kem)
         self.check_transitions = check_transitions
+        self.admission = admission
+        #: Why the initiator waits for its turn (RequestStart sent, no StartGranted yet).
+        self.queued: str | None = None
         self._rng = rng
         self.state = State.IDLE
         self.max_epoch = 0  # the highest epoch number used or seen, never reused
@@ -237,8 +246,9 @@ class LinkCore(ABC):
         return out + self._persist()
 
     def next_deadline(self) -> float | None:
-        times = [self.next_rekey_at, self.next_nudge_at, self.reblock_at,
-                 *self.keys.deadlines()]
+        # While waiting for its turn the rekey is due already: the turn starts it.
+        times = [None if self.queued else self.next_rekey_at, self.next_nudge_at,
+                 self.reblock_at, *self.keys.deadlines()]
         if self.attempt is not None:
             times.append(self.attempt.next_send)
             if self.state is not State.ACTIVATING:  # (see _tick)
@@ -256,6 +266,25 @@ class LinkCore(ABC):
     @abstractmethod
     def _start_exchange(self, now: float, reason: str) -> list[Action]:
         """I: begin an epoch (a timer or a request says so)."""
+
+    def _begin(self, now: float, reason: str) -> list[Action]:
+        """I, idle: start an exchange of its own accord (its schedule, the operator, the
+        peer's request); with admission, ask the driver for a turn first."""
+        if not self.admission:
+            return self._start_exchange(now, reason)
+        if self.queued is not None:
+            return []  # already waiting: the turn starts it
+        self.queued, self.next_rekey_at = reason, None
+        o = self.keys.outbound
+        return [RequestStart(now if o is None else o.activated_at + self.policy.hard_lifetime)]
+
+    def _granted(self, event: StartGranted, now: float) -> list[Action]:
+        """The driver's turn came: start the exchange waited for (if still idle and
+        waiting; otherwise the driver takes its turn back, seeing the link idle)."""
+        if self.queued is None or self.state is not State.IDLE:
+            return []
+        reason, self.queued = self.queued, None
+        return self._start_exchange(now, reason)
 
     def _abort_msg(self, offer: Offer, reason: AbortReason) -> Abort:
         return Abort(link=offer.link, epoch=offer.epoch, out=self.keys.out_epoch,
@@ -379,7 +408,7 @@ class LinkCore(ABC):
         if self.role is Role.INITIATOR:
             if self.state is State.IDLE and self.next_rekey_at is not None \
                     and now >= self.next_rekey_at:
-                out += self._start_exchange(now, "scheduled")
+                out += self._begin(now, "scheduled")
         elif self.next_nudge_at is not None and now >= self.next_nudge_at:
             self.next_nudge_at = None
             if self.state is State.IDLE and self._needs_nudge(now):

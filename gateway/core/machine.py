@@ -60,6 +60,7 @@ from gateway.core.events import (
     RetireFailed,
     SinkActivated,
     SinkInstalled,
+    StartGranted,
     Tick,
 )
 from gateway.core.initiator import InitiatorHandlers
@@ -87,7 +88,7 @@ class LinkMachine(InitiatorHandlers, ResponderHandlers, PlaneHandlers):
     def _rekey_now(self, event: RekeyRequested, now: float) -> list[Action]:
         if self.role is Role.RESPONDER:
             return self._ask_for_epoch(event, now)
-        return self._start_exchange(now, event.reason)
+        return self._begin(now, event.reason)
 
     def _rekey_later(self, event: RekeyRequested, now: float) -> list[Action]:
         return [Record(RecordKind.REKEY_DEFERRED, self.max_epoch, detail=f"{event.reason}: an"
@@ -205,6 +206,9 @@ TRANSITIONS: tuple[Transition[Any], ...] = (
     row(None, LinkUnknownAtPeer, M._link_unknown, (), "the peer has no such link: alarm; I"
         " keeps its Offer (retransmitted, not given up on a timer) until the peer is heard"
         " from"),
+    row(None, StartGranted, M._granted, (), "I: the driver's turn (pacing): start the"
+        " exchange it waited for, if still idle",
+        ((S.IDLE, S.FETCHING), (S.IDLE, S.OFFERED))),
     row(None, KmsStatusObserved, M._kms_status, (), "track KMS health and key supply"),
     row(None, KmsUnreachable, M._kms_unreachable, (), "the KMS cannot be reached"),
     row(None, Tick, M._tick, (), "timers: a scheduled rekey starts (I); an exchange past"

@@ -42,6 +42,16 @@ def edited(tmp_path: Path, demo: DemoLayout, edit: Edit) -> Path:
     return path
 
 
+def test_pacing_defaults_and_settings(tmp_path: Path, demo: DemoLayout) -> None:
+    site = SiteConfig.load(demo.site_config("a"))
+    assert (site.pacing.exchanges, site.pacing.exchanges_per_peer,
+            site.pacing.kms_requests) == (32, 16, 16)
+    site = SiteConfig.load(edited(tmp_path, demo, lambda c: c.update(
+        pacing={"exchanges": 4, "kms_requests": 2})))
+    assert (site.pacing.exchanges, site.pacing.exchanges_per_peer,
+            site.pacing.kms_requests) == (4, 16, 2)
+
+
 def test_policy_layers_defaults_site_and_link(tmp_path: Path, demo: DemoLayout) -> None:
     def edit(c: dict[str, Any]) -> None:
         c["policy"] = {"interval": 60, "mode": "pqc-fallback"}
@@ -108,6 +118,12 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
     (lambda c: c["links"][0]["sinks"].append(strongswan(
         extra={"x": {"y": {"z": {"a": {"b": {"c": {"d": "1"}}}}}}})),
      "connection.x.y.z.a: nested deeper than 4 sections"),
+    (lambda c: c.update(pacing={"exchanges": 0}), "pacing.exchanges: Input should be greater"
+     " than or equal to 1"),
+    (lambda c: c.update(pacing={"kms_requests": 10**9}), "pacing.kms_requests: Input should be"
+     " less than or equal to 100000"),
+    (lambda c: c.update(pacing={"exchanges_per_peer": 2.5}), "pacing.exchanges_per_peer:"),
+    (lambda c: c.update(pacing={"storm": 1}), "pacing.storm: Extra inputs are not permitted"),
 ])
 def test_errors_name_the_field(tmp_path: Path, demo: DemoLayout, edit: Edit,
                                message: str) -> None:

@@ -14,11 +14,15 @@ from common.sink import EpochRef, Role
 from gateway.core.events import (
     Alarm,
     Block,
+    FetchQkdKeys,
     KmsStatusObserved,
     RekeyRequested,
+    RequestStart,
     RetireOutbound,
     Send,
     SinkInstalled,
+    StartGranted,
+    Tick,
     received,
 )
 from gateway.core.keyring import KeyRing
@@ -38,7 +42,7 @@ from gateway.core.messages import (
 )
 from gateway.core.policy import Mode, Policy
 from gateway.core.snapshot import MAX_PENDING, Snapshot
-from tests.gateway.world import CERT_I, CERT_R, FAST, World, policy
+from tests.gateway.world import CERT_I, CERT_R, FAST, World, identity, policy
 
 # -- happy path and modes ------------------------------------------------------------------
 
@@ -153,6 +157,39 @@ def test_operator_and_soft_limit_rekeys() -> None:
     w.run_for(1)
     assert w.i.plane.outbound == 3
     assert w.converged()
+
+
+def test_with_admission_the_initiator_starts_only_on_its_turn() -> None:
+    """The daemon paces exchanges: the initiator asks for a turn (RequestStart, with when its
+    key reaches the hard lifetime) and starts on StartGranted; meanwhile nothing starts it,
+    and the timer does not spin."""
+    m = LinkMachine(identity(Role.INITIATOR), FAST, now=0.0, admission=True,
+                    check_transitions=True)
+    m.start(0.0)
+    m.handle(KmsStatusObserved(1000, 256, "kme-a", "kme-b"), 0.0)
+    assert m.handle(Tick(), 0.0) == [RequestStart(0.0)]  # no key yet: due now
+    assert (m.state, m.queued, m.next_deadline()) == (State.IDLE, "scheduled", None)
+    assert m.handle(RekeyRequested("operator"), 1.0) == []  # already waiting
+    assert m.handle(Tick(), 5.0) == []
+    out = m.handle(StartGranted(), 6.0)
+    assert [type(a) for a in out if isinstance(a, FetchQkdKeys)] == [FetchQkdKeys]
+    assert (m.state, m.queued) == (State.FETCHING, None)
+    assert m.handle(StartGranted(), 6.0) == []  # a turn nobody waits for changes nothing
+    assert m.state is State.FETCHING
+
+    w = World(seed=40, admission=0.5)  # the world grants turns within half a second
+    w.kms_status()
+    w.run_for(3)
+    assert w.converged()
+    o = w.i.machine.outbound
+    assert o is not None
+    asked = w.i.machine.handle(RekeyRequested("operator"), w.now)
+    assert asked == [RequestStart(o.activated_at + FAST.hard_lifetime)]
+    w.i.feed(StartGranted())
+    w.run_for(2)
+    assert w.converged()
+    assert w.i.plane.outbound == 2
+    assert not w.violations
 
 
 def test_restart_resumes_epochs_without_reusing_numbers() -> None:

@@ -2,9 +2,10 @@
 
 Faults: message loss, duplication, reordering and delay; a KMS that fails, slows and
 recovers, and whose QBER spikes; gateway restarts; operator rekeys; slow sinks; a gateway
-whose configuration lacks the link for a while (the channel answers `unknown-link`). After every
-step the world checks the rules of tests/gateway/invariants.py (shared with the explorer)
-against the data planes, among them:
+whose configuration lacks the link for a while (the channel answers `unknown-link`); turns to
+start an exchange granted late (the daemon's pacing). After every step the world checks the
+rules of tests/gateway/invariants.py (shared with the explorer) against the data planes,
+among them:
 1. whoever sends on an epoch's key finds it installed inbound at the peer;
 2. both sides hold the same key for an epoch, and epochs never share a key;
 3. epochs only move forward; a QKD key ID belongs to one epoch at most;
@@ -31,10 +32,11 @@ from tests.gateway.world import CERT_I, FAST, Side, World, policy
 class RekeyWorld(RuleBasedStateMachine):
     mode = Mode.QKD_PQC
 
-    @initialize(seed=st.integers(0, 2**32 - 1))
-    def setup(self, seed: int) -> None:
+    @initialize(seed=st.integers(0, 2**32 - 1),
+                admission=st.none() | st.sampled_from([0.0, 0.5, 3.0]))
+    def setup(self, seed: int, admission: float | None) -> None:
         p = policy(mode=self.mode)
-        self.world = World(seed=seed, policy_i=p, policy_r=p)
+        self.world = World(seed=seed, policy_i=p, policy_r=p, admission=admission)
         self.world.kms_status()
 
     @rule(seconds=st.floats(0.05, 25.0))
@@ -136,7 +138,9 @@ def _random_world(seed: int, steps: int = 60) -> World:
     """Faults as the stateful tests draw them, from a seed: the honest protocol's moves."""
     rng = random.Random(seed)  # noqa: S311 (a seeded simulation, replayable)
     p = policy(mode=rng.choice([Mode.QKD_PQC, Mode.PQC_FALLBACK]))
-    w = World(seed=seed, policy_i=p, policy_r=p)
+    # One world in four paces its exchanges (the daemon's admission), its turns late or not.
+    w = World(seed=seed, policy_i=p, policy_r=p,
+              admission=(0.0, 1.0, 5.0)[seed // 4 % 3] if seed % 4 == 0 else None)
     w.kms_status()
     for _ in range(steps):
         op = rng.randrange(8)

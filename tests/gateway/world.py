@@ -42,12 +42,14 @@ from gateway.core.events import (
     QkdKeysFetched,
     RaiseAlarm,
     Record,
+    RequestStart,
     RetireFailed,
     RetireInbound,
     RetireOutbound,
     Send,
     SinkActivated,
     SinkInstalled,
+    StartGranted,
     Tick,
     received,
 )
@@ -135,7 +137,8 @@ class Side:
         return LinkMachine(identity(self.role), self.policy, now=self.world.now,
                            snapshot=self.snapshot,
                            rng=rng.randbytes,
-                           check_transitions=True)  # every move held to its table row
+                           check_transitions=True,  # every move held to its table row
+                           admission=self.world.admission is not None)
 
     @property
     def peer(self) -> Side:
@@ -167,8 +170,12 @@ class Side:
 
 
 class World:
-    def __init__(self, seed: int = 0, policy_i: Policy = FAST, policy_r: Policy = FAST) -> None:
+    def __init__(self, seed: int = 0, policy_i: Policy = FAST, policy_r: Policy = FAST,
+                 admission: float | None = None) -> None:
+        """ADMISSION: the machines ask for a turn before starting an exchange (the daemon's
+        pacing), granted after up to this many seconds; None: they start at once."""
         self.rng = random.Random(seed)  # noqa: S311 (a seeded simulation, replayable)
+        self.admission = admission
         self.now = 1000.0
         self.kms = Kms()
         self.queue: list[Pending] = []
@@ -235,6 +242,9 @@ class World:
                     self._sink(side, BlockFailed("refused"))
                 else:
                     side.plane.block(self.now)
+            elif isinstance(a, RequestStart):  # other links may have their turns first
+                self.later(self.rng.uniform(0, self.admission or 0.0), side, StartGranted(),
+                           local=True)
             elif isinstance(a, Persist):
                 side.snapshot = side.machine.snapshot()
             elif isinstance(a, RaiseAlarm):

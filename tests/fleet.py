@@ -1,0 +1,266 @@
+"""A hub and its spokes on loopback, for the hub test and bench/fleet.py: `qkdgw kms-sim`, one
+hub daemon and K spoke daemons, N links between them (link i to spoke i mod K), file sinks,
+mutual TLS everywhere, audit trails on.
+
+                    ┌── link l0, l3, ... ── spoke s0 (responder)
+    hub (initiator) ┼── link l1, l4, ... ── spoke s1
+                    └── link l2, l5, ... ── spoke s2
+    KME-hub ═══ qkd-s0 ═══ KME-s0,  KME-hub ═══ qkd-s1 ═══ KME-s1, ...   (one kms-sim)
+
+One CA issues every certificate; each site has its own KME and SAE, and a QKD link of its own
+to the hub's KME. Ports from a free range: the simulator's admin port, then the KMEs, the
+gateways and their metrics, hub first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import aiohttp
+import yaml
+
+from gateway import pki
+from gateway.demo.topology import WAIT, wait_until
+from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
+
+HUB = "hub"
+
+
+@dataclass
+class Fleet:
+    root: Path
+    links: int
+    peers: int
+    #: Site-wide policy of every daemon (gateway.config.PolicyConfig fields).
+    policy: dict[str, Any]
+    #: The hub's `pacing:` section, if any.
+    pacing: dict[str, int] | None = None
+    #: Overrides of every QKD link in kms.yaml (key_rate, max_key_count, ...).
+    qkd: dict[str, Any] = field(default_factory=dict)
+    kms_status_interval: float = 2.0
+    sim: SimProcess | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.base = free_base_port(1 + 3 * (self.peers + 1))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        self._pki()
+        (self.root / "kms.yaml").write_text(yaml.safe_dump(self._kms()))
+        for site in self.sites:
+            self.write_config(site, self.config(site))
+
+    # -- layout ------------------------------------------------------------------------------
+
+    @property
+    def spokes(self) -> list[str]:
+        return [f"s{k}" for k in range(self.peers)]
+
+    @property
+    def sites(self) -> list[str]:
+        return [HUB, *self.spokes]
+
+    def _index(self, site: str) -> int:
+        return self.sites.index(site)
+
+    @property
+    def admin_port(self) -> int:
+        return self.base
+
+    def kme_port(self, site: str) -> int:
+        return self.base + 1 + self._index(site)
+
+    def gateway_port(self, site: str) -> int:
+        return self.base + 1 + (self.peers + 1) + self._index(site)
+
+    def metrics_port(self, site: str) -> int:
+        return self.base + 1 + 2 * (self.peers + 1) + self._index(site)
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / f"state-{site}"
+
+    def config_path(self, site: str) -> Path:
+        return self.root / f"{site}.yaml"
+
+    def log_path(self, site: str) -> Path:
+        return self.root / f"{site}.log"
+
+    def spoke_of(self, link: int) -> str:
+        return f"s{link % self.peers}"
+
+    def link_names(self, site: str = HUB) -> list[str]:
+        return [f"l{i}" for i in range(self.links) if site in (HUB, self.spoke_of(i))]
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _pki(self) -> None:
+        d = self.root / "pki"
+        d.mkdir(exist_ok=True)
+        ca = pki.make_ca("qkd-gateway fleet CA")
+        pki.save(ca, d / "ca.pem", d / "ca.key")
+        for site in self.sites:
+            for cn, server, client in ((f"kme-{site}", True, False),
+                                       (f"sae-{site}", False, True),
+                                       (f"gw-{site}", True, True)):
+                dns = [cn, "localhost"] if server else []
+                cert = pki.issue(ca, cn, dns=dns, ips=["127.0.0.1"] if server else [],
+                                 server=server, client=client)
+                pki.save(cert, d / f"{cn}.pem", d / f"{cn}.key")
+
+    def _kms(self) -> dict[str, Any]:
+        return {
+            "ca": "pki/ca.pem",
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "kmes": [{"id": f"kme-{s}", "listen": f"127.0.0.1:{self.kme_port(s)}",
+                      "cert": f"pki/kme-{s}.pem", "key": f"pki/kme-{s}.key",
+                      "saes": [f"sae-{s}"]} for s in self.sites],
+            "links": [{"name": f"qkd-{s}", "kmes": [f"kme-{HUB}", f"kme-{s}"],
+                       "key_rate": 1e6, "max_key_count": 100_000, **self.qkd}
+                      for s in self.spokes],
+        }
+
+    def config(self, site: str) -> dict[str, Any]:
+        """SITE's configuration as written at the start."""
+        hub = site == HUB
+        links = []
+        for i in range(self.links):
+            spoke = self.spoke_of(i)
+            if not hub and spoke != site:
+                continue
+            peer = spoke if hub else HUB
+            links.append({
+                "name": f"l{i}", "role": "initiator" if hub else "responder",
+                "peer": {"address": f"127.0.0.1:{self.gateway_port(peer)}",
+                         "name": f"gw-{peer}", "sae_id": f"sae-{peer}"},
+                "sinks": [{"type": "file", "path": f"keys-{site}/l{i}.psk"}]})
+        config: dict[str, Any] = {
+            "site": site, "state_dir": f"state-{site}",
+            "kms": {"url": f"https://127.0.0.1:{self.kme_port(site)}", "sae_id": f"sae-{site}",
+                    "ca": "pki/ca.pem", "cert": f"pki/sae-{site}.pem",
+                    "key": f"pki/sae-{site}.key"},
+            "kms_status_interval": self.kms_status_interval,
+            "peer_channel": {"listen": f"127.0.0.1:{self.gateway_port(site)}",
+                             "ca": "pki/ca.pem", "cert": f"pki/gw-{site}.pem",
+                             "key": f"pki/gw-{site}.key"},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port(site)}"},
+            "policy": dict(self.policy),
+            "links": links,
+        }
+        if hub and self.pacing is not None:
+            config["pacing"] = dict(self.pacing)
+        return config
+
+    def write_config(self, site: str, config: dict[str, Any]) -> None:
+        self.config_path(site).write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start(self, *, hub: bool = True) -> Self:
+        """The simulator and every spoke, then (HUB) the hub."""
+        self.sim = start_sim(self.root / "kms.yaml", self.admin_port,
+                             [self.kme_port(s) for s in self.sites], self.root / "sim.log")
+        for site in self.spokes:
+            self.start_site(site)
+        if hub:
+            self.start_site(HUB)
+        return self
+
+    def start_site(self, site: str, *flags: str) -> subprocess.Popen[bytes]:
+        with self.log_path(site).open("ab") as log:
+            proc = subprocess.Popen(
+                [*qkdgw_command(), *flags, "run", "-c", str(self.config_path(site))],
+                stdout=log, stderr=subprocess.STDOUT)
+        self.procs[site] = proc
+        wait_for_port(self.gateway_port(site), proc=proc, timeout=WAIT)
+        return proc
+
+    def stop_site(self, site: str, sig: int = signal.SIGTERM) -> int:
+        proc = self.procs.pop(site)
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def stop(self) -> None:
+        for site in list(self.procs):
+            self.stop_site(site)
+        if self.sim is not None:
+            self.sim.stop()
+            self.sim = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    # -- observing ---------------------------------------------------------------------------
+
+    def log(self, site: str) -> str:
+        return self.log_path(site).read_text(errors="replace")
+
+    def admin(self, site: str, path: str, body: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+        """SITE's admin socket: GET PATH, or POST BODY to it."""
+        sock = self.state_dir(site) / "admin.sock"
+
+        async def call() -> dict[str, Any]:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s, \
+                    s.request("GET" if body is None else "POST", f"http://qkdgw{path}",
+                              json=body) as r:
+                data: dict[str, Any] = await r.json()
+                return data
+
+        return asyncio.run(call())
+
+    def status(self, site: str = HUB) -> dict[str, Any]:
+        return self.admin(site, "/status")
+
+    def links_of(self, site: str = HUB) -> dict[str, dict[str, Any]]:
+        return {link["link"]: link for link in self.status(site)["links"]}
+
+    def converged(self, newer_than: dict[str, int] | None = None) -> bool:
+        """Every link keyed on both sides with the same epoch and key, none blocked, each
+        newer than NEWER_THAN says."""
+        hub = self.links_of(HUB)
+        spokes: dict[str, dict[str, Any]] = {}
+        for site in self.spokes:
+            spokes.update(self.links_of(site))
+        return len(hub) == len(spokes) == self.links and all(
+            h["epoch"] == spokes[name]["epoch"] > (newer_than or {}).get(name, 0)
+            and h["fingerprint"] == spokes[name]["fingerprint"]
+            and not h["blocked"] and not spokes[name]["blocked"]
+            for name, h in hub.items())
+
+    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+        """Poll CHECK (a daemon starting counts as not yet); fail with the hub's log tail."""
+        wait_until(what, check, timeout, ignore=(OSError, aiohttp.ClientError, KeyError),
+                   detail=lambda: f"hub: {self.log(HUB)[-3000:]}")
+
+    def audit(self, site: str = HUB) -> list[dict[str, Any]]:
+        path = self.state_dir(site) / "audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def pid(self, site: str) -> int:
+        return self.procs[site].pid
+
+    def rss_kb(self, site: str) -> int:
+        """The daemon's resident memory, KiB (/proc)."""
+        status = Path(f"/proc/{self.pid(site)}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("VmRSS:")))
+
+    def cpu_seconds(self, site: str) -> float:
+        """User + system CPU time the daemon has used (/proc)."""
+        fields = Path(f"/proc/{self.pid(site)}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
