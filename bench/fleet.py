@@ -46,12 +46,21 @@ from tests.fleet import HUB, Fleet
 #: default four intervals; a short grace so old keys leave the (file) sinks soon.
 INTERVAL = 60.0
 POLICY = {"interval": INTERVAL, "hard_lifetime": 4 * INTERVAL, "grace": 0.5}
+#: KMS status polls as configured by default (every poll is an event for every link).
+KMS_STATUS = 10.0
 #: Load phase: each link asks for its next exchange 10 ms after the last one ended.
 LOAD_INTERVAL = 0.01
 #: How often the bench looks at the audit trail and the KMS counters.
 POLL = 0.25
 #: A fleet that has not keyed every link by then is reported as such.
 PHASE_TIMEOUT = 300.0
+#: Open files the hub may need per link (a WebSocket each way, a state or key file being
+#: written) and besides (KME connections, logs, listening sockets).
+FILES_PER_LINK = 4
+FILES_SPARE = 1024
+#: Below this much available memory the bench stops its daemons (a large N on a small
+#: machine must not bring the machine down with it).
+MIN_AVAILABLE_MB = 1024
 
 AIMS = {"steady_cpu_pct": 10.0, "rss_kb_per_link": 60.0, "max_rekeys_per_s": 500.0,
         "p99_ms": 50.0, "restart_all_rekeyed_s": 20.0, "baseline_ratio": 0.35}
@@ -88,10 +97,12 @@ class AuditTail:
 
 @dataclass
 class KmsSampler:
-    """The simulator's request counters (all KMEs, all calls), sampled in a thread."""
+    """The simulator's request counters (all KMEs, all calls), sampled in a thread; which also
+    stops the daemons if the machine runs short of memory."""
 
     fleet: Fleet
     samples: list[tuple[float, int]] = field(default_factory=list)
+    fleet_killed: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -100,6 +111,12 @@ class KmsSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(POLL):
+            if available_mb() < MIN_AVAILABLE_MB and not self.fleet_killed:
+                self.fleet_killed = True
+                print(f"less than {MIN_AVAILABLE_MB} MB of memory available: stopping the"
+                      " daemons", flush=True)
+                for proc in self.fleet.procs.values():
+                    proc.kill()
             sim = self.fleet.sim
             if sim is None:
                 continue
@@ -122,16 +139,22 @@ class KmsSampler:
         self._thread.join()
 
 
-def wait_all(tail: AuditTail, names: list[str], newer_than: dict[str, int], since: float,
-             timeout: float) -> tuple[float | None, int]:
+def available_mb() -> int:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    return int(next(line.split()[1] for line in meminfo
+                    if line.startswith("MemAvailable:"))) // 1024
+
+
+def wait_all(fleet: Fleet, tail: AuditTail, names: list[str], newer_than: dict[str, int],
+             since: float, timeout: float) -> tuple[float | None, int]:
     """Seconds from SINCE until every link in NAMES completed an epoch above NEWER_THAN
-    (None: not within TIMEOUT), and how many did."""
+    (None: not within TIMEOUT, or the hub is gone), and how many did."""
     while True:
         tail.read()
         done = [n for n in names if tail.rekeyed.get(n, (0, 0.0))[0] > newer_than.get(n, 0)]
         if len(done) == len(names):
             return max(tail.rekeyed[n][1] for n in names) - since, len(done)
-        if time.monotonic() - since > timeout:
+        if time.monotonic() - since > timeout or fleet.procs[HUB].poll() is not None:
             return None, len(done)
         time.sleep(POLL)
 
@@ -151,12 +174,18 @@ def log_since(fleet: Fleet, site: str, offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
-def raise_fd_limit() -> int:
+def raise_fd_limit(links: int) -> int:
     """Every link holds sockets at the hub (today: a WebSocket each way); the daemons inherit
-    this process's limit."""
+    this process's limit: as many as the links need, where allowed (root), else the hard
+    limit."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    want = max(hard, FILES_PER_LINK * links + FILES_SPARE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return want
 
 
 def set_policy(fleet: Fleet, site: str, links: int | None = None, **policy: Any) -> None:
@@ -170,7 +199,7 @@ def set_policy(fleet: Fleet, site: str, links: int | None = None, **policy: Any)
 def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
         say: Callable[[str], None]) -> None:
     n, k = args.links, args.peers
-    fleet = Fleet(root, links=n, peers=k, policy=POLICY,
+    fleet = Fleet(root, links=n, peers=k, policy=POLICY, kms_status_interval=KMS_STATUS,
                   qkd={"key_rate": 1e9, "max_key_count": 10_000_000})
     names = fleet.link_names()
     tail = AuditTail(fleet.state_dir(HUB) / "audit.jsonl")
@@ -181,7 +210,7 @@ def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
             # 1. cold start
             t = time.monotonic()
             fleet.start_site(HUB)
-            took, done = wait_all(tail, names, {}, t, args.timeout)
+            took, done = wait_all(fleet, tail, names, {}, t, args.timeout)
             result["cold_start_s"] = took
             say(f"cold start: {done} of {n} links keyed"
                 + (f" in {took:.1f} s" if took is not None else f" (gave up after"
@@ -208,7 +237,7 @@ def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
             fleet.stop_site(HUB, signal.SIGKILL)
             t = time.monotonic()
             fleet.start_site(HUB)
-            storm_s, done = wait_all(tail, names, before, t, args.timeout)
+            storm_s, done = wait_all(fleet, tail, names, before, t, args.timeout)
             logs = {s: log_since(fleet, s, offsets[s]) for s in fleet.sites}
             misses = sum(len(re.findall(r"ALARM hard-lifetime", text)) for text in logs.values())
             blocked = len(re.findall(r"traffic blocked", logs[HUB]))
@@ -228,7 +257,7 @@ def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
             set_policy(fleet, HUB, interval=LOAD_INTERVAL, jitter=0.0)
             before = epochs(tail)
             fleet.start_site(HUB)
-            took, _ = wait_all(tail, names, before, time.monotonic(), args.timeout)
+            took, _ = wait_all(fleet, tail, names, before, time.monotonic(), args.timeout)
             if took is None:
                 say("load: the restart did not complete")
                 return
@@ -257,7 +286,7 @@ def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
             set_policy(fleet, HUB, links=1)
             before = epochs(tail)
             fleet.start_site(HUB)
-            wait_all(tail, names[:1], before, time.monotonic(), args.timeout)
+            wait_all(fleet, tail, names[:1], before, time.monotonic(), args.timeout)
             time.sleep(2.0)  # as settled as the full hub was
             one = fleet.rss_kb(HUB)
             per = (result["rss_total_kb"] - one) / (n - 1) if n > 1 else float(one)
@@ -295,7 +324,7 @@ def main() -> None:
         if not 0 < getattr(args, name) <= 3600:
             parser.error(f"--{name} must be above 0 and at most 3600 seconds")
 
-    fds = raise_fd_limit()
+    fds = raise_fd_limit(args.links)
     per = core_baseline(args.baseline)
     result: dict[str, Any] = {"links": args.links, "peers": args.peers}
     result["baseline_rekeys_per_s"] = round(1 / per, 1)

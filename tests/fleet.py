@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +31,25 @@ import yaml
 
 from gateway import pki
 from gateway.demo.topology import WAIT, wait_until
-from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
+from tests.helpers import SimProcess, port_free, qkdgw_command, start_sim, wait_for_port
 
 HUB = "hub"
+#: Lowest port the fleet listens on.
+LOWEST_PORT = 10000
+
+
+def _free_ports(span: int) -> int:
+    """A base port P with P .. P+SPAN-1 free, below the kernel's ephemeral range: a hub's
+    thousand links make thousands of outgoing connections (a spoke that starts first tries
+    the hub for every link), and one of them would otherwise hold a port a daemon is about
+    to listen on."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())  # noqa: S311 (picks ports)
+    for _ in range(200):
+        base = rng.randrange(LOWEST_PORT, max(LOWEST_PORT + 1, low - span))
+        if all(port_free(base + i) for i in range(span)):
+            return base
+    raise RuntimeError("no free range of ports found")
 
 
 @dataclass
@@ -50,7 +68,7 @@ class Fleet:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.base = free_base_port(1 + 3 * (self.peers + 1))
+        self.base = _free_ports(1 + 3 * (self.peers + 1))
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         self._pki()
