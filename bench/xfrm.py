@@ -33,10 +33,9 @@ from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
-from common.sink import RekeyCause
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common.sink import RekeyCause
 from tests.ipsec import xfrm_world as w
 
 
