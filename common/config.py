@@ -31,13 +31,15 @@ from pydantic import (
 
 M = TypeVar("M", bound=BaseModel)
 
-#: A site or simulator configuration is a few KB; this is far beyond any real one.
-MAX_CONFIG_BYTES = 1 << 20
+#: A site's configuration is a few KB; a hub's grows ~150 bytes per link (1.6 MB for the
+#: 10,000 links of bench/fleet.py). This leaves room for 20,000 links of ~800 bytes each.
+MAX_CONFIG_BYTES = 16 << 20
 #: Nesting levels (mappings and lists, the top level counting as one): the deepest real
 #: configuration (a strongSwan connection's CHILD SA traffic selectors) has nine.
 MAX_DEPTH = 64
-#: Values (scalars, lists and mappings) in one file, an alias counting as all it stands for.
-MAX_VALUES = 100_000
+#: Values (scalars, lists and mappings) in one file, an alias counting as all it stands for:
+#: 20,000 links of 50 values each (a link of bench/fleet.py has 12).
+MAX_VALUES = 1_000_000
 #: No duration in any configuration is longer than a year.
 MAX_SECONDS = 365 * 24 * 3600
 

@@ -9,6 +9,7 @@ docs/configuration.md. Errors name the field.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Generic, Literal, Self, TypeVar
 
@@ -129,7 +130,7 @@ class SiteConfig(ConfigModel, Generic[S]):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         names = [link.name for link in self.links]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted(n for n, count in Counter(names).items() if count > 1)
         if dup:
             raise ValueError(f"link name used more than once: {', '.join(dup)}")
         for link in self.links:
