@@ -469,7 +469,8 @@ def _summary(status: SiteStatus, *, named: bool) -> list[str]:
         f"  alarms: {', '.join(alarm(a, n) for a, n in s.alarms.items()) or 'none'}",
         f"  turns:  exchanges {p.exchanges} of {p.exchange_limit} ({p.exchange_limit_per_peer}"
         f" per peer), {p.exchanges_queued} queued; KME requests {p.kms_requests} of"
-        f" {p.kms_request_limit}, {p.kms_requests_queued} queued{throttled}",
+        f" {p.kms_request_limit}, {p.kms_requests_queued} queued, {p.kms_keys_waiting} links"
+        f" waiting for keys{throttled}",
     ]
 
 

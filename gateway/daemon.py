@@ -49,7 +49,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from common.config import ConfigError, HostPort, read_config_bytes
-from common.files import write_private
 from common.sink import RekeyCause, Role, Sink, SinkConfig, SinkContext, SinkError
 from common.text import quote_remote
 from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
@@ -103,10 +102,12 @@ from gateway.core.machine import (
 from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.policy import Policy
 from gateway.core.snapshot import Snapshot
+from gateway.keyrequests import KeyRequests
 from gateway.metrics import Metrics
 from gateway.pacing import GATHER_LIMIT, Pacer
 from gateway.peer import PeerChannel, PeerChannels, PeerServer, certificate_sha256
 from gateway.reload import LinkChange, NotLive, Plan, plan, tls_files
+from gateway.statefiles import StateFiles
 from gateway.status import (
     AuditStatus,
     KmsStatus,
@@ -446,23 +447,21 @@ class LinkRunner:
 
     async def _fetch(self, a: FetchQkdKeys) -> None:
         try:
-            async with self.daemon.kms_requests.turn("", self.deadline):
-                batch = await self.daemon.kme.enc_keys(self.config.peer.sae_id, a.number,
-                                                       a.size)
+            keys = await self.daemon.key_requests.enc_keys(self.config.peer.sae_id, a.number,
+                                                           a.size, self.deadline)
         except KmsError as e:
             await self.queue.put(QkdFetchFailed(a.request, str(e)))
         else:
-            await self.queue.put(QkdKeysFetched(a.request, batch.keys))
+            await self.queue.put(QkdKeysFetched(a.request, keys))
 
     async def _fetch_by_id(self, a: FetchQkdKeysById) -> None:
         try:
-            async with self.daemon.kms_requests.turn("", self.deadline):
-                batch = await self.daemon.kme.dec_keys(self.config.peer.sae_id, a.key_ids,
-                                                       size=a.size)
+            keys = await self.daemon.key_requests.dec_keys(self.config.peer.sae_id,
+                                                           a.key_ids, a.size, self.deadline)
         except (KmsError, ValueError) as e:
             await self.queue.put(QkdFetchFailed(a.request, str(e)))
         else:
-            await self.queue.put(QkdKeysFetched(a.request, batch.keys))
+            await self.queue.put(QkdKeysFetched(a.request, keys))
 
     def status(self, now: float) -> LinkStatus:
         m = self.machine
@@ -531,6 +530,10 @@ class Daemon:
         self.exchanges = Pacer(pacing.exchanges, pacing.exchanges_per_peer, paused=True)
         #: Turns for KME key requests.
         self.kms_requests = Pacer(pacing.kms_requests)
+        #: The KME's max_key_per_request per peer SAE, from its last status.
+        self.kme_limits: dict[str, int] = {}
+        #: Key requests, merged across links (gateway/keyrequests.py).
+        self.key_requests = KeyRequests(self.kme, self.kms_requests, self.kme_limits.get)
         self._lock_fd: int | None = None
         self._servers: list[web.AppRunner] = []
         self._peer_server: PeerServer | None = None
@@ -542,6 +545,7 @@ class Daemon:
         self.audit: AuditLog | None = None
         self.started = time.time()
         self.dirty: set[str] = set()  # links whose state changed since the last flush
+        self.state_files = StateFiles(config.state_dir / "links")
         self.failed: dict[str, str] = {}  # link -> why, while its link-failed alarm is raised
         self.heartbeat = time.monotonic()  # the watchdog's last round (for the stall thread)
         self.stopping = False
@@ -659,8 +663,10 @@ class Daemon:
             task.cancel()
         for runner in self.runners.values():
             runner.cancel_tasks()
+        self.key_requests.close()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._flush_state()
+        await self._flush_state()
+        self.state_files.close()
         if self.channels is not None:
             await self.channels.close()
         for runner in self.runners.values():
@@ -695,7 +701,7 @@ class Daemon:
         self._lock_fd = fd
 
     def _state_path(self, link: str) -> Path:
-        return self.config.state_dir / "links" / f"{link}.json"
+        return self.state_files.path(link)
 
     def _load_snapshot(self, link: str) -> Snapshot | None:
         path = self._state_path(link)
@@ -825,7 +831,9 @@ class Daemon:
             if requested is not None and requested.resolve() != path.resolve():
                 raise ReloadRefused(f"this daemon runs {path}, not {requested}")
             try:
-                new, digest = self.source.read()
+                # (in a thread: a hub's file takes a second per 1,000 links to parse and
+                # validate, which the event loop must not wait for)
+                new, digest = await asyncio.to_thread(self.source.read)
                 files = _digests(new)
             except (ConfigError, ValueError, OSError) as e:
                 raise ReloadRefused(config_problem(e)) from None
@@ -881,8 +889,7 @@ class Daemon:
                     await sink.remove()
             except Exception as e:  # one sink's failure must not keep the others
                 log.error("link %s: removing %s failed: %s", name, sink.name, _describe(e))
-        with contextlib.suppress(FileNotFoundError):
-            self._state_path(name).unlink()
+        await self.state_files.delete(name)
         for table in (self.failed, self.fingerprints, self._identities):
             table.pop(name, None)
         log.info("link %s removed: its sinks stopped as their on_stop says, its key files and"
@@ -1026,13 +1033,15 @@ class Daemon:
     async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> Status | None:
         """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
         try:
-            return await self.kme.status(peer_sae)
+            st = await self.kme.status(peer_sae)
         except KmsError as e:
             for r in [r for r in runners if not r.removed]:
                 self.metrics.kms_up.labels(r.name).set(0)
                 r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
             return None
+        self.kme_limits[peer_sae] = st.max_key_per_request
+        return st
 
     def _observed(self, st: Status, runners: list[LinkRunner],
                   shares: dict[str, tuple[float, int]]) -> None:
@@ -1154,16 +1163,17 @@ class Daemon:
                     extra={"link": link, "reason": reason})
         self.metrics.rejected.labels(link or "-", reason).inc()
 
-    def _flush_state(self) -> None:
+    async def _flush_state(self) -> None:
         dirty, self.dirty = self.dirty, set()
-        for link in dirty:
-            snapshot = self.runners[link].machine.snapshot()
-            write_private(self._state_path(link), snapshot.model_dump_json().encode())
+        states = {link: self.runners[link].machine.snapshot().model_dump_json().encode()
+                  for link in dirty}
+        failed = await self.state_files.write(states)
+        self.dirty |= failed & self.runners.keys()  # (not a link removed meanwhile)
 
     async def _flush_state_periodically(self) -> None:
         while True:
             await asyncio.sleep(STATE_FLUSH_INTERVAL)
-            self._flush_state()
+            await self._flush_state()
 
     def _update_gauges(self) -> None:
         now = time.time()
@@ -1191,7 +1201,8 @@ class Daemon:
         pacing = PacingStatus(
             exchanges=x.in_flight, exchanges_queued=x.waiting, exchange_limit=x.limit,
             exchange_limit_per_peer=x.per_group, throttled_peers=x.throttled(),
-            kms_requests=k.in_flight, kms_requests_queued=k.waiting, kms_request_limit=k.limit)
+            kms_requests=k.in_flight, kms_requests_queued=k.waiting, kms_request_limit=k.limit,
+            kms_keys_waiting=self.key_requests.waiting)
         return SiteStatus(
             site=self.config.site, pid=os.getpid(), uptime=round(now - self.started, 1),
             audit=AuditStatus(path=str(self.config.audit_path),

@@ -109,6 +109,8 @@ class PacingStatus(_Status):
     kms_requests: int = Field(description="KME key requests in flight")
     kms_requests_queued: int = Field(description="KME key requests waiting for their turn")
     kms_request_limit: int = Field(description="at most this many at once")
+    kms_keys_waiting: int = Field(description="links waiting for QKD keys: in a request"
+                                              " (merged with other links') or for the next")
 
 
 class Summary(_Status):

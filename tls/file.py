@@ -19,6 +19,7 @@ QKDGW_KEY_FILE in its environment; never the key itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -72,8 +73,8 @@ class FileSink:
         key = material.key(PURPOSES[self.config.purpose])
         data = {"hex": key.hex().encode(), "base64": base64.b64encode(key),
                 "raw": key}[self.config.format]
-        try:
-            write_private(self.config.path, data)
+        try:  # (off the event loop: a write and its fsync wait on the disk)
+            await asyncio.to_thread(write_private, self.config.path, data)
         except OSError as e:
             raise SinkError(f"cannot write {self.config.path}: {e.strerror}") from None
         await self._hook("activate", material.link, material.epoch, material.fingerprint)
