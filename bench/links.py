@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.initdemo import DemoLayout, init_demo
-from tests.helpers import free_base_port, qkdgw_command, start_sim, wait_for_port
+from gateway.initdemo import DemoLayout
+from tests.helpers import many_links_demo, qkdgw_command, start_sim, wait_for_port
 
 #: The links rekey every minute (the issue's measurement): the cold start is the only burst.
 INTERVAL = 60.0
@@ -41,23 +40,6 @@ SETTLE = 5.0
 POLL = 0.5
 #: A cold start of this machine's 1,000 links took 40 s before the shared peer channel.
 KEYING_LIMIT = 900.0
-
-
-def configure(root: Path, links: int) -> DemoLayout:
-    layout = init_demo(root, base_port=free_base_port(24))
-    kms = yaml.safe_load(layout.kms_config.read_text())
-    kms["links"][0].update(key_rate=1e9, max_key_count=10_000_000)
-    layout.kms_config.write_text(yaml.safe_dump(kms))
-    for site in ("a", "b"):
-        path = layout.site_config(site)
-        c = yaml.safe_load(path.read_text())
-        c["policy"].update(interval=INTERVAL, hard_lifetime=10 * INTERVAL)
-        c["kms_status_interval"] = 10.0
-        template = c["links"][0]
-        c["links"] = [{**template, "name": f"l{i}", "sinks": [
-            {"type": "file", "path": f"state-{site}/l{i}.psk"}]} for i in range(links)]
-        path.write_text(yaml.safe_dump(c))
-    return layout
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -90,7 +72,8 @@ def keyed(layout: DemoLayout, site: str) -> int:
 
 def measure(root: Path, links: int) -> dict[str, Any]:
     """One pair of daemons with LINKS links, from the cold start until all are keyed."""
-    d = configure(root, links)
+    d = many_links_demo(root, links, policy={"interval": INTERVAL, "hard_lifetime": 10 * INTERVAL},
+                        kms_status_interval=10.0, file_sinks=True)
     sim = start_sim(d.kms_config, d.admin_port, [d.kme_port("a"), d.kme_port("b")],
                     root / "sim.log")
     procs: dict[str, subprocess.Popen[bytes]] = {}

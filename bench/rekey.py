@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -55,9 +54,9 @@ from gateway.core.events import (
 )
 from gateway.core.machine import LinkIdentity, LinkMachine
 from gateway.core.policy import Policy
-from gateway.initdemo import DemoLayout, init_demo
+from gateway.initdemo import DemoLayout
 from kms.models import QkdKey
-from tests.helpers import free_base_port, qkdgw_command, start_sim, wait_for_port
+from tests.helpers import many_links_demo, qkdgw_command, start_sim, wait_for_port
 
 
 def pct(values: list[float], p: float) -> float:
@@ -115,20 +114,10 @@ def core_baseline(seconds: float) -> float:
 
 
 def configure(root: Path, links: int, interval: float) -> DemoLayout:
-    layout = init_demo(root, base_port=free_base_port(24))
-    kms = yaml.safe_load(layout.kms_config.read_text())
-    kms["links"][0].update(key_rate=1e9, max_key_count=10_000_000)
-    layout.kms_config.write_text(yaml.safe_dump(kms))
-    for site in ("a", "b"):
-        path = layout.site_config(site)
-        c = yaml.safe_load(path.read_text())
-        c["policy"].update(interval=interval, jitter=0.0, hard_lifetime=max(60.0, 4 * interval),
-                           grace=0.5)
-        c["kms_status_interval"] = 1.0
-        template = c["links"][0]
-        c["links"] = [{**template, "name": f"l{i}", "sinks": []} for i in range(links)]
-        path.write_text(yaml.safe_dump(c))
-    return layout
+    """Two sites with LINKS links and no sinks, rekeying every INTERVAL seconds."""
+    return many_links_demo(root, links, policy={
+        "interval": interval, "jitter": 0.0, "hard_lifetime": max(60.0, 4 * interval),
+        "grace": 0.5}, kms_status_interval=1.0, file_sinks=False)
 
 
 class Run:

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from common.sink import KeyLifetimes
 from gateway.core.policy import Policy
+from gateway.initdemo import DemoLayout, init_demo
 
 #: How long a freshly started process may take to accept connections.
 READY_TIMEOUT = 15.0
@@ -150,3 +153,25 @@ def read_vectors(name: str, first_key: str) -> list[tuple[str, dict[str, str]]]:
             out.append((section, {}))
         out[-1][1][key.strip()] = value.strip()
     return out
+
+
+def many_links_demo(root: Path, links: int, *, policy: dict[str, Any],
+                    kms_status_interval: float, file_sinks: bool) -> DemoLayout:
+    """The demo's two sites (`qkdgw init-demo`) with LINKS copies of its link, l0, l1, ...:
+    POLICY over the demo's, a QKD link with keys to spare, each link with a `file` sink
+    (state-SITE/lN.psk) or none. For the benchmarks of many links."""
+    layout = init_demo(root, base_port=free_base_port(24))
+    kms = yaml.safe_load(layout.kms_config.read_text())
+    kms["links"][0].update(key_rate=1e9, max_key_count=10_000_000)
+    layout.kms_config.write_text(yaml.safe_dump(kms))
+    for site in ("a", "b"):
+        path = layout.site_config(site)
+        c = yaml.safe_load(path.read_text())
+        c["policy"].update(policy)
+        c["kms_status_interval"] = kms_status_interval
+        template = c["links"][0]
+        c["links"] = [{**template, "name": f"l{i}", "sinks": [
+            {"type": "file", "path": f"state-{site}/l{i}.psk"}] if file_sinks else []}
+            for i in range(links)]
+        path.write_text(yaml.safe_dump(c))
+    return layout
