@@ -199,7 +199,7 @@ def set_policy(fleet: Fleet, site: str, links: int | None = None, **policy: Any)
 def run(args: argparse.Namespace, root: Path, result: dict[str, Any],
         say: Callable[[str], None]) -> None:
     n, k = args.links, args.peers
-    fleet = Fleet(root, links=n, peers=k, policy=POLICY, kms_status_interval=KMS_STATUS,
+    fleet = Fleet(root, link_count=n, peers=k, policy=POLICY, kms_status_interval=KMS_STATUS,
                   qkd={"key_rate": 1e9, "max_key_count": 10_000_000})
     names = fleet.link_names()
     tail = AuditTail(fleet.state_dir(HUB) / "audit.jsonl")

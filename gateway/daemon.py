@@ -852,6 +852,8 @@ class Daemon:
             # From here to the end, no await: no link restarts halfway between the two
             # configurations (a restarted link takes its policy from self.config).
             self.config = new
+            self.exchanges.resize(new.pacing.exchanges, new.pacing.exchanges_per_peer)
+            self.kms_requests.resize(new.pacing.kms_requests)
             replaced = [self._change_link(new, change) for change in p.changed]
             for name, runner in added.items():
                 self.runners[name] = runner
@@ -1408,6 +1410,9 @@ async def run(config: SiteConfig[Any], *, debug: bool = False,
     except BaseException:
         await daemon.stop()
         raise
+    # (a hub's start reads thousands of state files, with the loop busy and rightly so:
+    # the watchdog counts from here)
+    daemon.heartbeat = time.monotonic()
     watchdog = LoopWatchdog(lambda: daemon.heartbeat)
     watchdog.start()
     try:

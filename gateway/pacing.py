@@ -29,11 +29,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-#: Exchanges this daemon starts that may be in flight at once. An exchange costs the hub
-#: well under a millisecond of CPU (bench/rekey.py) but takes a few ms on loopback and one
-#: to two round trips on a WAN: 32 keep both cores busy on a LAN and, CPU-bound at ~600
-#: rekeys/s on 2 cores, each exchange waits ~50 ms for its share of them (far inside
-#: `attempt_timeout`, 15 s). Raise it for long round trips (turns per second = limit / RTT).
+#: Exchanges this daemon starts that may be in flight at once. An exchange costs the hub a
+#: few ms of CPU (bench/fleet.py: ~5 ms with TLS, KME requests, files and audit on a 2-core
+#: VM) and takes one to two round trips on a WAN: 32 keep both cores busy on a LAN, each
+#: exchange waiting ~200 ms there for its share of them (far inside `attempt_timeout`,
+#: 15 s). Raise it for long round trips (turns per second = limit / RTT).
 EXCHANGES_IN_FLIGHT = 32
 #: ... of which towards one peer gateway: half, so a peer that stopped answering (each of
 #: its exchanges then holds a turn for `attempt_timeout`) leaves the other half to the rest.
@@ -129,6 +129,18 @@ class Pacer:
     def failed(self, group: str) -> None:
         """An exchange of GROUP timed out: one turn at a time until one succeeds."""
         self._group(group).window = 1
+
+    def resize(self, limit: int, per_group: int | None = None) -> None:
+        """New limits (a reload): turns held beyond them end as they end; none is taken
+        back, none is handed out until the count is below them."""
+        if limit < 1 or (per_group is not None and per_group < 1):
+            raise ValueError("a pacer needs at least one turn")
+        was = self.per_group
+        self.limit = limit
+        self.per_group = min(per_group or limit, limit)
+        for g in self._groups.values():  # (a group held back after a failure stays so)
+            g.window = self.per_group if g.window >= was else min(g.window, self.per_group)
+        self._grant()
 
     def resume(self) -> None:
         self.paused = False

@@ -28,8 +28,9 @@ NOT_LIVE = {
     "audit_log": "the audit trail is open, and its chain continues in the same file",
 }
 #: Site settings a reload applies: the policy defaults (through each link's effective
-#: policy), the KMS poll interval (from the next poll) and the links.
-LIVE = ("policy", "kms_status_interval", "links")
+#: policy), the KMS poll interval (from the next poll), the pacing limits (from the next
+#: turn) and the links.
+LIVE = ("policy", "kms_status_interval", "pacing", "links")
 #: What makes a link what it is: both gateways bind its keys to these (the key schedule's
 #: context), and the peer pins them. A link cannot change them while it runs.
 IDENTITY = ("role", "peer.name", "peer.sae_id", "kem")

@@ -14,24 +14,19 @@ gateways and their metrics, hub first.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import random
-import signal
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-import aiohttp
 import yaml
 
 from gateway import pki
-from gateway.demo.topology import WAIT, wait_until
-from tests.helpers import SimProcess, port_free, qkdgw_command, start_sim, wait_for_port
+from tests.daemons import Daemons
+from tests.helpers import SimProcess, port_free, start_sim
 
 HUB = "hub"
 #: Lowest port the fleet listens on.
@@ -53,9 +48,9 @@ def _free_ports(span: int) -> int:
 
 
 @dataclass
-class Fleet:
+class Fleet(Daemons):
     root: Path
-    links: int
+    link_count: int
     peers: int
     #: Site-wide policy of every daemon (gateway.config.PolicyConfig fields).
     policy: dict[str, Any]
@@ -115,7 +110,7 @@ class Fleet:
         return f"s{link % self.peers}"
 
     def link_names(self, site: str = HUB) -> list[str]:
-        return [f"l{i}" for i in range(self.links) if site in (HUB, self.spoke_of(i))]
+        return [f"l{i}" for i in range(self.link_count) if site in (HUB, self.spoke_of(i))]
 
     # -- files -------------------------------------------------------------------------------
 
@@ -149,7 +144,7 @@ class Fleet:
         """SITE's configuration as written at the start."""
         hub = site == HUB
         links = []
-        for i in range(self.links):
+        for i in range(self.link_count):
             spoke = self.spoke_of(i)
             if not hub and spoke != site:
                 continue
@@ -191,94 +186,18 @@ class Fleet:
             self.start_site(HUB)
         return self
 
-    def start_site(self, site: str, *flags: str) -> subprocess.Popen[bytes]:
-        with self.log_path(site).open("ab") as log:
-            proc = subprocess.Popen(
-                [*qkdgw_command(), *flags, "run", "-c", str(self.config_path(site))],
-                stdout=log, stderr=subprocess.STDOUT)
-        self.procs[site] = proc
-        wait_for_port(self.gateway_port(site), proc=proc, timeout=WAIT)
-        return proc
-
-    def stop_site(self, site: str, sig: int = signal.SIGTERM) -> int:
-        proc = self.procs.pop(site)
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout=WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-
-    def stop(self) -> None:
-        for site in list(self.procs):
-            self.stop_site(site)
-        if self.sim is not None:
-            self.sim.stop()
-            self.sim = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
     # -- observing ---------------------------------------------------------------------------
-
-    def log(self, site: str) -> str:
-        return self.log_path(site).read_text(errors="replace")
-
-    def admin(self, site: str, path: str, body: dict[str, str] | None = None
-              ) -> dict[str, Any]:
-        """SITE's admin socket: GET PATH, or POST BODY to it."""
-        sock = self.state_dir(site) / "admin.sock"
-
-        async def call() -> dict[str, Any]:
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s, \
-                    s.request("GET" if body is None else "POST", f"http://qkdgw{path}",
-                              json=body) as r:
-                data: dict[str, Any] = await r.json()
-                return data
-
-        return asyncio.run(call())
-
-    def status(self, site: str = HUB) -> dict[str, Any]:
-        return self.admin(site, "/status")
-
-    def links_of(self, site: str = HUB) -> dict[str, dict[str, Any]]:
-        return {link["link"]: link for link in self.status(site)["links"]}
 
     def converged(self, newer_than: dict[str, int] | None = None) -> bool:
         """Every link keyed on both sides with the same epoch and key, none blocked, each
         newer than NEWER_THAN says."""
-        hub = self.links_of(HUB)
+        hub = self.links(HUB)
         spokes: dict[str, dict[str, Any]] = {}
         for site in self.spokes:
-            spokes.update(self.links_of(site))
-        return len(hub) == len(spokes) == self.links and all(
+            spokes.update(self.links(site))
+        return len(hub) == len(spokes) == self.link_count and all(
             h["epoch"] == spokes[name]["epoch"] > (newer_than or {}).get(name, 0)
             and h["fingerprint"] == spokes[name]["fingerprint"]
             and not h["blocked"] and not spokes[name]["blocked"]
             for name, h in hub.items())
 
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        """Poll CHECK (a daemon starting counts as not yet); fail with the hub's log tail."""
-        wait_until(what, check, timeout, ignore=(OSError, aiohttp.ClientError, KeyError),
-                   detail=lambda: f"hub: {self.log(HUB)[-3000:]}")
-
-    def audit(self, site: str = HUB) -> list[dict[str, Any]]:
-        path = self.state_dir(site) / "audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    def pid(self, site: str) -> int:
-        return self.procs[site].pid
-
-    def rss_kb(self, site: str) -> int:
-        """The daemon's resident memory, KiB (/proc)."""
-        status = Path(f"/proc/{self.pid(site)}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines()
-                        if line.startswith("VmRSS:")))
-
-    def cpu_seconds(self, site: str) -> float:
-        """User + system CPU time the daemon has used (/proc)."""
-        fields = Path(f"/proc/{self.pid(site)}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -34,7 +34,7 @@ OLDEST = {f"l{i}" for i in range(LINKS - PEERS * PACING["exchanges_per_peer"], L
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("hub"), links=LINKS, peers=PEERS, policy=POLICY,
+    f = Fleet(tmp_path_factory.mktemp("hub"), link_count=LINKS, peers=PEERS, policy=POLICY,
               pacing=PACING)
     try:
         f.start()
@@ -112,7 +112,7 @@ def test_a_hub_restart_rekeys_every_link_paced_oldest_keys_first(fleet: Fleet) -
         fleet.admin(HUB, "/rekey", {"link": name})
     newer = {name: 0 if name in OLDEST else 1 for name in fleet.link_names()}
     fleet.wait_until("the second epochs", lambda: fleet.converged(newer))
-    before = {name: link["epoch"] for name, link in fleet.links_of(HUB).items()}
+    before = {name: link["epoch"] for name, link in fleet.links(HUB).items()}
     # The restart must find these epochs in the state files (written within a second).
     fleet.wait_until("the state saved", lambda: all(
         json.loads((fleet.state_dir(HUB) / "links" / f"{name}.json").read_text())
@@ -146,7 +146,7 @@ def test_a_hub_restart_rekeys_every_link_paced_oldest_keys_first(fleet: Fleet) -
     restarted = fleet.log(HUB)[logged:]
     assert "traffic blocked" not in restarted
     assert "ALARM" not in restarted
-    assert all(not link["blocked"] for link in fleet.links_of(HUB).values())
+    assert all(not link["blocked"] for link in fleet.links(HUB).values())
     for site in fleet.spokes:
         assert "ALARM" not in fleet.log(site)
 

@@ -97,3 +97,23 @@ async def test_a_paused_pacer_gathers_every_ask_then_serves_the_earliest() -> No
     assert _granted(tasks) == [1, 2]
     for task in tasks:
         task.cancel()
+
+
+async def test_new_limits_apply_from_the_next_turn() -> None:
+    pacer = Pacer(4, per_group=4)
+    pacer.failed("slow")  # held to one turn: a reload does not lift that
+    tasks = await _waiters(pacer, [("slow", 0.0)] * 2 + [("p", float(i)) for i in range(6)])
+    assert _granted(tasks) == [0, 2, 3, 4]
+    pacer.resize(2, per_group=2)  # lowered: nothing taken back, nothing new until below
+    for _ in range(2):
+        pacer.release("p")
+        await asyncio.sleep(0)
+    assert _granted(tasks) == [0, 2, 3, 4]
+    assert pacer.in_flight == 2
+    pacer.resize(6, per_group=3)  # raised: handed out at once, up to the group's new limit
+    await asyncio.sleep(0)
+    assert _granted(tasks) == [0, 2, 3, 4, 5, 6]  # p: 1 still held + 2 new
+    assert pacer.in_flight == 4
+    assert pacer.throttled() == ["slow"]
+    with pytest.raises(ValueError, match="at least one turn"):
+        pacer.resize(0)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import ssl
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +30,12 @@ import yaml
 from gateway import pki
 from gateway.core.messages import Ack
 from gateway.daemon import MAX_PEER_BACKLOG, Daemon
-from gateway.demo.topology import WAIT, until, wait_until
+from gateway.demo.topology import until
 from gateway.initdemo import DemoLayout, init_demo
 from gateway.peer import frame
 from gateway.site import SiteConfig
-from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
+from tests.daemons import Daemons
+from tests.helpers import SimProcess, free_base_port, start_sim
 
 pytestmark = pytest.mark.slow
 
@@ -52,13 +51,14 @@ def _link(name: str, role: str, peer: str, address: str, sae: str, site: str,
             "sinks": [{"type": "file", "path": f"state-{site}/{name}.psk"}]}
 
 
-class Hub:
+class Hub(Daemons):
     """Sites A (the hub), B and C; B and C are SAEs of one KME (so both share the QKD link
     A-B). LINKS: site -> [(link, role at that site, peer site)]; POLICIES: link -> its
     policy, on both sides."""
 
     def __init__(self, root: Path, links: dict[str, list[tuple[str, str, str]]],
                  policies: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
         d = self.layout = init_demo(root, base_port=free_base_port(24))
         self.root = root
         self.policies = policies or {}
@@ -89,14 +89,28 @@ class Hub:
             c["metrics"] = {"listen": f"127.0.0.1:{self.metrics_ports[site]}"}
             self.configs[site] = c
             self.set_links(site, links[site])
-        self.sim: SimProcess | None = None
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def set_links(self, site: str, links: list[tuple[str, str, str]]) -> None:
         c = self.configs[site]
         c["links"] = [_link(name, role, peer, f"127.0.0.1:{self.ports[peer]}", f"sae-{peer}",
                             site, self.policies.get(name, {})) for name, role, peer in links]
         (self.root / f"site-{site}.yaml").write_text(yaml.safe_dump(c))
+
+    @property
+    def sites(self) -> Sequence[str]:
+        return SITES
+
+    def config_path(self, site: str) -> Path:
+        return self.root / f"site-{site}.yaml"
+
+    def log_path(self, site: str) -> Path:
+        return self.root / f"site-{site}.log"
+
+    def state_dir(self, site: str) -> Path:
+        return self.root / f"state-{site}"
+
+    def gateway_port(self, site: str) -> int:
+        return self.ports[site]
 
     def start(self) -> Hub:
         d = self.layout
@@ -106,42 +120,7 @@ class Hub:
             self.start_site(site)
         return self
 
-    def start_site(self, site: str) -> None:
-        log = (self.root / f"site-{site}.log").open("ab")
-        self.procs[site] = subprocess.Popen(
-            [*qkdgw_command(), "run", "-c", str(self.root / f"site-{site}.yaml")],
-            stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.ports[site], proc=self.procs[site])
-
-    def stop_site(self, site: str, sig: int = signal.SIGTERM) -> int:
-        proc = self.procs.pop(site)
-        proc.send_signal(sig)
-        return proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        for site in list(self.procs):
-            self.stop_site(site)
-        if self.sim is not None:
-            self.sim.stop()
-
-    def log(self, site: str) -> str:
-        return (self.root / f"site-{site}.log").read_text()
-
     # -- observing ---------------------------------------------------------------------------
-
-    def status(self, site: str) -> dict[str, Any]:
-        sock = self.root / f"state-{site}" / "admin.sock"
-
-        async def get() -> dict[str, Any]:
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s, \
-                    s.get("http://qkdgw/status") as r:
-                data: dict[str, Any] = await r.json()
-                return data
-
-        return asyncio.run(get())
-
-    def links(self, site: str) -> dict[str, dict[str, Any]]:
-        return {link["link"]: link for link in self.status(site)["links"]}
 
     def metrics(self, site: str) -> dict[str, float]:
         """The samples of /metrics, by name and labels as written."""
@@ -154,16 +133,10 @@ class Hub:
         return {m[1]: float(m[2]) for m in re.finditer(r"^(\S+) (\S+)$", text, flags=re.M)
                 if not m[1].startswith("#")}
 
-    def audit(self, site: str, link: str, event: str) -> list[int]:
+    def epochs_of(self, site: str, link: str, event: str) -> list[int]:
         """Epochs of LINK's audit records of EVENT, in order."""
-        path = self.root / f"state-{site}" / "audit.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        return [r["epoch"] for r in records if r.get("link") == link and r["event"] == event]
-
-    def wait_until(self, what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-        wait_until(what, check, timeout, ignore=(OSError, aiohttp.ClientError, KeyError),
-                   detail=lambda: "\n".join(f"{s.upper()}: {self.log(s)[-1500:]}"
-                                            for s in SITES))
+        return [r["epoch"] for r in self.audit(site)
+                if r.get("link") == link and r["event"] == event]
 
     def converged(self, link: str, peer: str, at_least: int = 1) -> bool:
         a, p = self.links("a")[link], self.links(peer)[link]
@@ -303,8 +276,8 @@ def test_a_link_one_side_lacks_waits_without_spending_epochs_and_keys_epoch_1(
         time.sleep(3 * POLICY["attempt_timeout"])
         status = h.links("a")
         assert status["new-i"]["state"] == "offered"
-        assert h.audit("a", "new-i", "offered") == [1]
-        assert h.audit("a", "new-i", "discarded") == []
+        assert h.epochs_of("a", "new-i", "offered") == [1]
+        assert h.epochs_of("a", "new-i", "discarded") == []
         assert status["new-i"]["epoch"] == status["new-r"]["epoch"] == 0
         assert "peer-unreachable" not in status["new-i"]["alarms"]
         unknown = h.metrics("c")[
@@ -322,10 +295,10 @@ def test_a_link_one_side_lacks_waits_without_spending_epochs_and_keys_epoch_1(
         h.wait_until("both new links keyed", lambda: all(
             h.converged(n, "c") for n in ("new-i", "new-r")))
         for name in ("new-i", "new-r"):
-            assert h.audit("a", name, "rekeyed")[0] == 1
-            assert h.audit("c", name, "rekeyed")[0] == 1
+            assert h.epochs_of("a", name, "rekeyed")[0] == 1
+            assert h.epochs_of("c", name, "rekeyed")[0] == 1
             assert "peer-link-unknown" not in h.links("a")[name]["alarms"]
-        assert h.audit("a", "new-i", "offered")[0] == 1
+        assert h.epochs_of("a", "new-i", "offered")[0] == 1
         # B's links went on, on the channels they had.
         h.wait_until("B's links further on", lambda: all(
             h.links("b")[n]["epoch"] > b_before[n] for n in ("ab0", "ab1")))

@@ -72,9 +72,6 @@ class Reloading(Sites):
                                str(self.layout.site_config(site)), *args[1:]],
                               capture_output=True, text=True, timeout=60, check=False)
 
-    def links(self, site: str) -> dict[str, dict[str, Any]]:
-        return {link["link"]: link for link in self.status(site)["links"]}
-
     def on_same_epoch(self, name: str, above: int = 0) -> bool:
         a, b = self.links("a").get(name), self.links("b").get(name)
         return (a is not None and b is not None and a["epoch"] == b["epoch"] > above
@@ -284,3 +281,22 @@ def test_sighup_reloads_and_a_one_sided_link_waits_for_its_peer(sites: Reloading
     assert sites.procs["b"].poll() is None
     assert sites.on_same_epoch("ad")
     assert sites.untouched("ab") == before
+
+
+def test_pacing_changes_apply_from_the_next_turn(sites: Reloading) -> None:
+    before = {name: sites.untouched(name) for name in ("ab", "ac")}
+    config = sites.config("a")
+    config["pacing"] = {"exchanges": 3, "exchanges_per_peer": 2, "kms_requests": 5}
+    sites.write("a", config)
+    r = sites.reload("a")
+    assert r.returncode == 0, r.stderr
+    assert "pacing.exchanges" in r.stdout, r.stdout
+    pacing = sites.status("a")["summary"]["pacing"]
+    assert (pacing["exchange_limit"], pacing["exchange_limit_per_peer"],
+            pacing["kms_request_limit"]) == (3, 2, 5)
+    assert {name: sites.untouched(name) for name in ("ab", "ac")} == before
+    # and the links still take their turns under the new limits
+    r = sites.qkdgw("a", "rekey", "--link", "ab")
+    assert r.returncode == 0, r.stderr
+    sites.wait_until("the next epoch", lambda: sites.on_same_epoch(
+        "ab", above=before["ab"]["a"][0]))

@@ -22,13 +22,10 @@ well within the hard lifetime).
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -36,10 +33,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.topology import wait_until
-from gateway.initdemo import DemoLayout, init_demo
 from kms.sim.link import LinkModel
 from kms.sim.profiles import PROFILES
-from tests.helpers import SimProcess, free_base_port, qkdgw_command, start_sim, wait_for_port
+from tests.gateway.sites import Sites
 
 PROFILE = "aerial-70km"
 #: aerial-70km's 12.7 bit/s at this scale: ~3 kbit/s, ~12 keys of 256 bits a second.
@@ -83,13 +79,11 @@ def quiet_seed() -> int:
     raise AssertionError("no seed without an outage in 90 s")
 
 
-class Hub:
+class Hub(Sites):
     """The simulator and the two daemons, configured as the module docstring says."""
 
     def __init__(self, root: Path) -> None:
-        self.layout: DemoLayout = init_demo(root, base_port=free_base_port(24))
-        self.sim: SimProcess | None = None
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(root, policy={})
         d = self.layout
         kms = yaml.safe_load(d.kms_config.read_text())
         link = kms["links"][0]
@@ -98,10 +92,9 @@ class Hub:
         link.update(profile=PROFILE, time_scale=TIME_SCALE, seed=quiet_seed(),
                     initial_key_count=INITIAL_KEYS)
         d.kms_config.write_text(yaml.safe_dump(kms))
-        for site in ("a", "b"):
+        for site in self.sites:
             path = d.site_config(site)
             config = yaml.safe_load(path.read_text())
-            config["kms_status_interval"] = 0.5
             config["policy"] = {"interval": INTERVAL, "hard_lifetime": 10.0, "grace": 0.2,
                                 "reserve_keys": 0}
             template = config["links"][0]
@@ -110,43 +103,6 @@ class Hub:
                  "policy": {"mode": mode, "qkd_share": weight}}
                 for i, (weight, mode) in enumerate(LINKS)]
             path.write_text(yaml.safe_dump(config))
-
-    def start(self) -> None:
-        d = self.layout
-        self.sim = start_sim(d.kms_config, d.admin_port, [d.kme_port("a"), d.kme_port("b")],
-                             d.root / "sim.log")
-        for site in ("a", "b"):
-            log = (d.root / f"site-{site}.log").open("ab")
-            self.procs[site] = subprocess.Popen(
-                [*qkdgw_command(), "run", "-c", str(d.site_config(site))],
-                stdout=log, stderr=subprocess.STDOUT)
-            wait_for_port(d.gateway_port(site), proc=self.procs[site])
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.sim is not None:
-            self.sim.stop()
-
-    def status(self) -> dict[str, Any]:
-        sock = self.layout.state_dir("a") / "admin.sock"
-
-        async def get() -> dict[str, Any]:
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(sock))) as s, \
-                    s.get("http://qkdgw/status") as r:
-                data: dict[str, Any] = await r.json()
-                return data
-
-        return asyncio.run(get())
-
-    def links(self) -> dict[str, dict[str, Any]]:
-        return {link["link"]: link for link in self.status()["links"]}
 
     def pool(self) -> int:
         assert self.sim is not None
@@ -185,9 +141,9 @@ def test_a_scarce_link_shared_by_weight_with_forecast_and_fallback(hub: Hub) -> 
     start = time.monotonic()
     names = [f"l{i}" for i in range(len(LINKS))]
     wait_until("every link keyed", lambda: all(
-        link["epoch"] > 0 for link in hub.links().values()), timeout=30,
+        link["epoch"] > 0 for link in hub.links("a").values()), timeout=30,
         ignore=(OSError, aiohttp.ClientError), detail=hub.logs)
-    assert all(link["kms"]["ok"] for link in hub.links().values())  # 13.3 % QBER is not down
+    assert all(link["kms"]["ok"] for link in hub.links("a").values())  # 13.3 % QBER is not down
 
     # -- the drain and its forecast ------------------------------------------------------------
     forecast: tuple[float, float] | None = None  # (when, seconds to dry) as the status said
@@ -199,7 +155,7 @@ def test_a_scarce_link_shared_by_weight_with_forecast_and_fallback(hub: Hub) -> 
             dry_at = now
             break
         pool = hub.pool()
-        ahead = hub.links()["l0"]["supply"]["pool_dry_in"]
+        ahead = hub.links("a")["l0"]["supply"]["pool_dry_in"]
         if forecast is None and ahead is not None and pool <= FORECAST_AT * INITIAL_KEYS:
             forecast = (now, ahead)  # the trend of several seconds of steady draining
         time.sleep(0.1)
@@ -210,11 +166,11 @@ def test_a_scarce_link_shared_by_weight_with_forecast_and_fallback(hub: Hub) -> 
 
     # -- rationed: the supply by weight ---------------------------------------------------------
     wait_until("every link sees the pool at its reserve", lambda: all(
-        link["supply"]["rationed"] for link in hub.links().values()), timeout=10)
+        link["supply"]["rationed"] for link in hub.links("a").values()), timeout=10)
     time.sleep(2.0)  # the keys held ahead from the drain are used up
-    before, suites_before = hub.links(), hub.rekeys_by_suite()
+    before, suites_before = hub.links("a"), hub.rekeys_by_suite()
     time.sleep(RATIONED_SECONDS)
-    after, suites_after = hub.links(), hub.rekeys_by_suite()
+    after, suites_after = hub.links("a"), hub.rekeys_by_suite()
     keys = {n: after[n]["supply"]["qkd_keys"] - before[n]["supply"]["qkd_keys"] for n in names}
     total, weights = sum(keys.values()), sum(w for w, _ in LINKS)
     print(f"QKD keys while rationed: {keys} ({total} in {RATIONED_SECONDS:g} s)")
