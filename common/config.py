@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -66,56 +67,103 @@ class _Refused(yaml.MarkedYAMLError):
     """Valid YAML that a configuration file must not contain."""
 
 
-class _Loader(yaml.SafeLoader):
+#: libyaml's C parser when PyYAML has it (five times faster on a hub's 10,000 links), its
+#: pure-Python one otherwise; either composes the node graph, which is checked before a
+#: value is built from it.
+_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
     """PyYAML's safe loader, refusing deep nesting, too many values and duplicate keys, and
     keeping the line of every mapping key and list item (for validation errors)."""
 
-    def __init__(self, text: str, name: str) -> None:
+    def __init__(self, text: str) -> None:
         super().__init__(text)
-        self.name = name  # in every mark, so in every error
-        self.depth = 0  # levels above the node being composed
-        self.values = 0  # in the document so far, aliases expanded
-        #: node -> (values, levels) it stands for, aliases expanded
-        self.extent: dict[yaml.Node, tuple[int, int]] = {}
+        self.text = text
         #: id() of each mapping or list built -> its keys or indexes -> their lines
         self.lines: dict[int, dict[Any, int]] = {}
 
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        """The node, refused if it nests too deep or stands for too many values: counted
-        with every alias expanded, as whatever reads the configuration would expand it."""
-        event = self.peek_event()  # type: ignore[no-untyped-call]
-        mark = event.start_mark
-        if self.depth >= MAX_DEPTH:
-            raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
-        if isinstance(event, yaml.AliasEvent):
-            node = super().compose_node(parent, index)
-            if node not in self.extent:
-                raise _Refused(None, None, f"alias *{event.anchor} stands for a value that"
-                               " contains it", mark)
-            values, levels = self.extent[node]
-            if self.depth + levels > MAX_DEPTH:
-                raise _Refused(None, None, f"alias *{event.anchor} nests deeper than"
-                               f" {MAX_DEPTH} levels", mark)
-            self.values += values
-        else:
-            self.values += 1
-            self.depth += 1
-            try:
-                node = super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-            if node is None:  # compose_node is called on an event that starts a node
-                raise ConfigError(f"{self.name}: the YAML ends inside a value")
-            children = ([n for pair in node.value for n in pair]
-                        if isinstance(node, yaml.MappingNode) else
-                        node.value if isinstance(node, yaml.SequenceNode) else [])
-            values = 1 + sum(self.extent[c][0] for c in children)
-            levels = 1 + max((self.extent[c][1] for c in children), default=0)
-            self.extent[node] = values, levels
-        if self.values > MAX_VALUES:
-            raise _Refused(None, None, f"more than {MAX_VALUES} values (each alias counted as"
-                           " the values it stands for)", mark)
-        return node
+    def get_single_data(self) -> Any:
+        try:
+            node = self.get_single_node()
+        except yaml.MarkedYAMLError as e:
+            if e.problem and "maximum nesting depth" in e.problem:  # libyaml's own, 1000
+                raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                               e.problem_mark) from None
+            raise
+        if node is None:
+            return None
+        self._check(node)
+        return self.construct_document(node)
+
+    def _anchor(self, node: yaml.Node) -> str:
+        """The anchor NODE was written with (its mark points at it), for messages."""
+        m = _ANCHOR.match(self.text, node.start_mark.index)
+        return f"*{m.group(1)}" if m else "an alias"
+
+    def _check(self, root: yaml.Node) -> None:
+        """Refuse a graph that nests deeper than MAX_DEPTH or stands for more than MAX_VALUES
+        values, counted with every alias expanded as whatever reads the configuration would
+        expand it, or that contains itself. Linear in the nodes: what an alias stands for
+        is counted once (`extent`), however often it is used."""
+        extent: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels)
+        on_path: set[int] = set()
+        stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+        while stack:  # post-order, without recursion
+            node, done = stack.pop()
+            if done:
+                on_path.discard(id(node))
+                kids = _children(node)
+                extent[id(node)] = (1 + sum(extent[id(c)][0] for c in kids),
+                                    1 + max((extent[id(c)][1] for c in kids), default=0))
+                continue
+            if id(node) in extent:
+                continue
+            on_path.add(id(node))
+            stack.append((node, True))
+            for child in _children(node):
+                if id(child) in on_path:
+                    raise _Refused(None, None, f"alias {self._anchor(child)} stands for a"
+                                   " value that contains it", child.start_mark)
+                if id(child) not in extent:
+                    stack.append((child, False))
+        # In document order: the first place where the count or the depth goes over.
+        values = 0
+        seen: set[int] = set()
+        walk: list[tuple[yaml.Node, int, yaml.Node]] = [(root, 1, root)]
+        while walk:
+            node, depth, where = walk.pop()
+            if id(node) in seen:  # an alias: all it stands for, here
+                count, levels = extent[id(node)]
+                if depth - 1 + levels > MAX_DEPTH:
+                    raise _Refused(None, None, f"alias {self._anchor(node)} nests deeper than"
+                                   f" {MAX_DEPTH} levels", where.start_mark)
+                values += count
+            else:
+                where = node
+                seen.add(id(node))
+                if depth > MAX_DEPTH:
+                    raise _Refused(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                   node.start_mark)
+                values += 1
+                previous = node
+                pending = []
+                for child in _children(node):
+                    pending.append((child, depth + 1, previous))
+                    previous = child  # (an alias is placed by what comes before it)
+                walk.extend(reversed(pending))
+            if values > MAX_VALUES:
+                raise _Refused(None, None, f"more than {MAX_VALUES} values (each alias"
+                               " counted as the values it stands for)", where.start_mark)
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -143,7 +191,8 @@ class _Loader(yaml.SafeLoader):
                     raise _Refused(None, None, f"duplicate key {key!r} (first on line"
                                    f" {seen[key]})", key_node.start_mark)
                 seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep)
+        return mapping
 
     def line_of(self, data: Any, loc: Loc) -> int | None:
         """The line of the last part of LOC found in DATA (parts not in the file, such as a
@@ -194,7 +243,7 @@ def _read_yaml(path: Path, raw: bytes | None = None) -> tuple[Any, Callable[[Loc
         line = raw.count(b"\n", 0, e.start) + 1
         raise ConfigError(f"{path}: not UTF-8 text: line {line}, byte offset {e.start}:"
                           f" {e.reason}") from None
-    loader = _Loader(text, str(path))
+    loader = _Loader(text)
     try:
         data = loader.get_single_data()
     except yaml.YAMLError as e:

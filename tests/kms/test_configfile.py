@@ -106,6 +106,22 @@ def test_not_utf8_names_the_file_line_and_byte(tmp_path: Path) -> None:
     assert "byte offset 17" in message
 
 
+def test_a_hubs_file_of_several_mib_loads(tmp_path: Path) -> None:
+    """A hub of 20,000 links is well over a MiB (the old limit) and far under the values'."""
+    links = "".join(f"- {{name: l{i}, peer: {{address: 127.0.0.1:4000, name: gw-{i % 7},"
+                    f" sae_id: sae-{i % 7}}}, sinks: [{{type: file, path: k/l{i}.psk}}]}}\n"
+                    for i in range(20_000))
+    text = "site: hub\nlinks:\n" + links
+    assert len(text) > 2 << 20
+    start = time.monotonic()
+    loaded = load(tmp_path, text)
+    took = time.monotonic() - start
+    assert loaded.model_extra is not None
+    assert len(loaded.model_extra["links"]) == 20_000
+    assert loaded.model_extra["links"][-1]["peer"]["sae_id"] == "sae-0"  # 19,999 mod 7
+    print(f"20,000 links, {len(text) >> 10} KiB: loaded in {took:.2f} s")
+
+
 def test_a_file_too_large_is_refused_before_parsing(tmp_path: Path) -> None:
     message = refused(tmp_path, "a: 1\n" + "#" * MAX_CONFIG_BYTES + "\n")
     assert f"larger than {MAX_CONFIG_BYTES} bytes" in message
