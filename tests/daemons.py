@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -29,7 +30,7 @@ STOP_TIMEOUT = 30.0
 LOG_TAIL = 2000
 
 
-class Daemons:
+class Daemons(ABC):
     """A world's daemons and simulator; subclasses give the layout."""
 
     sim: SimProcess | None
@@ -42,20 +43,25 @@ class Daemons:
     # -- the layout, per world -----------------------------------------------------------
 
     @property
+    @abstractmethod
     def sites(self) -> Sequence[str]:
-        raise NotImplementedError
+        """The world's site names."""
 
+    @abstractmethod
     def config_path(self, site: str) -> Path:
-        raise NotImplementedError
+        """Where the world keeps it for SITE."""
 
+    @abstractmethod
     def log_path(self, site: str) -> Path:
-        raise NotImplementedError
+        """Where the world keeps it for SITE."""
 
+    @abstractmethod
     def state_dir(self, site: str) -> Path:
-        raise NotImplementedError
+        """Where the world keeps it for SITE."""
 
+    @abstractmethod
     def gateway_port(self, site: str) -> int:
-        raise NotImplementedError
+        """Where the world keeps it for SITE."""
 
     # -- running -------------------------------------------------------------------------
 
