@@ -52,6 +52,8 @@ class TrailEvent(StrEnum):
     PEER_HEAD = "peer-head"  # the peer's audit head, from the Commit or Ack of an epoch
     CHECKPOINT = "checkpoint"  # signed with the gateway's key
     RELOADED = "reloaded"  # the configuration was read again and its changes applied
+    HA_ACTIVE = "ha-active"  # keepalived made this node of a pair active: it took over
+    HA_STANDBY = "ha-standby"  # ... standby: it let its links go, and holds no keys
 
 
 GENESIS = "0" * 64

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,7 +26,15 @@ from gateway.demo import QBER_SPIKE
 from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
 from gateway.site import SiteConfig, guard_tls
 from gateway.site import check as check_site
-from gateway.status import Rekeying, Reloaded, SiteStatus, Stopping, SupplyStatus
+from gateway.status import (
+    Handover,
+    HaStatus,
+    Rekeying,
+    Reloaded,
+    SiteStatus,
+    Stopping,
+    SupplyStatus,
+)
 from kdf import fingerprint
 from kms.errors import KmsError
 
@@ -104,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     _link_profile_arg(p)
     p.add_argument("--keep", type=Path, default=None, metavar="DIR",
                    help="write configurations and logs to DIR and keep them")
+    p.add_argument("--ha", action="store_true",
+                   help="site A is a gateway pair under keepalived (docs/ha.md)")
+    p.add_argument("--failover-at", type=_finite, default=None, metavar="SECONDS",
+                   help="--ha: fail the active node over this long into the traffic")
+    p.add_argument("--failover", choices=("kill", "link-down", "handover"), default="kill",
+                   help="--ha: how: SIGKILL its gateway, data plane and keepalived (kill, the"
+                        " default), take its links down, or a planned `qkdgw ha handover`")
+    p.add_argument("--max-outage", type=_finite, default=1000.0, metavar="MS",
+                   help="--ha: exit status 0 only if the failover's outage is within this"
+                        " (default: 1000 ms)")
     p.add_argument("--kms-only", action="store_true",
                    help="only fetch QKD keys on two sites (no root needed)")
     p.add_argument("--dir", type=Path, default=None,
@@ -229,6 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the peer site's audit trail, to check both against each other")
     p.add_argument("--peer-cert", type=Path, metavar="CERT.pem",
                    help="check the peer trail's checkpoints with the peer's certificate")
+
+    ha = _add(sub, "ha", _usage(None), "a gateway pair per site under keepalived",
+              "Two gateways per site, active and standby, sharing the site's addresses under\n"
+              "keepalived (VRRP). keepalived decides; the daemon follows: `notify` is what\n"
+              "keepalived runs, `status` shows this node's role, `handover` moves the site to\n"
+              "the other node for maintenance. See docs/ha.md.")
+    hsub = ha.add_subparsers(title="ha commands", metavar="CMD")
+    ha.set_defaults(handler=_usage(ha))
+    from gateway import hanotify
+
+    p = _add(hsub, "notify", _cmd_ha_notify, "keepalived's notify: tell the daemon its role",
+             hanotify.DESCRIPTION)
+    hanotify.add_arguments(p)
+    p = _add(hsub, "status", _cmd_ha_status, "this node's role in the pair",
+             "This node's name, role (active or standby), since when and why, and what\n"
+             "keepalived last said.")
+    _site_arg(p)
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p = _add(hsub, "handover", _cmd_ha_handover,
+             "planned switchover: hand the site to the other node",
+             "On the active node: set keepalived's track file (ha.handover_file) so its VRRP\n"
+             "instance goes FAULT and gives the site's addresses up at once; the other node\n"
+             "takes them and starts a new epoch on every link. This node goes standby; a\n"
+             "second later the file is set back and it returns to BACKUP, ready to take\n"
+             "over again (nopreempt: it does not take the addresses back by itself).\n"
+             "Exit 1 if keepalived did not move them within ha.handover_timeout.")
+    _site_arg(p)
 
     kms = _add(sub, "kms", _usage(None), "talk to this site's KME (ETSI GS QKD 014 client)",
                "Query this site's KME as the gateway would, to check a KME before\n"
@@ -501,9 +547,39 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_stop(args: argparse.Namespace) -> int:
-    import time
+def _cmd_ha_notify(args: argparse.Namespace) -> int:
+    from gateway import hanotify
 
+    return hanotify.run(args)
+
+
+def _cmd_ha_status(args: argparse.Namespace) -> int:
+    data = _admin(args.config, "GET", "/ha")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    ha = HaStatus.model_validate(data)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ha.since))
+    print(f"node {ha.node}: {ha.role} since {since} ({ha.reason})")
+    print(f"  keepalived: {ha.keepalived_state or '-'}"
+          + (f" ({ha.keepalived_instance})" if ha.keepalived_instance else "")
+          + f"; takeovers since start: {ha.takeovers}")
+    return EXIT_OK
+
+
+def _cmd_ha_handover(args: argparse.Namespace) -> int:
+    try:
+        data = _admin(args.config, "POST", "/ha/handover")
+    except ConfigError as e:  # the daemon's refusal (409)
+        print(f"qkdgw ha handover: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    h = Handover.model_validate(data)
+    print(f"node {h.node}: standby {h.standby_after_ms:.0f} ms after the handover began;"
+          " the other node holds the site's addresses")
+    return EXIT_OK
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
     site = Stopping.model_validate(_admin(args.config, "POST", "/stop")).stopping
     sock = SiteConfig.load(args.config).admin_socket
     deadline = time.monotonic() + args.timeout
@@ -642,7 +718,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             logging.getLogger("kms").setLevel(logging.WARNING)
         return asyncio.run(run_kms_demo(args.dir, keys=args.keys, base_port=args.base_port,
                                         link_profile=args.link_profile))
-    from gateway.demo.live import DemoError, run_demo
+    from gateway.demo.live import DemoError, FailoverPlan, run_demo
 
     if args.duration is not None and args.duration <= 0:
         raise ConfigError("--duration must be positive")
@@ -652,11 +728,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError("--rate must be between 1 and 10000 packets/s")
     faults = [_fault("kms-outage", v) for v in args.kms_outage]
     faults += [_fault("qber-spike", v) for v in args.qber_spike]
+    failover = None
+    if args.failover_at is not None:
+        if not args.ha:
+            raise ConfigError("--failover-at needs --ha (a pair to fail over)")
+        if args.failover_at <= 0 or (args.duration is not None
+                                     and args.failover_at >= args.duration):
+            raise ConfigError("--failover-at must be positive and before --duration ends")
+        if args.max_outage <= 0:
+            raise ConfigError("--max-outage must be positive")
+        failover = FailoverPlan(args.failover_at, args.failover, args.max_outage / 1e3)
     try:
         return asyncio.run(run_demo(args.plane, duration=args.duration,
                                     interval=args.rekey_interval, rate=args.rate,
                                     faults=faults, keep=args.keep,
-                                    link_profile=args.link_profile))
+                                    link_profile=args.link_profile, ha=args.ha,
+                                    failover=failover))
     except DemoError as e:
         raise ConfigError(str(e)) from None
     except RuntimeError as e:  # a command building the sites failed (it says which, and why)

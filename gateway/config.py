@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from common.config import Address, ConfigModel, FilePath, Seconds, load_yaml_model
 from common.sink import KeyLifetimes, SinkConfig
 from gateway.core.policy import Mode, Policy
+from gateway.ha import HANDOVER_TIMEOUT
 from gateway.pacing import EXCHANGES_IN_FLIGHT, EXCHANGES_PER_PEER, KMS_REQUESTS_IN_FLIGHT
 from kms.config import KmsClientConfig
 from kms.models import EntityId
@@ -112,6 +113,21 @@ class MetricsConfig(ConfigModel):
     listen: Address
 
 
+class HaConfig(ConfigModel):
+    """This gateway is one of a pair under keepalived (docs/ha.md)."""
+
+    node: EntityId = Field(description="this node's name (status, metrics, audit)")
+    handover_file: FilePath | None = Field(
+        default=None, description="keepalived's track_file for `qkdgw ha handover`"
+                                  " (default: STATE_DIR/ha/handover)")
+    handover_timeout: Seconds = Field(
+        default=HANDOVER_TIMEOUT, description="seconds `qkdgw ha handover` waits for"
+                                              " keepalived to move the addresses")
+    notify_fifo: FilePath | None = Field(
+        default=None, description="keepalived's vrrp_notify_fifo, read by the daemon (no"
+                                  " program started on the failover path); made if missing")
+
+
 class SiteConfig(ConfigModel, Generic[S]):
     site: EntityId
     state_dir: FilePath = Field(description="snapshots, audit log and admin socket (0700)")
@@ -125,6 +141,8 @@ class SiteConfig(ConfigModel, Generic[S]):
     metrics: MetricsConfig | None = None
     audit_log: FilePath | None = Field(default=None,
                                        description="default: STATE_DIR/audit.jsonl")
+    ha: HaConfig | None = Field(default=None, description="this gateway is one of a pair"
+                                " under keepalived (docs/ha.md); it starts standby")
     links: list[LinkConfig[S]] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -144,6 +162,15 @@ class SiteConfig(ConfigModel, Generic[S]):
                 by_type.setdefault(type(sink), []).append((link.name, sink))
         for kind, sinks in by_type.items():
             kind.check_together(sinks)  # e.g. reqid ranges of xfrm sinks across links
+        if self.ha is not None:
+            for link in self.links:
+                for sink in link.sinks:
+                    # A standby's data plane must drop what reaches it: were its policies
+                    # removed, the LAN address keepalived moves to it would route in clear.
+                    if getattr(sink, "on_stop", None) == "remove":
+                        raise ValueError(f"link {link.name}: a sink with on_stop: remove"
+                                         " cannot run under ha: the standby must keep its"
+                                         " blocking policies (use on_stop: block)")
         return self
 
     def link_policy(self, link: LinkConfig[S]) -> Policy:

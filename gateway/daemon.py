@@ -102,6 +102,16 @@ from gateway.core.machine import (
 from gateway.core.messages import Ack, AuditHead, Commit, Message
 from gateway.core.policy import Policy
 from gateway.core.snapshot import Snapshot
+from gateway.ha import (
+    HANDOVER_SETTLE,
+    NodeRole,
+    Notification,
+    NotifyFifo,
+    ha_dir,
+    handover_file,
+    role_at_start,
+    write_handover,
+)
 from gateway.keyrequests import KeyRequests
 from gateway.metrics import Metrics
 from gateway.pacing import GATHER_LIMIT, Pacer
@@ -110,6 +120,8 @@ from gateway.reload import LinkChange, NotLive, Plan, plan, tls_files
 from gateway.statefiles import StateFiles
 from gateway.status import (
     AuditStatus,
+    Handover,
+    HaStatus,
     KmsStatus,
     LastRekey,
     LinkStatus,
@@ -160,6 +172,9 @@ GATHER_POLL = 0.01
 
 #: An unknown link's error names this many of the site's links (a hub has thousands).
 LINKS_NAMED = 10
+
+#: How often a handover looks whether keepalived has made this node standby yet.
+HANDOVER_POLL = 0.005
 
 #: Record kinds that go to the audit trail (key handling); all are logged.
 K = RecordKind
@@ -504,6 +519,10 @@ class ConfigFile:
         return self.check(self.path, raw), hashlib.sha256(raw).hexdigest()
 
 
+class HandoverRefused(Exception):
+    """A handover that cannot be done (or did not happen); the message says why."""
+
+
 class ReloadRefused(Exception):
     """A reload that changed nothing; the message says why (as `qkdgw check-config` would,
     for a file that does not pass it)."""
@@ -557,6 +576,20 @@ class Daemon:
         self._gateway = ""  # this gateway's certificate commonName ...
         self._cert_sha256 = b""  # ... and the SHA-256 of that certificate
         self._tls_digests: dict[str, str] = {}  # the TLS files as loaded at start
+        self._turns: asyncio.Task[None] | None = None  # handing out the first turns
+        # A pair under keepalived (docs/ha.md): this node's role, since when and why.
+        self.role = NodeRole.ACTIVE if config.ha is None else NodeRole.STANDBY
+        self.role_since = self.started
+        self.role_reason = "not one of a pair" if config.ha is None else "starting"
+        self.keepalived: Notification | None = None  # what keepalived last said
+        self.takeovers = 0
+        self._wanted: tuple[NodeRole, str] | None = None  # the last role asked for
+        self._role_lock = asyncio.Lock()
+        #: What a standby's KMS polls saw, by peer SAE ID (its status; the raw answer).
+        self._standby_kms: dict[str, KmsStatus] = {}
+        self._standby_seen: dict[str, Status] = {}
+        self._fifo: NotifyFifo | None = None  # keepalived's notify FIFO
+        self._notifying: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -574,29 +607,282 @@ class Daemon:
         self._gateway, self._cert_sha256 = certificate_sha256(c.peer_channel.cert)
         self._tls_digests = _digests(c)
         self.channels = PeerChannels(c.peer_channel, self)
-        for link in c.links:
-            self.runners[link.name] = self._runner(c, link)
-        for runner in self.runners.values():
-            runner.unstarted = []  # started here: (as before) each is closed on stop
-            for sink in runner.sinks:
-                await sink.start()  # a SinkError stops the start: the CLI says why
-        self._peer_server = PeerServer(c.peer_channel, self._peer_of, self._is_peer, self)
-        await self._peer_server.start()
+        if c.ha is None:
+            for link in c.links:
+                self.runners[link.name] = self._runner(c, link)
+            for runner in self.runners.values():
+                runner.unstarted = []  # started here: (as before) each is closed on stop
+                for sink in runner.sinks:
+                    await sink.start()  # a SinkError stops the start: the CLI says why
+            self._peer_server = PeerServer(c.peer_channel, self._peer_of, self._is_peer, self)
+            await self._peer_server.start()
+        else:
+            # Listening from the start, on the site's virtual address (not this node's until
+            # it is active, hence freebind): a takeover does not wait for it. Nothing reaches
+            # a standby there, and it has no link to take a message for anyway.
+            self._peer_server = PeerServer(c.peer_channel, self._peer_of, self._is_peer, self)
+            self._peer_server.accepting = False
+            await self._peer_server.start(freebind=True)
+            ha_dir(c.state_dir).mkdir(exist_ok=True, mode=0o700)
+            # No handover is in progress: keepalived's track file says so.
+            write_handover(handover_file(c.ha.handover_file, c.state_dir), 0)
+            await self._clean_data_plane()
+            if c.ha.notify_fifo is not None:
+                self._fifo = NotifyFifo(c.ha.notify_fifo, self._notified_soon)
+                try:
+                    self._fifo.open()
+                except (OSError, ValueError) as e:
+                    raise ConfigError(f"ha.notify_fifo: {e}") from None
         await self._serve_admin()
         if c.metrics is not None:
             await self._serve_metrics(c.metrics.listen)
-        self._write_audit(TrailEvent.STARTED, detail=f"{len(self.runners)} link(s)")
+        self._write_audit(TrailEvent.STARTED, detail=f"{len(c.links)} link(s)"
+                          + ("" if c.ha is None else f", node {c.ha.node} of a pair"))
         self._checkpoint()
         await self._poll_kms_once()  # know the KMS before the first exchange
         self._tasks.append(asyncio.create_task(self._poll_kms(), name="kms-status"))
         self._tasks.append(asyncio.create_task(self._flush_state_periodically(),
                                                name="state-flush"))
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
-        for runner in self.runners.values():
-            self._supervise_link(runner.name)
-        self._tasks.append(asyncio.create_task(self._open_turns(), name="turns"))
+        if c.ha is None:
+            for runner in self.runners.values():
+                self._supervise_link(runner.name)
+            self._turns = asyncio.create_task(self._open_turns(), name="turns")
+            self._tasks.append(self._turns)
         self.running = True
-        log.info("site %s up: %d link(s)", c.site, len(self.runners))
+        if c.ha is None:
+            log.info("site %s up: %d link(s)", c.site, len(self.runners))
+            return
+        self._show_role()
+        role, why = role_at_start(c.state_dir)
+        log.info("site %s node %s up standby: %d link(s); %s", c.site, c.ha.node,
+                 len(c.links), why)
+        if role is NodeRole.ACTIVE:
+            await self.set_role(role, why)
+
+    # -- a pair under keepalived (docs/ha.md) ---------------------------------------------------
+
+    async def set_role(self, role: NodeRole, why: str) -> None:
+        """Become ROLE (keepalived said so: `qkdgw ha notify`). Changes are applied one at a
+        time; one asked for while another is applied waits, and only the last one asked for
+        is applied then (MASTER then BACKUP in quick succession ends standby)."""
+        self._wanted = (role, why)
+        async with self._role_lock:
+            if self._wanted is None or self.stopping:
+                return
+            (role, why), self._wanted = self._wanted, None
+            if role is self.role:
+                self.role_reason = why
+                return
+            async with self._reload_lock:  # not in the middle of a reload
+                if role is NodeRole.ACTIVE:
+                    await self._activate(why)
+                else:
+                    await self._deactivate(why)
+
+    async def _activate(self, why: str) -> None:
+        """Take over: every link starts afresh from its saved state (which holds no keys: a
+        standby's never does) through the restart path of the protocol: an initiator starts
+        an epoch at once, a responder asks for one; a stale epoch number is corrected by
+        the peer's stale-epoch answer. Nothing of the old active is used."""
+        c = self.config
+        began = time.monotonic()
+        log.warning("node %s: becoming ACTIVE: %s", self._node, why)
+        pacing = c.pacing
+        self.exchanges = Pacer(pacing.exchanges, pacing.exchanges_per_peer, paused=True)
+        self.channels = PeerChannels(c.peer_channel, self)
+        for link in c.links:
+            self.runners[link.name] = self._fresh_runner(c, link)
+        self._replay_kms()
+        if self._peer_server is not None:
+            self._peer_server.accepting = True
+        self.role, self.role_since, self.role_reason = NodeRole.ACTIVE, time.time(), why
+        self.takeovers += 1
+        self.metrics.ha_takeovers.inc()
+        self._show_role()
+        for name in self.runners:
+            self._supervise_link(name, plane_blocked=True)
+        self._turns = asyncio.create_task(self._open_turns(), name="turns")
+        self._tasks.append(self._turns)
+        self._write_audit(TrailEvent.HA_ACTIVE, detail=f"node {self._node}: {why}; starting"
+                          f" a new epoch on {len(self.runners)} link(s)")
+        log.info("node %s: active in %.1f ms, %d link(s) starting a new epoch", self._node,
+                 (time.monotonic() - began) * 1e3, len(self.runners))
+
+    def _fresh_runner(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> LinkRunner:
+        """LINK's runner from its saved state, or afresh if that cannot be read (moved
+        aside and audited, as after a link failure)."""
+        try:
+            return self._runner(site, link)
+        except ConfigError as e:
+            path = self._state_path(link.name)
+            aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log.error("link %s: %s; moved to %s, starting afresh", link.name, e, aside)
+            self._write_audit(TrailEvent.STATE_DISCARDED, link=link.name, detail=f"{e}")
+            return self._runner(site, link)
+
+    async def _deactivate(self, why: str) -> None:
+        """Let go: the links stop, the peers' channels are closed (and refused while standby),
+        each sink is removed (kernel SAs deleted with their policies left blocking, PPKs
+        unloaded, key files deleted), and the saved states keep only epoch numbers and used
+        key IDs."""
+        log.warning("node %s: becoming STANDBY: %s", self._node, why)
+        self.role, self.role_since, self.role_reason = NodeRole.STANDBY, time.time(), why
+        self._show_role()
+        tasks = [self._link_tasks.pop(name) for name in list(self._link_tasks)]
+        if self._turns is not None:
+            tasks.append(self._turns)
+            self._turns = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(task)
+        runners, self.runners = self.runners, {}
+        for runner in runners.values():
+            runner.removed = True
+            runner.cancel_tasks()
+        self.dirty.clear()
+        if self._peer_server is not None:
+            self._peer_server.accepting = False
+            await self._peer_server.close_channels()
+        if self.channels is not None:
+            await self.channels.close()
+        for runner in runners.values():
+            for sink in [s for s in runner.sinks if s not in runner.unstarted]:
+                await self._remove_sink(runner.name, sink)
+        await self._forget_keys()
+        for table in (self.failed, self.fingerprints):
+            table.clear()
+        self._write_audit(TrailEvent.HA_STANDBY, detail=f"node {self._node}: {why}; holds"
+                          " no keys")
+
+    async def _clean_data_plane(self) -> None:
+        """A standby's data plane at start: each sink takes it over (adopting what a crash
+        left, policies blocking) and is removed again, so no stale SA stays behind."""
+        c = self.config
+        for link in c.links:
+            context = self._sink_context(c, link)
+            for sink in [s.build(context) for s in link.sinks]:
+                try:
+                    async with asyncio.timeout(SINK_TIMEOUT):
+                        await sink.start()
+                except Exception as e:  # it installed nothing, or will be retried: go on
+                    log.error("link %s: starting %s to clean it failed: %s", link.name,
+                              sink.name, _describe(e))
+                await self._remove_sink(link.name, sink)
+        await self._forget_keys()
+
+    async def _remove_sink(self, link: str, sink: Sink) -> None:
+        try:
+            async with asyncio.timeout(SINK_TIMEOUT):
+                await sink.remove()
+        except Exception as e:  # one sink's failure must not keep the others
+            log.error("link %s: removing %s failed: %s", link, sink.name, _describe(e))
+
+    async def _forget_keys(self) -> None:
+        """Rewrite every saved link state without its keys' references: a standby holds no
+        keys, and its next activation starts every link blocked, retiring nothing."""
+        states = {}
+        for link in self.config.links:
+            try:
+                snapshot = self._load_snapshot(link.name)
+            except CoreError:
+                continue  # moved aside when the link starts
+            if snapshot is not None:
+                states[link.name] = snapshot.without_keys().model_dump_json().encode()
+        await self.state_files.write(states)
+
+    @property
+    def _node(self) -> str:
+        return self.config.ha.node if self.config.ha else self.config.site
+
+    def _show_role(self) -> None:
+        for role in NodeRole:
+            self.metrics.ha_role.labels(role.value).set(1 if role is self.role else 0)
+
+    def ha_status(self) -> HaStatus | None:
+        ha = self.config.ha
+        if ha is None:
+            return None
+        k = self.keepalived
+        return HaStatus(node=ha.node, role=self.role.value, since=round(self.role_since, 3),
+                        reason=self.role_reason, keepalived_state=k.state if k else None,
+                        keepalived_instance=k.name if k else None, takeovers=self.takeovers)
+
+    def _notified_soon(self, n: Notification) -> None:
+        """A line from keepalived's FIFO (read in a callback): applied in a task of its own,
+        whose failure is logged (the next notification applies again)."""
+        task = asyncio.create_task(self.notified(n), name="ha-notify")
+        self._notifying.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._notifying.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("node %s: applying keepalived's %s failed", self._node, n.state,
+                          exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def notified(self, n: Notification) -> HaStatus | None:
+        """keepalived's notify, through `qkdgw ha notify`."""
+        self.keepalived = n
+        log.info("node %s: keepalived %s %s: %s", self._node, n.type, n.name, n.state)
+        await self.set_role(n.role, f"keepalived {n.name}: {n.state}")
+        return self.ha_status()
+
+    async def handover(self) -> Handover:
+        """Planned switchover: put this node's VRRP instance in FAULT through its track
+        file; keepalived gives the addresses up, notifies, and this node goes standby; the
+        file is set back a moment later (HANDOVER_SETTLE) so the node returns to BACKUP."""
+        ha = self.config.ha
+        if ha is None:
+            raise HandoverRefused("this gateway is not one of a pair (no `ha:` in its"
+                                  " configuration)")
+        if self.role is not NodeRole.ACTIVE:
+            raise HandoverRefused(f"node {ha.node} is standby: run the handover on the"
+                                  " active node")
+        path = handover_file(ha.handover_file, self.config.state_dir)
+        began = time.monotonic()
+        write_handover(path, 1)
+        try:
+            while self.role is NodeRole.ACTIVE:
+                if time.monotonic() - began > ha.handover_timeout:
+                    raise HandoverRefused(
+                        f"keepalived did not take the addresses from node {ha.node} within"
+                        f" {ha.handover_timeout:g} s: does its vrrp_instance track {path}"
+                        " (track_file, weight 0), and notify `qkdgw ha notify`? (docs/ha.md)")
+                await asyncio.sleep(HANDOVER_POLL)
+            standby_after = time.monotonic() - began
+            await asyncio.sleep(HANDOVER_SETTLE)
+        finally:
+            write_handover(path, 0)
+        self._write_audit(TrailEvent.HA_STANDBY, detail=f"node {ha.node}: handover done,"
+                          f" standby after {standby_after * 1e3:.0f} ms")
+        return Handover(node=ha.node, standby_after_ms=round(standby_after * 1e3, 1))
+
+    def _standby_link(self, link: LinkConfig[Any]) -> LinkStatus:
+        """A link as a standby shows it: no key, nothing installed."""
+        kms = self._standby_kms.get(link.peer.sae_id) or KmsStatus(
+            ok=False, reason="not polled yet")
+        return LinkStatus(
+            link=link.name, role=link.role, peer=link.peer.name,
+            mode=self.config.link_policy(link).mode.value, state=NodeRole.STANDBY.value,
+            epoch=0, blocked=True, suite=None, key_age=None, fingerprint=None, rekeys=0,
+            last_rekey_latency=None, next_rekey_in=None, alarms={}, kms=kms)
+
+    def _replay_kms(self) -> None:
+        """The links a takeover starts know the KMS as the standby last saw it: no poll
+        delays their first exchange."""
+        answers = [(st, [r for r in self.runners.values() if r.config.peer.sae_id == sae])
+                   for sae, st in self._standby_seen.items()]
+        shares = _shares([((st.source_KME_ID, st.target_KME_ID), r)
+                          for st, runners in answers for r in runners])
+        for st, runners in answers:
+            self._observed(st, runners, shares)
 
     def _runner(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> LinkRunner:
         """A runner for LINK of SITE, from its saved state; its sinks built, not started.
@@ -627,9 +913,9 @@ class Daemon:
         return SinkContext(link.name, site.lifetimes(link), self, site.peer_channel.listen,
                            link.peer.address)
 
-    def _supervise_link(self, name: str) -> None:
+    def _supervise_link(self, name: str, *, plane_blocked: bool = False) -> None:
         self.metrics.mode.labels(name, self.runners[name].machine.policy.mode.value).set(1)
-        task = asyncio.create_task(self._supervise(name), name=f"link-{name}")
+        task = asyncio.create_task(self._supervise(name, plane_blocked), name=f"link-{name}")
         self._link_tasks[name] = task
         self._tasks.append(task)
 
@@ -655,6 +941,10 @@ class Daemon:
         stays, kernel SAs are deleted and policies left blocking ...)."""
         self.stopping = True
         self.running = False
+        if self._fifo is not None:
+            self._fifo.close()
+        for task in self._notifying:
+            task.cancel()
         async with self._reload_lock:  # a reload in progress finishes first
             pass
         for task in self._reloads:
@@ -714,11 +1004,11 @@ class Daemon:
 
     # -- supervision --------------------------------------------------------------------------
 
-    async def _supervise(self, name: str) -> None:
+    async def _supervise(self, name: str, plane_blocked: bool = False) -> None:
         """Run the link; when it fails, block it, say so, and run it again from its saved
-        state (with backoff while it keeps failing)."""
+        state (with backoff while it keeps failing). PLANE_BLOCKED: its data plane holds
+        none of its keys (a takeover)."""
         backoff = RESTART_BACKOFF
-        plane_blocked = False
         while True:
             runner = self.runners[name]
             runner.task = asyncio.create_task(runner.run(plane_blocked=plane_blocked),
@@ -841,6 +1131,13 @@ class Daemon:
                 p = plan(self.config, new, old_files=self._tls_digests, new_files=files)
             except NotLive as e:
                 raise ReloadRefused(f"{path}: {e}") from None
+            if self.role is NodeRole.STANDBY:  # no link runs: the next takeover uses it
+                for name in p.removed:
+                    await self.state_files.delete(name)
+                self.metrics.forget(set(p.removed))
+                self.config = new
+                self.kms_requests.resize(new.pacing.kms_requests)
+                return self._reloaded(p, path, digest)
             try:  # everything that can fail comes before any change
                 added = {n: self._runner(new, new.link(n)) for n in p.added}
             except ConfigError as e:
@@ -858,19 +1155,24 @@ class Daemon:
             for name, runner in added.items():
                 self.runners[name] = runner
                 self._supervise_link(name)
-            old, self.config_sha256 = self.config_sha256, digest
-            result = Reloaded(
-                config=str(path), old_sha256=old, new_sha256=digest, added=list(p.added),
-                removed=list(p.removed), changed={c.name: list(c.what) for c in p.changed},
-                site=list(p.site), unchanged=p.unchanged)
-            self._write_audit(TrailEvent.RELOADED, detail=_summary(p),
-                              config=result.model_dump(exclude={"unchanged"}))
-            self.metrics.reloads.labels("applied").inc()
-            log.info("configuration reloaded from %s (sha256 %s): %s", path, digest, _summary(p))
+            result = self._reloaded(p, path, digest)
             for change, channel in zip(p.changed, replaced, strict=True):
                 if channel is not None:
                     await self._channels().release(change.name, channel)
             return result
+
+    def _reloaded(self, p: Plan, path: Path, digest: str) -> Reloaded:
+        """A reload applied: its audit record, metric, log line and answer."""
+        old, self.config_sha256 = self.config_sha256, digest
+        result = Reloaded(
+            config=str(path), old_sha256=old, new_sha256=digest, added=list(p.added),
+            removed=list(p.removed), changed={c.name: list(c.what) for c in p.changed},
+            site=list(p.site), unchanged=p.unchanged)
+        self._write_audit(TrailEvent.RELOADED, detail=_summary(p),
+                          config=result.model_dump(exclude={"unchanged"}))
+        self.metrics.reloads.labels("applied").inc()
+        log.info("configuration reloaded from %s (sha256 %s): %s", path, digest, _summary(p))
+        return result
 
     async def _remove_link(self, name: str) -> None:
         """Stop the link for good: its task and channel end, each sink is removed (its stop
@@ -985,6 +1287,8 @@ class Daemon:
         if inbound:
             self.accepted[peer] = self.accepted.get(peer, 0) + 1
             self.metrics.channel_accepts.labels(peer).inc()
+            if self.channels is not None:  # the peer restarted, or its pair's other node
+                self.channels.peer_reconnected(peer)  # took over: ours may end nowhere
         else:
             self.metrics.channel_connects.labels(peer).inc()
 
@@ -1008,6 +1312,9 @@ class Daemon:
     async def _poll_kms_once(self, links: dict[str, LinkRunner] | None = None) -> None:
         """Poll the KMS status for every link (or those of LINKS: links a reload adds,
         before they start), and tell each its share of its KME pair's supply."""
+        if links is None and self.role is NodeRole.STANDBY:
+            await self._poll_standby()
+            return
         links = self.runners if links is None else links
         by_peer: dict[str, list[str]] = {}
         for runner in links.values():
@@ -1031,6 +1338,29 @@ class Daemon:
                           for st, runners in answers for r in runners])
         for st, runners in answers:
             self._observed(st, [r for r in runners if not r.removed], shares)
+
+    async def _poll_standby(self) -> None:
+        """A standby keeps its KMS client up: the status for each peer SAE, for its own
+        status and metrics, and for the links a takeover starts (`_replay_kms`)."""
+        for peer_sae in dict.fromkeys(link.peer.sae_id for link in self.config.links):
+            names = [link.name for link in self.config.links if link.peer.sae_id == peer_sae]
+            try:
+                st = await self.kme.status(peer_sae)
+            except Exception as e:  # KmsError, or never foreseen: shown, never fatal
+                why = str(e) if isinstance(e, KmsError) else _describe(e)
+                self._standby_kms[peer_sae] = KmsStatus(ok=False, reason=why, error=why)
+                self._standby_seen.pop(peer_sae, None)
+                for name in names:
+                    self.metrics.kms_up.labels(name).set(0)
+                continue
+            self.kme_limits[peer_sae] = st.max_key_per_request
+            self._standby_seen[peer_sae] = st
+            self._standby_kms[peer_sae] = KmsStatus(
+                ok=True, reason="", stored_key_count=st.stored_key_count, qber=st.qber,
+                key_rate=st.key_rate, link_up=st.link_up, kme=st.source_KME_ID)
+            for name in names:
+                self.metrics.kms_up.labels(name).set(1)
+                self.metrics.kms_stored.labels(name).set(st.stored_key_count)
 
     async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> Status | None:
         """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
@@ -1198,7 +1528,9 @@ class Daemon:
         """The site's status; with LINK, only that link's entry (the summary counts all)."""
         now = time.time()
         head = self.audit.head if self.audit else None
-        links = [r.status(now) for r in self.runners.values()]
+        links = [r.status(now) for r in self.runners.values()] \
+            if self.role is NodeRole.ACTIVE else \
+            [self._standby_link(link) for link in self.config.links]
         x, k = self.exchanges, self.kms_requests
         pacing = PacingStatus(
             exchanges=x.in_flight, exchanges_queued=x.waiting, exchange_limit=x.limit,
@@ -1215,11 +1547,12 @@ class Daemon:
             peers=[PeerChannelStatus(peer=p.name, address=str(p.address), connected=p.connected,
                                      connects=p.connects, accepted=self.accepted.get(p.name, 0),
                                      links=len(p.links))
-                   for p in (self.channels.channels.values() if self.channels else ())])
+                   for p in (self.channels.channels.values() if self.channels else ())],
+            ha=self.ha_status())
 
     def _unknown_link(self, link: object) -> web.Response:
         """404 naming the link asked for and some that exist (a hub has thousands)."""
-        names = list(self.runners)
+        names = [x.name for x in self.config.links]
         shown = ", ".join(names[:LINKS_NAMED]) + \
             (f" and {len(names) - LINKS_NAMED} more" if len(names) > LINKS_NAMED else "")
         return web.json_response({"error": f"no link {link!r} (links: {shown})"}, status=404)
@@ -1231,7 +1564,7 @@ class Daemon:
         app = web.Application(middlewares=[_owner_only])
         async def status(request: web.Request) -> web.Response:
             link = request.query.get("link")
-            if link is not None and link not in self.runners:
+            if link is not None and link not in {x.name for x in self.config.links}:
                 return self._unknown_link(link)
             return web.json_response(self.status(link).model_dump(mode="json"))
 
@@ -1239,6 +1572,9 @@ class Daemon:
         app.router.add_post("/rekey", self._admin_rekey)
         app.router.add_post("/reload", self._admin_reload)
         app.router.add_post("/stop", self._admin_stop)
+        app.router.add_get("/ha", self._admin_ha)
+        app.router.add_post("/ha", self._admin_ha_notify)
+        app.router.add_post("/ha/handover", self._admin_handover)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         old = os.umask(0o177)
@@ -1249,7 +1585,48 @@ class Daemon:
         os.chmod(path, 0o600)
         self._servers.append(runner)
 
+    def _not_in_pair(self) -> web.Response:
+        return web.json_response({"error": f"site {self.config.site}: this gateway is not one"
+                                  " of a pair (no `ha:` in its configuration)"}, status=409)
+
+    async def _admin_ha(self, _: web.Request) -> web.Response:
+        status = self.ha_status()
+        if status is None:
+            return self._not_in_pair()
+        return web.json_response(status.model_dump())
+
+    async def _admin_ha_notify(self, request: web.Request) -> web.Response:
+        """POST /ha {"args": [TYPE, NAME, STATE, PRIORITY], "keepalived_pid": ...,
+        "keepalived_started": ...}: keepalived's notify, as `qkdgw ha notify` passes it."""
+        if self.config.ha is None:
+            return self._not_in_pair()
+        try:
+            body = await request.json()
+            args, pid, started = body["args"], body.get("keepalived_pid"), \
+                body.get("keepalived_started")
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or \
+                    not all(v is None or (isinstance(v, int) and v >= 0)
+                            for v in (pid, started)):
+                raise ValueError("args must be a list of strings, keepalived_pid and"
+                                 " keepalived_started counts")
+            n = Notification.parse(args, at=time.time(), pid=pid, started=started)
+        except (ValueError, KeyError, TypeError) as e:
+            return web.json_response({"error": f"not a keepalived notification: {e}"},
+                                     status=400)
+        status = await self.notified(n)
+        return web.json_response(status.model_dump() if status else {})
+
+    async def _admin_handover(self, _: web.Request) -> web.Response:
+        try:
+            result = await self.handover()
+        except HandoverRefused as e:
+            return web.json_response({"error": str(e)}, status=409)
+        return web.json_response(result.model_dump())
+
     async def _admin_rekey(self, request: web.Request) -> web.Response:
+        if self.role is NodeRole.STANDBY:
+            return web.json_response({"error": f"node {self._node} is standby: it holds no"
+                                      " keys; rekey on the active node"}, status=409)
         body = await request.json() if request.can_read_body else {}
         link = body.get("link") if isinstance(body, dict) else None
         if link is not None and link not in self.runners:
@@ -1284,6 +1661,8 @@ class Daemon:
                                 headers={"Content-Type": CONTENT_TYPE_LATEST})
 
         async def healthz(_: web.Request) -> web.Response:
+            if self.role is NodeRole.STANDBY:  # healthy as a standby: nothing to key
+                return web.json_response({"status": "standby", "blocked_links": []})
             blocked = [r.name for r in self.runners.values() if r.machine.blocked]
             body = {"status": "blocked" if blocked else "ok", "blocked_links": blocked}
             return web.json_response(body, status=503 if blocked else 200)

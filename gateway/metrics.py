@@ -61,6 +61,10 @@ class Metrics:
                                        registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)
+        self.ha_role = Gauge("qkdgw_ha_role", "1 for this node's role in a gateway pair"
+                             " (active, standby)", ["role"], registry=r)
+        self.ha_takeovers = Counter("qkdgw_ha_takeovers", "Times this node became active",
+                                    registry=r)
         self.reloads = Counter("qkdgw_config_reloads", "Configuration reloads, by outcome",
                                ["outcome"], registry=r)
 

@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -67,6 +68,16 @@ UNKNOWN_LINK_RETRY_MAX = 30.0
 MAX_SENDS_IN_FLIGHT = 4
 #: Refusals that mean the peer has no such link with this gateway.
 LINK_UNKNOWN = frozenset({"unknown-link", "wrong-peer"})
+#: A peer that opens a new channel to us has restarted (or, in a pair under keepalived, its
+#: other node took over): the connection we send on may end at a box that is gone, and the
+#: first message on it would be lost to a reset. Ours is reopened, unless it is younger than
+#: this (it was opened in answer to the peer's: two gateways must not reopen in turn).
+STALE_AFTER_PEER_RECONNECT = 1.0
+#: Linux's IP_FREEBIND (not in Python's socket module): bind an address not (yet) on this
+#: host, e.g. the virtual address keepalived moves to this node as it becomes active.
+IP_FREEBIND = 15
+#: Stale connections being closed (a task must be referenced until it ends).
+_closing: set[asyncio.Task[bool]] = set()
 
 
 class Listener(Protocol):
@@ -129,22 +140,41 @@ class PeerServer:
         ctx.verify_mode = ssl.CERT_REQUIRED  # gateways always authenticate each other
         self._ssl = ctx
         self._runner: web.AppRunner | None = None
+        #: False on a standby node of a pair: channels are refused (503) while it holds no
+        #: link, never taken as "no such link" (which would hold the peer's messages back).
+        self.accepting = True
+        self._open: set[web.WebSocketResponse] = set()
 
-    async def start(self) -> None:
+    async def start(self, *, freebind: bool = False) -> None:
+        """Listen; FREEBIND: also on an address this host does not have (yet)."""
         app = web.Application()
         app.router.add_get(CHANNEL_PATH, self._channel)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
         where = self.config.listen
-        await web.TCPSite(self._runner, where.host, where.port, ssl_context=self._ssl).start()
+        if freebind:
+            sock = _freebind_socket(where)
+            await web.SockSite(self._runner, sock, ssl_context=self._ssl).start()
+        else:
+            await web.TCPSite(self._runner, where.host, where.port,
+                              ssl_context=self._ssl).start()
         log.info("peer channel listening on %s", where)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def close_channels(self) -> None:
+        """Close every channel peers opened to us (this node goes standby): their next
+        send opens a new one, to whichever node holds the address then."""
+        for ws in list(self._open):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"standby")
+
     async def _channel(self, request: web.Request) -> web.StreamResponse:
+        if not self.accepting:
+            return web.json_response({"error": "standby: this node holds no link"},
+                                     status=503)
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport \
             else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
@@ -165,13 +195,17 @@ class PeerServer:
             # first"); a plain answer to the gone peer ends quietly.
             return web.Response(status=400)
         self._listener.channel_opened(who, inbound=True)
-        async for msg in ws:
-            if msg.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
-                continue
-            raw = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
-            refusal = self.receive(who, cert_sha256, raw)
-            if refusal is not None:
-                await ws.send_str(refusal.json())
+        self._open.add(ws)
+        try:
+            async for msg in ws:
+                if msg.type not in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+                    continue
+                raw = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                refusal = self.receive(who, cert_sha256, raw)
+                if refusal is not None:
+                    await ws.send_str(refusal.json())
+        finally:
+            self._open.discard(ws)
         if ws.close_code not in (None, aiohttp.WSCloseCode.OK, aiohttp.WSCloseCode.GOING_AWAY):
             self._listener.rejected("", "malformed", f"channel from {who} closed with code"
                                     f" {ws.close_code} ({ws.exception() or 'no reason'})")
@@ -238,6 +272,7 @@ class PeerChannel:
         self._refused = ""  # ... when the peer refused it: it has no link with us
         self._unknown: dict[str, tuple[float, float]] = {}  # link -> (send again at, backoff)
         self._in_flight: dict[str, int] = {}
+        self._opened_at = 0.0  # monotonic: when the connection was opened
 
     @property
     def connected(self) -> bool:
@@ -301,7 +336,7 @@ class PeerChannel:
             self.connects += 1
             self._listener.channel_opened(self.name, inbound=False)
             log.info("peer channel to %s at %s open", self.name, self.address)
-            self._ws = ws
+            self._ws, self._opened_at = ws, time.monotonic()
             self._reader = asyncio.create_task(self._read(ws), name=f"peer-{self.name}-read")
             return ws
 
@@ -359,6 +394,21 @@ class PeerChannel:
         if ws is not None:
             await ws.close()
 
+    def reopen_if_stale(self) -> bool:
+        """The peer opened a new channel to us: let go of ours unless it is younger than
+        STALE_AFTER_PEER_RECONNECT, at once, so the next send opens a fresh one (the old one
+        is closed in the background: closing a dead connection waits). True if let go."""
+        ws = self._ws
+        if ws is None or ws.closed or time.monotonic() - self._opened_at < \
+                STALE_AFTER_PEER_RECONNECT:
+            return False
+        log.info("peer %s opened a new channel: reopening ours to %s", self.name, self.address)
+        self._ws, self._retry, self._retry_at = None, CONNECT_RETRY, 0.0
+        closing = asyncio.create_task(ws.close(), name=f"peer-{self.name}-close-stale")
+        _closing.add(closing)
+        closing.add_done_callback(_closing.discard)
+        return True
+
     async def close(self) -> None:
         await self._drop()
         if self._reader is not None:
@@ -398,8 +448,30 @@ class PeerChannels:
             self.channels.pop((channel.name, str(channel.address)), None)
             await channel.close()
 
+    def peer_reconnected(self, name: str) -> None:
+        """The peer NAME opened a new channel to us: our channels to it may be stale."""
+        for channel in [c for c in self.channels.values() if c.name == name]:
+            channel.reopen_if_stale()
+
     async def close(self) -> None:
         for channel in self.channels.values():
             await channel.close()
         if self._session is not None:
             await self._session.close()
+
+
+def _freebind_socket(where: HostPort) -> socket.socket:
+    """A listening TCP socket on WHERE, bound with IP_FREEBIND."""
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.SOL_IP,
+                        IP_FREEBIND, 1)
+        sock.bind((where.host, where.port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -26,6 +26,7 @@ NOT_LIVE = {
     "admin": "the admin socket is bound at start (a reload comes through it)",
     "metrics": "the metrics listener is bound at start",
     "audit_log": "the audit trail is open, and its chain continues in the same file",
+    "ha": "the node's name and the files keepalived and the daemon share are bound at start",
 }
 #: Site settings a reload applies: the policy defaults (through each link's effective
 #: policy), the KMS poll interval (from the next poll), the pacing limits (from the next

@@ -137,6 +137,19 @@ class Summary(_Status):
                    pacing=pacing)
 
 
+class HaStatus(_Status):
+    """This node of a gateway pair under keepalived (docs/ha.md)."""
+
+    node: str = Field(description="this node's name")
+    role: str = Field(description="active (keys the links) or standby (holds no keys)")
+    since: float = Field(description="when it took this role (Unix time)")
+    reason: str = Field(description="why: what keepalived said, or why it starts standby")
+    keepalived_state: str | None = Field(description="keepalived's last state notified"
+                                         " (MASTER, BACKUP, FAULT, STOP), null: none yet")
+    keepalived_instance: str | None = Field(description="the VRRP instance that said it")
+    takeovers: int = Field(description="times this node became active since it started")
+
+
 class SiteStatus(_Status):
     site: str = Field(description="the site's name")
     pid: int = Field(description="the daemon's process ID")
@@ -147,6 +160,8 @@ class SiteStatus(_Status):
                                                 " that one)")
     peers: list[PeerChannelStatus] = Field(default_factory=list,
                                            description="one entry per peer gateway")
+    ha: HaStatus | None = Field(default=None, description="this node of a pair under"
+                                " keepalived; null when the site runs one gateway")
 
 
 class Rekeying(_Status):
@@ -169,6 +184,14 @@ class Reloaded(_Status):
     unchanged: int = Field(description="links left as they were")
 
 
+class Handover(_Status):
+    """POST /ha/handover: this node handed the site's addresses to the other one."""
+
+    node: str = Field(description="this node, standby now")
+    standby_after_ms: float = Field(description="from the handover's start until keepalived"
+                                                " had made this node standby")
+
+
 class Stopping(_Status):
     """POST /stop: the site that stops."""
 
@@ -176,7 +199,7 @@ class Stopping(_Status):
 
 
 NESTED = (LinkStatus, KmsStatus, SupplyStatus, LastRekey, AuditStatus, PeerChannelStatus,
-          Summary, PacingStatus)
+          Summary, PacingStatus, HaStatus)
 
 
 def _shown(kind: object) -> tuple[str, type[BaseModel] | None]:

@@ -25,7 +25,7 @@ ALLOWED = {
     "gateway": {"common", "kdf", "kms"},
 }
 #: The composition root and the entry points above it (the CLI, the demo that runs it all).
-TOP = {"gateway.site", "gateway.cli", "gateway.demo"}
+TOP = {"gateway.site", "gateway.cli", "gateway.demo", "gateway.entry", "gateway.hanotify"}
 
 
 def _module(path: Path) -> str:

@@ -60,3 +60,8 @@ class Snapshot(_Model):
     inbound: list[PendingRef] = Field(max_length=MAX_PENDING)
     old_outbound: list[PendingRef] = Field(max_length=MAX_PENDING)
     used_key_ids: list[KeyId] = Field(max_length=USED_KEY_IDS_PERSISTED)
+
+    def without_keys(self) -> Snapshot:
+        """What a standby keeps of a link (docs/ha.md): epoch numbers and the key IDs used,
+        no reference to a key in the data plane (it holds none)."""
+        return self.model_copy(update={"outbound": None, "inbound": [], "old_outbound": []})

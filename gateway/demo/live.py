@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -31,7 +30,8 @@ from typing import Any, Literal
 
 from common.sockets import grow_receive_buffer
 from gateway.demo import QBER_SPIKE
-from gateway.demo.sites import ADDR, HOST, LAN, SIM_ADMIN_PORT, Sites
+from gateway.demo.ha import Failover
+from gateway.demo.sites import ADDR, HOST, LAN, Sites
 from gateway.demo.topology import Topology, namespace
 from gateway.demo.wire import Kind, Live, Tally
 
@@ -79,6 +79,15 @@ def preflight(plane: Plane) -> Literal["xfrm", "strongswan"]:
         raise DemoError("this kernel has no ESP (XFRM cannot add an AES-GCM SA): use"
                         " --plane strongswan (kernel-libipsec, ESP in userspace)")
     return plane
+
+
+def ha_missing() -> str | None:
+    """Why site A cannot be a keepalived pair here, or None."""
+    if shutil.which("keepalived") is None:
+        return "keepalived is not installed (apt-get install keepalived)"
+    if shutil.which("iptables") is None:
+        return "iptables is not installed (apt-get install iptables)"
+    return None
 
 
 def kernel_has_esp() -> bool:
@@ -176,18 +185,41 @@ class Flow:
 # -- the demo ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FailoverPlan:
+    """`--ha --failover-at AT --failover KIND`: fail site A's active node at AT seconds."""
+
+    at: float
+    kind: Failover
+    max_outage: float  # seconds
+
+
+#: Packets lost from this long before the failover count as the failover's (they were in
+#: flight in the node that died) ...
+FAILOVER_BEFORE = 1.0
+#: ... and up to this long after it.
+FAILOVER_AFTER = 10.0
+
+
 class Demo:
     def __init__(self, plane: Literal["xfrm", "strongswan"], root: Path, interval: float,
-                 rate: float, link_profile: str | None = None) -> None:
+                 rate: float, link_profile: str | None = None, ha: bool = False) -> None:
         policy = {"interval": interval, "jitter": 0.0, "grace": min(1.0, interval / 2),
                   "hard_lifetime": max(10 * interval, 30.0), "mode": "pqc-fallback"}
-        if plane == "strongswan":
+        self.ha = ha
+        self.failed_over: tuple[float, str, str] | None = None  # (monotonic, node, kind)
+        if ha:
+            from gateway.demo.ha import StrongswanHaSites, XfrmHaSites
+
+            pair: type[Sites] = StrongswanHaSites if plane == "strongswan" else XfrmHaSites
+            self.sites: Sites = pair(root, policy)
+        elif plane == "strongswan":
             from gateway.demo.strongswan import StrongswanSites
 
             class DemoStrongswanSites(StrongswanSites):
                 tag = "qd"  # the demo's namespaces: qdXXXX-lan-a, ...
 
-            self.sites: Sites = DemoStrongswanSites(root, policy)
+            self.sites = DemoStrongswanSites(root, policy)
         else:
             self.sites = XfrmSites(root, policy)
         self.sites.verbose = False
@@ -196,6 +228,7 @@ class Demo:
         self.flows: list[Flow] = []
         self.wire: Live | None = None
         self.first_epoch = self.last_epoch = 0
+        self.plan: FailoverPlan | None = None
         self.events: list[str] = []
 
     async def up(self) -> None:
@@ -214,6 +247,33 @@ class Demo:
             flow.start()
             self.flows.append(flow)
 
+    async def failover(self, kind: Failover) -> None:
+        from gateway.demo.ha import HaSites
+
+        assert isinstance(self.sites, HaSites)  # noqa: S101 (only with --ha)
+        at = time.monotonic()
+        node = await self.sites.failover(kind)
+        self.failed_over = (at, node, kind)
+        self.events.append(f"{time.strftime('%H:%M:%S')} failover ({kind}) of node {node}")
+
+    def failover_line(self) -> tuple[str, float]:
+        """The summary's failover line and the outage (s): the packets lost around it, per
+        direction, and the longest span from the first to the last of them."""
+        if self.failed_over is None:
+            return "failover: none happened", 0.0
+        at = self.failed_over[0]
+        outage, lost, parts = 0.0, 0, []
+        for flow in self.flows:
+            sent = flow.sent_at
+            gone = [t for seq, t in enumerate(sent) if seq not in flow.received
+                    and at - FAILOVER_BEFORE <= t <= at + FAILOVER_AFTER]
+            if gone:
+                outage = max(outage, gone[-1] - gone[0] + 1 / flow.rate)
+            lost += len(gone)
+            parts.append(f"{flow.name.replace('->', '→').upper()} {len(gone)}")
+        return (f"failover: outage {outage * 1e3:.0f} ms, lost {lost} ({', '.join(parts)})",
+                outage)
+
     def fault(self, fault: Fault) -> None:
         if fault.kind == "kms-outage":
             path, body = "/admin/faults", {"kind": "unavailable", "seconds": fault.seconds}
@@ -227,18 +287,7 @@ class Demo:
         self.events.append(f"{time.strftime('%H:%M:%S')} QBER back to the link's own")
 
     def _sim(self, path: str, body: dict[str, Any] | None) -> None:
-        """POST BODY to PATH; DELETE PATH without one."""
-        """The simulator's admin API listens on loopback inside the wan namespace."""
-        with self.sites.net.inside("wan"):
-            conn = socket.create_connection(("127.0.0.1", SIM_ADMIN_PORT), timeout=5)
-        data = b"" if body is None else json.dumps(body).encode()
-        method = "DELETE" if body is None else "POST"
-        request = (f"{method} {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
-        with conn:
-            conn.sendall(request)
-            while conn.recv(4096):
-                pass
+        self.sites.sim(path, body)
 
     async def view(self, elapsed: float, duration: float | None, compact: bool = False) -> str:
         a, b = await self.sites.link("a"), await self.sites.link("b")
@@ -291,6 +340,10 @@ class Demo:
         plaintext = self.wire.tally.plaintext if self.wire else 0
         line = (f"rekeys: {rekeys}, packets sent: {sent}, lost: {lost}"
                 f" ({', '.join(by_direction)}), plaintext on the link: {plaintext}")
+        if self.plan is not None:
+            failover, outage = self.failover_line()
+            return failover + "\n" + line, plaintext == 0 and self.failed_over is not None \
+                and outage <= self.plan.max_outage
         return line, lost == 0 and plaintext == 0 and rekeys > 0
 
     def down(self) -> None:
@@ -308,8 +361,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
-                   faults: list[Fault], keep: Path | None, link_profile: str | None = None
-                   ) -> int:
+                   faults: list[Fault], keep: Path | None, link_profile: str | None = None,
+                   ha: bool = False, failover: FailoverPlan | None = None) -> int:
     """Run the demo; the exit status. Ctrl-C (or SIGTERM, SIGHUP) ends it as --duration
     does: the counted summary, the cleanup, and the summary's status (0: nothing lost,
     nothing in clear). Before the traffic started there is nothing to count: 128 + signal.
@@ -317,6 +370,8 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
     The demo's processes run in their own process group, so Ctrl-C on a terminal reaches
     only the demo, which then stops them in order (gateways before their data planes)."""
     chosen = preflight(plane)
+    if ha and (reason := ha_missing()):
+        raise DemoError(reason)
     loop = asyncio.get_running_loop()
     stopped_by: list[signal.Signals] = []
     body: asyncio.Task[None] | None = None
@@ -337,8 +392,11 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
     status = 1
     try:
         root.mkdir(parents=True, exist_ok=True)
-        demo = Demo(chosen, root, interval, rate, link_profile)
-        print(f"building two sites ({chosen} data plane), files in {root} ...", flush=True)
+        demo = Demo(chosen, root, interval, rate, link_profile, ha=ha)
+        demo.plan = failover
+        pair = ", site A a keepalived pair" if ha else ""
+        print(f"building two sites ({chosen} data plane{pair}), files in {root} ...",
+              flush=True)
         if not stopped_by:
             body = asyncio.create_task(_live(demo, duration, faults, tty))
             try:
@@ -384,6 +442,8 @@ async def _live(demo: Demo, duration: float | None, faults: list[Fault], tty: bo
     shown = 0
     while duration is None or time.monotonic() - start < duration:
         elapsed = time.monotonic() - start
+        if demo.plan is not None and demo.failed_over is None and elapsed >= demo.plan.at:
+            await demo.failover(demo.plan.kind)
         while pending and pending[0].at <= elapsed:
             fault = pending.pop(0)
             demo.fault(fault)
@@ -392,11 +452,17 @@ async def _live(demo: Demo, duration: float | None, faults: list[Fault], tty: bo
         if spikes and spikes[0] <= elapsed:
             spikes.pop(0)
             demo.end_qber_spike()
-        text = await demo.view(elapsed, duration, compact=not tty)
+        try:
+            text = await demo.view(elapsed, duration, compact=not tty)
+        except OSError as e:  # a gateway restarting, or a node failing over
+            text = f"{elapsed:4.0f}s (status unavailable: {e})"
         if tty:  # redraw in place
             sys.stdout.write((f"\x1b[{shown}A\x1b[J" if shown else "") + text + "\n")
             shown = text.count("\n") + 1
         else:  # a log: one line a second
             sys.stdout.write(text + "\n")
         sys.stdout.flush()
-        await asyncio.sleep(1.0 - (time.monotonic() - start) % 1.0)
+        wake = 1.0 - (time.monotonic() - start) % 1.0
+        if demo.plan is not None and demo.failed_over is None:  # the failover on time
+            wake = min(wake, max(0.0, demo.plan.at - (time.monotonic() - start)))
+        await asyncio.sleep(wake)

@@ -176,9 +176,37 @@ class Sites:
     def start_data_plane(self, site: str) -> None:
         """What SITE's gateway keys, if it is a process of its own (the kernel's is not)."""
 
+    def namespace(self, site: str) -> str:
+        """The namespace role SITE's gateway runs in."""
+        return f"gw-{site}"
+
     def start_gateway(self, site: str) -> None:
-        self.spawn(f"gw-{site}", f"gw-{site}", [QKDGW, "run", "-c", self.config(site)])
+        self.spawn(f"gw-{site}", self.namespace(site), [QKDGW, "run", "-c", self.config(site)])
         self.note(f"gw-{site} started")
+
+    def sim(self, path: str, body: dict[str, Any] | None) -> None:
+        """The simulator's admin API (on loopback inside `wan`): POST BODY to PATH; DELETE
+        PATH without one."""
+        import json
+        import socket
+
+        with self.net.inside("wan"):
+            conn = socket.create_connection(("127.0.0.1", SIM_ADMIN_PORT), timeout=5)
+        data = b"" if body is None else json.dumps(body).encode()
+        method = "DELETE" if body is None else "POST"
+        request = (f"{method} {path} HTTP/1.1\r\nHost: sim\r\nContent-Type: application/json"
+                   f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+        with conn:
+            conn.sendall(request + data)
+            while conn.recv(4096):
+                pass
+
+    def kms_fault(self, seconds: float | None) -> None:
+        """The KMEs unreachable for SECONDS; None: every fault cleared."""
+        if seconds is None:
+            self.sim("/admin/faults", None)
+        else:
+            self.sim("/admin/faults", {"kind": "unavailable", "seconds": seconds})
 
     async def admin(self, site: str, method: str = "GET", path: str = "/status"
                     ) -> dict[str, Any]:

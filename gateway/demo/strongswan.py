@@ -73,9 +73,14 @@ class StrongswanSites(Sites):
     #: in __init__).
     hold = True
 
+    def identity(self, site: str) -> str:
+        """The site whose IKE identity and addresses SITE's charon uses (a pair's nodes:
+        their site's)."""
+        return site
+
     def sink(self, site: str) -> dict[str, Any]:
         spec: dict[str, Any] = {"type": "strongswan", "vici": str(self.vici_path(site)),
-                "connection": connection(site)}
+                "connection": connection(self.identity(site))}
         if not self.hold:
             spec["hold"] = None
         return spec
@@ -115,7 +120,7 @@ charon {{
     }}
 }}
 """)
-        me, peer = ("a", "b") if site == "a" else ("b", "a")
+        me, peer = ("a", "b") if self.identity(site) == "a" else ("b", "a")
         (d / f"swanctl-{site}.conf").write_text(f"""\
 # The operator's own IKE credentials. The epoch keys never appear in a file: the gateway loads
 # them over VICI as PPKs.
@@ -137,7 +142,7 @@ secrets {{
             stale.unlink()
         self.vici_path(site).unlink(missing_ok=True)
         conf = self.root / f"strongswan-{site}.conf"
-        self.spawn(f"charon-{site}", f"gw-{site}", [
+        self.spawn(f"charon-{site}", self.namespace(site), [
             "unshare", "-m", "sh", "-c",
             f"mount --bind {run_dir} /run && exec {CHARON}"],
             env={"STRONGSWAN_CONF": str(conf)})

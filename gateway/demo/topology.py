@@ -9,6 +9,7 @@ joined by a WAN, built in-process over netlink, removed by one cleanup.
     Topology()                                                the picture: two sites
     Topology(sites=(Site("a", gateways=2), Site("b"), Site("c")))   a second gateway, a third site
     Topology(sites=(Site("a"), Site("b", hosts=0)), wan="link")     lan-a ── gw-a ── gw-b
+    Topology(sites=(Site("a", gateways=2, vip=True), Site("b")))     a pair under keepalived
 
 Each box is a network namespace named TAG + a random part + its role (`qd1f2e3d-gw-a`).
 `wan` routes between the sites' gateways and has no route to any LAN: a clear-text packet
@@ -68,12 +69,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 @dataclass(frozen=True)
 class Site:
     """One site: its name (a short word: it goes into namespace names), how many gateways
-    and LAN hosts it has, and the name of its gateways' WAN-side device."""
+    and LAN hosts it has, and the name of its gateways' WAN-side device. VIP: its gateways
+    are a pair sharing virtual addresses (the site's WAN and LAN .1, which keepalived moves
+    between them; the topology does not assign them), each with addresses of its own."""
 
     name: str
     gateways: int = 1
     hosts: int = 1
     wan_device: str = "wan"
+    vip: bool = False
 
 
 @dataclass
@@ -103,6 +107,9 @@ class Topology:
             raise ValueError('wan="link" joins two sites of one gateway each')
         if any(s.hosts == 0 and s.gateways != 1 for s in self.sites):
             raise ValueError("a site without hosts has exactly one gateway (it stands for the LAN)")
+        if any(s.vip and (s.gateways != 2 or self.wan != "router") for s in self.sites):
+            raise ValueError("a site with a virtual address has a pair of gateways on a routed"
+                             " WAN")
 
     # -- addresses ------------------------------------------------------------------------------
 
@@ -121,10 +128,19 @@ class Topology:
         return IPv4Network(WAN_NETS[i] if i < len(WAN_NETS) else f"198.18.{i}.0/24")
 
     def gateway(self, site: str, k: int = 0, *, lan: bool = False, version: int = 4) -> str:
-        """Gateway K's address on the WAN (what peers and KMEs see), or with LAN on its LAN."""
+        """Gateway K's address on the WAN (what peers and KMEs see), or with LAN on its LAN.
+        A pair's nodes (`vip`) have .2, .3 on the WAN and .254, .253 on the LAN."""
+        if self.site(site).vip:
+            return str(self.lan(site, version)[254 - k] if lan else self._wan(site)[2 + k])
         if lan:
             return str(self.lan(site, version)[1 if k == 0 else 255 - k])
         return str(self._wan(site)[1 + (self._index(site) if self.wan == "link" else k)])
+
+    def address(self, site: str, *, lan: bool = False, version: int = 4) -> str:
+        """Where the site's gateway is reached: a pair's virtual address, else gateway 0's."""
+        if self.site(site).vip:
+            return str(self.lan(site, version)[1] if lan else self._wan(site)[1])
+        return self.gateway(site, lan=lan, version=version)
 
     def host(self, site: str, j: int = 0, version: int = 4) -> str:
         return str(self.lan(site, version)[2 + j])
@@ -134,8 +150,10 @@ class Topology:
         return str(self._wan(site)[254])
 
     def endpoints(self) -> dict[str, str]:
-        """Every gateway's WAN address → its site's name."""
-        return {self.gateway(s.name, k): s.name for s in self.sites for k in range(s.gateways)}
+        """Every gateway's WAN address (a pair's virtual one too) → its site's name."""
+        return {**{self.address(s.name): s.name for s in self.sites},
+                **{self.gateway(s.name, k): s.name for s in self.sites
+                   for k in range(s.gateways)}}
 
     # -- namespaces -------------------------------------------------------------------------------
 
@@ -185,7 +203,7 @@ class Topology:
                 else:  # the gateway stands for its LAN
                     p.addrs.append((gws[0], "lo", f"{self.host(s.name, 0, v)}/{prefix}"))
                 dst = "0.0.0.0/0" if v == 4 else "::/0"
-                p.routes += [(h, {"dst": dst, "gateway": self.gateway(s.name, lan=True,
+                p.routes += [(h, {"dst": dst, "gateway": self.address(s.name, lan=True,
                                                                        version=v)})
                              for h in hosts]
             # The WAN side.

@@ -4,10 +4,11 @@ demo's live count and every test's capture.
 Each Ethernet frame is IPv4 or IPv6 (anything else, ARP, is not counted) of one kind:
 plaintext (a LAN address in clear: a leak wherever it shows), ESP, ESP-in-UDP (port 4500
 both ways, not the zero marker of IKE), IKE (UDP 500/4500 otherwise, NAT-T keepalives
-too), TCP (the peer channel, the KMEs' mutual TLS), ICMP, or other. A `Tally` counts a
+too), TCP (the peer channel, the KMEs' mutual TLS), ICMP, VRRP (a gateway pair's
+advertisements, and its IGMP reports joining their group), or other. A `Tally` counts a
 world's frames by the rule every world judges with: ESP, IKE and ICMP count only between
-two gateways, TCP anywhere, and anything else, or a kind the world does not expect, is a
-leak.
+two gateways, VRRP only from a gateway, TCP anywhere, and anything else, or a kind the
+world does not expect, is a leak.
 
 Captures are taken on `wan`'s device for a site (every packet between that site and the
 others passes it once, and no gateway's decryption shows there): live from a packet socket
@@ -42,6 +43,10 @@ MAGIC = {b"\xd4\xc3\xb2\xa1": ("<", 1e-6), b"\xa1\xb2\xc3\xd4": (">", 1e-6),
          b"\x4d\x3c\xb2\xa1": ("<", 1e-9), b"\xa1\xb2\x3c\x4d": (">", 1e-9)}
 #: Summaries kept of the leaks (all are counted).
 LEAKS_SHOWN = 20
+#: VRRP's multicast group (RFC 5798), where a pair's advertisements go.
+VRRP_GROUP = IPv4Address("224.0.0.18")
+#: Where IGMPv3 membership reports go (RFC 3376): a pair's nodes joining VRRP's group.
+IGMPV3_REPORTS = IPv4Address("224.0.0.22")
 
 
 class Kind(enum.Enum):
@@ -51,6 +56,7 @@ class Kind(enum.Enum):
     IKE = "IKE"
     TCP = "TCP"
     ICMP = "ICMP"
+    VRRP = "VRRP"  # a gateway pair's advertisements (keepalived), and its IGMP joining their group
     OTHER = "other"
 
 
@@ -92,6 +98,8 @@ def classify(frame: bytes, lans: Iterable[IPv4Network | IPv6Network]) -> Packet 
         return Packet(Kind.TCP, src, dst, proto)
     if proto in (1, 58):
         return Packet(Kind.ICMP, src, dst, proto)
+    if (proto, dst) in ((112, VRRP_GROUP), (2, IGMPV3_REPORTS)):
+        return Packet(Kind.VRRP, src, dst, proto)
     return Packet(Kind.OTHER, src, dst, proto)
 
 
@@ -109,7 +117,7 @@ class Tally:
         self.ipv6 = ipv6
         self.total = self.plaintext = self.leaked = 0
         self.esp: Counter[str] = Counter()  # "a>b": ESP and ESP-in-UDP packets
-        self.ike = self.control = self.icmp = 0  # control: TCP
+        self.ike = self.control = self.icmp = self.vrrp = 0  # control: TCP
         self.leaks: list[str] = []  # the first LEAKS_SHOWN of the leaks
         self.record = timeline
         self.timeline: dict[str, list[tuple[float, int]]] = {}  # "a>b": (time, SPI)
@@ -133,6 +141,9 @@ class Tally:
             self.plaintext += 1
         elif p.kind in self.expect and p.kind is Kind.TCP:
             self.control += 1
+            return
+        elif p.kind in self.expect and p.kind is Kind.VRRP and src is not None:
+            self.vrrp += 1  # from a gateway of a pair to the group
             return
         elif p.kind in self.expect and direction is not None:
             if p.kind in (Kind.ESP, Kind.ESP_IN_UDP):
