@@ -23,7 +23,7 @@ from common.sink import SinkError
 from gateway import __version__, logs
 from gateway.audit import AuditError
 from gateway.demo import QBER_SPIKE
-from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, init_demo
+from gateway.initdemo import DEFAULT_BASE_PORT, InitDemoError, Pair, init_demo
 from gateway.site import SiteConfig, guard_tls
 from gateway.site import check as check_site
 from gateway.status import (
@@ -146,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compose", action="store_true",
                    help="address everything for compose/docker-compose.yml (names kme-a,"
                         " kme-b, gw-a, gw-b; strongswan sinks)")
+    p.add_argument("--ha", action="store_true",
+                   help="site A as a gateway pair under keepalived: site-a1.yaml,"
+                        " site-a2.yaml and keepalived-a1.conf, keepalived-a2.conf (docs/ha.md)")
+    p.add_argument("--vip", default=Pair.vip, metavar="ADDRESS/PREFIX",
+                   help=f"--ha: the pair's WAN address, which site B uses (default: {Pair.vip})")
+    p.add_argument("--vip-lan", default=Pair.vip_lan, metavar="ADDRESS/PREFIX",
+                   help=f"--ha: the pair's LAN address, the hosts' gateway (default:"
+                        f" {Pair.vip_lan})")
+    p.add_argument("--wan-device", default=Pair.wan_device, metavar="IF",
+                   help=f"--ha: the nodes' WAN device (default: {Pair.wan_device})")
+    p.add_argument("--lan-device", default=Pair.lan_device, metavar="IF",
+                   help=f"--ha: the nodes' LAN device (default: {Pair.lan_device})")
 
     p = _add(sub, "kms-sim", _cmd_kms_sim, "run the KMS simulator (ETSI GS QKD 014 KMEs)",
              "Serve the KMEs and QKD links of FILE until SIGTERM or Ctrl-C: each KME on its\n"
@@ -355,18 +367,48 @@ def _usage(parser: argparse.ArgumentParser | None) -> Handler:
 
 def _cmd_init_demo(args: argparse.Namespace) -> int:
     if args.compose:
+        if args.ha:
+            raise ConfigError("--ha and --compose do not go together (yet): the compose demo"
+                              " has one gateway per site")
         from gateway.demo.compose import init_compose
 
         layout = init_compose(args.dir, force=args.force)
+        pair = None
     else:
+        pair = _pair(args) if args.ha else None
+        qkdgw = str(Path(sys.executable).with_name("qkdgw"))
         layout = init_demo(args.dir, host=args.host, base_port=args.base_port,
-                           force=args.force)
+                           force=args.force, pair=pair, qkdgw=qkdgw)
     print(f"wrote the two-site demo setup to {layout.root}:")
     print(f"  {layout.pki}/            CA and certificates (keys 0600)")
     print(f"  {layout.kms_config}       KMS simulator: qkdgw kms-sim -c {layout.kms_config}")
-    for site in ("a", "b"):
+    for site in ("a1", "a2", "b") if pair else ("a", "b"):
         print(f"  {layout.site_config(site)}    gateway {site.upper()}")
+    if pair:
+        for node in ("a1", "a2"):
+            print(f"  {layout.root / f'keepalived-{node}.conf'}    keepalived on node {node}")
     return EXIT_OK
+
+
+def _pair(args: argparse.Namespace) -> Pair:
+    """--ha's addresses, checked."""
+    import ipaddress
+
+    for name in ("vip", "vip_lan"):
+        value = getattr(args, name)
+        try:
+            interface = ipaddress.ip_interface(value)
+        except ValueError:
+            interface = None
+        if interface is None or "/" not in value or interface.version != 4:
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not an IPv4"
+                              " ADDRESS/PREFIX")
+    for name in ("wan_device", "lan_device"):
+        value = getattr(args, name)
+        if not value or len(value) > 15 or not value.replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not a device name")
+    return Pair(vip=args.vip, vip_lan=args.vip_lan, wan_device=args.wan_device,
+                lan_device=args.lan_device)
 
 
 def _cmd_kms_sim(args: argparse.Namespace) -> int:

@@ -101,17 +101,32 @@ links:
 """
 
 
-def _site_yaml(d: DemoLayout, site: str) -> str:
+def _site_yaml(d: DemoLayout, site: str, *, node: str | None = None,
+               vip: str | None = None) -> str:
+    """SITE's configuration; NODE (a1, a2): that node of site A's pair, listening on the
+    pair's virtual address VIP (site B: its peer's address is VIP)."""
     peer = "b" if site == "a" else "a"
     role = "initiator" if site == "a" else "responder"
+    me = node or site
+    listen = f"{vip}:{d.gateway_port(site)}" if vip and site == "a" else \
+        f"{d.host}:{d.gateway_port(site)}"
+    peer_address = f"{vip}:{d.gateway_port(peer)}" if vip and peer == "a" else \
+        f"{d.host}:{d.gateway_port(peer)}"
+    cert = "gw-a2" if node == "a2" else f"gw-{site}"
+    metrics = d.metrics_port(site) + (2 if node == "a2" else 0)
+    ha = "" if node is None else f"""\
+ha:                            # one node of a pair under keepalived (docs/ha.md)
+  node: {node}
+  notify_fifo: state-{node}/ha/notify.fifo   # keepalived's vrrp_notify_fifo
+"""
     role_note = ("the initiator fetches QKD keys as master SAE" if site == "a"
                  else "the responder gets the same QKD keys by ID as slave SAE")
     tls_role = "client" if site == "a" else "server"
     return f"""\
-# Gateway of site {site.upper()} for the qkd-gateway demo: `qkdgw run -c site-{site}.yaml`.
+# Gateway of site {site.upper()} for the qkd-gateway demo: `qkdgw run -c site-{me}.yaml`.
 # Reference: docs/configuration.md.
 site: {site}
-state_dir: state-{site}            # link state, audit trail, admin socket
+state_dir: state-{me}            # link state, audit trail, admin socket
 kms:                           # this site's KME (ETSI GS QKD 014 over mutual TLS)
   url: https://{d.host}:{d.kme_port(site)}
   sae_id: sae-{site}
@@ -120,13 +135,13 @@ kms:                           # this site's KME (ETSI GS QKD 014 over mutual TL
   key: pki/sae-{site}.key
 kms_status_interval: 2         # seconds between KMS status polls
 peer_channel:                  # mutual-TLS channel between the two gateways
-  listen: {d.host}:{d.gateway_port(site)}
+  listen: {listen}
   ca: pki/ca.pem
-  cert: pki/gw-{site}.pem
-  key: pki/gw-{site}.key
+  cert: pki/{cert}.pem
+  key: pki/{cert}.key
 metrics:
-  listen: 127.0.0.1:{d.metrics_port(site)}    # Prometheus /metrics and /healthz
-policy:
+  listen: 127.0.0.1:{metrics}    # Prometheus /metrics and /healthz
+{ha}policy:
   mode: qkd+pqc                # QKD and ML-KEM+X25519 both required
   interval: {DEMO_INTERVAL}                 # seconds between rekeys (demo; hours in production)
   hard_lifetime: {DEMO_INTERVAL * 4}           # no fresh key by then: traffic blocked
@@ -134,25 +149,92 @@ links:
   - name: ab
     role: {role}            # {role_note}
     peer:
-      address: {d.host}:{d.gateway_port(peer)}
+      address: {peer_address}
       name: gw-{peer}                 # pinned: the peer's certificate commonName
       sae_id: sae-{peer}
     sinks:
       - type: file             # the epoch's TLS PSK, for any PSK-capable service
-        path: state-{site}/ab.psk
+        path: state-{me}/ab.psk
       # For stunnel (docs/tls.md), uncomment these instead of the two lines above:
       # - type: tls_psk
-      #   path: state-{site}/ab-{tls_role}.psk
+      #   path: state-{me}/ab-{tls_role}.psk
       #   role: {tls_role}           # this site's TLS side: it runs the stunnel {tls_role}
-      #   reload_pid_file: stunnel-{site}.pid
+      #   reload_pid_file: stunnel-{me}.pid
+"""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Site A as a gateway pair under keepalived (`init-demo --ha`, docs/ha.md): the virtual
+    addresses keepalived moves (WAN: what site B and the ESP/IKE traffic use; LAN: what the
+    hosts route through) and the devices they go on."""
+
+    vip: str = "192.0.2.1/24"
+    vip_lan: str = "10.1.0.1/16"
+    wan_device: str = "wan"
+    lan_device: str = "lan"
+    #: keepalived's VRRP instance and virtual router ID (unique per segment).
+    instance: str = "site_a"
+    vrid: int = 51
+    #: VRRP advertisement interval. A dead node is noticed after three missed ones plus the
+    #: skew ((256 - priority) / 256 of one): 0.3 s at 0.1 s, a third of the one-second aim,
+    #: leaving the rest to the new active's first epoch.
+    advert_int: float = 0.1
+
+    @property
+    def address(self) -> str:
+        return self.vip.split("/")[0]
+
+
+#: The pair's nodes and their VRRP priorities, near the top of the range: a node taking
+#: over from one that gave up (a priority-0 advertisement: a handover, a clean stop) waits
+#: only its skew time, under a millisecond at 0.1 s. The first is preferred at a cold start.
+HA_NODES = {"a1": 254, "a2": 253}
+
+
+def keepalived_conf(pair: Pair, node: str, *, state_dir: Path, qkdgw: str) -> str:
+    """NODE's keepalived.conf (docs/ha.md explains each line)."""
+    return f"""\
+# keepalived for node {node} of site A's gateway pair (docs/ha.md).
+global_defs {{
+    router_id {node}
+    script_user root
+    enable_script_security
+    vrrp_version 3                  # sub-second advert_int
+    vrrp_garp_master_delay 0        # the router learns the VIP's new MAC at once ...
+    vrrp_garp_master_repeat 2       # ... and again, should one ARP be lost
+    vrrp_notify_fifo {state_dir}/ha/notify.fifo   # read by the daemon: the fast path
+}}
+vrrp_track_file qkdgw_handover {{    # `qkdgw ha handover`: "1" puts this node in FAULT
+    file {state_dir}/ha/handover
+    weight 0
+}}
+vrrp_instance {pair.instance} {{
+    state BACKUP                    # both start BACKUP: the election decides
+    nopreempt                       # a node that comes back does not take the VIP back
+    interface {pair.wan_device}
+    virtual_router_id {pair.vrid}
+    priority {HA_NODES[node]}
+    advert_int {pair.advert_int:g}
+    track_file {{
+        qkdgw_handover
+    }}
+    virtual_ipaddress {{
+        {pair.vip} dev {pair.wan_device}
+        {pair.vip_lan} dev {pair.lan_device}
+    }}
+    notify "{qkdgw} ha notify --state-dir {state_dir}"
+}}
 """
 
 
 def init_demo(
     root: Path, *, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
-    force: bool = False,
+    force: bool = False, pair: Pair | None = None, qkdgw: str = "qkdgw",
 ) -> DemoLayout:
-    """Write the demo PKI and configurations into ROOT (created if needed)."""
+    """Write the demo PKI and configurations into ROOT (created if needed). PAIR: site A as
+    a gateway pair: site-a1.yaml and site-a2.yaml (no site-a.yaml), each node's
+    keepalived-aN.conf (running QKDGW), node a2's own key with the name site B pins."""
     if not 1024 <= base_port <= 65535 - 12:
         raise InitDemoError(f"base port {base_port} must lie between 1024 and 65523")
     layout = DemoLayout(root, host, base_port)
@@ -174,8 +256,20 @@ def init_demo(
         )
         pki.save(cert, layout.pki / f"{cn}.pem", layout.pki / f"{cn}.key")
     layout.kms_config.write_text(_kms_yaml(layout))
-    for site in ("a", "b"):
-        layout.site_config(site).write_text(_site_yaml(layout, site))
+    if pair is None:
+        for site in ("a", "b"):
+            layout.site_config(site).write_text(_site_yaml(layout, site))
+        return layout
+    # Node a2: its own key, the name site B pins (docs/ha.md, the certificate choice).
+    cert = pki.issue(ca, "gw-a", dns=["gw-a", "localhost"], ips=[pair.address],
+                     server=True, client=True)
+    pki.save(cert, layout.pki / "gw-a2.pem", layout.pki / "gw-a2.key")
+    for node in HA_NODES:
+        layout.site_config(node).write_text(
+            _site_yaml(layout, "a", node=node, vip=pair.address))
+        (root / f"keepalived-{node}.conf").write_text(keepalived_conf(
+            pair, node, state_dir=(root / f"state-{node}").resolve(), qkdgw=qkdgw))
+    layout.site_config("b").write_text(_site_yaml(layout, "b", vip=pair.address))
     return layout
 
 

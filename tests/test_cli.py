@@ -108,6 +108,39 @@ def test_init_demo_writes_a_working_pki(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def test_init_demo_ha_writes_a_pair_that_site_b_needs_no_change_for(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    r = qkdgw("init-demo", str(root), "--ha", "--vip", "198.18.0.1/24")
+    assert r.returncode == 0, r.stderr
+    assert not (root / "site-a.yaml").exists()
+    nodes = [SiteConfig.load(root / f"site-{n}.yaml") for n in ("a1", "a2")]
+    b = SiteConfig.load(root / "site-b.yaml")
+    assert [n.ha.node for n in nodes if n.ha] == ["a1", "a2"]
+    assert len({n.state_dir for n in nodes}) == 2  # each node its own state
+    assert {str(n.peer_channel.listen) for n in nodes} == {"198.18.0.1:8451"}
+    assert str(b.links[0].peer.address) == "198.18.0.1:8451"
+    # Each node its own key; both certificates carry the name B pins.
+    ca = x509.load_pem_x509_certificate((root / "pki/ca.pem").read_bytes())
+    keys = set()
+    for n in nodes:
+        cert = x509.load_pem_x509_certificate(n.peer_channel.cert.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value \
+            == b.links[0].peer.name
+        keys.add(n.peer_channel.key.read_bytes())
+        assert stat.S_IMODE(n.peer_channel.key.stat().st_mode) == 0o600
+    assert len(keys) == 2
+    for node, prio in (("a1", "254"), ("a2", "253")):
+        conf = (root / f"keepalived-{node}.conf").read_text()
+        for line in (f"priority {prio}", "nopreempt", "198.18.0.1/24 dev wan",
+                     "10.1.0.1/16 dev lan", "advert_int 0.1", "ha notify --state-dir",
+                     f"state-{node}/ha/notify.fifo", f"state-{node}/ha/handover"):
+            assert line in conf, (node, line)
+    bad = qkdgw("init-demo", str(tmp_path / "e"), "--ha", "--vip", "not-an-address")
+    assert bad.returncode == 2
+    assert "--vip 'not-an-address' is not an IPv4 ADDRESS/PREFIX" in bad.stderr
+
+
 def test_the_link_profiles_are_listed_in_help() -> None:
     for cmd in ("kms-sim", "demo"):
         text = " ".join(qkdgw(cmd, "--help").stdout.split())

@@ -7,10 +7,10 @@ builds, and what the HA tests build on (docs/ha.md).
                      keepalived + qkdgw run          kms-sim   qkdgw run
 
 Each node runs `qkdgw run` with its own state directory, its own certificate (commonName
-gw-a: the name site B pins, so B needs no change for HA) and keepalived, whose `notify`
-runs `qkdgw ha notify`. VRRP version 3 every ADVERT_INT; both nodes start BACKUP with
-`nopreempt` (a node that comes back does not take the addresses back); `qkdgw ha handover`
-puts the active one in FAULT through its track file. Site B's gateway talks to the VIP.
+gw-a: the name site B pins, so B needs no change for HA) and keepalived as `qkdgw init-demo
+--ha` configures it (gateway/initdemo.py: VRRP version 3 every 0.1 s, both nodes BACKUP
+with `nopreempt`, the notify FIFO read by the daemon and `qkdgw ha notify`, the handover's
+track file). Site B's gateway talks to the VIP.
 """
 
 from __future__ import annotations
@@ -33,60 +33,15 @@ from gateway.demo.sites import (
 )
 from gateway.demo.strongswan import StrongswanSites
 from gateway.demo.topology import Site, Topology, until, wait_until
+from gateway.initdemo import Pair, keepalived_conf
 
 #: The pair's nodes: name → its namespace role.
 NODES = {"a1": "gw-a", "a2": "gw-a2"}
 TOPOLOGY = Topology(sites=(Site("a", gateways=2, vip=True), Site("b")), blackhole=True)
 VIP, VIP_LAN = TOPOLOGY.address("a"), TOPOLOGY.address("a", lan=True)
-#: VRRP advertisement interval. Failure is noticed after three missed advertisements plus
-#: the skew ((256 - priority) / 256 of one interval): 0.36 s at 0.1 s and priority 100, a
-#: third of the one-second aim, leaving the rest for the new active's first epoch. Lower
-#: costs CPU in keepalived for little (the epoch takes longer than the detection).
-ADVERT_INT = 0.1
-#: keepalived's instance and virtual router ID (one per VLAN/segment: pick your own).
-INSTANCE, VRID = "site_a", 51
-#: Node priorities, near the top of the range: a node taking over from one that gave up
-#: (a priority-0 advertisement: a handover, a clean stop) waits only its skew time,
-#: (256 - priority) / 256 of ADVERT_INT, under a millisecond here. The first node is
-#: preferred at a cold start, when both are BACKUP.
-PRIORITY = {"a1": 254, "a2": 253}
+#: site A's pair as init-demo --ha writes it, on the topology's addresses and devices.
+PAIR = Pair(vip=f"{VIP}/24", vip_lan=f"{VIP_LAN}/{TOPOLOGY.lan('a').prefixlen}")
 Failover = Literal["kill", "link-down", "handover"]
-
-
-def keepalived_conf(node: str, *, state_dir: Path, qkdgw: str = QKDGW) -> str:
-    """keepalived.conf for NODE (docs/ha.md explains each line)."""
-    return f"""\
-# keepalived for node {node} of site A's gateway pair (docs/ha.md).
-global_defs {{
-    router_id {node}
-    script_user root
-    enable_script_security
-    vrrp_version 3                  # sub-second advert_int
-    vrrp_garp_master_delay 0        # the router learns the VIP's new MAC at once ...
-    vrrp_garp_master_repeat 2       # ... and again, should one ARP be lost
-    vrrp_notify_fifo {state_dir}/ha/notify.fifo   # read by the daemon: the fast path
-}}
-vrrp_track_file qkdgw_handover {{    # `qkdgw ha handover`: "1" puts this node in FAULT
-    file {state_dir}/ha/handover
-    weight 0
-}}
-vrrp_instance {INSTANCE} {{
-    state BACKUP                    # both start BACKUP: the election decides
-    nopreempt                       # a node that comes back does not take the VIP back
-    interface wan
-    virtual_router_id {VRID}
-    priority {PRIORITY[node]}
-    advert_int {ADVERT_INT}
-    track_file {{
-        qkdgw_handover
-    }}
-    virtual_ipaddress {{
-        {VIP}/24 dev wan
-        {VIP_LAN}/16 dev lan
-    }}
-    notify "{qkdgw} ha notify --state-dir {state_dir}"
-}}
-"""
 
 
 class HaSites(Sites):
@@ -122,7 +77,7 @@ class HaSites(Sites):
                     config["peer_channel"]["cert"] = str(layout.pki / "gw-a2.pem")
                     config["peer_channel"]["key"] = str(layout.pki / "gw-a2.key")
                 (self.root / f"keepalived-{node}.conf").write_text(
-                    keepalived_conf(node, state_dir=self.state(node)))
+                    keepalived_conf(PAIR, node, state_dir=self.state(node), qkdgw=QKDGW))
             else:
                 config["links"][0]["peer"]["address"] = f"{VIP}:{PEER_PORT}"
             (self.root / self.config(node)).write_text(yaml.safe_dump(config))
