@@ -122,7 +122,7 @@ class Notification:
             raise ValueError(f"STATE {state!r} is not one of {', '.join(KEEPALIVED_STATES)}")
         priority = None
         if len(args) == 4:
-            if not args[3].isdigit() or not 0 <= int(args[3]) <= 255:
+            if not (args[3].isascii() and args[3].isdigit()) or not 0 <= int(args[3]) <= 255:
                 raise ValueError(f"PRIORITY {args[3]!r} is not a VRRP priority (0 to 255)")
             priority = int(args[3])
         return cls(kind, name, state, priority, pid, started, at)
@@ -145,20 +145,24 @@ class Notification:
         try:
             data = json.loads(raw)
             n = cls(**data)
+            if not all(isinstance(v, str) for v in (n.type, n.name, n.state)):
+                raise ValueError("type, name and state are strings")
+            if n.priority is not None and (type(n.priority) is not int):
+                raise ValueError("PRIORITY must be a number (0 to 255)")
             args = [n.type, n.name, n.state] + ([] if n.priority is None else [str(n.priority)])
             cls.parse(args, at=n.at)  # the same checks as from keepalived
-            if not all(v is None or (isinstance(v, int) and v >= 0)
+            if not all(v is None or (type(v) is int and v >= 0)
                        for v in (n.keepalived_pid, n.keepalived_started)):
                 raise ValueError("keepalived_pid and keepalived_started are counts")
-            if not isinstance(n.at, int | float):
+            if type(n.at) not in (int, float):
                 raise ValueError("at is not a time")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             raise ValueError(f"{path}: not a keepalived notification: {e}") from None
         return n
 
     def current(self) -> bool:
         """The keepalived that said it still runs (so what it said still holds)."""
-        if self.keepalived_pid is None:
+        if self.keepalived_pid is None or self.keepalived_started is None:
             return False
         return process_started(self.keepalived_pid) == self.keepalived_started
 

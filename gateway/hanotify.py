@@ -91,10 +91,18 @@ def run(args: argparse.Namespace) -> int:
             "keepalived_started": n.keepalived_started}
     try:
         status, answer = _post(sock, "/ha", body)
-    except OSError:
+    except TimeoutError:
+        print(f"qkdgw ha notify: {n.state} recorded, but the daemon on {sock} did not answer"
+              f" within {ANSWER_TIMEOUT:g} s", file=sys.stderr)
+        return EXIT_FAILED
+    except (ConnectionRefusedError, FileNotFoundError):
         print(f"{n.state}: recorded; no daemon answers on {sock} (it takes this role when it"
               " starts)", file=sys.stderr)
         return EXIT_OK
+    except (OSError, http.client.HTTPException) as e:
+        print(f"qkdgw ha notify: {n.state} recorded, but telling the daemon on {sock}"
+              f" failed: {e or type(e).__name__}", file=sys.stderr)
+        return EXIT_FAILED
     if status != 200:
         print(f"qkdgw ha notify: the daemon refused it: {answer.get('error', status)}",
               file=sys.stderr)

@@ -55,7 +55,7 @@ class World(StrongswanHaSites):
 
 @dataclass
 class Window:
-    """One scenario: when it ran, and what it saw."""
+    """One scenario: when it ran (time.monotonic(), the flows' clock), and what it saw."""
 
     start: float
     end: float = 0.0
@@ -70,7 +70,8 @@ class Run:
     windows: dict[str, Window] = field(default_factory=dict)
 
     def lost(self, name: str) -> dict[str, list[float]]:
-        """Per direction, the send times of the packets lost in scenario NAME's window."""
+        """Per direction, the send times (monotonic, as the flows keep them) of the packets
+        lost in scenario NAME's window."""
         w = self.windows[name]
         return {f.name: [t for seq, t in enumerate(f.sent_at)
                          if seq not in f.received and w.start <= t <= w.end]
@@ -115,9 +116,9 @@ async def _epoch(w: World) -> int:
 
 
 async def _scenario(run: Run, name: str, act: Callable[[], Awaitable[None]]) -> Window:
-    window = run.windows[name] = Window(time.time() - 0.5)
+    window = run.windows[name] = Window(time.monotonic() - 0.5)
     await act()
-    window.end = time.time()
+    window.end = time.monotonic()
     return window
 
 
@@ -311,7 +312,8 @@ def test_the_standby_killed_and_restarted_costs_the_traffic_nothing(ha: Run) -> 
 def test_a_crash_fails_over_within_a_second_on_a_new_epoch(ha: Run) -> None:
     facts = ha.windows["crash"].facts
     assert facts["after"] > facts["before"]
-    assert ha.outage("crash") <= MAX_CRASH_OUTAGE, ha.lost("crash")
+    # The flows saw it (VRRP alone takes 0.3 s to notice a dead node): the measure works.
+    assert 0.1 < ha.outage("crash") <= MAX_CRASH_OUTAGE, ha.lost("crash")
     trail = _audit(ha.world, facts["active"])
     assert [r for r in trail if r["event"] == "ha-active"], "the takeover is not in the trail"
 
