@@ -484,6 +484,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     status = SiteStatus.model_validate(data)
     print(f"site {status.site} (pid {status.pid}, up {status.uptime} s)")
+    if status.ha is not None:
+        print(f"node {status.ha.node} of a pair: {status.ha.role} ({status.ha.reason})")
     for line in _summary(status, named=args.link is None):
         print(line)
     header = ("link", "role", "state", "epoch", "key age", "fingerprint", "mode", "KMS",

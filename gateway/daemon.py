@@ -693,6 +693,8 @@ class Daemon:
         self.channels = PeerChannels(c.peer_channel, self)
         for link in c.links:
             self.runners[link.name] = self._fresh_runner(c, link)
+        for channel in self.channels.channels.values():
+            channel.warm()  # the TLS handshake beside the sinks' start and the KME request
         self._replay_kms()
         if self._peer_server is not None:
             self._peer_server.accepting = True
@@ -883,6 +885,7 @@ class Daemon:
                           for st, runners in answers for r in runners])
         for st, runners in answers:
             self._observed(st, runners, shares)
+        self._standby_seen.clear()  # the next standby period polls afresh
 
     def _runner(self, site: SiteConfig[Any], link: LinkConfig[Any]) -> LinkRunner:
         """A runner for LINK of SITE, from its saved state; its sinks built, not started.
@@ -1605,8 +1608,7 @@ class Daemon:
             args, pid, started = body["args"], body.get("keepalived_pid"), \
                 body.get("keepalived_started")
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args) or \
-                    not all(v is None or (isinstance(v, int) and v >= 0)
-                            for v in (pid, started)):
+                    not all(v is None or (type(v) is int and v >= 0) for v in (pid, started)):
                 raise ValueError("args must be a list of strings, keepalived_pid and"
                                  " keepalived_started counts")
             n = Notification.parse(args, at=time.time(), pid=pid, started=started)

@@ -76,7 +76,8 @@ STALE_AFTER_PEER_RECONNECT = 1.0
 #: Linux's IP_FREEBIND (not in Python's socket module): bind an address not (yet) on this
 #: host, e.g. the virtual address keepalived moves to this node as it becomes active.
 IP_FREEBIND = 15
-#: Stale connections being closed (a task must be referenced until it ends).
+#: Stale connections being closed, channels opened ahead (a task must be referenced until
+#: it ends).
 _closing: set[asyncio.Task[bool]] = set()
 
 
@@ -306,6 +307,22 @@ class PeerChannel:
             self._in_flight[link] -= 1
             if not self._in_flight[link]:
                 del self._in_flight[link]
+
+    def warm(self) -> None:
+        """Open the connection now, in the background (a takeover: the first epoch's Offer
+        then finds it open instead of waiting for a TLS handshake); a failure here is left
+        to the first send, which tries again."""
+        task = asyncio.create_task(self._warm(), name=f"peer-{self.name}-warm")
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _warm(self) -> bool:
+        try:
+            await self._connected()
+        except Exception as e:  # the first send tries again, and says why
+            log.debug("peer %s: opening the channel ahead failed: %s", self.name, e)
+            return False
+        return True
 
     def forget(self, link: str) -> None:
         """LINK left this channel: nothing of it is held back any more."""

@@ -163,15 +163,17 @@ class HaSites(Sites):
                      self.topology.router("a"))
         self.note(f"node {node}: links up")
 
-    def cut_vrrp(self, node: str) -> None:
-        """NODE hears no VRRP advertisement (its half of the link between the pair cut);
-        cut both halves for a split brain."""
-        self.net.run(NODES[node], "iptables", "-I", "INPUT", "-p", "112", "-j", "DROP")
-        self.note(f"node {node}: VRRP cut")
+    def cut_vrrp(self) -> None:
+        """The pair can no longer hear each other (split brain): their ports on the WAN
+        bridge isolated from each other (each still reaches the router, and the router each)."""
+        for port in NODES.values():
+            self.net.run("wan", "bridge", "link", "set", "dev", port, "isolated", "on")
+        self.note("the pair's VRRP cut")
 
-    def heal_vrrp(self, node: str) -> None:
-        self.net.run(NODES[node], "iptables", "-D", "INPUT", "-p", "112", "-j", "DROP")
-        self.note(f"node {node}: VRRP back")
+    def heal_vrrp(self) -> None:
+        for port in NODES.values():
+            self.net.run("wan", "bridge", "link", "set", "dev", port, "isolated", "off")
+        self.note("the pair's VRRP back")
 
     def restart(self, node: str) -> None:
         """A crashed node back: its data plane, gateway and keepalived (it joins as BACKUP

@@ -237,14 +237,12 @@ async def _scenarios(run: Run) -> None:
 
     # Split brain: the pair's VRRP cut both ways: both active; then healed.
     async def split() -> None:
-        for node in NODES:
-            w.cut_vrrp(node)
+        w.cut_vrrp()
         await until("both nodes active", lambda: _both_active(w))
         run.windows["split"].facts["both"] = True
         await asyncio.sleep(3.0)
         before = await _epoch(w)
-        for node in NODES:
-            w.heal_vrrp(node)
+        w.heal_vrrp()
         await until("one node active again", lambda: _one_active(w))
         await until("rekeying again", lambda: _converged_past(w, before))
         await asyncio.sleep(1.0)
