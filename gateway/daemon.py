@@ -167,8 +167,11 @@ EXIT_STALLED = 70
 #: (the channel reads on). An honest peer has one or two in flight per link.
 MAX_PEER_BACKLOG = 32
 
-#: How often the start looks whether every link has asked for its first turn.
+#: How often the start looks whether every link has asked for its first turn: every
+#: GATHER_POLL_FINE for the first GATHER_FINE, then every GATHER_POLL.
 GATHER_POLL = 0.01
+GATHER_POLL_FINE = 0.001
+GATHER_FINE = 0.1
 
 #: An unknown link's error names this many of the site's links (a hub has thousands).
 LINKS_NAMED = 10
@@ -589,7 +592,7 @@ class Daemon:
         self._standby_kms: dict[str, KmsStatus] = {}
         self._standby_seen: dict[str, Status] = {}
         self._fifo: NotifyFifo | None = None  # keepalived's notify FIFO
-        self._notifying: set[asyncio.Task[Any]] = set()
+        self._notifying: set[asyncio.Task[Any]] = set()  # role changes, channels closing
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -726,13 +729,16 @@ class Daemon:
             return self._runner(site, link)
 
     async def _deactivate(self, why: str) -> None:
-        """Let go: the links stop, the peers' channels are closed (and refused while standby),
-        each sink is removed (kernel SAs deleted with their policies left blocking, PPKs
-        unloaded, key files deleted), and the saved states keep only epoch numbers and used
-        key IDs."""
+        """Let go: the links stop (their last state saved), each sink is removed (kernel SAs
+        deleted with their policies left blocking, PPKs unloaded, key files deleted), the
+        saved states keep only epoch numbers and used key IDs, and the peer channels close
+        (refused while standby). Keys go first: closing a channel to a peer that is gone
+        may wait for its timeout, in the background."""
         log.warning("node %s: becoming STANDBY: %s", self._node, why)
         self.role, self.role_since, self.role_reason = NodeRole.STANDBY, time.time(), why
         self._show_role()
+        if self._peer_server is not None:
+            self._peer_server.accepting = False
         tasks = [self._link_tasks.pop(name) for name in list(self._link_tasks)]
         if self._turns is not None:
             tasks.append(self._turns)
@@ -743,16 +749,14 @@ class Daemon:
         for task in tasks:
             with contextlib.suppress(ValueError):
                 self._tasks.remove(task)
+        for runner in self.runners.values():
+            runner.cancel_tasks()
+        self.dirty |= set(self.runners)  # the last key IDs used are kept
+        await self._flush_state()
         runners, self.runners = self.runners, {}
         for runner in runners.values():
             runner.removed = True
-            runner.cancel_tasks()
         self.dirty.clear()
-        if self._peer_server is not None:
-            self._peer_server.accepting = False
-            await self._peer_server.close_channels()
-        if self.channels is not None:
-            await self.channels.close()
         for runner in runners.values():
             for sink in [s for s in runner.sinks if s not in runner.unstarted]:
                 await self._remove_sink(runner.name, sink)
@@ -761,6 +765,23 @@ class Daemon:
             table.clear()
         self._write_audit(TrailEvent.HA_STANDBY, detail=f"node {self._node}: {why}; holds"
                           " no keys")
+        if self._peer_server is not None:
+            self._peer_server.close_channels()
+        channels, self.channels = self.channels, None
+        if channels is not None:
+            self._in_background(channels.close(), "peer-channels-close")
+
+    def _in_background(self, coroutine: Any, name: str) -> None:
+        """Run COROUTINE without waiting for it; its failure is logged."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._notifying.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._notifying.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
 
     async def _clean_data_plane(self) -> None:
         """A standby's data plane at start: each sink takes it over (adopting what a crash
@@ -818,16 +839,7 @@ class Daemon:
     def _notified_soon(self, n: Notification) -> None:
         """A line from keepalived's FIFO (read in a callback): applied in a task of its own,
         whose failure is logged (the next notification applies again)."""
-        task = asyncio.create_task(self.notified(n), name="ha-notify")
-        self._notifying.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._notifying.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("node %s: applying keepalived's %s failed", self._node, n.state,
-                          exc_info=t.exception())
-
-        task.add_done_callback(done)
+        self._in_background(self.notified(n), f"applying keepalived's {n.state}")
 
     async def notified(self, n: Notification) -> HaStatus | None:
         """keepalived's notify, through `qkdgw ha notify`."""
@@ -926,11 +938,14 @@ class Daemon:
         """Hand out exchange turns once every initiator link has asked for its first (or
         GATHER_LIMIT passed): after a restart the links nearest their hard lifetime go
         first, not those that happened to ask first."""
-        until = time.monotonic() + GATHER_LIMIT
-        while time.monotonic() < until and any(
+        began = time.monotonic()
+        while time.monotonic() < began + GATHER_LIMIT and any(
                 r.machine.queued is None for r in self.runners.values()
                 if r.machine.role is Role.INITIATOR):
-            await asyncio.sleep(GATHER_POLL)
+            # Finely at first: a takeover's links have all asked within milliseconds, and
+            # each one waited for is a millisecond of outage.
+            fine = time.monotonic() < began + GATHER_FINE
+            await asyncio.sleep(GATHER_POLL_FINE if fine else GATHER_POLL)
         self.exchanges.resume()
 
     def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None,

@@ -166,11 +166,15 @@ class PeerServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def close_channels(self) -> None:
-        """Close every channel peers opened to us (this node goes standby): their next
-        send opens a new one, to whichever node holds the address then."""
+    def close_channels(self) -> None:
+        """Close every channel peers opened to us (this node goes standby), in the
+        background (a peer that is gone makes a close wait): their next send opens a new
+        one, to whichever node holds the address then."""
         for ws in list(self._open):
-            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"standby")
+            task = asyncio.create_task(ws.close(code=aiohttp.WSCloseCode.GOING_AWAY,
+                                                message=b"standby"), name="peer-close")
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def _channel(self, request: web.Request) -> web.StreamResponse:
         if not self.accepting:

@@ -732,3 +732,25 @@ def test_reload_refuses_a_change_of_ha(demo: DemoLayout, tmp_path: Path) -> None
         with pytest.raises(NotLive) as e:
             plan(old, new, old_files=files, new_files=files)
         assert f"  {changed} the node's name and the files keepalived" in str(e.value)
+
+
+# -- what a standby keeps of a link -----------------------------------------------------------
+
+
+USED = ["0b6c5f44-2f1e-4c8e-9a0d-6a1f3c2b7e10", "5d2e8a91-7c3b-4f60-8e25-b4c1d9f0a3e7"]
+
+
+def test_a_standby_keeps_epoch_numbers_and_used_key_ids_and_no_key_reference() -> None:
+    from gateway.core.snapshot import OutboundRef, PendingRef, Snapshot
+
+    ref = PendingRef(epoch=7, spi_in=0x1001, spi_out=0x2001, retire_at=None)
+    full = Snapshot(link="ab", role="initiator", max_epoch=9, peer_out=8,
+                    outbound=OutboundRef(epoch=8, spi_in=0x1002, spi_out=0x2002,
+                                         suite="qkd+ML-KEM-768+X25519/CatKDF-SHA-384",
+                                         activated_at=1.0),
+                    inbound=[ref], old_outbound=[ref], used_key_ids=USED)
+    kept = full.without_keys()
+    assert (kept.max_epoch, kept.peer_out, kept.used_key_ids) == (9, 8, USED)
+    assert kept.outbound is None
+    assert kept.inbound == kept.old_outbound == []
+    assert Snapshot.model_validate_json(kept.model_dump_json()) == kept  # a valid state file
