@@ -254,6 +254,8 @@ class LinkRunner:
     completing: Commit | Ack | None = None
     #: The link holds a turn of the daemon's exchange pacer (until it is idle again).
     turn: bool = False
+    #: The link has asked the pacer for a turn (the start's gathering waits for every one).
+    asked: bool = False
 
     @property
     def name(self) -> str:
@@ -339,6 +341,7 @@ class LinkRunner:
     async def _await_turn(self, deadline: float) -> None:
         """The core asked to start an exchange: wait for a turn (unless it still holds the
         last one), then let it."""
+        self.asked = True  # (in the same step as the pacer takes the request)
         if not self.turn:
             await self.daemon.exchanges.acquire(self.config.peer.name, deadline)
             self.turn = True
@@ -935,12 +938,13 @@ class Daemon:
         self._tasks.append(task)
 
     async def _open_turns(self) -> None:
-        """Hand out exchange turns once every initiator link has asked for its first (or
-        GATHER_LIMIT passed): after a restart the links nearest their hard lifetime go
-        first, not those that happened to ask first."""
+        """Hand out exchange turns once every initiator link has asked the pacer for its
+        first (or GATHER_LIMIT passed): after a restart the links nearest their hard
+        lifetime go first, not those that happened to ask first. (Asked the pacer, not only
+        wanted to: the core's request reaches the pacer from a task of its own.)"""
         began = time.monotonic()
         while time.monotonic() < began + GATHER_LIMIT and any(
-                r.machine.queued is None for r in self.runners.values()
+                not r.asked for r in self.runners.values()
                 if r.machine.role is Role.INITIATOR):
             # Finely at first: a takeover's links have all asked within milliseconds, and
             # each one waited for is a millisecond of outage.
