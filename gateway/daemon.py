@@ -1309,8 +1309,10 @@ class Daemon:
         if inbound:
             self.accepted[peer] = self.accepted.get(peer, 0) + 1
             self.metrics.channel_accepts.labels(peer).inc()
-            if self.channels is not None:  # the peer restarted, or its pair's other node
-                self.channels.peer_reconnected(peer)  # took over: ours may end nowhere
+            # Not its first: the peer restarted, or its pair's other node took over, and
+            # our own channel to it may end at a box that is gone.
+            if self.accepted[peer] > 1 and self.channels is not None:
+                self.channels.peer_reconnected(peer)
         else:
             self.metrics.channel_connects.labels(peer).inc()
 

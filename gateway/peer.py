@@ -68,10 +68,11 @@ UNKNOWN_LINK_RETRY_MAX = 30.0
 MAX_SENDS_IN_FLIGHT = 4
 #: Refusals that mean the peer has no such link with this gateway.
 LINK_UNKNOWN = frozenset({"unknown-link", "wrong-peer"})
-#: A peer that opens a new channel to us has restarted (or, in a pair under keepalived, its
-#: other node took over): the connection we send on may end at a box that is gone, and the
-#: first message on it would be lost to a reset. Ours is reopened, unless it is younger than
-#: this (it was opened in answer to the peer's: two gateways must not reopen in turn).
+#: A peer that opens another channel to us (not its first since we started) has restarted
+#: (or, in a pair under keepalived, its other node took over): the connection we send on
+#: may end at a box that is gone, and the first message on it would be lost to a reset.
+#: Ours is reopened, unless it is younger than this (it was opened in answer to the peer's:
+#: two gateways must not reopen in turn).
 STALE_AFTER_PEER_RECONNECT = 1.0
 #: Linux's IP_FREEBIND (not in Python's socket module): bind an address not (yet) on this
 #: host, e.g. the virtual address keepalived moves to this node as it becomes active.
