@@ -55,13 +55,24 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_base_port(span: int = 13) -> int:
-    """A base port P such that P .. P+SPAN-1 are all free (init-demo's layout)."""
+    """A base port P such that P .. P+SPAN-1 are all free (init-demo's layout), below the
+    kernel's range of ephemeral ports: a port in it that is free now may be some outgoing
+    connection's source port by the time a daemon binds it ("address already in use")."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())  # noqa: S311 (picks ports)
+    top = _ephemeral_low() - span
     for _ in range(200):
-        base = rng.randrange(20000, 60000)
+        base = rng.randrange(10000, top)
         if all(port_free(base + i) for i in range(span)):
             return base
     raise RuntimeError("no free range of ports found")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = READY_TIMEOUT,
