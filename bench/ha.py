@@ -24,7 +24,6 @@ import asyncio
 import functools
 import json
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.demo.ha import NODES, Failover, HaSites, StrongswanHaSites, XfrmHaSites
-from gateway.demo.live import FLOW_PORT, Flow, XfrmSites, kernel_has_esp
-from gateway.demo.sites import HOST, Sites
+from gateway.demo.live import Flow, XfrmSites, kernel_has_esp, outage, start_flows
+from gateway.demo.sites import Sites
 from gateway.demo.strongswan import StrongswanSites
 from gateway.demo.topology import until
 
@@ -57,25 +56,7 @@ class Window:
 
 
 def lost(flows: list[Flow], w: Window) -> dict[str, list[float]]:
-    return {f.name: [t for seq, t in enumerate(f.sent_at)
-                     if seq not in f.received and w.start <= t <= w.end] for f in flows}
-
-
-def outage(flows: list[Flow], w: Window, rate: float) -> float:
-    spans = [ts[-1] - ts[0] + 1 / rate for ts in lost(flows, w).values() if ts]
-    return max(spans, default=0.0)
-
-
-def start_flows(sites: Sites, rate: float) -> list[Flow]:
-    flows = []
-    for src, dst in (("a", "b"), ("b", "a")):
-        flow = Flow(f"{src}->{dst}", sites.net.socket(f"lan-{src}", socket.AF_INET,
-                                                      socket.SOCK_DGRAM),
-                    sites.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
-                    (HOST[dst], FLOW_PORT), rate)
-        flow.start()
-        flows.append(flow)
-    return flows
+    return {f.name: f.lost_in(w.start, w.end) for f in flows}
 
 
 def stop_flows(flows: list[Flow]) -> None:
@@ -85,15 +66,6 @@ def stop_flows(flows: list[Flow]) -> None:
     for flow in flows:
         flow.tx.close()
         flow.rx.close()
-
-
-async def converged_past(sites: Sites, epoch: int) -> bool:
-    try:
-        a, b = await sites.link("a"), await sites.link("b")
-    except OSError:
-        return False
-    return (a["epoch"] == b["epoch"] > epoch and a["fingerprint"] == b["fingerprint"]
-            and not a["blocked"] and not b["blocked"])
 
 
 async def backup(pair: HaSites, node: str) -> bool:
@@ -112,7 +84,7 @@ async def failovers(pair: HaSites, flows: list[Flow], kind: Failover, n: int
         before = (await pair.link("b"))["epoch"]
         w = Window()
         node = await pair.failover(kind)
-        await until(f"{kind}: converged", functools.partial(converged_past, pair, before))
+        await until(f"{kind}: converged", functools.partial(pair.converged, before))
         w.end = time.monotonic()
         if kind == "kill":
             pair.restart(node)
@@ -136,7 +108,7 @@ async def restarts(sites: Sites, n: int, *, plane_too: bool = False) -> list[Win
             sites.kill("charon-a", signal.SIGKILL)
             sites.start_data_plane("a")
         sites.start_gateway("a")
-        await until("restarted: converged", functools.partial(converged_past, sites, before))
+        await until("restarted: converged", functools.partial(sites.converged, before))
         w.end = time.monotonic()
         await asyncio.sleep(SETTLE)
         windows.append(w)
@@ -161,7 +133,7 @@ async def world(sites: Sites, rate: float,
 
 
 def summary(flows: list[Flow], windows: list[Window], rate: float) -> dict[str, Any]:
-    outages = [outage(flows, w, rate) * 1e3 for w in windows]
+    outages = [outage(flows, w.start, w.end) * 1e3 for w in windows]
     losses = [lost(flows, w) for w in windows]
     per = [sum(len(v) for v in x.values()) for x in losses]
     return {"failovers": len(windows),

@@ -171,6 +171,12 @@ class Flow:
             if len(data) >= 4:
                 self.received.add(struct.unpack_from("!I", data)[0])
 
+    def lost_in(self, start: float, end: float) -> list[float]:
+        """The send times (time.monotonic()) of the packets lost that were sent from START
+        to END."""
+        return [t for seq, t in enumerate(self.sent_at)
+                if start <= t <= end and seq not in self.received]
+
     def counts(self, final: bool = False) -> tuple[int, int, int]:
         """(sent, received, lost); before the end, recent packets are not lost yet."""
         sent = len(self.sent_at)
@@ -180,6 +186,26 @@ class Flow:
         settled = sum(1 for t in self.sent_at[-int(self.rate):]
                       if time.monotonic() - t < IN_FLIGHT)
         return sent, received, max(0, sent - settled - received)
+
+
+def start_flows(sites: Sites, rate: float) -> list[Flow]:
+    """UDP both ways between the LAN hosts of sites a and b, RATE packets/s each way."""
+    flows = []
+    for src, dst in (("a", "b"), ("b", "a")):
+        flow = Flow(f"{src}->{dst}",
+                    sites.net.socket(f"lan-{src}", socket.AF_INET, socket.SOCK_DGRAM),
+                    sites.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
+                    (HOST[dst], FLOW_PORT), rate)
+        flow.start()
+        flows.append(flow)
+    return flows
+
+
+def outage(flows: list[Flow], start: float, end: float) -> float:
+    """The longest span, either way, from the first to the last packet lost that was sent
+    from START to END (0: none lost)."""
+    spans = [lost[-1] - lost[0] + 1 / f.rate for f in flows if (lost := f.lost_in(start, end))]
+    return max(spans, default=0.0)
 
 
 # -- the demo ------------------------------------------------------------------------------------
@@ -239,13 +265,7 @@ class Demo:
         # wan-a: every packet between the sites passes it once.
         self.wire = Live(s.net, "wan", "wan-a",
                          Tally.of(s.topology, expect=set(Kind) - {Kind.PLAINTEXT}))
-        for src, dst in (("a", "b"), ("b", "a")):
-            flow = Flow(f"{src}->{dst}",
-                        s.net.socket(f"lan-{src}", socket.AF_INET, socket.SOCK_DGRAM),
-                        s.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
-                        (HOST[dst], FLOW_PORT), self.rate)
-            flow.start()
-            self.flows.append(flow)
+        self.flows = start_flows(s, self.rate)
 
     async def failover(self, kind: Failover) -> None:
         from gateway.demo.ha import HaSites
@@ -261,18 +281,12 @@ class Demo:
         direction, and the longest span from the first to the last of them."""
         if self.failed_over is None:
             return "failover: none happened", 0.0
-        at = self.failed_over[0]
-        outage, lost, parts = 0.0, 0, []
-        for flow in self.flows:
-            sent = flow.sent_at
-            gone = [t for seq, t in enumerate(sent) if seq not in flow.received
-                    and at - FAILOVER_BEFORE <= t <= at + FAILOVER_AFTER]
-            if gone:
-                outage = max(outage, gone[-1] - gone[0] + 1 / flow.rate)
-            lost += len(gone)
-            parts.append(f"{flow.name.replace('->', '→').upper()} {len(gone)}")
-        return (f"failover: outage {outage * 1e3:.0f} ms, lost {lost} ({', '.join(parts)})",
-                outage)
+        start, end = self.failed_over[0] - FAILOVER_BEFORE, self.failed_over[0] + FAILOVER_AFTER
+        lost = {f.name: len(f.lost_in(start, end)) for f in self.flows}
+        parts = ", ".join(f"{name.replace('->', '→').upper()} {n}" for name, n in lost.items())
+        span = outage(self.flows, start, end)
+        return (f"failover: outage {span * 1e3:.0f} ms, lost {sum(lost.values())} ({parts})",
+                span)
 
     def fault(self, fault: Fault) -> None:
         if fault.kind == "kms-outage":

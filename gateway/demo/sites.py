@@ -224,10 +224,11 @@ class Sites:
         links: list[dict[str, Any]] = (await self.admin(site))["links"]
         return links[0]
 
-    async def converged(self) -> bool:
+    async def converged(self, past: int = 0) -> bool:
+        """Both sites send on the same epoch, later than PAST, with the same key, unblocked."""
         try:
             a, b = await self.link("a"), await self.link("b")
         except OSError:
             return False
-        return (a["epoch"] == b["epoch"] >= 1 and a["fingerprint"] == b["fingerprint"]
+        return (a["epoch"] == b["epoch"] > past and a["fingerprint"] == b["fingerprint"]
                 and not a["blocked"] and not b["blocked"])

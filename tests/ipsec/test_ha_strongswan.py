@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,7 @@ import pytest
 import yaml
 
 from gateway.demo.ha import NODES, StrongswanHaSites
-from gateway.demo.live import FLOW_PORT, Flow, ha_missing
-from gateway.demo.sites import HOST
+from gateway.demo.live import Flow, ha_missing, outage, start_flows
 from gateway.demo.topology import until
 from gateway.demo.wire import Kind, Live, Tally
 from ipsec.strongswan.vici import Vici
@@ -73,14 +71,12 @@ class Run:
         """Per direction, the send times (monotonic, as the flows keep them) of the packets
         lost in scenario NAME's window."""
         w = self.windows[name]
-        return {f.name: [t for seq, t in enumerate(f.sent_at)
-                         if seq not in f.received and w.start <= t <= w.end]
-                for f in self.flows}
+        return {f.name: f.lost_in(w.start, w.end) for f in self.flows}
 
     def outage(self, name: str) -> float:
         """The longest span from the first to the last packet lost in NAME, either way."""
-        spans = [times[-1] - times[0] + 1 / RATE for times in self.lost(name).values() if times]
-        return max(spans, default=0.0)
+        w = self.windows[name]
+        return outage(self.flows, w.start, w.end)
 
 
 def _audit(w: World, node: str) -> list[dict[str, Any]]:
@@ -97,18 +93,6 @@ async def _charon_sas(w: World, node: str) -> tuple[int, list[str]]:
     finally:
         await v.close()
     return sum(len(e) for e in events), [k for k in shared if k.startswith("qkdgw-")]
-
-
-async def _converged_past(w: World, epoch: int) -> bool:
-    try:
-        node = await w.active()
-        if node is None:
-            return False
-        a, b = await w.link(node), await w.link("b")
-    except OSError:
-        return False
-    return (a["epoch"] == b["epoch"] > epoch and a["fingerprint"] == b["fingerprint"]
-            and not a["blocked"] and not b["blocked"])
 
 
 async def _epoch(w: World) -> int:
@@ -151,13 +135,7 @@ async def _run(w: World, flows: list[Flow]) -> Run:
         tally = Tally.of(w.topology, {Kind.ESP_IN_UDP, Kind.IKE, Kind.TCP, Kind.ICMP,
                                       Kind.VRRP})
         live = Live(w.net, "wan", "wan-a", tally)
-        for src, dst in (("a", "b"), ("b", "a")):
-            flow = Flow(f"{src}->{dst}", w.net.socket(f"lan-{src}", socket.AF_INET,
-                                                      socket.SOCK_DGRAM),
-                        w.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
-                        (HOST[dst], FLOW_PORT), RATE)
-            flow.start()
-            flows.append(flow)
+        flows += start_flows(w, RATE)
         run = Run(w, flows, tally)
         await asyncio.sleep(1.0)
         await _scenarios(run)
@@ -191,7 +169,7 @@ async def _scenarios(run: Run) -> None:
     async def crash() -> None:
         before = await _epoch(w)
         w.crash(first)
-        await until("the standby took over", lambda: _converged_past(w, before))
+        await until("the standby took over", lambda: w.converged(before))
         facts = run.windows["crash"].facts
         facts.update(before=before, after=await _epoch(w), active=await w.active())
         await asyncio.sleep(1.0)
@@ -214,7 +192,7 @@ async def _scenarios(run: Run) -> None:
     async def handover() -> None:
         before = await _epoch(w)
         await w.handover(other)
-        await until("the first node took over", lambda: _converged_past(w, before))
+        await until("the first node took over", lambda: w.converged(before))
         await asyncio.sleep(1.0)
         facts = run.windows["handover"].facts
         facts.update(active=await w.active(), old_charon=await _charon_sas(w, other))
@@ -225,7 +203,7 @@ async def _scenarios(run: Run) -> None:
     async def link_down() -> None:
         before = await _epoch(w)
         w.link_down(first)
-        await until("the other node took over", lambda: _converged_past(w, before))
+        await until("the other node took over", lambda: w.converged(before))
         run.windows["link-down"].facts["active"] = await w.active()
         w.link_up(first)
         await until("the node whose links came back is standby",
@@ -244,7 +222,7 @@ async def _scenarios(run: Run) -> None:
         before = await _epoch(w)
         w.heal_vrrp()
         await until("one node active again", lambda: _one_active(w))
-        await until("rekeying again", lambda: _converged_past(w, before))
+        await until("rekeying again", lambda: w.converged(before))
         await asyncio.sleep(1.0)
 
     await _scenario(run, "split", split)
@@ -258,7 +236,7 @@ async def _scenarios(run: Run) -> None:
         w.kms_fault(30.0)
         await asyncio.sleep(0.5)
         w.crash(active)
-        await until("the standby took over without QKD", lambda: _converged_past(w, before))
+        await until("the standby took over without QKD", lambda: w.converged(before))
         facts = run.windows["kms-down"].facts
         facts.update(link=await w.link(standby), node=standby)
         w.restart(active)

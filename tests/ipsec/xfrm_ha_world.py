@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -37,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.demo.ha import NODES, XfrmHaSites
-from gateway.demo.live import FLOW_PORT, Flow
-from gateway.demo.sites import HOST
+from gateway.demo.live import Flow, start_flows
 from gateway.demo.topology import until
 from gateway.demo.wire import Kind, Live, Tally
 
@@ -52,18 +50,6 @@ WAIT = 120.0
 class World(XfrmHaSites):
     tag = "qu"
     verbose = True
-
-
-async def converged_past(w: World, epoch: int) -> bool:
-    try:
-        node = await w.active()
-        if node is None:
-            return False
-        a, b = await w.link(node), await w.link("b")
-    except OSError:
-        return False
-    return (a["epoch"] == b["epoch"] > epoch and a["fingerprint"] == b["fingerprint"]
-            and not a["blocked"] and not b["blocked"])
 
 
 async def role_is(w: World, node: str, role: str) -> bool:
@@ -109,7 +95,7 @@ async def scenarios(w: World, results: dict[str, Any]) -> None:
     # crash
     s = out["crash"] = {"start": time.monotonic() - 0.5, "before": await epoch()}
     w.crash(first)
-    await until("the standby took over", lambda: converged_past(w, s["before"]), WAIT)
+    await until("the standby took over", lambda: w.converged(s["before"]), WAIT)
     s.update(end=time.monotonic(), after=await epoch(), active=await w.active())
     await asyncio.sleep(2.0)
 
@@ -123,7 +109,7 @@ async def scenarios(w: World, results: dict[str, Any]) -> None:
     # handover (fail-back)
     s = out["handover"] = {"start": time.monotonic() - 0.5, "before": await epoch()}
     await w.handover(other)
-    await until("the first node took over", lambda: converged_past(w, s["before"]), WAIT)
+    await until("the first node took over", lambda: w.converged(s["before"]), WAIT)
     s.update(end=time.monotonic(), active=await w.active())
     await until("the old active standby", lambda: role_is(w, other, "standby"), WAIT)
     await asyncio.sleep(2.0)
@@ -132,7 +118,7 @@ async def scenarios(w: World, results: dict[str, Any]) -> None:
     # link-down
     s = out["link-down"] = {"start": time.monotonic() - 0.5, "before": await epoch()}
     w.link_down(first)
-    await until("the other node took over", lambda: converged_past(w, s["before"]), WAIT)
+    await until("the other node took over", lambda: w.converged(s["before"]), WAIT)
     s.update(end=time.monotonic(), after=await epoch(), active=await w.active())
     w.link_up(first)
     await until("the node whose links came back standby", lambda: role_is(w, first, "standby"),
@@ -148,7 +134,7 @@ async def scenarios(w: World, results: dict[str, Any]) -> None:
     before = await epoch()
     w.heal_vrrp()
     await until("one node active", lambda: all_roles(w, ["active", "standby"]), WAIT)
-    await until("rekeying again", lambda: converged_past(w, before), WAIT)
+    await until("rekeying again", lambda: w.converged(before), WAIT)
     s.update(end=time.monotonic(), after=await epoch())
     await asyncio.sleep(2.0)
 
@@ -160,7 +146,7 @@ async def scenarios(w: World, results: dict[str, Any]) -> None:
     w.kms_fault(60.0)
     await asyncio.sleep(1.0)
     w.crash(active)
-    await until("the standby took over without QKD", lambda: converged_past(w, s["before"]),
+    await until("the standby took over without QKD", lambda: w.converged(s["before"]),
                 WAIT)
     s.update(end=time.monotonic(), link=await w.link(standby))
     w.kms_fault(None)
@@ -176,13 +162,7 @@ async def main(root: Path) -> int:
         await w.start()
         tally = Tally.of(w.topology, {Kind.ESP, Kind.TCP, Kind.ICMP, Kind.VRRP})
         live = Live(w.net, "wan", "wan-a", tally)
-        for src, dst in (("a", "b"), ("b", "a")):
-            flow = Flow(f"{src}->{dst}", w.net.socket(f"lan-{src}", socket.AF_INET,
-                                                      socket.SOCK_DGRAM),
-                        w.net.socket(f"lan-{dst}", socket.AF_INET, socket.SOCK_DGRAM),
-                        (HOST[dst], FLOW_PORT), RATE)
-            flow.start()
-            flows.append(flow)
+        flows += start_flows(w, RATE)
         await asyncio.sleep(2.0)
         await scenarios(w, results)
     except Exception:
