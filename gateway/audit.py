@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -62,6 +63,8 @@ GENESIS = "0" * 64
 CHECKPOINT_RECORDS = 64
 #: Lines longer than this are not records (a record is well under 4 KiB): refused unread.
 MAX_LINE = 1 << 20
+#: `tail` reads this much per record asked for (a record takes a few hundred bytes).
+TAIL_BYTES_PER_RECORD = 4096
 #: Sequence numbers beyond this cannot come from this code (and stay exact in JSON).
 MAX_SEQ = 2**53 - 1
 #: What a checkpoint signs; the version keeps signatures of other formats apart.
@@ -210,7 +213,18 @@ class AuditLog:
         }
         body = _canonical(record)  # what the hash covers; the line adds the hash at the end
         digest = hashlib.sha256(body).hexdigest()
-        self._file.write(body[:-1] + b',"hash":"' + digest.encode() + b'"}\n')
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        end = os.fstat(self._file.fileno()).st_size
+        try:
+            written = self._file.write(line)
+            if written != len(line):
+                raise OSError(f"short write ({written} of {len(line)} bytes)")
+        except OSError:
+            # A record half written (a full disk) would break the chain for good: cut it off,
+            # so the trail stays verifiable and the next record continues from this head.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), end)
+            raise
         self.head = Head(record["seq"], digest)
         return self.head
 
@@ -378,3 +392,20 @@ def cross_verify(mine: Verification, peer: Verification, *, mine_name: str = "th
                 problems.append(f"{seen}, and {b_name}'s record there differs: rewritten"
                                 " or replaced")
     return problems
+
+
+def tail(path: Path, n: int) -> list[dict[str, Any]]:
+    """The last N records of the trail at PATH, oldest first (the dashboard's view; lines
+    that do not read as records are left out: `verify` is what reports them)."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        start = max(0, end - n * TAIL_BYTES_PER_RECORD)
+        f.seek(start)
+        lines = f.read().splitlines()[1 if start else 0:][-n:]  # (the first may be cut)
+    out = []
+    for raw in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(raw)
+            if isinstance(record, dict):
+                out.append(record)
+    return out

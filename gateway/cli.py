@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-outage", type=_finite, default=1000.0, metavar="MS",
                    help="--ha: exit status 0 only if the failover's outage is within this"
                         " (default: 1000 ms)")
+    p.add_argument("--web", type=_port, nargs="?", const=8480, default=None, metavar="PORT",
+                   help="also show the live view in a browser at http://127.0.0.1:PORT/"
+                        " (default port: 8480): both sites' dashboards, the LAN traffic and"
+                        " the WAN capture plotted")
     p.add_argument("--kms-only", action="store_true",
                    help="only fetch QKD keys on two sites (no root needed)")
     p.add_argument("--dir", type=Path, default=None,
@@ -191,6 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     _site_arg(p)
     p.add_argument("--link", help="only this link's line (the summary still counts all)")
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
+
+    p = _add(sub, "report", _cmd_report, "write a period's report as one HTML file",
+             "Write a self-contained HTML report (inline SVG, no script, nothing fetched) of\n"
+             "the site over a period: per link the availability (time with a valid key\n"
+             "against blocked), time with QKD in the key against PQC-only, rekeys done and\n"
+             "given up by cause, the rekey latencies, QKD keys consumed, alarms; the KMS's\n"
+             "key rate and QBER; and whether the audit trail verifies. From the daemon's\n"
+             "history (asked of the running daemon, else read from STATE_DIR/history.json;\n"
+             "it reaches back 24 h) and the audit trail. See docs/operations.md#report.\n\n"
+             "Times: ISO 8601 (2026-11-01, 2026-11-01T08:00Z; no zone: UTC), 'now', or a\n"
+             "duration ago (90m, 24h, 7d).")
+    _site_arg(p)
+    p.add_argument("--since", default="24h", metavar="TIME",
+                   help="the period's start (default: 24h, a day ago)")
+    p.add_argument("--until", default="now", metavar="TIME",
+                   help="the period's end (default: now)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT.html",
+                   help="where to write the report ('-': standard output)")
 
     p = _add(sub, "rekey", _cmd_rekey, "start a rekey now (all links, or one)")
     _site_arg(p)
@@ -512,6 +534,56 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from gateway.audit import verify
+    from gateway.history import History
+    from gateway.report import Period, Trail, parse_time, read_trail, render
+
+    now = time.time()
+    try:
+        since, until = parse_time(args.since, now), parse_time(args.until, now)
+    except ValueError as e:
+        raise ConfigError(f"--since/--until: {e}") from None
+    if since >= until:
+        raise ConfigError(f"--since ({args.since}) must come before --until ({args.until})")
+    site = SiteConfig.load(args.config)
+    try:  # the running daemon's, up to this second; else what it saved
+        history = History.loads(json.dumps(_admin(args.config, "GET", "/history")).encode())
+        source = "the running daemon"
+    except DaemonUnreachable:
+        path = site.state_dir / "history.json"
+        try:
+            history = History.load(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        source = str(path) if path.exists() else "nothing (no history saved yet)"
+    verification, error = None, None
+    if site.audit_path.is_file():
+        verification = verify(site.audit_path, cert=_certificate(site.peer_channel.cert))
+        trail = read_trail(site.audit_path, since, until)
+    else:
+        error = f"{site.audit_path}: no such file"
+        trail = Trail(links={}, records=0, first=None, last=None)
+    names = [link.name for link in site.links]
+    links = names + sorted((set(history.links) | set(trail.links)) - set(names))
+    pairs = {link.name: history.pairs.get(link.peer.sae_id) for link in site.links}
+    thresholds = {link.name: site.link_policy(link).qber_threshold for link in site.links}
+    html = render(Period(site=site.site, since=since, until=until, generated=now), history,
+                  links, trail, verification, error, pairs, thresholds)
+    if str(args.output) == "-":
+        sys.stdout.write(html)
+    else:
+        args.output.write_text(html)
+        print(f"report of site {site.site} from {_utc(since)} to {_utc(until)}: {args.output}"
+              f" ({len(links)} link(s); history from {source}; audit trail"
+              f" {'verifies' if verification and verification.ok else 'DOES NOT VERIFY'})")
+    return EXIT_OK if verification is not None and verification.ok else EXIT_FAILED
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
 def _supply_columns(s: SupplyStatus) -> tuple[str, str]:
     """The QKD cadence (with the link's share while rationed) and the pool's forecast."""
     if s.share is None:
@@ -753,6 +825,8 @@ def _cmd_kms_dec(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.kms_only and args.web is not None:
+        raise ConfigError("--web shows the full demo: not with --kms-only")
     if args.kms_only:
         from gateway.demo.kms import run_kms_demo
 
@@ -787,12 +861,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                     interval=args.rekey_interval, rate=args.rate,
                                     faults=faults, keep=args.keep,
                                     link_profile=args.link_profile, ha=args.ha,
-                                    failover=failover))
+                                    failover=failover, web_port=args.web))
     except DemoError as e:
         raise ConfigError(str(e)) from None
     except RuntimeError as e:  # a command building the sites failed (it says which, and why)
         print(f"qkdgw demo: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _port(text: str) -> int:
+    """A TCP port for argparse: 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not from 1 to 65535")
+    return port
 
 
 def _fault(kind: Literal["kms-outage", "qber-spike"], value: str) -> Fault:

@@ -49,6 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from common.config import ConfigError, HostPort, read_config_bytes
+from common.files import write_private
 from common.sink import RekeyCause, Role, Sink, SinkConfig, SinkContext, SinkError
 from common.text import quote_remote
 from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
@@ -112,6 +113,7 @@ from gateway.ha import (
     role_at_start,
     write_handover,
 )
+from gateway.history import SAVE_PERIOD, Condition, History, LinkHistoryView, alarm_bits, view
 from gateway.keyrequests import KeyRequests
 from gateway.metrics import Metrics
 from gateway.pacing import GATHER_LIMIT, Pacer
@@ -134,6 +136,7 @@ from gateway.status import (
     Summary,
     SupplyStatus,
 )
+from gateway.web.dashboard import Changes, Dashboard, security_headers
 from kms.errors import KmsError
 from kms.models import Status
 
@@ -176,6 +179,10 @@ GATHER_FINE = 0.1
 #: An unknown link's error names this many of the site's links (a hub has thousands).
 LINKS_NAMED = 10
 
+#: How often each link's condition is noted in its history: a PQC-only or blocked span shows
+#: within this of its start (the KMS poll that caused it comes first).
+HISTORY_PERIOD = 1.0
+
 #: How often a handover looks whether keepalived has made this node standby yet.
 HANDOVER_POLL = 0.005
 
@@ -185,6 +192,15 @@ AUDITED = {K.FETCHED, K.OFFERED, K.DERIVED, K.INSTALLED, K.ACTIVATED, K.REKEYED,
            K.DISCARDED, K.REJECTED, K.UNCONFIRMED}
 #: ... and those logged at INFO (the rest at DEBUG: one line per epoch is enough for people).
 LOGGED = {K.REKEYED, K.DISCARDED, K.REJECTED, K.UNCONFIRMED, K.REKEY_DEFERRED}
+
+
+def condition(m: LinkMachine) -> Condition:
+    """What protects the link's traffic now."""
+    if m.blocked:
+        return Condition.BLOCKED
+    if m.outbound is None:
+        return Condition.NONE
+    return Condition.QKD if m.outbound.suite.qkd else Condition.PQC
 
 
 class LinkFailure(Exception):
@@ -494,8 +510,12 @@ class LinkRunner:
             link=self.name, role=m.role.value, peer=self.config.peer.name,
             mode=m.policy.mode.value, state=m.state.value, epoch=m.current_epoch,
             blocked=m.blocked, suite=o.suite.name if o else None,
+            condition=condition(m).name.lower(),
             key_age=None if o is None else round(now - o.activated_at, 3),
             fingerprint=self.daemon.fingerprints.get(self.name, {}).get(m.current_epoch),
+            interval=m.policy.interval, hard_lifetime=m.policy.hard_lifetime,
+            qber_threshold=m.policy.qber_threshold,
+            data_planes=[s.name for s in self.sinks],
             rekeys=m.rekeys, last_rekey_latency=self.last_latency, last_rekey=self.last_rekey,
             next_rekey_in=None if m.next_rekey_at is None
             else round(max(0.0, m.next_rekey_at - now), 3),
@@ -548,6 +568,10 @@ class Daemon:
         self.metrics = Metrics()
         self.fingerprints: dict[str, dict[int, str]] = {}
         self.runners: dict[str, LinkRunner] = {}
+        #: What the dashboard plots and the report sums up (gateway/history.py).
+        self.history = History()
+        #: Bumped on every change the dashboard shows (its live updates wait for it).
+        self.changes = Changes()
         self.kme = config.kms.client()
         pacing = config.pacing
         #: Turns for the exchanges this daemon starts, per peer gateway (docs/operations.md);
@@ -610,6 +634,7 @@ class Daemon:
             raise ConfigError(f"peer_channel: cannot sign audit checkpoints with"
                               f" {c.peer_channel.key}: {e}") from None
         self.audit = AuditLog(c.audit_path, c.site, signer)
+        self.history = self._load_history()
         self._gateway, self._cert_sha256 = certificate_sha256(c.peer_channel.cert)
         self._tls_digests = _digests(c)
         self.channels = PeerChannels(c.peer_channel, self)
@@ -650,6 +675,7 @@ class Daemon:
         self._tasks.append(asyncio.create_task(self._flush_state_periodically(),
                                                name="state-flush"))
         self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._keep_history(), name="history"))
         if c.ha is None:
             for runner in self.runners.values():
                 self._supervise_link(runner.name)
@@ -885,10 +911,14 @@ class Daemon:
         """A link as a standby shows it: no key, nothing installed."""
         kms = self._standby_kms.get(link.peer.sae_id) or KmsStatus(
             ok=False, reason="not polled yet")
+        policy = self.config.link_policy(link)
         return LinkStatus(
             link=link.name, role=link.role, peer=link.peer.name,
-            mode=self.config.link_policy(link).mode.value, state=NodeRole.STANDBY.value,
+            mode=policy.mode.value, state=NodeRole.STANDBY.value,
             epoch=0, blocked=True, suite=None, key_age=None, fingerprint=None, rekeys=0,
+            interval=policy.interval, hard_lifetime=policy.hard_lifetime,
+            qber_threshold=policy.qber_threshold,
+            data_planes=[str(getattr(s, "type", type(s).__name__)) for s in link.sinks],
             last_rekey_latency=None, next_rekey_in=None, alarms={}, kms=kms)
 
     def _replay_kms(self) -> None:
@@ -979,6 +1009,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._flush_state()
         self.state_files.close()
+        self._observe()
+        self._save_history()
         if self.channels is not None:
             await self.channels.close()
         for runner in self.runners.values():
@@ -1000,6 +1032,63 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             self.config.admin_socket.unlink()
         log.info("site %s stopped", self.config.site)
+
+    # -- history (gateway/history.py) -------------------------------------------------------
+
+    @property
+    def _history_path(self) -> Path:
+        return self.config.state_dir / "history.json"
+
+    def _load_history(self) -> History:
+        """The saved history; an unreadable one is moved aside (kept for a look) and the
+        daemon starts with an empty one: the plots are not worth refusing to run for."""
+        path = self._history_path
+        try:
+            return History.load(path)
+        except ValueError as e:
+            aside = path.with_suffix(".unreadable")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log.warning("history: %s; moved to %s, starting an empty one", e, aside)
+            return History()
+
+    def _save_history(self) -> None:
+        self._write_history(self.history.dumps())
+
+    def _observe(self) -> None:
+        """Note each link's condition and alarms in its history (a row when they change)."""
+        now = time.time()
+        changed = False
+        for r in self.runners.values():
+            m = r.machine
+            alarms = set(m.alarms) | ({Alarm.LINK_FAILED} if r.name in self.failed else set())
+            changed |= self.history.link(r.name).observe(now, condition(m), alarm_bits(alarms))
+        if changed:
+            self.changes.bump()
+
+    async def _keep_history(self) -> None:
+        saved = time.monotonic()
+        while True:
+            await asyncio.sleep(HISTORY_PERIOD)
+            self._observe()
+            if time.monotonic() - saved >= SAVE_PERIOD:
+                saved = time.monotonic()
+                self.history.trim(time.time())
+                raw = self.history.dumps()  # (on the loop: the rings change on it)
+                await asyncio.to_thread(self._write_history, raw)
+
+    def _write_history(self, raw: bytes) -> None:
+        try:
+            write_private(self._history_path, raw)
+        except OSError as e:
+            log.error("history: cannot save it to %s: %s", self._history_path, e.strerror)
+
+    def history_view(self, link: str, seconds: float) -> LinkHistoryView:
+        now = time.time()
+        self._observe()
+        cfg = next((x for x in self.config.links if x.name == link), None)
+        pair = self._pair(cfg.peer.sae_id) if cfg is not None else None
+        return view(self.history, link, pair, now - seconds, now)
 
     def _lock(self) -> None:
         path = self.config.state_dir / "lock"
@@ -1218,6 +1307,7 @@ class Daemon:
         await self.state_files.delete(name)
         for table in (self.failed, self.fingerprints, self._identities):
             table.pop(name, None)
+        self.history.forget([name])
         log.info("link %s removed: its sinks stopped as their on_stop says, its key files and"
                  " state file deleted", name)
 
@@ -1375,7 +1465,7 @@ class Daemon:
                 self._standby_kms[peer_sae] = KmsStatus(ok=False, reason=why, error=why)
                 self._standby_seen.pop(peer_sae, None)
                 for name in names:
-                    self.metrics.kms_up.labels(name).set(0)
+                    self._kms_unknown(name)
                 continue
             self.kme_limits[peer_sae] = st.max_key_per_request
             self._standby_seen[peer_sae] = st
@@ -1386,13 +1476,37 @@ class Daemon:
                 self.metrics.kms_up.labels(name).set(1)
                 self.metrics.kms_stored.labels(name).set(st.stored_key_count)
 
+    def _kms_unknown(self, link: str) -> None:
+        """The KME did not answer: LINK's KMS figures are unknown, not their last values
+        (a QBER alert must not fire, nor stay quiet, on a stale reading)."""
+        self.metrics.kms_up.labels(link).set(0)
+        for gauge in (self.metrics.kms_qber, self.metrics.kms_key_rate,
+                      self.metrics.kms_stored):
+            with contextlib.suppress(KeyError):
+                gauge.remove(link)
+
+    def _pair(self, peer_sae: str) -> str:
+        """The KME pair serving PEER_SAE's links, as the KME named it (until it answers: by
+        the SAEs)."""
+        return self.history.pairs.get(peer_sae) or f"{self.config.kms.sae_id} → {peer_sae}"
+
+    def _kms_sample(self, peer_sae: str, st: Status | None) -> None:
+        """Note a status poll of PEER_SAE's KME pair (ST None: it failed)."""
+        pair = self._pair(peer_sae)
+        if st is None:
+            self.history.pair(pair).sample(time.time(), False, None, None, None)
+        else:
+            self.history.pair(pair).sample(time.time(), True, st.stored_key_count, st.qber,
+                                           st.key_rate)
+
     async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> Status | None:
         """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
         try:
             st = await self.kme.status(peer_sae)
         except KmsError as e:
+            self._kms_sample(peer_sae, None)
             for r in [r for r in runners if not r.removed]:
-                self.metrics.kms_up.labels(r.name).set(0)
+                self._kms_unknown(r.name)
                 r.kms_seen = KmsStatus(ok=False, reason=str(e), error=str(e))
                 await r.queue.put(KmsUnreachable(str(e)))
             return None
@@ -1402,6 +1516,10 @@ class Daemon:
     def _observed(self, st: Status, runners: list[LinkRunner],
                   shares: dict[str, tuple[float, int]]) -> None:
         """Tell RUNNERS what the KME's status ST says, and their share of its supply."""
+        peer_sae = st.slave_SAE_ID if st.master_SAE_ID == self.config.kms.sae_id \
+            else st.master_SAE_ID
+        self.history.pairs[peer_sae] = f"{st.source_KME_ID} → {st.target_KME_ID}"
+        self._kms_sample(peer_sae, st)
         for r in runners:  # (no metrics for a removed link)
             share, sharing = shares.get(r.name, (1.0, 1))
             event = KmsStatusObserved(  # every number bounded by the client's Status model
@@ -1464,6 +1582,10 @@ class Daemon:
             elif r.kind is K.UNCONFIRMED or r.cause is Cause.TIMEOUT:
                 self.exchanges.failed(runner.config.peer.name)
         if r.kind is K.REKEYED:
+            o = runner.machine.outbound
+            self.history.rekeyed(link, time.time(), r.epoch, r.latency,
+                                 o is not None and o.suite.qkd)
+            self.changes.bump()
             suite = runner.machine.outbound.suite.name if runner.machine.outbound else ""
             self.metrics.rekeys.labels(link, suite).inc()
             if r.latency is not None:
@@ -1474,6 +1596,8 @@ class Daemon:
                                           activated_at=o.activated_at if o else None)
         elif r.kind is K.DISCARDED and r.cause is not None:
             self.metrics.failures.labels(link, r.cause.value).inc()
+            self.history.gave_up(link, time.time(), r.epoch, r.cause)
+            self.changes.bump()
         if r.kind in AUDITED:
             sinks = [s.name for s in runner.sinks] \
                 if r.kind in (K.INSTALLED, K.ACTIVATED, K.RETIRED) else []
@@ -1481,10 +1605,23 @@ class Daemon:
                               fingerprint=r.fingerprint, sinks=sinks, detail=r.detail)
 
     def _write_audit(self, event: str, **fields: Any) -> None:
+        """Append to the trail. A record that cannot be written (a full disk, an I/O error)
+        is counted and logged; if it records a key's handling, the link fails with it (its
+        traffic blocked until records can be written again): no key goes unaudited."""
         if self.audit is None:
             return
         checkpoints = self.audit.checkpoints
-        head = self.audit.append(event, **fields)
+        try:
+            head = self.audit.append(event, **fields)
+        except OSError as e:
+            self.metrics.audit_write_failures.inc()
+            link = fields.get("link", "")
+            log.error("audit trail %s: cannot write a %s record%s: %s", self.audit.path,
+                      event, f" of link {link}" if link else "", e.strerror or e,
+                      extra={"link": link, "event": event})
+            if link and event in AUDITED:
+                raise LinkFailure(f"audit trail not writable: {e.strerror or e}") from None
+            return
         self.metrics.audit_records.set(head.seq)
         if self.audit.checkpoints != checkpoints:
             self._log_head()
@@ -1539,12 +1676,21 @@ class Daemon:
             self.metrics.blocked.labels(r.name).set(1 if m.blocked else 0)
             age = now - m.outbound.activated_at if m.outbound else 0.0
             self.metrics.key_age.labels(r.name).set(age)
+            self.metrics.hard_lifetime.labels(r.name).set(m.policy.hard_lifetime)
+            self.metrics.kms_qber_threshold.labels(r.name).set(m.policy.qber_threshold)
+            if m.outbound is not None:
+                self.metrics.key_has_qkd.labels(r.name).set(1 if m.outbound.suite.qkd else 0)
+            else:
+                with contextlib.suppress(KeyError):
+                    self.metrics.key_has_qkd.remove(r.name)
             supply = m.supply(now)
             if supply.share is not None:  # (a responder's peer draws its keys)
                 self.metrics.qkd_share.labels(r.name).set(supply.share)
             for gauge, value in ((self.metrics.qkd_cadence, supply.qkd_cadence),
                                  (self.metrics.pool_dry_in, supply.pool_dry_in)):
                 gauge.labels(r.name).set(math.inf if value is None else value)
+        for p in self.channels.channels.values() if self.channels else ():
+            self.metrics.channel_up.labels(p.name).set(1 if p.connected else 0)
 
     # -- status, admin socket, metrics ------------------------------------------------------
 
@@ -1597,6 +1743,8 @@ class Daemon:
         app.router.add_post("/reload", self._admin_reload)
         app.router.add_post("/stop", self._admin_stop)
         app.router.add_get("/ha", self._admin_ha)
+        app.router.add_get("/history", self._admin_history)
+        Dashboard(self).add_routes(app)  # (`qkdgw demo --web` reads it here)
         app.router.add_post("/ha", self._admin_ha_notify)
         app.router.add_post("/ha/handover", self._admin_handover)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -1612,6 +1760,11 @@ class Daemon:
     def _not_in_pair(self) -> web.Response:
         return web.json_response({"error": f"site {self.config.site}: this gateway is not one"
                                   " of a pair (no `ha:` in its configuration)"}, status=409)
+
+    async def _admin_history(self, _: web.Request) -> web.Response:
+        """The whole history, as saved (`qkdgw report` reads it from a running daemon)."""
+        self._observe()
+        return web.Response(body=self.history.dumps(), content_type="application/json")
 
     async def _admin_ha(self, _: web.Request) -> web.Response:
         status = self.ha_status()
@@ -1675,8 +1828,13 @@ class Daemon:
         self.stop_requested.set()
         return web.json_response(Stopping(stopping=self.config.site).model_dump())
 
+    @property
+    def audit_path(self) -> Path:
+        return self.config.audit_path
+
     async def _serve_metrics(self, where: HostPort) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[security_headers])
+        Dashboard(self).add_routes(app)
 
         async def metrics(_: web.Request) -> web.Response:
             self._update_gauges()

@@ -23,6 +23,12 @@ class Metrics:
                              ["link"], registry=r)
         self.blocked = Gauge("qkdgw_blocked", "1 while the link's traffic is blocked",
                              ["link"], registry=r)
+        self.hard_lifetime = Gauge("qkdgw_key_hard_lifetime_seconds", "The link's hard"
+                                   " lifetime: a key this old blocks the link's traffic",
+                                   ["link"], registry=r)
+        self.key_has_qkd = Gauge("qkdgw_key_has_qkd", "1 while the current outbound key"
+                                 " carries a QKD key, 0 while it is ML-KEM + X25519 alone"
+                                 " (no series: no key)", ["link"], registry=r)
         self.rekeys = Counter("qkdgw_rekeys", "Completed rekeys", ["link", "suite"],
                               registry=r)
         self.failures = Counter("qkdgw_rekey_failures", "Failed or abandoned exchanges, by"
@@ -36,6 +42,9 @@ class Metrics:
                                 ["link"], registry=r)
         self.kms_qber = Gauge("qkdgw_kms_qber", "QBER the KME reports", ["link"],
                               registry=r)
+        self.kms_qber_threshold = Gauge("qkdgw_kms_qber_threshold", "QBER above which the"
+                                        " link takes no QKD keys (its policy)", ["link"],
+                                        registry=r)
         self.kms_key_rate = Gauge("qkdgw_kms_key_rate_bits_per_second", "Secret key rate"
                                   " the KME reports", ["link"], registry=r)
         self.kms_up = Gauge("qkdgw_kms_up", "1 when the last KMS status poll succeeded",
@@ -59,8 +68,13 @@ class Metrics:
         self.channel_accepts = Counter("qkdgw_peer_channel_accepts", "Channel connections"
                                        " the peer gateway opened to this one", ["peer"],
                                        registry=r)
+        self.channel_up = Gauge("qkdgw_peer_channel_up", "1 while this gateway's channel to"
+                                " the peer gateway is connected", ["peer"], registry=r)
         self.audit_records = Gauge("qkdgw_audit_records", "Records in the audit trail",
                                    registry=r)
+        self.audit_write_failures = Counter("qkdgw_audit_write_failures", "Audit records that"
+                                            " could not be written (each blocks its link)",
+                                            registry=r)
         self.ha_role = Gauge("qkdgw_ha_role", "1 for this node's role in a gateway pair"
                              " (active, standby)", ["role"], registry=r)
         self.ha_takeovers = Counter("qkdgw_ha_takeovers", "Times this node became active",
@@ -73,7 +87,8 @@ class Metrics:
         label sets (prometheus_client keeps them in `_metrics`, and has no public way to
         list them): the label sets stay bounded by the links configured, and a removed link
         shows nothing stale."""
-        for metric in (self.epoch, self.key_age, self.blocked, self.rekeys, self.failures,
+        for metric in (self.epoch, self.key_age, self.blocked, self.hard_lifetime,
+                       self.key_has_qkd, self.kms_qber_threshold, self.rekeys, self.failures,
                        self.latency, self.rejected, self.kms_stored, self.kms_qber,
                        self.kms_key_rate, self.kms_up, self.mode, self.alarm,
                        self.qkd_share, self.qkd_cadence, self.pool_dry_in):

@@ -58,9 +58,21 @@ class LinkStatus(_Status):
     epoch: int = Field(description="the epoch this side sends on (0: none)")
     blocked: bool = Field(description="no valid key: the link's traffic is dropped")
     suite: str | None = Field(description="what the current key is made of")
+    condition: str = Field(default="none", description="what protects the traffic now: `qkd`"
+                           " (QKD + ML-KEM + X25519), `pqc` (ML-KEM + X25519 alone, while QKD"
+                           " is unavailable), `blocked` (no valid key: traffic dropped) or"
+                           " `none` (no key yet)")
     key_age: float | None = Field(description="seconds since the current key was activated")
     fingerprint: str | None = Field(description="the current key's keyed fingerprint (the"
                                                 " same on both sites)")
+    interval: float | None = Field(default=None, description="the policy's rekey interval,"
+                                   " seconds")
+    hard_lifetime: float | None = Field(default=None, description="the policy's hard"
+                                        " lifetime: a key this old blocks the traffic")
+    qber_threshold: float | None = Field(default=None, description="the policy's QBER"
+                                         " threshold: above it, no QKD keys")
+    data_planes: list[str] = Field(default_factory=list, description="the link's sinks: where"
+                                   " its keys go")
     rekeys: int = Field(description="epochs completed since the daemon started")
     last_rekey_latency: float | None = Field(description="seconds the last exchange took here")
     last_rekey: LastRekey | None = Field(default=None, description="the last epoch this side"

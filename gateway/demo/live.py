@@ -24,9 +24,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from common.sockets import grow_receive_buffer
 from gateway.demo import QBER_SPIKE
@@ -34,6 +35,9 @@ from gateway.demo.ha import Failover
 from gateway.demo.sites import ADDR, HOST, LAN, Sites
 from gateway.demo.topology import Topology, namespace
 from gateway.demo.wire import Kind, Live, Tally
+
+if TYPE_CHECKING:
+    from gateway.demo.web import DemoWeb
 
 Plane = Literal["auto", "xfrm", "strongswan"]
 FLOW_PORT = 5001
@@ -256,6 +260,8 @@ class Demo:
         self.first_epoch = self.last_epoch = 0
         self.plan: FailoverPlan | None = None
         self.events: list[str] = []
+        #: Called once a second by the live view (the web view samples the traffic).
+        self.ticks: list[Callable[[], None]] = []
 
     async def up(self) -> None:
         s = self.sites
@@ -307,23 +313,25 @@ class Demo:
         a, b = await self.sites.link("a"), await self.sites.link("b")
         self.last_epoch = a["epoch"]
         kms = a.get("kms") or {}
+        k = kms_figures(kms)
         alarms = sorted(set(a.get("alarms") or {}) | set(b.get("alarms") or {}))
+        key = protection(a)
         if compact:
             flows = " ".join("{} {}/{}/{}".format(f.name, *f.counts()) for f in self.flows)
             return (f"{elapsed:4.0f}s epoch {a['epoch']} rekeys {a['epoch'] - self.first_epoch}"
-                    f" mode {a['mode']} QBER {_figure(kms.get('qber'), '.3f')} pool"
-                    f" {kms.get('stored_key_count', '?')} KMS {'up' if kms.get('ok') else 'down'}"
+                    f" key {key} QBER {k['qber']} pool {k['pool']}"
+                    f" KMS {'up' if kms.get('ok') else 'down'}"
                     f" alarms {','.join(alarms) or 'none'} | sent/received/lost {flows}"
                     f" | plaintext {self.wire.tally.plaintext if self.wire else 0}"
                     + (f" | {self.events[-1]}" if self.events else ""))
         lines = [f"qkd-gateway demo · {self.plane} · {elapsed:5.0f} s"
                  + (f" of {duration:g}" if duration else " (Ctrl-C ends it)"),
                  f"  epoch {a['epoch']} (B: {b['epoch']})  key age {a.get('key_age') or 0:.1f} s"
-                 f"  rekeys {a['epoch'] - self.first_epoch}  mode {a['mode']}"
+                 f"  rekeys {a['epoch'] - self.first_epoch}  key {key}"
                  f"  fingerprint {a.get('fingerprint') or '-'}"
                  f" {'=' if a.get('fingerprint') == b.get('fingerprint') else '≠'} B",
-                 f"  QKD link: key rate {_figure(kms.get('key_rate'), ',.0f')} bit/s  pool"
-                 f" {kms.get('stored_key_count', '?')} keys  QBER {_figure(kms.get('qber'), '.3f')}"
+                 f"  QKD link: key rate {k['key_rate']} bit/s  pool {k['pool']} keys"
+                 f"  QBER {k['qber']}"
                  f"  KMS {'up' if kms.get('ok') else 'DOWN: ' + str(kms.get('reason'))}",
                  f"  alarms: {', '.join(alarms) or 'none'}"
                  + ("  (traffic BLOCKED)" if a.get("blocked") or b.get("blocked") else "")]
@@ -376,10 +384,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
                    faults: list[Fault], keep: Path | None, link_profile: str | None = None,
-                   ha: bool = False, failover: FailoverPlan | None = None) -> int:
+                   ha: bool = False, failover: FailoverPlan | None = None,
+                   web_port: int | None = None) -> int:
     """Run the demo; the exit status. Ctrl-C (or SIGTERM, SIGHUP) ends it as --duration
     does: the counted summary, the cleanup, and the summary's status (0: nothing lost,
     nothing in clear). Before the traffic started there is nothing to count: 128 + signal.
+    WEB_PORT: also show the live view in a browser, on 127.0.0.1 at that port.
 
     The demo's processes run in their own process group, so Ctrl-C on a terminal reaches
     only the demo, which then stops them in order (gateways before their data planes)."""
@@ -402,12 +412,25 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
         loop.add_signal_handler(sig, stop, sig)
     root = keep or Path(tempfile.mkdtemp(prefix="qkdgw-demo-"))
     demo: Demo | None = None
+    web: DemoWeb | None = None
     tty = sys.stdout.isatty()
     status = 1
     try:
         root.mkdir(parents=True, exist_ok=True)
         demo = Demo(chosen, root, interval, rate, link_profile, ha=ha)
         demo.plan = failover
+        if web_port is not None:
+            from gateway.demo.web import DemoWeb
+
+            web = DemoWeb(demo, web_port)
+            try:
+                await web.start()
+            except OSError as e:
+                web = None
+                raise DemoError(f"--web {web_port}: cannot listen on 127.0.0.1:{web_port}:"
+                                f" {e.strerror}; give another port") from None
+            demo.ticks.append(web.traffic.sample)
+            print(f"live view in a browser: {web.url}", flush=True)
         pair = ", site A a keepalived pair" if ha else ""
         print(f"building two sites ({chosen} data plane{pair}), files in {root} ...",
               flush=True)
@@ -428,6 +451,8 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
             print("interrupted before the traffic started: nothing counted", flush=True)
             status = 128 + stopped_by[0]
     finally:
+        if web is not None:
+            await web.stop()
         if demo is not None:
             demo.down()
         if keep is None:
@@ -439,8 +464,28 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
 
 
 def _figure(value: object, spec: str) -> str:
-    """A figure from the status, or '?' while the KMS gives none (during an outage)."""
-    return format(value, spec) if isinstance(value, int | float) else "?"
+    """A figure from the status, or 'unknown' while there is none (unknown is not zero)."""
+    return format(value, spec) if isinstance(value, int | float) else "unknown"
+
+
+#: What protects a link's traffic, by its status' `condition` (the policy's mode is not it).
+PROTECTION = {"qkd": "QKD+ML-KEM-768+X25519", "pqc": "ML-KEM-768+X25519 (PQC-only)",
+              "blocked": "none (BLOCKED)", "none": "none yet"}
+
+
+def protection(link: dict[str, Any]) -> str:
+    """The suite in use on LINK's current key, from its status."""
+    return PROTECTION.get(str(link.get("condition")), str(link.get("condition")))
+
+
+def kms_figures(kms: dict[str, Any]) -> dict[str, str]:
+    """The KMS figures a view shows: 'unknown' for a KME that did not answer, and for the
+    QBER of a quantum link that is down (the last reading, or a 0, is not today's)."""
+    gone = kms.get("error") is not None
+    down = kms.get("link_up") is False
+    return {"qber": "unknown" if gone or down else _figure(kms.get("qber"), ".3f"),
+            "key_rate": "unknown" if gone else _figure(kms.get("key_rate"), ",.0f"),
+            "pool": "unknown" if gone else _figure(kms.get("stored_key_count"), "d")}
 
 
 def _signal_name(sig: signal.Signals) -> str:
@@ -470,6 +515,8 @@ async def _live(demo: Demo, duration: float | None, faults: list[Fault], tty: bo
             text = await demo.view(elapsed, duration, compact=not tty)
         except OSError as e:  # a gateway restarting, or a node failing over
             text = f"{elapsed:4.0f}s (status unavailable: {e})"
+        for tick in demo.ticks:
+            tick()
         if tty:  # redraw in place
             sys.stdout.write((f"\x1b[{shown}A\x1b[J" if shown else "") + text + "\n")
             shown = text.count("\n") + 1
