@@ -1084,8 +1084,8 @@ class Daemon:
             log.error("history: cannot save it to %s: %s", self._history_path, e.strerror)
 
     def history_view(self, link: str, seconds: float) -> LinkHistoryView:
+        self._observe()  # (first: the window ends now, after it)
         now = time.time()
-        self._observe()
         cfg = next((x for x in self.config.links if x.name == link), None)
         pair = self._pair(cfg.peer.sae_id) if cfg is not None else None
         return view(self.history, link, pair, now - seconds, now)

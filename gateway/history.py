@@ -355,8 +355,8 @@ def spans(h: LinkHistory, since: float, until: float) -> list[Span]:
     out = []
     for i, (t, cond, bits) in enumerate(rows):
         end = rows[i + 1][0] if i + 1 < len(rows) else None
-        out.append(Span(start=round(max(t, since), 3), end=None if end is None else round(end, 3),
-                        condition=Condition(cond).name.lower(), alarms=alarm_names(bits)))
+        out.append(Span(start=max(t, since), end=end, condition=Condition(cond).name.lower(),
+                        alarms=alarm_names(bits)))
     return out
 
 

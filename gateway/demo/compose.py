@@ -22,6 +22,11 @@ VICI = "/run/charon.vici"
 #: The operator's own IKE authentication secret for the demo (not the epoch key: that
 #: enters as the PPK). Both gateways load it from /conf/swanctl.conf.
 IKE_IDS = {"a": "gw-a.demo", "b": "gw-b.demo"}
+#: The gateways' metrics listener in their containers: every address of the container, which
+#: only the compose networks reach (no port is published), so that the `prometheus` service
+#: scrapes gw-a:9100 and gw-b:9100 (compose/prometheus.yml). Outside compose, init-demo keeps
+#: metrics on loopback.
+METRICS_LISTEN = "0.0.0.0:9100"
 
 
 def init_compose(root: Path, *, force: bool = False) -> DemoLayout:
@@ -37,7 +42,7 @@ def init_compose(root: Path, *, force: bool = False) -> DemoLayout:
         config["state_dir"] = f"/var/lib/qkdgw/{site}"
         config["kms"]["url"] = f"https://kme-{site}:{layout.kme_port(site)}"
         config["peer_channel"]["listen"] = f"0.0.0.0:{layout.gateway_port(site)}"
-        config["metrics"] = {"listen": "0.0.0.0:9100"}
+        config["metrics"] = {"listen": METRICS_LISTEN}
         config["policy"].update({"mode": "pqc-fallback", "interval": 10.0,
                                  "hard_lifetime": 60.0})
         link = config["links"][0]

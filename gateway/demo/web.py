@@ -12,18 +12,51 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from html import escape
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
+from gateway.demo.wire import Tally
 from gateway.web.dashboard import STATIC, security_headers
 from gateway.web.page import head
 from gateway.web.svg import series_chart
 
-if TYPE_CHECKING:
-    from gateway.demo.live import Demo
+
+class _Flow(Protocol):
+    name: str
+
+    def counts(self, final: bool = False) -> tuple[int, int, int]: ...
+
+
+class _Wire(Protocol):
+    tally: Tally
+
+
+class _Sites(Protocol):
+    def state(self, site: str) -> Path: ...
+
+
+class Demo(Protocol):
+    """What the web view reads of the demo (gateway/demo/live.py's Demo)."""
+
+    events: list[str]
+
+    @property
+    def plane(self) -> str: ...
+
+    @property
+    def flows(self) -> Sequence[_Flow]: ...
+
+    @property
+    def wire(self) -> _Wire | None: ...
+
+    @property
+    def sites(self) -> _Sites: ...
+
 
 #: The page fetches its slots this often: a demo rekeys every few seconds.
 REFRESH_MS = 1000
