@@ -107,10 +107,23 @@ class AdminConfig(ConfigModel):
     socket: FilePath | None = None
 
 
+class MetricsTlsConfig(ConfigModel):
+    """HTTPS with client certificates on the metrics listener (docs/operations.md#dashboard):
+    only clients with a certificate from CA get the metrics and the dashboard."""
+
+    ca: FilePath = Field(description="CA the clients' certificates must chain to (the"
+                                     " site CA, say)")
+    cert: FilePath = Field(description="the listener's certificate")
+    key: FilePath = Field(description="its private key (0600)")
+
+
 class MetricsConfig(ConfigModel):
-    """Prometheus metrics and /healthz over HTTP; keep it on loopback or a management net."""
+    """Prometheus metrics, /healthz and the dashboard over HTTP; keep it on loopback (the
+    default in init-demo) or a management net, or give it `tls` (mutual TLS)."""
 
     listen: Address
+    tls: MetricsTlsConfig | None = Field(default=None, description="mutual TLS: clients"
+                                         " must present a certificate from `tls.ca`")
 
 
 class HaConfig(ConfigModel):

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -52,8 +53,9 @@ from common.config import ConfigError, HostPort, read_config_bytes
 from common.files import write_private
 from common.sink import RekeyCause, Role, Sink, SinkConfig, SinkContext, SinkError
 from common.text import quote_remote
+from common.tlsctx import server_context
 from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
-from gateway.config import LinkConfig, SiteConfig
+from gateway.config import LinkConfig, MetricsTlsConfig, SiteConfig
 from gateway.core.events import (
     AckReceived,
     Action,
@@ -666,7 +668,7 @@ class Daemon:
                     raise ConfigError(f"ha.notify_fifo: {e}") from None
         await self._serve_admin()
         if c.metrics is not None:
-            await self._serve_metrics(c.metrics.listen)
+            await self._serve_metrics(c.metrics.listen, c.metrics.tls)
         self._write_audit(TrailEvent.STARTED, detail=f"{len(c.links)} link(s)"
                           + ("" if c.ha is None else f", node {c.ha.node} of a pair"))
         self._checkpoint()
@@ -1832,7 +1834,16 @@ class Daemon:
     def audit_path(self) -> Path:
         return self.config.audit_path
 
-    async def _serve_metrics(self, where: HostPort) -> None:
+    async def _serve_metrics(self, where: HostPort, tls: MetricsTlsConfig | None) -> None:
+        """/metrics, /healthz and the dashboard; with TLS, over HTTPS to clients holding a
+        certificate from its CA only."""
+        ssl_context = None
+        if tls is not None:
+            try:
+                ssl_context = server_context(tls.ca, tls.cert, tls.key)
+            except ConfigError as e:
+                raise ConfigError(f"metrics.tls: {e}") from None
+            ssl_context.verify_mode = ssl.CERT_REQUIRED
         app = web.Application(middlewares=[security_headers])
         Dashboard(self).add_routes(app)
 
@@ -1852,9 +1863,11 @@ class Daemon:
         app.router.add_get("/healthz", healthz)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, where.host, where.port).start()
+        await web.TCPSite(runner, where.host, where.port, ssl_context=ssl_context).start()
         self._servers.append(runner)
-        log.info("metrics on http://%s/metrics", where)
+        scheme = "http" if tls is None else "https"
+        log.info("metrics on %s://%s/metrics, dashboard on %s://%s/%s", scheme, where, scheme,
+                 where, "" if tls is None else " (mutual TLS)")
 
 
 @web.middleware

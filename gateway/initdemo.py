@@ -140,7 +140,7 @@ peer_channel:                  # mutual-TLS channel between the two gateways
   cert: pki/{cert}.pem
   key: pki/{cert}.key
 metrics:
-  listen: 127.0.0.1:{metrics}    # Prometheus /metrics and /healthz
+  listen: 127.0.0.1:{metrics}    # Prometheus /metrics, /healthz, the dashboard at /
 {ha}policy:
   mode: qkd+pqc                # QKD and ML-KEM+X25519 both required
   interval: {DEMO_INTERVAL}                 # seconds between rekeys (demo; hours in production)

@@ -172,11 +172,11 @@ class Browser:
         path.write_bytes(base64.b64decode(shot["data"]))
 
     def off_loopback(self) -> list[str]:
-        """The requests the page made to anything but loopback (data: and about: aside)."""
+        """The requests the page made to anything but loopback (data:, about:, file: aside)."""
         out = []
         for url in self.requests:
             parts = urlsplit(url)
-            if parts.scheme in ("data", "about", "blob"):
+            if parts.scheme in ("data", "about", "blob", "file"):
                 continue
             if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
                 out.append(url)

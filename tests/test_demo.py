@@ -135,6 +135,72 @@ def test_kms_outage_shows_the_fallback_and_the_alarm() -> None:
     assert r["summary"] is not None, r["out"]
     assert r["summary"][2] == 0, r["out"]  # none lost
     assert r["summary"][5] == 0  # nothing in clear, also while the KMEs were away
+    # The view names the suite in use, not the policy, and knows no QBER while the KMS is
+    # down (unknown is not 0).
+    view = [line for line in lines if " epoch " in line and " KMS " in line]
+    assert any(" key ML-KEM-768+X25519 (PQC-only) " in line for line in view), r["out"]
+    assert any(" key QKD+ML-KEM-768+X25519 " in line for line in view), r["out"]
+    assert not [line for line in view if " mode " in line]
+    down = [line for line in view if " KMS down " in line]
+    assert down, r["out"]
+    assert all(" QBER unknown " in line for line in down), down
+
+
+def test_the_web_view_shows_both_sites_and_the_traffic(tmp_path: Path) -> None:
+    """`qkdgw demo --web PORT` in a real browser while it runs: both sites' dashboards, the
+    LAN counters and the WAN capture; nothing fetched off this host."""
+    import asyncio
+
+    from tests.browser import Browser, chromium_path
+    from tests.helpers import free_base_port
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    port = free_base_port(1)
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*qkdgw_command(), "demo", "--duration", "25",
+                                 "--rekey-interval", "1", "--rate", "200", "--web", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+
+    async def look() -> dict[str, Any]:
+        async with Browser() as b:
+            deadline = time.monotonic() + 120
+            while True:  # until the sites are up and the traffic flows
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                try:
+                    await b.load(f"http://127.0.0.1:{port}/")
+                except RuntimeError:
+                    await asyncio.sleep(0.5)
+                    continue
+                seen = await b.evaluate("""(() => ({
+                  sites: [...document.querySelectorAll('section#live')].map(s => s.dataset.site),
+                  epochs: [...document.querySelectorAll('tr.link')].map(r => +r.dataset.epoch),
+                  sent: [...document.querySelectorAll('tr[data-flow]')].map(r => +r.dataset.sent),
+                  esp: +(document.querySelector('[data-esp]') || {dataset: {esp: -1}}).dataset.esp,
+                  plaintext: +(document.querySelector('[data-plaintext]')
+                               || {dataset: {plaintext: -1}}).dataset.plaintext,
+                  charts: document.querySelectorAll('#traffic svg polyline').length}))()""")
+                if seen["sites"] == ["a", "b"] and len(seen["sent"]) == 2 \
+                        and min(seen["sent"]) > 0 and min(seen["epochs"], default=0) > 0:
+                    break
+                await asyncio.sleep(0.5)
+            first = seen
+            await asyncio.sleep(4)  # the page refreshes itself: the counters move on
+            later = await b.evaluate("""[...document.querySelectorAll('tr[data-flow]')]
+                                        .map(r => +r.dataset.sent)""")
+            assert min(b - a for a, b in zip(first["sent"], later, strict=True)) > 0
+            assert b.off_loopback() == []
+            return first
+
+    seen = asyncio.run(look())
+    assert seen["esp"] > 0
+    assert seen["plaintext"] == 0
+    assert seen["charts"] >= 3
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert f"live view in a browser: http://127.0.0.1:{port}/" in log.read_text()
+    assert demo_namespaces() == []
 
 
 def test_ctrl_c_prints_the_counted_summary_and_cleans_up_everything() -> None:

@@ -24,8 +24,8 @@ VICI = "/run/charon.vici"
 IKE_IDS = {"a": "gw-a.demo", "b": "gw-b.demo"}
 #: The gateways' metrics listener in their containers: every address of the container, which
 #: only the compose networks reach (no port is published), so that the `prometheus` service
-#: scrapes gw-a:9100 and gw-b:9100 (compose/prometheus.yml). Outside compose, init-demo keeps
-#: metrics on loopback.
+#: scrapes gw-a:9100 and gw-b:9100 from their LANs (compose/prometheus.yml). Outside compose,
+#: init-demo keeps metrics on loopback.
 METRICS_LISTEN = "0.0.0.0:9100"
 
 

@@ -271,8 +271,9 @@ def histogram(title: str, values: Sequence[float], unit: str, bins: int = 20) ->
                    f'<title>{c} from {_fmt(10 ** edge if logs else edge)} {unit}</title></rect>')
     for i in range(5):
         edge = a + (b - a) * i / 4
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
         out.append(f'<text class="tick" x="{LEFT + (WIDTH - LEFT - RIGHT) * i / 4:.1f}"'
-                   f' y="{TRACK + 18}" text-anchor="middle">'
+                   f' y="{TRACK + 18}" text-anchor="{anchor}">'
                    f'{_fmt(10 ** edge if logs else edge)}</text>')
     return (f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH}'
             f' {height}" width="{WIDTH}" height="{height}" role="img">'
