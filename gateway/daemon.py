@@ -40,7 +40,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, assert_never
@@ -115,7 +115,15 @@ from gateway.ha import (
     role_at_start,
     write_handover,
 )
-from gateway.history import SAVE_PERIOD, Condition, History, LinkHistoryView, alarm_bits, view
+from gateway.history import (
+    SAVE_PERIOD,
+    Condition,
+    History,
+    LinkHistoryView,
+    alarm_bits,
+    view,
+)
+from gateway.history import Snapshot as HistorySnapshot
 from gateway.keyrequests import KeyRequests
 from gateway.metrics import Metrics
 from gateway.pacing import GATHER_LIMIT, Pacer
@@ -766,6 +774,7 @@ class Daemon:
         (refused while standby). Keys go first: closing a channel to a peer that is gone
         may wait for its timeout, in the background."""
         log.warning("node %s: becoming STANDBY: %s", self._node, why)
+        self._observe()  # (what the links had until now)
         self.role, self.role_since, self.role_reason = NodeRole.STANDBY, time.time(), why
         self._show_role()
         if self._peer_server is not None:
@@ -788,6 +797,11 @@ class Daemon:
         for runner in runners.values():
             runner.removed = True
         self.dirty.clear()
+        # A standby keys nothing: its links' series go (an alert must not fire, nor stay
+        # quiet, on what they were when it was active), and their history says "no key".
+        self.metrics.forget(set(runners))
+        self.metrics.channel_up.clear()
+        self._unkeyed(runners)
         for runner in runners.values():
             for sink in [s for s in runner.sinks if s not in runner.unstarted]:
                 await self._remove_sink(runner.name, sink)
@@ -1012,6 +1026,7 @@ class Daemon:
         await self._flush_state()
         self.state_files.close()
         self._observe()
+        self._unkeyed(self.runners)  # (until the next start: nobody keys them)
         self._save_history()
         if self.channels is not None:
             await self.channels.close()
@@ -1055,18 +1070,28 @@ class Daemon:
             return History()
 
     def _save_history(self) -> None:
-        self._write_history(self.history.dumps())
+        self._write_history(self.history.snapshot())
 
     def _observe(self) -> None:
         """Note each link's condition and alarms in its history (a row when they change)."""
         now = time.time()
         changed = False
         for r in self.runners.values():
-            m = r.machine
-            alarms = set(m.alarms) | ({Alarm.LINK_FAILED} if r.name in self.failed else set())
-            changed |= self.history.link(r.name).observe(now, condition(m), alarm_bits(alarms))
+            changed |= self._observe_link(r, now)
         if changed:
             self.changes.bump()
+
+    def _observe_link(self, r: LinkRunner, now: float) -> bool:
+        m = r.machine
+        alarms = set(m.alarms) | ({Alarm.LINK_FAILED} if r.name in self.failed else set())
+        return self.history.link(r.name).observe(now, condition(m), alarm_bits(alarms))
+
+    def _unkeyed(self, links: Iterable[str]) -> None:
+        """LINKS are keyed by nobody from now (this daemon stops, or goes standby)."""
+        now = time.time()
+        for name in links:
+            self.history.link(name).observe(now, Condition.NONE, 0)
+        self.changes.bump()
 
     async def _keep_history(self) -> None:
         saved = time.monotonic()
@@ -1076,12 +1101,12 @@ class Daemon:
             if time.monotonic() - saved >= SAVE_PERIOD:
                 saved = time.monotonic()
                 self.history.trim(time.time())
-                raw = self.history.dumps()  # (on the loop: the rings change on it)
-                await asyncio.to_thread(self._write_history, raw)
+                snapshot = self.history.snapshot()  # (on the loop: the rings change on it)
+                await asyncio.to_thread(self._write_history, snapshot)
 
-    def _write_history(self, raw: bytes) -> None:
+    def _write_history(self, snapshot: HistorySnapshot) -> None:
         try:
-            write_private(self._history_path, raw)
+            write_private(self._history_path, snapshot.encode())
         except OSError as e:
             log.error("history: cannot save it to %s: %s", self._history_path, e.strerror)
 
@@ -1585,8 +1610,9 @@ class Daemon:
                 self.exchanges.failed(runner.config.peer.name)
         if r.kind is K.REKEYED:
             o = runner.machine.outbound
-            self.history.rekeyed(link, time.time(), r.epoch, r.latency,
-                                 o is not None and o.suite.qkd)
+            now = time.time()
+            self.history.rekeyed(link, now, r.epoch, r.latency, o is not None and o.suite.qkd)
+            self._observe_link(runner, now)  # (a new key: its condition at once)
             self.changes.bump()
             suite = runner.machine.outbound.suite.name if runner.machine.outbound else ""
             self.metrics.rekeys.labels(link, suite).inc()

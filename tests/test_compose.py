@@ -5,7 +5,9 @@
 No registry here: `debian:bookworm-slim` is made locally with debootstrap when missing
 (../shared/ENVIRONMENT.md). dockerd is started if it is not running, and stopped again. The
 wan bridge is captured on the host and judged by gateway/demo/wire.py: between the sites
-only IKE, ESP-in-UDP and the mutual TLS of the peer channel and the KMEs may cross it.
+only IKE, ESP-in-UDP and the mutual TLS of the peer channel and the KMEs may cross it
+(Prometheus scrapes each gateway from its LAN). The stack's configuration (the `prometheus`
+service against the gateways' metrics listeners) is checked without Docker too.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -24,14 +27,80 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from gateway.demo.compose import init_compose
 from gateway.demo.topology import wait_until
 from gateway.demo.wire import Kind, Tally, capture
+from gateway.initdemo import init_demo
 
 COMPOSE = Path(__file__).parents[1] / "compose"
 BASE_IMAGE = "debian:bookworm-slim"
 LANS = [ip_network("10.1.0.0/24"), ip_network("10.2.0.0/24")]
 GATEWAYS = {"192.0.2.1": "a", "192.0.2.2": "b"}
+ALERTS = Path(__file__).parents[1] / "docs" / "prometheus" / "alerts.yml"
+
+
+# -- the configuration, without Docker --------------------------------------------------------
+
+
+def _compose_file() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    return data
+
+
+def test_prometheus_scrapes_both_gateways_metrics_listeners(tmp_path: Path) -> None:
+    """compose/prometheus.yml's targets are the gateways' `metrics.listen` as
+    `init-demo --compose` writes it, on every address of their containers (not loopback:
+    Prometheus is another container), by their service names on the one network each shares
+    with Prometheus: its site's LAN (plaintext metrics stay off the wan)."""
+    init_compose(tmp_path / "conf")
+    listens = {site: yaml.safe_load((tmp_path / "conf" / f"site-{site}.yaml").read_text())
+               ["metrics"]["listen"] for site in ("a", "b")}
+    hosts = {listen.rsplit(":", 1)[0] for listen in listens.values()}
+    assert hosts == {"0.0.0.0"}  # noqa: S104 (every address of the container: checked here)
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "qkd-gateway"  # what alerts.yml's QkdGatewayDown watches
+    targets = {t for static in job["static_configs"] for t in static["targets"]}
+    assert targets == {f"gw-{site}:{listen.rsplit(':', 1)[1]}"
+                       for site, listen in listens.items()}
+    assert config["rule_files"] == [ALERTS.name]
+    services = _compose_file()["services"]
+    networks = set(services["prometheus"]["networks"])
+    for site in ("a", "b"):
+        assert networks & set(services[f"gw-{site}"]["networks"]) == {f"lan-{site}"}
+    assert services["prometheus"]["sysctls"] == {"net.ipv4.ip_forward": "0"}  # no LAN to LAN
+
+
+def test_the_prometheus_service_runs_in_the_image_with_the_alert_rules() -> None:
+    """Debian's prometheus in the project's image, its configuration and the rules beside it
+    in /etc/qkdgw (the build context keeps docs/prometheus/alerts.yml), published on the
+    host's loopback: 9090 unless QKDGW_PROMETHEUS_PORT says otherwise."""
+    compose = _compose_file()
+    prometheus = compose["services"]["prometheus"]
+    assert prometheus["image"] == compose["services"]["gw-a"]["image"]
+    assert prometheus["command"][0] == "prometheus"
+    assert "--config.file=/etc/qkdgw/prometheus.yml" in prometheus["command"]
+    assert prometheus["ports"] == ["127.0.0.1:${QKDGW_PROMETHEUS_PORT:-9090}:9090"]
+    dockerfile = (COMPOSE / "Dockerfile").read_text()
+    install = dockerfile.split("apt-get install", 1)[1].split("&& rm", 1)[0]
+    assert " prometheus " in install
+    copy = " ".join(dockerfile.split("COPY compose/gateway.sh", 1)[1].split("\\\n"))
+    assert "compose/prometheus.yml" in copy
+    assert "docs/prometheus/alerts.yml /etc/qkdgw/" in copy
+    ignored = (COMPOSE.parent / ".dockerignore").read_text().splitlines()
+    assert ignored.index("!docs/prometheus/alerts.yml") > ignored.index("docs")
+
+
+def test_metrics_stay_on_loopback_outside_compose(tmp_path: Path) -> None:
+    init_demo(tmp_path)
+    for site in ("a", "b"):
+        config = yaml.safe_load((tmp_path / f"site-{site}.yaml").read_text())
+        assert config["metrics"]["listen"].startswith("127.0.0.1:")
+
+
+# -- the stack, in Docker ---------------------------------------------------------------------
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: Any) -> str:
@@ -79,7 +148,12 @@ def docker() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def stack(docker: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     project = f"qkdgwtest{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "COMPOSE_PROJECT_NAME": project}
+    # Prometheus on a free port of the host's loopback (9090 may be the host's own).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        prometheus_port = s.getsockname()[1]
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": project,
+           "QKDGW_PROMETHEUS_PORT": str(prometheus_port)}
 
     def compose(*args: str, check: bool = True, timeout: float = 120) -> str:
         return sh("docker-compose", *args, check=check, timeout=timeout, cwd=COMPOSE, env=env)
@@ -111,7 +185,8 @@ def stack(docker: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
                        lambda: _on_one_epoch(compose, pair), 30)
             after, status_b = pair
         yield {"built": built, "before": before, "after": after, "pings": pings,
-               "pcap": Path(wan["pcap"]), "status_b": status_b,
+               "pcap": Path(wan["pcap"]), "status_b": status_b, "compose": compose,
+               "prometheus_port": prometheus_port,
                "logs": compose("logs", "--no-color", check=False)}
     finally:
         compose("down", "-v", "--remove-orphans", check=False)
@@ -188,3 +263,39 @@ def test_the_responder_gateway_holds_its_traffic_during_rotations(
                        r" released: Commit\)", stack["logs"])
     assert holds, "no hold in gw-b's log"
     assert not re.search(r"gw-a\S*\s*\|.*held \d+ packet", stack["logs"])
+
+
+def _prometheus(port: int, path: str) -> Any:
+    """Prometheus's HTTP API, from the host: its port published on the host's loopback."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{port}{path}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)["data"]
+
+
+def test_prometheus_scrapes_both_gateways_with_the_alert_rules(stack: dict[str, Any]) -> None:
+    """The `prometheus` service, as the docs have the user reach it (the host's loopback):
+    both gateways' targets up, the rules of docs/prometheus/alerts.yml loaded and evaluated,
+    both gateways' epochs queryable."""
+    compose, port = stack["compose"], stack["prometheus_port"]
+    assert compose("port", "prometheus", "9090").strip() == f"127.0.0.1:{port}"
+    targets: dict[str, str] = {}
+
+    def both_up() -> bool:
+        targets.clear()
+        for t in _prometheus(port, "/api/v1/targets")["activeTargets"]:
+            targets[t["labels"]["instance"]] = f"{t['health']} {t['lastError']}".strip()
+        return targets == {"gw-a:9100": "up", "gw-b:9100": "up"}
+
+    wait_until("both gateways scraped", both_up, 30, ignore=(OSError,),
+               detail=lambda: f"targets: {targets}\n{compose('ps', check=False)}")
+    [group] = _prometheus(port, "/api/v1/rules")["groups"]
+    assert group["name"] == "qkd-gateway"
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    assert {r["name"] for r in group["rules"]} == {r["alert"] for r in rules}
+    assert {r["health"] for r in group["rules"]} == {"ok"}, group["rules"]
+    epochs = _prometheus(port, "/api/v1/query?query=qkdgw_epoch")["result"]
+    assert {(e["metric"]["instance"], e["metric"]["link"]) for e in epochs} == {
+        ("gw-a:9100", "ab"), ("gw-b:9100", "ab")}
+    assert all(int(e["value"][1]) >= 1 for e in epochs)

@@ -192,7 +192,7 @@ def test_the_web_view_shows_both_sites_and_the_traffic(tmp_path: Path) -> None:
                                         .map(r => +r.dataset.sent)""")
             assert min(b - a for a, b in zip(first["sent"], later, strict=True)) > 0
             assert b.off_loopback() == []
-            return first
+            return dict(first)
 
     seen = asyncio.run(look())
     assert seen["esp"] > 0

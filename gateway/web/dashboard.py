@@ -51,8 +51,9 @@ AUDIT_TAIL = 12
 AUDIT_VERIFY_PERIOD = 60.0
 #: Live-update streams open at once at most (each is a connection held open).
 MAX_STREAMS = 32
-#: A stream sends at most one `change` per this (a hub changes many times a second) ...
-STREAM_COALESCE = 0.5
+#: A stream sends at most one `change` per this (a hub changes many times a second, and its
+#: page takes ~50 ms to render for 1,000 links: bench/dashboard.py) ...
+STREAM_COALESCE = 1.0
 #: ... and a comment at least this often, so proxies and the browser keep it open.
 STREAM_HEARTBEAT = 15.0
 #: The browser reconnects after this if the stream drops (milliseconds, the SSE `retry`).

@@ -75,8 +75,8 @@ def test_time_before_the_first_entry_is_not_counted_as_available() -> None:
 def test_the_conditions_add_up_to_the_window(changes: list[tuple[float, Condition, set[str]]],
                                              start: float, length: float) -> None:
     h = History().link("ab")
-    for t, condition, alarms in sorted(changes, key=lambda c: c[0]):
-        h.observe(T0 + t, condition, alarm_bits(alarms))
+    for at, condition, alarms in sorted(changes, key=lambda c: c[0]):
+        h.observe(T0 + at, condition, alarm_bits(alarms))
     t = totals(h, T0 + start, T0 + start + length)
     assert math.isclose(sum(t.by_condition.values()), length, rel_tol=1e-9, abs_tol=1e-6)
     got = spans(h, T0 + start, T0 + start + length)
