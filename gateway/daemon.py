@@ -1110,6 +1110,9 @@ class Daemon:
         except OSError as e:
             log.error("history: cannot save it to %s: %s", self._history_path, e.strerror)
 
+    def has_link(self, link: str) -> bool:
+        return any(x.name == link for x in self.config.links)
+
     def history_view(self, link: str, seconds: float) -> LinkHistoryView:
         self._observe()  # (first: the window ends now, after it)
         now = time.time()

@@ -91,6 +91,8 @@ class Source(Protocol):
 
     def history_view(self, link: str, seconds: float) -> LinkHistoryView: ...
 
+    def has_link(self, link: str) -> bool: ...
+
     @property
     def audit_path(self) -> Path: ...
 
@@ -121,6 +123,7 @@ class Dashboard:
     def __init__(self, source: Source) -> None:
         self.source = source
         self._verified = _Verified()
+        self._verifying: asyncio.Task[None] | None = None
         self._streams = 0
         self._static = {name: (resources.files("gateway.web") / "static" / name).read_bytes()
                         for name in STATIC}
@@ -138,7 +141,7 @@ class Dashboard:
         v = self._verified
         if time.monotonic() - v.at > AUDIT_VERIFY_PERIOD and not v.running:
             v.running = True
-            asyncio.get_running_loop().create_task(self._verify(), name="dashboard-audit")
+            self._verifying = asyncio.create_task(self._verify(), name="dashboard-audit")
         try:
             records = tail(self.source.audit_path, AUDIT_TAIL)
         except OSError:
@@ -188,7 +191,7 @@ class Dashboard:
             if required:
                 raise _json_error(400, "give the link: ?link=NAME")
             return None
-        if link not in {x.link for x in self.source.status().links}:
+        if not self.source.has_link(link):
             raise _json_error(404, f"no link {link!r}")
         return link
 
