@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
              "key rate and QBER; and whether the audit trail verifies. From the daemon's\n"
              "history (asked of the running daemon, else read from STATE_DIR/history.json;\n"
              "it reaches back 24 h) and the audit trail. See docs/operations.md#report.\n\n"
-             "Times: ISO 8601 (2026-11-01, 2026-11-01T08:00Z; no zone: UTC), 'now', or a\n"
-             "duration ago (90m, 24h, 7d).")
+             "Times: ISO 8601 (2026-11-01, 2026-11-01T08:00Z; no zone: UTC), 'now', a\n"
+             "duration ago (90m, 24h, 7d), or Unix time in seconds.")
     _site_arg(p)
     p.add_argument("--since", default="24h", metavar="TIME",
                    help="the period's start (default: 24h, a day ago)")

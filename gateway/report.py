@@ -283,13 +283,17 @@ def render(period: Period, history: History, links: list[str], trail: Trail,
 
 def parse_time(text: str, now: float) -> float:
     """A time for --since/--until: ISO 8601 (`2026-11-01`, `2026-11-01T08:00`, with `Z` or
-    an offset; no zone: UTC), `now`, or a duration ago (`90m`, `24h`, `30d`)."""
+    an offset; no zone: UTC), `now`, a duration ago (`90m`, `24h`, `-30d`), or Unix time in
+    seconds (`1796600000`)."""
     t = text.strip()
     if t == "now":
         return now
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    if t[-1:] in units and t[:-1].replace(".", "", 1).isdigit():
-        return now - float(t[:-1]) * units[t[-1]]
+    ago = t[1:] if t.startswith("-") else t  # (-24h: the same as 24h)
+    if ago[-1:] in units and ago[:-1].replace(".", "", 1).isdigit():
+        return now - float(ago[:-1]) * units[ago[-1]]
+    if t.replace(".", "", 1).isdigit() and len(t.split(".")[0]) >= 9:  # Unix time
+        return float(t)
     try:
         when = datetime.fromisoformat(t)
     except ValueError:

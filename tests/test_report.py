@@ -114,6 +114,8 @@ def test_times_read_as_documented() -> None:
     assert parse_time("now", now) == now
     assert parse_time("90m", now) == now - 5400
     assert parse_time("7d", now) == now - 7 * 86400
+    assert parse_time("-24h", now) == now - 86400
+    assert parse_time("1796600000", now) == 1796600000.0
     midnight = datetime(2027, 1, 15, tzinfo=UTC).timestamp()
     assert parse_time("2027-01-15", now) == midnight  # (no zone: UTC)
     assert parse_time("2027-01-15T00:00Z", now) == midnight
