@@ -43,6 +43,8 @@ class Purpose(Enum):
                  " key confirmation")
     CONFIRM_R = (b"qkd-gateway v1 confirm r", 48, "HMAC-SHA-384 key for the responder's"
                  " key confirmation")
+    SKIP_ROOT = (b"qkd-gateway v1 skip root", 48, "HKDF-SHA-384 key of the SKIP keys the"
+                 " two Key Providers hand their routers (kdf/skip.py)")
 
     @property
     def label(self) -> bytes:

@@ -53,7 +53,8 @@ def reference_schedule(psk: bytes, k1: bytes, k2: bytes, t: Transcript) -> dict[
                            ("IKE_PPK", b"qkd-gateway v1 ike ppk", 32),
                            ("TLS_PSK", b"qkd-gateway v1 tls psk", 32),
                            ("CONFIRM_I", b"qkd-gateway v1 confirm i", 48),
-                           ("CONFIRM_R", b"qkd-gateway v1 confirm r", 48)):
+                           ("CONFIRM_R", b"qkd-gateway v1 confirm r", 48),
+                           ("SKIP_ROOT", b"qkd-gateway v1 skip root", 48)):
         out[name] = hkdf_expand(epoch, label, n)
     return out
 
