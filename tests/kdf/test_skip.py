@@ -25,10 +25,12 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
-def reference(epoch_secret: bytes, origin: str, peer: str, key_id: bytes, bits: int) -> bytes:
+def reference(epoch_secret: bytes, origin: str, peer: str, epoch: int, bits: int,
+              nonce: bytes) -> bytes:
     root = hkdf_expand(epoch_secret, b"qkd-gateway v1 skip root", 48)
+    key_id = epoch.to_bytes(8, "big") + bits.to_bytes(2, "big") + nonce
     info = (b"qkd-gateway v1 skip key\x00" + bytes([len(origin)]) + origin.encode()
-            + bytes([len(peer)]) + peer.encode() + key_id + bits.to_bytes(2, "big"))
+            + bytes([len(peer)]) + peer.encode() + key_id)
     return hkdf_expand(root, info, bits // 8)
 
 
@@ -37,34 +39,36 @@ SECRET = bytes(range(48))
 
 def test_the_derivation_is_the_documented_one() -> None:
     root = EpochKeys(7, SECRET).key(Purpose.SKIP_ROOT)
-    key_id = SkipKeyId(7, bytes(range(16)))
     for bits in (128, 256, 512, 4096):
-        got = skip_key(root, origin="kp-a", peer="kp-b", key_id=key_id, bits=bits)
-        assert got == reference(SECRET, "kp-a", "kp-b", key_id.raw, bits)
+        key_id = SkipKeyId(7, bits, bytes(range(16)))
+        got = skip_key(root, origin="kp-a", peer="kp-b", key_id=key_id)
+        assert got == reference(SECRET, "kp-a", "kp-b", 7, bits, bytes(range(16)))
         assert len(got) * 8 == bits
 
 
 def test_each_input_changes_the_key() -> None:
     root = EpochKeys(7, SECRET).key(Purpose.SKIP_ROOT)
-    kid = SkipKeyId(7, b"\x01" * 16)
-    base = skip_key(root, origin="kp-a", peer="kp-b", key_id=kid, bits=256)
+    kid = SkipKeyId(7, 256, b"\x01" * 16)
+
+    def key(origin: str = "kp-a", peer: str = "kp-b", key_id: SkipKeyId = kid,
+            root: bytes = root) -> bytes:
+        return skip_key(root, origin=origin, peer=peer, key_id=key_id)
+
+    base = key()
     others = [
-        skip_key(root, origin="kp-b", peer="kp-a", key_id=kid, bits=256),  # the other way
-        skip_key(root, origin="kp-a", peer="kp-c", key_id=kid, bits=256),
-        skip_key(root, origin="kp-a", peer="kp-b", key_id=SkipKeyId(8, b"\x01" * 16),
-                 bits=256),
-        skip_key(root, origin="kp-a", peer="kp-b", key_id=SkipKeyId(7, b"\x02" * 16),
-                 bits=256),
-        skip_key(EpochKeys(8, SECRET[::-1]).key(Purpose.SKIP_ROOT), origin="kp-a",
-                 peer="kp-b", key_id=kid, bits=256),
+        key(origin="kp-b", peer="kp-a"),  # the other way round
+        key(peer="kp-c"),
+        key(key_id=SkipKeyId(8, 256, b"\x01" * 16)),
+        key(key_id=SkipKeyId(7, 256, b"\x02" * 16)),
+        key(root=EpochKeys(8, SECRET[::-1]).key(Purpose.SKIP_ROOT)),
         # length-prefixed: ("kp-ab", "c") and ("kp-a", "bc") are different pairs
-        skip_key(root, origin="kp-ab", peer="c", key_id=kid, bits=256),
-        skip_key(root, origin="kp-a", peer="bc", key_id=kid, bits=256),
+        key(origin="kp-ab", peer="c"),
+        key(peer="bc"),
     ]
     assert base not in others
     assert len(set(others)) == len(others)
-    # Another size is another key, not a truncation of this one.
-    longer = skip_key(root, origin="kp-a", peer="kp-b", key_id=kid, bits=512)
+    # Another size is another key, not a longer or shorter cut of this one.
+    longer = key(key_id=SkipKeyId(7, 512, b"\x01" * 16))
     assert longer[:32] != base
 
 
@@ -74,38 +78,42 @@ def test_the_root_is_its_own_purpose() -> None:
     assert root not in [keys.key(p) for p in Purpose if p is not Purpose.SKIP_ROOT]
 
 
-@given(st.integers(0, 2**64 - 1), st.binary(min_size=16, max_size=16))
-def test_key_ids_round_trip(epoch: int, nonce: bytes) -> None:
-    kid = SkipKeyId(epoch, nonce)
+@given(st.integers(0, 2**64 - 1), st.integers(16, 512).map(lambda n: n * 8),
+       st.binary(min_size=16, max_size=16))
+def test_key_ids_round_trip(epoch: int, bits: int, nonce: bytes) -> None:
+    kid = SkipKeyId(epoch, bits, nonce)
     assert len(kid.hex) == 2 * KEY_ID_BYTES
     assert SkipKeyId.parse(kid.hex) == kid
     assert SkipKeyId.parse(kid.hex.upper()) == kid
 
 
 def test_fresh_key_ids_differ() -> None:
-    ids = {SkipKeyId.fresh(5).hex for _ in range(1000)}
+    ids = {SkipKeyId.fresh(5, 256).hex for _ in range(1000)}
     assert len(ids) == 1000
     assert all(SkipKeyId.parse(i).epoch == 5 for i in ids)
+    assert all(SkipKeyId.parse(i).bits == 256 for i in ids)
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("zz" * 24, "hexadecimal"), ("ab" * 23, "48 hexadecimal"), ("ab" * 25, "48 hexadecimal"),
-    ("", "48 hexadecimal"), ("a" * 47, "hexadecimal"),
+    ("zz" * 26, "hexadecimal"), ("ab" * 25, "52 hexadecimal"), ("ab" * 27, "52 hexadecimal"),
+    ("", "52 hexadecimal"), ("a" * 51, "hexadecimal"),
+    ("00" * 8 + "0064" + "00" * 16, "multiple of 8"),  # 100 bits
+    ("00" * 8 + "0000" + "00" * 16, "multiple of 8"),
 ])
 def test_key_ids_not_ours_are_refused(text: str, says: str) -> None:
     with pytest.raises(KdfError, match=says):
         SkipKeyId.parse(text)
 
 
-@pytest.mark.parametrize(("kwargs", "says"), [
-    ({"bits": 100}, "multiple of 8"), ({"bits": 64}, "multiple of 8"),
-    ({"bits": 4104}, "multiple of 8"), ({"origin": ""}, "origin"),
-    ({"peer": "x" * 256}, "peer"), ({"root": b"short"}, "48 bytes"),
-])
-def test_bad_inputs_are_refused(kwargs: dict[str, object], says: str) -> None:
-    args: dict[str, object] = {"origin": "kp-a", "peer": "kp-b",
-                               "key_id": SkipKeyId(1, bytes(16)), "bits": 256}
-    root = kwargs.pop("root", EpochKeys(1, SECRET).key(Purpose.SKIP_ROOT))
-    args.update(kwargs)
-    with pytest.raises(KdfError, match=says):
-        skip_key(root, **args)  # type: ignore[arg-type]
+def test_bad_inputs_are_refused() -> None:
+    kid = SkipKeyId(1, 256, bytes(16))
+    root = EpochKeys(1, SECRET).key(Purpose.SKIP_ROOT)
+    with pytest.raises(KdfError, match="origin"):
+        skip_key(root, origin="", peer="kp-b", key_id=kid)
+    with pytest.raises(KdfError, match="peer"):
+        skip_key(root, origin="kp-a", peer="x" * 256, key_id=kid)
+    with pytest.raises(KdfError, match="48 bytes"):
+        skip_key(b"short", origin="kp-a", peer="kp-b", key_id=kid)
+    for bits in (64, 100, 4104):
+        with pytest.raises(KdfError, match="multiple of 8"):
+            SkipKeyId(1, bits, bytes(16))

@@ -1,4 +1,4 @@
-"""The SKIP codecs (kms/skip/protocol.py) against draft-cisco-skip-02: its own examples
+"""The SKIP codecs (common/skip.py) against draft-cisco-skip-02: its own examples
 (tests/vectors/skip/), its status codes, and hostile requests."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from kms.skip.protocol import (
+from common.skip import (
     DEFAULT_ENTROPY_BITS,
     DEFAULT_KEY_BITS,
     Capabilities,
@@ -27,7 +27,7 @@ from kms.skip.protocol import (
     parse_request,
 )
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "skip" / "draft-cisco-skip-02.txt"
+VECTORS = Path(__file__).resolve().parent / "vectors" / "skip" / "draft-cisco-skip-02.txt"
 
 
 def vectors() -> dict[str, str]:
