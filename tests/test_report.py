@@ -88,9 +88,15 @@ def test_the_report_sums_up_the_period(sites: Sites, tmp_path: Path) -> None:
     assert int(row["data-rekeys"]) <= len(rekeyed) + 1
     fetched = {k for r in sites.audit("a") if r["event"] == "fetched" for k in r["key_ids"]}
     assert int(row["data-qkd-keys"]) == len(fetched) > 0
-    # The outage: time PQC-only, QKD the rest; never blocked; available throughout.
-    assert float(row["data-pqc"]) > 0
-    assert float(row["data-qkd"]) > float(row["data-pqc"])
+    # The outage: time PQC-only, QKD around it; the keyed time is exactly what the three
+    # conditions add up to; available (a valid key) nearly throughout (blocked only before
+    # the first key).
+    qkd, pqc = float(row["data-qkd"]), float(row["data-pqc"])
+    blocked, observed = float(row["data-blocked"]), float(row["data-observed"])
+    assert pqc > 0
+    assert qkd > 0
+    assert abs(qkd + pqc + blocked - observed) < 0.01
+    assert float(row["data-available"]) == pytest.approx((qkd + pqc) / observed, abs=1e-3)
     assert float(row["data-available"]) > 0.9
     assert 'data-audit="ok"' in html
     # Key IDs are counted, never listed; no key material at all.
