@@ -157,7 +157,7 @@ def _link_row(name: str, t: Totals, c: TrailCounts) -> str:
             f'<td class="num" data-pqc="{t.by_condition["pqc"]:.3f}">'
             f'{_dur(t.by_condition["pqc"])}</td>'
             f'<td class="num" data-rekeys="{t.rekeys}">{t.rekeys}</td>'
-            f'<td class="num">{c.rekeyed}</td>'
+            f'<td class="num" data-rekeyed-audit="{c.rekeyed}">{c.rekeyed}</td>'
             f'<td data-failures="{sum(t.failures.values())}">{escape(failures)}</td>'
             f'{_latency_cells(t)}'
             f'<td class="num" data-qkd-keys="{len(c.qkd_keys)}">{len(c.qkd_keys)}</td>'
