@@ -14,14 +14,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from html import escape
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
 from gateway.demo.wire import Tally
-from gateway.web.dashboard import STATIC, security_headers
+from gateway.web.dashboard import StaticFiles, security_headers
 from gateway.web.page import head
 from gateway.web.svg import series_chart
 
@@ -121,8 +120,7 @@ class DemoWeb:
         self.port = port
         self.traffic = TrafficSamples(demo)
         self._runner: web.AppRunner | None = None
-        self._static = {name: (resources.files("gateway.web") / "static" / name).read_bytes()
-                        for name in STATIC}
+        self._static = StaticFiles()
 
     @property
     def url(self) -> str:
@@ -133,7 +131,7 @@ class DemoWeb:
         app.router.add_get("/", self.index)
         app.router.add_get("/site/{site}", self.site)
         app.router.add_get("/traffic", self.traffic_part)
-        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/static/{name}", self._static.handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -166,13 +164,6 @@ class DemoWeb:
 
     async def traffic_part(self, _: web.Request) -> web.Response:
         return web.Response(text=self.traffic.render(), content_type="text/html",
-                            charset="utf-8")
-
-    async def static(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in STATIC:
-            raise web.HTTPNotFound(text=f"no static file {name!r}")
-        return web.Response(body=self._static[name], content_type=STATIC[name],
                             charset="utf-8")
 
     async def index(self, request: web.Request) -> web.Response:

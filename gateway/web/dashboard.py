@@ -62,6 +62,22 @@ STREAM_RETRY_MS = 2000
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
+class StaticFiles:
+    """The page's script and stylesheet, read once from the package: GET /static/{name}
+    (the daemon's dashboard and the demo's web view serve the same two files)."""
+
+    def __init__(self) -> None:
+        self._files = {name: (resources.files("gateway.web") / "static" / name).read_bytes()
+                       for name in STATIC}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in STATIC:
+            raise web.HTTPNotFound(text=f"no static file {name!r}")
+        return web.Response(body=self._files[name], content_type=STATIC[name],
+                            charset="utf-8")
+
+
 class Changes:
     """A counter bumped on each change the dashboard shows; live updates wait on it."""
 
@@ -99,7 +115,8 @@ class Source(Protocol):
 
 @dataclass
 class _Verified:
-    at: float = -math.inf
+    at: float = -math.inf  # time.monotonic() of the last check
+    checked_at: float | None = None  # ... and time.time()
     ok: bool | None = None
     problems: tuple[str, ...] = ()
     head: str | None = None
@@ -125,15 +142,14 @@ class Dashboard:
         self._verified = _Verified()
         self._verifying: asyncio.Task[None] | None = None
         self._streams = 0
-        self._static = {name: (resources.files("gateway.web") / "static" / name).read_bytes()
-                        for name in STATIC}
+        self._static = StaticFiles()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/", self.index)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/history", self.api_history)
         app.router.add_get("/api/events", self.events)
-        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/static/{name}", self._static.handle)
 
     # -- the page ----------------------------------------------------------------------------
 
@@ -147,8 +163,7 @@ class Dashboard:
         except OSError:
             records = []
         return AuditView(records=records, verified=v.ok, problems=list(v.problems),
-                         checked_at=None if v.ok is None else time.time() - (time.monotonic()
-                                                                              - v.at),
+                         checked_at=v.checked_at,
                          verified_head=v.head, verified_seq=v.seq)
 
     async def _verify(self) -> None:
@@ -160,7 +175,7 @@ class Dashboard:
         except Exception as e:  # an unreadable file is shown, never fatal
             v.ok, v.problems = False, (f"{type(e).__name__}: {e}",)
         finally:
-            v.at, v.running = time.monotonic(), False
+            v.at, v.checked_at, v.running = time.monotonic(), time.time(), False
             self.source.changes.bump()
 
     def _render(self, request: web.Request) -> tuple[str, View]:
@@ -175,13 +190,6 @@ class Dashboard:
     async def index(self, request: web.Request) -> web.Response:
         body, _ = self._render(request)
         return web.Response(text=body, content_type="text/html", charset="utf-8")
-
-    async def static(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in STATIC:
-            raise web.HTTPNotFound(text=f"no static file {name!r}")
-        return web.Response(body=self._static[name], content_type=STATIC[name],
-                            charset="utf-8")
 
     # -- the API ---------------------------------------------------------------------------
 
