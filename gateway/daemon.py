@@ -156,6 +156,14 @@ log = logging.getLogger("gateway")
 #: keeps traffic blocked) instead of waiting forever.
 SINK_TIMEOUT = 30.0
 
+#: A stop first waits this long for data planes in the middle of switching keys to finish
+#: (a key file's fsync, a netlink update, a VICI load: milliseconds, seconds on a loaded
+#: disk). Stopped mid-switch, a link restarts blocked, as it must when it cannot know which
+#: key its data plane sends on; a switch still going after this is stuck, and left to that.
+STOP_SWITCH_WAIT = 5.0
+#: How often that wait looks.
+STOP_SWITCH_POLL = 0.02
+
 #: Link state is written at most this often (and on stop). A crash loses at most this much;
 #: that is safe: a stale state file resynchronises like a lost one (stale-epoch abort).
 STATE_FLUSH_INTERVAL = 1.0
@@ -998,6 +1006,15 @@ class Daemon:
             await asyncio.sleep(GATHER_POLL_FINE if fine else GATHER_POLL)
         self.exchanges.resume()
 
+    async def _switches_done(self) -> None:
+        """Wait (up to STOP_SWITCH_WAIT) until no running link is switching keys, so that a
+        planned stop leaves every state file naming the key its data plane sends on."""
+        deadline = time.monotonic() + STOP_SWITCH_WAIT
+        while time.monotonic() < deadline and any(
+                r.machine.keys.switching for r in self.runners.values()
+                if r.task is not None and not r.task.done()):
+            await asyncio.sleep(STOP_SWITCH_POLL)
+
     def _machine(self, link: LinkConfig[Any], snapshot: Snapshot | None,
                  policy: Policy | None = None) -> LinkMachine:
         return LinkMachine(self._identities[link.name], policy or self.config.link_policy(link),
@@ -1007,6 +1024,7 @@ class Daemon:
     async def stop(self) -> None:
         """Stop; each sink leaves its data plane as its stop behaviour says (a key file
         stays, kernel SAs are deleted and policies left blocking ...)."""
+        await self._switches_done()
         self.stopping = True
         self.running = False
         if self._fifo is not None:

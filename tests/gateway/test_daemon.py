@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from gateway.core.messages import MAX_MESSAGE_BYTES
 from gateway.peer import MAX_FRAME_BYTES
@@ -174,6 +175,29 @@ def test_graceful_stop_and_restart_resume(sites: Sites) -> None:
     sites.wait_until("resumed with later epochs", lambda: sites.converged()
                      and sites.link("a")["epoch"] > epoch)
 
+
+def test_a_stop_during_a_slow_switch_lets_it_finish(sites: Sites) -> None:
+    """SIGTERM while A's data plane switches keys (its hook takes a second): the stop waits
+    for the switch, so A's state names the key its data plane sends on and the restarted A
+    adopts it, instead of blocking as it must after a switch of unknown outcome."""
+    sites.wait_until("the first epochs", lambda: sites.converged()
+                     and sites.link("a")["epoch"] >= 2)
+    marker = sites.layout.root / "switching"
+    path = sites.layout.site_config("a")
+    config = yaml.safe_load(path.read_text())
+    config["links"][0]["sinks"][0]["hook"] = [
+        "sh", "-c", f'[ "$QKDGW_EVENT" = activate ] && touch {marker} && sleep 1; exit 0']
+    path.write_text(yaml.safe_dump(config))
+    assert sites.stop_site("a") == 0
+    sites.start_site("a")
+    sites.wait_until("A in a slow switch", marker.exists)
+    assert sites.stop_site("a") == 0  # SIGTERM mid-switch
+    saved = json.loads((sites.layout.state_dir("a") / "links" / "ab.json").read_text())
+    assert saved["outbound"] is not None, saved
+    assert saved["outbound"]["switched"], saved
+    sites.start_site("a")
+    sites.wait_until("A restarted", lambda: sites.log("a").count("site a up") == 3)
+    assert "restarted while switching" not in sites.log("a")
 
 # -- hostile input on the peer channel ---------------------------------------------------------
 

@@ -135,6 +135,6 @@ def test_a_hostile_kme_finds_nothing_that_kills_spins_hangs_or_leaks(world: Worl
     world.sites.wait_until("A blocked", lambda: world.alive()["blocked"],
                            timeout=max(0.0, world.activated + HARD_LIFETIME - time.time()) + 10)
     status = world.alive()
-    assert "hard-lifetime" in status["alarms"]
+    assert "hard-lifetime" in status["alarms"], world.sites.log("a")[-3000:]
     assert "kms-unavailable" in status["alarms"]
     check_log(world.sites.log("a"))
