@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.sink import RekeyCause
+from common.sink import ProvidedKey, RekeyCause
 from tests.ipsec import xfrm_world as w
 
 
@@ -85,6 +85,9 @@ async def netlink_ops(world: w.World) -> dict[str, float]:
 class _Quiet:
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """Not part of this benchmark."""
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 async def rollovers(world: w.World, count: int, rate: int, delay_ms: int) -> dict[str, Any]:

@@ -86,11 +86,29 @@ class RekeyCause(StrEnum):
     PLANE_RESTARTED = "plane-restarted"  # the data plane lost its keys (charon restarted)
 
 
+@dataclass(frozen=True)
+class ProvidedKey:
+    """A key a sink derived from an epoch and handed to a consumer outside the gateway (a
+    router asking over SKIP): what the audit trail records of it, never the key."""
+
+    epoch: int
+    key_id: str
+    fingerprint: str
+    bits: int
+    client: str  # who got it (the PSK identity it authenticated with)
+    peer: str  # the peer system the key is shared with
+    origin: bool  # made here (a new key), else the peer's, fetched by its ID
+
+
 class SinkEvents(Protocol):
     """What a sink may tell the gateway, e.g. from kernel SA expiry notifications."""
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         """The link needs a new key soon (the core starts an epoch, or asks its peer to)."""
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        """The sink is handing out a key derived from the link's epoch: recorded first.
+        SinkError when it cannot be recorded: the sink must then not hand the key out."""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -23,8 +25,13 @@ class SkipClientError(Exception):
 
 
 class SkipClient:
-    def __init__(self, host: str, port: int, tls: ClientContext) -> None:
+    """HOST:PORT's Key Provider, as TLS's identity and key say. SOCKET: makes each
+    connection's socket (e.g. in another network namespace); by default an ordinary one."""
+
+    def __init__(self, host: str, port: int, tls: ClientContext, *,
+                 socket_factory: Callable[[], socket.socket] | None = None) -> None:
         self.host, self.port, self.tls = host, port, tls
+        self.socket_factory = socket_factory
 
     async def capabilities(self) -> tuple[int, dict[str, Any]]:
         return await self.get("/capabilities")
@@ -51,7 +58,17 @@ class SkipClient:
                                   f" {str(e) or type(e).__name__}") from None
 
     async def _exchange(self, method: str, target: str) -> tuple[int, dict[str, Any]]:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        if self.socket_factory is None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        else:
+            sock = self.socket_factory()
+            try:
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, (self.host, self.port))
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock)
         stream = PskStream(self.tls.context, reader, writer, server=False)
         try:
             await stream.handshake()

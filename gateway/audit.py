@@ -55,6 +55,7 @@ class TrailEvent(StrEnum):
     RELOADED = "reloaded"  # the configuration was read again and its changes applied
     HA_ACTIVE = "ha-active"  # keepalived made this node of a pair active: it took over
     HA_STANDBY = "ha-standby"  # ... standby: it let its links go, and holds no keys
+    KEY_PROVIDED = "key-provided"  # a key derived from an epoch handed out (SKIP)
 
 
 GENESIS = "0" * 64
@@ -176,10 +177,14 @@ class AuditLog:
                key_ids: Sequence[str] = (), fingerprint: str = "",
                sinks: Sequence[str] = (), detail: str = "",
                peer: Head | None = None, peer_site: str = "",
-               config: dict[str, Any] | None = None) -> Head:
+               config: dict[str, Any] | None = None,
+               provided: dict[str, Any] | None = None) -> Head:
         """Append one record; PEER (with PEER_SITE) is the peer's head for `peer-head`,
-        CONFIG what a `reloaded` record says about the configuration."""
+        CONFIG what a `reloaded` record says about the configuration, PROVIDED to whom a
+        `key-provided` key went (bits, client, peer, origin)."""
         extra: dict[str, Any] = {}
+        if provided is not None:
+            extra["provided"] = provided
         if peer is not None:
             extra["peer"] = {"site": peer_site, "seq": peer.seq, "hash": peer.hash}
         if config is not None:

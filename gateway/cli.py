@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also show the live view in a browser at http://127.0.0.1:PORT/"
                         " (default port: 8480): both sites' dashboards, the LAN traffic and"
                         " the WAN capture plotted")
+    p.add_argument("--skip", action="store_true",
+                   help="each gateway also a SKIP Key Provider, and a router on each LAN"
+                        " fetching keys through them every second (docs/skip.md); the summary"
+                        " counts keys handed out at A, obtained at B, matching")
     p.add_argument("--kms-only", action="store_true",
                    help="only fetch QKD keys on two sites (no root needed)")
     p.add_argument("--dir", type=Path, default=None,
@@ -150,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compose", action="store_true",
                    help="address everything for compose/docker-compose.yml (names kme-a,"
                         " kme-b, gw-a, gw-b; strongswan sinks)")
+    p.add_argument("--skip", action="store_true",
+                   help="each gateway also a SKIP Key Provider for its site's routers (ports"
+                        " +31/+32): skip/clients.json says where each router asks, with which"
+                        " PSK (docs/skip.md)")
     p.add_argument("--ha", action="store_true",
                    help="site A as a gateway pair under keepalived: site-a1.yaml,"
                         " site-a2.yaml and keepalived-a1.conf, keepalived-a2.conf (docs/ha.md)")
@@ -389,9 +397,10 @@ def _usage(parser: argparse.ArgumentParser | None) -> Handler:
 
 def _cmd_init_demo(args: argparse.Namespace) -> int:
     if args.compose:
-        if args.ha:
-            raise ConfigError("--ha and --compose do not go together (yet): the compose demo"
-                              " has one gateway per site")
+        if args.ha or args.skip:
+            raise ConfigError(f"--{'ha' if args.ha else 'skip'} and --compose do not go"
+                              " together (yet): the compose demo has one gateway per site"
+                              " and no routers")
         from gateway.demo.compose import init_compose
 
         layout = init_compose(args.dir, force=args.force)
@@ -399,8 +408,10 @@ def _cmd_init_demo(args: argparse.Namespace) -> int:
     else:
         pair = _pair(args) if args.ha else None
         qkdgw = str(Path(sys.executable).with_name("qkdgw"))
+        if pair is not None and args.skip:
+            raise ConfigError("--skip and --ha do not go together (yet)")
         layout = init_demo(args.dir, host=args.host, base_port=args.base_port,
-                           force=args.force, pair=pair, qkdgw=qkdgw)
+                           force=args.force, pair=pair, qkdgw=qkdgw, skip=args.skip)
     print(f"wrote the two-site demo setup to {layout.root}:")
     print(f"  {layout.pki}/            CA and certificates (keys 0600)")
     print(f"  {layout.kms_config}       KMS simulator: qkdgw kms-sim -c {layout.kms_config}")
@@ -409,6 +420,9 @@ def _cmd_init_demo(args: argparse.Namespace) -> int:
     if pair:
         for node in ("a1", "a2"):
             print(f"  {layout.root / f'keepalived-{node}.conf'}    keepalived on node {node}")
+    if args.skip:
+        print(f"  {layout.skip_dir}/clients.json    SKIP: where each site's router asks"
+              f" (ports {layout.skip_port('a')}, {layout.skip_port('b')})")
     return EXIT_OK
 
 
@@ -825,8 +839,11 @@ def _cmd_kms_dec(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.kms_only and args.web is not None:
-        raise ConfigError("--web shows the full demo: not with --kms-only")
+    if args.kms_only and (args.web is not None or args.skip):
+        raise ConfigError(f"--{'web' if args.web is not None else 'skip'} needs the full"
+                          " demo: not with --kms-only")
+    if args.skip and args.ha:
+        raise ConfigError("--skip and --ha do not go together (yet)")
     if args.kms_only:
         from gateway.demo.kms import run_kms_demo
 
@@ -861,7 +878,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                     interval=args.rekey_interval, rate=args.rate,
                                     faults=faults, keep=args.keep,
                                     link_profile=args.link_profile, ha=args.ha,
-                                    failover=failover, web_port=args.web))
+                                    failover=failover, web_port=args.web,
+                                    skip=args.skip))
     except DemoError as e:
         raise ConfigError(str(e)) from None
     except RuntimeError as e:  # a command building the sites failed (it says which, and why)

@@ -51,7 +51,15 @@ from pydantic import ValidationError
 
 from common.config import ConfigError, HostPort, read_config_bytes
 from common.files import write_private
-from common.sink import RekeyCause, Role, Sink, SinkConfig, SinkContext, SinkError
+from common.sink import (
+    ProvidedKey,
+    RekeyCause,
+    Role,
+    Sink,
+    SinkConfig,
+    SinkContext,
+    SinkError,
+)
 from common.text import quote_remote
 from common.tlsctx import server_context
 from gateway.audit import AuditError, AuditLog, Head, Signer, TrailEvent
@@ -1460,6 +1468,18 @@ class Daemon:
         if (runner := self.runners.get(link)) is not None:
             runner.queue.put_nowait(RekeyRequested(f"{cause.value}: {detail}"))
 
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        """A sink hands out a key (SinkEvents): audited by ID and fingerprint, counted. A
+        record that cannot be written is SinkError: the key is not handed out."""
+        if not self._write_audit(TrailEvent.KEY_PROVIDED, link=link, epoch=key.epoch,
+                                 key_ids=[key.key_id], fingerprint=key.fingerprint,
+                                 provided={"bits": key.bits, "client": key.client,
+                                           "peer": key.peer, "origin": key.origin}):
+            raise SinkError("the audit trail cannot record it")
+        log.info("link %s epoch %d: key %s (%d bits, fingerprint %s) to %s, shared with %s",
+                 link, key.epoch, key.key_id, key.bits, key.fingerprint, key.client, key.peer)
+        self.metrics.keys_provided.labels(link, "origin" if key.origin else "peer").inc()
+
     def rekey(self, link: str | None) -> list[str]:
         names = [link] if link else list(self.runners)
         for name in names:
@@ -1653,12 +1673,13 @@ class Daemon:
             self._write_audit(r.kind, link=link, epoch=r.epoch, key_ids=r.key_ids,
                               fingerprint=r.fingerprint, sinks=sinks, detail=r.detail)
 
-    def _write_audit(self, event: str, **fields: Any) -> None:
-        """Append to the trail. A record that cannot be written (a full disk, an I/O error)
-        is counted and logged; if it records a key's handling, the link fails with it (its
-        traffic blocked until records can be written again): no key goes unaudited."""
+    def _write_audit(self, event: str, **fields: Any) -> bool:
+        """Append to the trail; whether it was written (or there is no trail). A record that
+        cannot be written (a full disk, an I/O error) is counted and logged; if it records a
+        key's handling, the link fails with it (its traffic blocked until records can be
+        written again): no key goes unaudited."""
         if self.audit is None:
-            return
+            return True
         checkpoints = self.audit.checkpoints
         try:
             head = self.audit.append(event, **fields)
@@ -1670,10 +1691,11 @@ class Daemon:
                       extra={"link": link, "event": event})
             if link and event in AUDITED:
                 raise LinkFailure(f"audit trail not writable: {e.strerror or e}") from None
-            return
+            return False
         self.metrics.audit_records.set(head.seq)
         if self.audit.checkpoints != checkpoints:
             self._log_head()
+        return True
 
     def _checkpoint(self) -> None:
         if self.audit is not None:

@@ -9,19 +9,26 @@
     DIR/pki/gw-b.pem, gw-b.key        gateway B's peer-channel certificate
     DIR/kms.yaml                      the simulator: KME-A, KME-B and the QKD link between them
     DIR/site-a.yaml, site-b.yaml      the two gateways
+    DIR/skip/ (--skip)                each gateway as a SKIP Key Provider for its routers:
+      kp-a.psk, kp-b.psk              each Key Provider's PSK file (IDENTITY:HEXKEY), 0600
+      router-a.psk, router-b.psk      each router's PSK in hex, 0600
+      clients.json                    per site: where its router asks, as whom (docs/skip.md)
 
 Ports from BASE: simulator admin BASE, KME-A BASE+1, KME-B BASE+2, gateway A BASE+11,
-gateway B BASE+12, metrics A BASE+21, metrics B BASE+22. Every *.key file is 0600; each
-gateway keeps its state in DIR/state-a or DIR/state-b (0700). docs/demo-setup.md explains
-each file.
+gateway B BASE+12, metrics A BASE+21, metrics B BASE+22, SKIP A BASE+31, SKIP B BASE+32.
+Every *.key file is 0600; each gateway keeps its state in DIR/state-a or DIR/state-b (0700).
+docs/demo-setup.md explains each file.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.files import write_private
 from gateway import pki
 
 CERTS = ("kme-a", "kme-b", "sae-a", "sae-b", "gw-a", "gw-b")
@@ -29,6 +36,10 @@ CERTS = ("kme-a", "kme-b", "sae-a", "sae-b", "gw-a", "gw-b")
 #: The demo's default base port (admin 8440, KMEs 8441/8442, gateways 8451/8452, metrics
 #: 8461/8462).
 DEFAULT_BASE_PORT = 8440
+#: The highest port a layout uses, above its base.
+MAX_PORT_OFFSET = 32
+#: Size of the demo routers' SKIP PSKs.
+SKIP_PSK_BYTES = 32
 #: The demo rekeys every 30 s so that epochs visibly roll over; production uses hours.
 DEMO_INTERVAL = 30
 
@@ -67,6 +78,13 @@ class DemoLayout:
     def metrics_port(self, site: str) -> int:
         return self.base_port + {"a": 21, "b": 22}[site]
 
+    def skip_port(self, site: str) -> int:
+        return self.base_port + {"a": 31, "b": 32}[site]
+
+    @property
+    def skip_dir(self) -> Path:
+        return self.root / "skip"
+
     def state_dir(self, site: str) -> Path:
         return self.root / f"state-{site}"
 
@@ -102,7 +120,7 @@ links:
 
 
 def _site_yaml(d: DemoLayout, site: str, *, node: str | None = None,
-               vip: str | None = None) -> str:
+               vip: str | None = None, skip: bool = False) -> str:
     """SITE's configuration; NODE (a1, a2): that node of site A's pair, listening on the
     pair's virtual address VIP (site B: its peer's address is VIP)."""
     peer = "b" if site == "a" else "a"
@@ -160,7 +178,35 @@ links:
       #   path: state-{me}/ab-{tls_role}.psk
       #   role: {tls_role}           # this site's TLS side: it runs the stunnel {tls_role}
       #   reload_pid_file: stunnel-{me}.pid
+{_skip_sink(d, site) if skip else ""}"""
+
+
+def _skip_sink(d: DemoLayout, site: str) -> str:
+    peer = "b" if site == "a" else "a"
+    return f"""\
+      - type: skip             # SKIP Key Provider for this site's routers (docs/skip.md)
+        listen: {d.host}:{d.skip_port(site)}
+        local_system_id: kp-{site}
+        remote_system_id: kp-{peer}   # the peer gateway's Key Provider
+        psk_file: skip/kp-{site}.psk    # IDENTITY:HEXKEY per router
 """
+
+
+def _skip_files(d: DemoLayout) -> None:
+    """Each site's router: its PSK (hex) and the Key Provider's table; clients.json."""
+    d.skip_dir.mkdir(mode=0o700, exist_ok=True)
+    clients = []
+    for site in ("a", "b"):
+        key = secrets.token_bytes(SKIP_PSK_BYTES).hex()
+        router = d.skip_dir / f"router-{site}.psk"
+        write_private(router, f"{key}\n".encode())
+        write_private(d.skip_dir / f"kp-{site}.psk", f"router-{site}:{key}\n".encode())
+        host = f"[{d.host}]" if ":" in d.host else d.host
+        clients.append({"site": site, "url": f"https://{host}:{d.skip_port(site)}",
+                        "local_system_id": f"kp-{site}",
+                        "remote_system_id": f"kp-{'b' if site == 'a' else 'a'}",
+                        "psk_identity": f"router-{site}", "psk_file": str(router.resolve())})
+    (d.skip_dir / "clients.json").write_text(json.dumps(clients, indent=2) + "\n")
 
 
 @dataclass(frozen=True)
@@ -230,13 +276,15 @@ vrrp_instance {pair.instance} {{
 
 def init_demo(
     root: Path, *, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
-    force: bool = False, pair: Pair | None = None, qkdgw: str = "qkdgw",
+    force: bool = False, pair: Pair | None = None, qkdgw: str = "qkdgw", skip: bool = False,
 ) -> DemoLayout:
     """Write the demo PKI and configurations into ROOT (created if needed). PAIR: site A as
     a gateway pair: site-a1.yaml and site-a2.yaml (no site-a.yaml), each node's
-    keepalived-aN.conf (running QKDGW), node a2's own key with the name site B pins."""
-    if not 1024 <= base_port <= 65535 - 12:
-        raise InitDemoError(f"base port {base_port} must lie between 1024 and 65523")
+    keepalived-aN.conf (running QKDGW), node a2's own key with the name site B pins. SKIP:
+    each gateway also a SKIP Key Provider (DIR/skip/)."""
+    if not 1024 <= base_port <= 65535 - MAX_PORT_OFFSET:
+        raise InitDemoError(f"base port {base_port} must lie between 1024 and"
+                            f" {65535 - MAX_PORT_OFFSET}")
     layout = DemoLayout(root, host, base_port)
     if root.exists() and any(root.iterdir()) and not force:
         raise InitDemoError(f"{root} is not empty; pass --force to overwrite the demo files")
@@ -256,10 +304,14 @@ def init_demo(
         )
         pki.save(cert, layout.pki / f"{cn}.pem", layout.pki / f"{cn}.key")
     layout.kms_config.write_text(_kms_yaml(layout))
+    if skip:
+        _skip_files(layout)
     if pair is None:
         for site in ("a", "b"):
-            layout.site_config(site).write_text(_site_yaml(layout, site))
+            layout.site_config(site).write_text(_site_yaml(layout, site, skip=skip))
         return layout
+    if skip:
+        raise InitDemoError("--skip and --ha do not go together (yet)")
     # Node a2: its own key, the name site B pins (docs/ha.md, the certificate choice).
     cert = pki.issue(ca, "gw-a", dns=["gw-a", "localhost"], ips=[pair.address],
                      server=True, client=True)

@@ -36,6 +36,10 @@ class Metrics:
         self.latency = Histogram("qkdgw_rekey_latency_seconds", "From the start of an"
                                  " exchange until this side switched", ["link"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.keys_provided = Counter("qkdgw_keys_provided", "Keys derived from the link's"
+                                     " epochs and handed out (SKIP), by whether this side"
+                                     " made the key ID (origin) or the peer did (peer)",
+                                     ["link", "side"], registry=r)
         self.rejected = Counter("qkdgw_peer_messages_rejected", "Peer messages refused",
                                 ["link", "reason"], registry=r)
         self.kms_stored = Gauge("qkdgw_kms_stored_key_count", "Keys the KME has for the link",
@@ -89,8 +93,8 @@ class Metrics:
         shows nothing stale."""
         for metric in (self.epoch, self.key_age, self.blocked, self.hard_lifetime,
                        self.key_has_qkd, self.kms_qber_threshold, self.rekeys, self.failures,
-                       self.latency, self.rejected, self.kms_stored, self.kms_qber,
-                       self.kms_key_rate, self.kms_up, self.mode, self.alarm,
+                       self.latency, self.rejected, self.keys_provided, self.kms_stored,
+                       self.kms_qber, self.kms_key_rate, self.kms_up, self.mode, self.alarm,
                        self.qkd_share, self.qkd_cadence, self.pool_dry_in):
             at = metric._labelnames.index("link")
             for values in [v for v in metric._metrics if v[at] in links]:

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from common.tlsctx import client_context
 from gateway import config
+from ipsec.skip.sink import SkipSinkConfig
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.xfrm.sink import XfrmSinkConfig
 from tls import guard
@@ -24,7 +25,7 @@ from tls.sink import TlsPskSinkConfig
 
 #: Every sink a link can have, told apart by its `type`.
 SinkConfigs = Annotated[FileSinkConfig | XfrmSinkConfig | StrongswanSinkConfig
-                        | TlsPskSinkConfig, Field(discriminator="type")]
+                        | TlsPskSinkConfig | SkipSinkConfig, Field(discriminator="type")]
 
 SiteConfig = config.SiteConfig[SinkConfigs]
 LinkConfig = config.LinkConfig[SinkConfigs]

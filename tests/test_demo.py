@@ -125,6 +125,25 @@ def test_demo_rekeys_with_traffic_counts_loss_and_sends_nothing_in_clear() -> No
     assert demo_processes() == []
 
 
+SKIP_SUMMARY = re.compile(r"SKIP: keys handed out at A: (\d+), obtained at B: (\d+),"
+                          r" matching: (\d+) \(refused: (.+)\)")
+
+
+def test_skip_routers_get_the_same_keys_through_both_gateways() -> None:
+    """`--skip`: a router on each LAN fetches a key through its gateway every second (A a new
+    one, B the same by ID) while the gateways rekey; the summary counts them."""
+    r = run_demo("--skip", "--duration", "12", "--rekey-interval", "1", "--rate", "200")
+    assert r["summary"] is not None, r["out"]
+    assert r["summary"][0] >= 8  # rekeys
+    m = SKIP_SUMMARY.search(r["out"].split("rekeys: ")[-1])
+    assert m is not None, r["out"]
+    handed_out, obtained, matching = map(int, m.groups()[:3])
+    assert handed_out >= 10
+    assert handed_out == obtained == matching, r["out"]
+    assert m.group(4) == "none"
+    assert r["rc"] == 0, r["out"]
+    assert demo_namespaces() == []
+
 def test_kms_outage_shows_the_fallback_and_the_alarm() -> None:
     r = run_demo("--duration", "22", "--rekey-interval", "1", "--rate", "200",
                  "--kms-outage", "6:8")

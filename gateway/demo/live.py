@@ -37,6 +37,7 @@ from gateway.demo.topology import Topology, namespace
 from gateway.demo.wire import Kind, Live, Tally
 
 if TYPE_CHECKING:
+    from gateway.demo.skip import Routers
     from gateway.demo.web import DemoWeb
 
 Plane = Literal["auto", "xfrm", "strongswan"]
@@ -233,7 +234,8 @@ FAILOVER_AFTER = 10.0
 
 class Demo:
     def __init__(self, plane: Literal["xfrm", "strongswan"], root: Path, interval: float,
-                 rate: float, link_profile: str | None = None, ha: bool = False) -> None:
+                 rate: float, link_profile: str | None = None, ha: bool = False,
+                 skip: bool = False) -> None:
         policy = {"interval": interval, "jitter": 0.0, "grace": min(1.0, interval / 2),
                   "hard_lifetime": max(10 * interval, 30.0), "mode": "pqc-fallback"}
         self.ha = ha
@@ -249,9 +251,9 @@ class Demo:
             class DemoStrongswanSites(StrongswanSites):
                 tag = "qd"  # the demo's namespaces: qdXXXX-lan-a, ...
 
-            self.sites = DemoStrongswanSites(root, policy)
+            self.sites = DemoStrongswanSites(root, policy, skip=skip)
         else:
-            self.sites = XfrmSites(root, policy)
+            self.sites = XfrmSites(root, policy, skip=skip)
         self.sites.verbose = False
         self.sites.link_profile = link_profile
         self.plane, self.rate = plane, rate
@@ -262,6 +264,8 @@ class Demo:
         self.events: list[str] = []
         #: Called once a second by the live view (the web view samples the traffic).
         self.ticks: list[Callable[[], None]] = []
+        self.routers: Routers | None = None  # --skip
+        self._routing: asyncio.Task[None] | None = None
 
     async def up(self) -> None:
         s = self.sites
@@ -272,6 +276,11 @@ class Demo:
         self.wire = Live(s.net, "wan", "wan-a",
                          Tally.of(s.topology, expect=set(Kind) - {Kind.PLAINTEXT}))
         self.flows = start_flows(s, self.rate)
+        if s.skip:
+            from gateway.demo.skip import Routers
+
+            self.routers = Routers(s.net, s.root / "skip")
+            self._routing = asyncio.create_task(self.routers.run(), name="skip-routers")
 
     async def failover(self, kind: Failover) -> None:
         from gateway.demo.ha import HaSites
@@ -323,6 +332,7 @@ class Demo:
                     f" KMS {'up' if kms.get('ok') else 'down'}"
                     f" alarms {','.join(alarms) or 'none'} | sent/received/lost {flows}"
                     f" | plaintext {self.wire.tally.plaintext if self.wire else 0}"
+                    + (f" | {self.routers.line()}" if self.routers else "")
                     + (f" | {self.events[-1]}" if self.events else ""))
         lines = [f"qkd-gateway demo · {self.plane} · {elapsed:5.0f} s"
                  + (f" of {duration:g}" if duration else " (Ctrl-C ends it)"),
@@ -342,12 +352,18 @@ class Demo:
             wire = self.wire.tally
             lines.append(f"  link between the sites: {wire.total} packets,"
                          f" {sum(wire.esp.values())} ESP, plaintext {wire.plaintext}")
+        if self.routers is not None:
+            lines.append(f"  {self.routers.line()}")
         lines += [f"  {e}" for e in self.events[-3:]]
         return "\n".join(lines)
 
     async def finish(self) -> tuple[str, bool]:
         for flow in self.flows:
             flow.stop.set()
+        if self._routing is not None:
+            self._routing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._routing
         await asyncio.sleep(DRAIN)
         # If the gateway is gone (its log says why), the last epoch seen.
         with contextlib.suppress(OSError):
@@ -366,6 +382,9 @@ class Demo:
             failover, outage = self.failover_line()
             return failover + "\n" + line, plaintext == 0 and self.failed_over is not None \
                 and outage <= self.plan.max_outage
+        if self.routers is not None:
+            return line + "\n" + self.routers.line(), lost == 0 and plaintext == 0 \
+                and rekeys > 0 and self.routers.ok
         return line, lost == 0 and plaintext == 0 and rekeys > 0
 
     def down(self) -> None:
@@ -385,11 +404,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 async def run_demo(plane: Plane, *, duration: float | None, interval: float, rate: float,
                    faults: list[Fault], keep: Path | None, link_profile: str | None = None,
                    ha: bool = False, failover: FailoverPlan | None = None,
-                   web_port: int | None = None) -> int:
+                   web_port: int | None = None, skip: bool = False) -> int:
     """Run the demo; the exit status. Ctrl-C (or SIGTERM, SIGHUP) ends it as --duration
     does: the counted summary, the cleanup, and the summary's status (0: nothing lost,
     nothing in clear). Before the traffic started there is nothing to count: 128 + signal.
-    WEB_PORT: also show the live view in a browser, on 127.0.0.1 at that port.
+    WEB_PORT: also show the live view in a browser, on 127.0.0.1 at that port. SKIP: each
+    gateway also a SKIP Key Provider, and a router on each LAN fetching keys through them.
 
     The demo's processes run in their own process group, so Ctrl-C on a terminal reaches
     only the demo, which then stops them in order (gateways before their data planes)."""
@@ -417,7 +437,7 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
     status = 1
     try:
         root.mkdir(parents=True, exist_ok=True)
-        demo = Demo(chosen, root, interval, rate, link_profile, ha=ha)
+        demo = Demo(chosen, root, interval, rate, link_profile, ha=ha, skip=skip)
         demo.plan = failover
         if web_port is not None:
             from gateway.demo.web import DemoWeb
@@ -432,6 +452,7 @@ async def run_demo(plane: Plane, *, duration: float | None, interval: float, rat
             demo.ticks.append(web.traffic.sample)
             print(f"live view in a browser: {web.url}", flush=True)
         pair = ", site A a keepalived pair" if ha else ""
+        pair += ", SKIP routers" if skip else ""
         print(f"building two sites ({chosen} data plane{pair}), files in {root} ...",
               flush=True)
         if not stopped_by:

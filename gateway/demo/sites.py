@@ -32,20 +32,23 @@ GW_A, GW_B = TOPOLOGY.gateway("a"), TOPOLOGY.gateway("b")
 WAN_A, WAN_B = TOPOLOGY.router("a"), TOPOLOGY.router("b")
 HOST_A, HOST_B = TOPOLOGY.host("a"), TOPOLOGY.host("b")
 PEER_PORT, KME_A_PORT, KME_B_PORT, SIM_ADMIN_PORT = 9443, 9001, 9002, 9000
+#: Each gateway's SKIP Key Provider (`skip`), on its LAN address: the site's routers ask there.
+SKIP_PORT = 9444
 ADDR = {"a": GW_A, "b": GW_B}
+SKIP_ADDR = {s: TOPOLOGY.gateway(s, lan=True) for s in ("a", "b")}
 LAN = {"a": LAN_A, "b": LAN_B}
 HOST = {"a": HOST_A, "b": HOST_B}
 KME = {"a": f"{WAN_A}:{KME_A_PORT}", "b": f"{WAN_B}:{KME_B_PORT}"}
 QKDGW = str(Path(sys.executable).with_name("qkdgw"))
 
 
-def prepare_kms(root: Path) -> DemoLayout:
-    """init-demo's files in ROOT, the simulator's KMEs listening on `wan` (with certificates
-    for their addresses there)."""
+def prepare_kms(root: Path, *, skip: bool = False) -> DemoLayout:
+    """init-demo's files in ROOT (SKIP: with its skip/), the simulator's KMEs listening on
+    `wan` (with certificates for their addresses there)."""
     from gateway import pki
     from gateway.initdemo import init_demo
 
-    layout = init_demo(root)
+    layout = init_demo(root, skip=skip)
     ca = pki.load(layout.pki / "ca.pem", layout.pki / "ca.key")
     for site, ip in (("a", WAN_A), ("b", WAN_B)):
         cert = pki.issue(ca, f"kme-{site}", dns=[f"kme-{site}"], ips=[ip], server=True,
@@ -60,8 +63,9 @@ def prepare_kms(root: Path) -> DemoLayout:
 
 
 def site_config(layout: DemoLayout, site: str, *, policy: dict[str, Any], sink: dict[str, Any],
-                state_dir: str) -> dict[str, Any]:
-    """SITE's configuration in the namespaces: its KME on `wan`, its peer at the other gateway."""
+                state_dir: str, skip: bool = False) -> dict[str, Any]:
+    """SITE's configuration in the namespaces: its KME on `wan`, its peer at the other gateway;
+    SKIP: also a SKIP Key Provider on its LAN address."""
     peer = "b" if site == "a" else "a"
     base = yaml.safe_load(layout.site_config(site).read_text())
     config = {**base, "state_dir": state_dir, "kms_status_interval": 1.0,
@@ -69,7 +73,12 @@ def site_config(layout: DemoLayout, site: str, *, policy: dict[str, Any], sink: 
     config.pop("metrics", None)
     config["kms"] = {**base["kms"], "url": f"https://{KME[site]}"}
     config["peer_channel"] = {**base["peer_channel"], "listen": f"{ADDR[site]}:{PEER_PORT}"}
-    link = {**base["links"][0], "sinks": [sink]}
+    sinks = [sink]
+    if skip:
+        sinks.append({"type": "skip", "listen": f"{SKIP_ADDR[site]}:{SKIP_PORT}",
+                      "local_system_id": f"kp-{site}", "remote_system_id": f"kp-{peer}",
+                      "psk_file": str((layout.skip_dir / f"kp-{site}.psk").resolve())})
+    link = {**base["links"][0], "sinks": sinks}
     link["peer"] = {**link["peer"], "address": f"{ADDR[peer]}:{PEER_PORT}"}
     config["links"] = [link]
     return config
@@ -86,8 +95,10 @@ class Sites:
     #: The QKD link follows this published field result (`kms-sim --link-profile`).
     link_profile: str | None = None
 
-    def __init__(self, root: Path, policy: dict[str, Any], *, out: Path | None = None) -> None:
+    def __init__(self, root: Path, policy: dict[str, Any], *, out: Path | None = None,
+                 skip: bool = False) -> None:
         self.root = root
+        self.skip = skip
         self.out = out or root  # logs and captures
         self.net = Net(self.topology, self.tag)
         self.ns = self.net.ns
@@ -108,10 +119,10 @@ class Sites:
         return self.root / f"state-{site}"
 
     def prepare(self) -> None:
-        layout = prepare_kms(self.root)
+        layout = prepare_kms(self.root, skip=self.skip)
         for site in ("a", "b"):
             config = site_config(layout, site, policy=self.policy, sink=self.sink(site),
-                                 state_dir=str(self.state(site)))
+                                 state_dir=str(self.state(site)), skip=self.skip)
             (self.root / self.config(site)).write_text(yaml.safe_dump(config))
 
     def note(self, what: str) -> None:

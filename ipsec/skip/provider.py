@@ -68,6 +68,7 @@ class _Epoch:
 class _Link:
     name: str
     epochs: dict[int, _Epoch] = field(default_factory=dict)
+    current: int | None = None  # the epoch new keys come from
 
 
 class KeyProvider:
@@ -89,18 +90,35 @@ class KeyProvider:
         self._links.pop(peer, None)
 
     def install(self, peer: str, epoch: int, skip_root: bytes) -> None:
-        """The link's epoch is usable: keys may be derived from it (the oldest beyond
-        HELD_EPOCHS goes)."""
+        """The link's epoch is held: the peer's key IDs of it are answered (the oldest
+        beyond HELD_EPOCHS goes)."""
         link = self._links[peer]
         link.epochs.setdefault(epoch, _Epoch(skip_root))
         for old in sorted(link.epochs)[:-HELD_EPOCHS]:
-            del link.epochs[old]
+            self.retire(peer, old)
+
+    def activate(self, peer: str, epoch: int) -> None:
+        """New keys come from EPOCH from now on. Called once this side switched to it: by
+        then the peer holds it too (the responder installs before its Accept, the initiator
+        before it switches), so a router at the other end finds every ID made here."""
+        link = self._links[peer]
+        if epoch in link.epochs:
+            link.current = epoch
 
     def retire(self, peer: str, epoch: int) -> None:
         """The epoch's keys are gone: no key of it can be handed out any more."""
         link = self._links.get(peer)
         if link is not None:
             link.epochs.pop(epoch, None)
+            if link.current == epoch:
+                link.current = None
+
+    def clear(self, peer: str) -> None:
+        """The link is blocked (no valid key): none of its epochs serves any more."""
+        link = self._links.get(peer)
+        if link is not None:
+            link.epochs.clear()
+            link.current = None
 
     def epochs(self, peer: str) -> list[int]:
         link = self._links.get(peer)
@@ -137,9 +155,9 @@ class KeyProvider:
         return link
 
     def _new_key(self, request: NewKey, link: _Link) -> tuple[KeyResponse, Provided]:
-        if not link.epochs:
-            raise SkipError(500, f"link {link.name} has no key yet: ask again once it has")
-        epoch = max(link.epochs)
+        epoch = link.current
+        if epoch is None:
+            raise SkipError(500, f"link {link.name} has no key now: ask again once it has")
         held = link.epochs[epoch]
         if len(held.provided) >= MAX_KEYS_PER_EPOCH:
             raise SkipError(500, f"{MAX_KEYS_PER_EPOCH} keys handed out in epoch {epoch} of"

@@ -35,7 +35,8 @@ MAX_PARAMETERS = 8
 #: An idle kept-alive connection is closed after this.
 IDLE_TIMEOUT = 30.0
 
-#: Told of each key handed out, with the PSK identity of the client it went to.
+#: Told of each key before it is handed out, with the PSK identity of the client it goes to;
+#: an exception (the audit trail cannot record it) and the key is not handed out: a 500.
 OnProvided = Callable[[Provided, str], None]
 
 
@@ -146,7 +147,12 @@ class SkipServer:
         except (UnicodeDecodeError, ValueError) as e:
             return 400, {"error": f"malformed request target: {e}"}
         if provided is not None:
-            self.on_provided(provided, identity)
+            try:
+                self.on_provided(provided, identity)
+            except Exception as e:  # (whatever it is, the key stays here)
+                log.error("SKIP: %s (%s): key %s not handed out: %s", where, identity,
+                          provided.key_id, e)
+                return 500, {"error": f"the key could not be recorded: {e}"}
         return 200, answer.body()
 
 

@@ -14,15 +14,16 @@ from typing import Any
 
 import yaml
 
-from gateway.initdemo import DemoLayout, init_demo
+from gateway.initdemo import MAX_PORT_OFFSET, DemoLayout, init_demo
 from tests.daemons import Daemons
 from tests.helpers import free_base_port, start_sim
 
 
 class Sites(Daemons):
-    def __init__(self, root: Path, policy: dict[str, Any]) -> None:
+    def __init__(self, root: Path, policy: dict[str, Any], *, skip: bool = False) -> None:
         super().__init__()
-        self.layout: DemoLayout = init_demo(root, base_port=free_base_port(24))
+        self.layout: DemoLayout = init_demo(root, base_port=free_base_port(MAX_PORT_OFFSET + 1),
+                                            skip=skip)
         for site in self.sites:
             path = self.layout.site_config(site)
             config = yaml.safe_load(path.read_text())

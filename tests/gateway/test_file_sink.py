@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.config import HostPort
-from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
+from common.sink import EpochMaterial, ProvidedKey, RekeyCause, Role, SinkContext, SinkError
 from kdf import Purpose
 from kdf.schedule import EpochKeys
 from tests.helpers import lifetimes
@@ -25,6 +25,9 @@ SECRET = bytes(range(48))
 class NoEvents:
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         raise AssertionError("a file sink has no limits to report")
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def context() -> SinkContext:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pyroute2.netlink import NLMSG_DONE, NLMSG_ERROR, nlmsg
 
 from common.config import HostPort
-from common.sink import RekeyCause, SinkContext, SinkError
+from common.sink import ProvidedKey, RekeyCause, SinkContext, SinkError
 from ipsec import netlink, nfqueue
 from ipsec.netlink import NetlinkDecodeError, NetlinkSocket
 from ipsec.xfrm import structs as s
@@ -250,6 +250,9 @@ class Events:
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def xfrm_sink(events: Events) -> XfrmSink:

@@ -33,6 +33,9 @@ def pair(*epochs: int) -> tuple[KeyProvider, KeyProvider]:
     for e in epochs:
         a.install("kp-b", e, root(e))
         b.install("kp-a", e, root(e))
+    for kp, peer in ((a, "kp-b"), (b, "kp-a")):
+        if epochs:
+            kp.activate(peer, max(epochs))
     return a, b
 
 
@@ -107,6 +110,9 @@ def test_keys_of_the_previous_epoch_until_it_retires() -> None:
     old, _ = new_key(a, "kp-b")
     for kp, peer in ((a, "kp-b"), (b, "kp-a")):
         kp.install(peer, 2, root(2))
+    again_1, _ = new_key(a, "kp-b")  # installed, not yet switched to: keys still of 1
+    assert again_1.key_id[:16] == f"{1:016x}"
+    a.activate("kp-b", 2)
     new, _ = new_key(a, "kp-b")
     assert (old.key_id[:16], new.key_id[:16]) == (f"{1:016x}", f"{2:016x}")  # by epoch
     # B still holds epoch 1: the far router gets the key made just before the rekey.
@@ -137,7 +143,23 @@ def test_requests_it_cannot_answer(request_: object, status: int, says: str) -> 
 
 def test_no_key_before_the_first_epoch() -> None:
     a, _ = pair()
-    refused(a, NewKey("kp-b", 256), 500, "no key yet")
+    refused(a, NewKey("kp-b", 256), 500, "no key now")
+
+
+def test_a_blocked_link_serves_no_key() -> None:
+    a, b = pair(1, 2)
+    made, _ = new_key(a, "kp-b")
+    b.clear("kp-a")
+    a.clear("kp-b")
+    refused(a, NewKey("kp-b", 256), 500, "no key now")
+    refused(b, KeyById("kp-a", made.key_id), 400, "not held here")
+
+
+def test_the_current_epoch_evicted_leaves_no_key() -> None:
+    a, _ = pair(1)
+    a.install("kp-b", 2, root(2))
+    a.install("kp-b", 3, root(3))  # (never switched to 2: epoch 1 goes, and with it the key)
+    refused(a, NewKey("kp-b", 256), 500, "no key now")
 
 
 def test_keys_per_epoch_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,6 +169,7 @@ def test_keys_per_epoch_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         new_key(a, "kp-b")
     refused(a, NewKey("kp-b", 256), 500, "keys handed out in epoch 1")
     a.install("kp-b", 2, root(2))
+    a.activate("kp-b", 2)
     new_key(a, "kp-b")  # the next epoch starts afresh
     assert MAX_KEYS_PER_EPOCH > 3
 

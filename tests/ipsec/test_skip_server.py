@@ -13,11 +13,11 @@ answering; a client without the PSK gets no TLS session at all.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL
 
 from common.config import ConfigError
 from common.psktls import ClientContext, PskStream, PskTable, ServerContext
+from common.sink import SinkError
 from common.skip_client import SkipClient, SkipClientError
 from ipsec.skip.provider import KeyProvider, Provided
 from ipsec.skip.server import MAX_REQUEST_HEAD, SkipServer
@@ -59,6 +62,7 @@ def serve(body: Callable[[Pair], Awaitable[T]]) -> T:
             kp = KeyProvider(f"kp-{me}")
             kp.add_link(f"kp-{peer}", "ab")
             kp.install(f"kp-{peer}", 1, root)
+            kp.activate(f"kp-{peer}", 1)
             server = SkipServer(kp, ServerContext(table),
                                 lambda p, who: pair.provided.append((p, who)))
             await server.start("127.0.0.1", 0)
@@ -175,41 +179,51 @@ def test_openssl_s_client_gets_a_key_over_tls12(s_client: str, cipher: str) -> N
     assert "HTTP/1.1" not in bad
 
 
-def _tlslite_capabilities(port: int, key: bytes) -> tuple[tuple[int, int], int, bytes]:
-    from tlslite.api import HandshakeSettings, TLSConnection  # type: ignore[import-untyped]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        tls = TLSConnection(sock)
-        settings = HandshakeSettings()
-        settings.minVersion = settings.maxVersion = (3, 4)
-        settings.pskConfigs = [(b"router-a", key, "sha384")]
-        settings.cipherNames = ["aes256gcm"]
-        settings.psk_modes = ["psk_dhe_ke"]
-        tls.handshakeClientCert(settings=settings)
-        version = tls.version
-        tls.write(b"GET /capabilities HTTP/1.1\r\nHost: kp\r\nConnection: close\r\n\r\n")
-        answer = b""
-        while chunk := tls.read():
-            answer += chunk
-        return version, tls.session.cipherSuite, answer
+def _psk_session_pem(key: bytes) -> bytes:
+    """KEY as OpenSSL's `s_client -psk_session` takes a TLS 1.3 external PSK with SHA-384:
+    a PEM SSL session of TLS_AES_256_GCM_SHA384 holding KEY (s_client's own `-psk` binds
+    SHA-256, which the draft's suite cannot use)."""
+    ffi, lib = Binding.ffi, Binding.lib
+    conn = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    session = lib.Cryptography_SSL_SESSION_new()
+    try:
+        assert lib.SSL_SESSION_set1_master_key(session, key, len(key)) == 1
+        assert lib.SSL_SESSION_set_cipher(session, lib.SSL_CIPHER_find(conn._ssl,
+                                                                       b"\x13\x02")) == 1
+        assert lib.SSL_SESSION_set_protocol_version(session, lib.TLS1_3_VERSION) == 1
+        size = lib.i2d_SSL_SESSION(session, ffi.NULL)
+        buf = ffi.new("unsigned char[]", size)
+        lib.i2d_SSL_SESSION(session, ffi.new("unsigned char **", buf))
+        der = bytes(ffi.buffer(buf, size))
+    finally:
+        lib.SSL_SESSION_free(session)
+    return (b"-----BEGIN SSL SESSION PARAMETERS-----\n" + base64.encodebytes(der)
+            + b"-----END SSL SESSION PARAMETERS-----\n")
 
 
-def test_tlslite_ng_connects_over_tls13_with_a_sha384_psk() -> None:
-    """An independent TLS 1.3 stack (pure Python) with the draft's suite and a SHA-384
-    external PSK: the suite OpenSSL's `s_client -psk` cannot offer (it binds SHA-256)."""
-    errors = pytest.importorskip("tlslite.errors",
-                                 reason="tlslite-ng (a test dependency) is not installed")
+def test_openssl_s_client_gets_capabilities_over_tls13_with_a_sha384_psk(
+        s_client: str, tmp_path: Path) -> None:
+    """OpenSSL's own client (the system's build, not the one in cryptography's wheel) with
+    the draft's TLS 1.3 suite; and with a wrong key, nothing."""
+    def ask(port: int, key: bytes) -> str:
+        session = tmp_path / "psk.pem"
+        session.write_bytes(_psk_session_pem(key))
+        run = subprocess.run(
+            [s_client, "s_client", "-quiet", "-connect", f"127.0.0.1:{port}", "-tls1_3",
+             "-ciphersuites", "TLS_AES_256_GCM_SHA384", "-psk_identity", "router-a",
+             "-psk_session", str(session)],
+            input=b"GET /capabilities HTTP/1.1\r\nHost: kp\r\nConnection: close\r\n\r\n",
+            capture_output=True, timeout=20, check=False)
+        return run.stdout.decode(errors="replace")
 
-    async def body(pair: Pair) -> tuple[tuple[int, int], int, bytes]:
-        return await asyncio.to_thread(_tlslite_capabilities, pair.servers["a"].port, PSK)
-    version, suite, answer = serve(body)
-    assert (version, suite) == ((3, 4), 0x1302)  # TLS 1.3, TLS_AES_256_GCM_SHA384
-    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert json.loads(answer.partition(b"\r\n\r\n")[2])["localSystemID"] == "kp-a"
-
-    async def wrong(pair: Pair) -> None:
-        await asyncio.to_thread(_tlslite_capabilities, pair.servers["a"].port, PSK[::-1])
-    with pytest.raises(errors.TLSRemoteAlert, match="decrypt_error"):
-        serve(wrong)
+    async def body(pair: Pair) -> tuple[str, str]:
+        port = pair.servers["a"].port
+        return (await asyncio.to_thread(ask, port, PSK),
+                await asyncio.to_thread(ask, port, PSK[::-1]))
+    good, bad = serve(body)
+    assert good.startswith("HTTP/1.1 200 OK\r\n"), good
+    assert json.loads(good.partition("\r\n\r\n")[2])["localSystemID"] == "kp-a"
+    assert "HTTP/1.1" not in bad
 
 
 # -- the draft's model, over the wire ----------------------------------------------------------
@@ -283,3 +297,27 @@ def test_an_oversized_head_or_garbage_leaves_the_server_answering() -> None:
         assert got in (400, 431), answer
         assert (await client.capabilities())[0] == 200
     serve(body)
+
+
+def test_a_key_that_cannot_be_recorded_is_not_handed_out() -> None:
+    """The gateway records each key before it goes (its audit trail); when it cannot, the
+    router gets a 500 and no key."""
+    def unrecordable(p: Provided, who: str) -> None:
+        raise SinkError("the audit trail cannot record it")
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        kp = KeyProvider("kp-a")
+        kp.add_link("kp-b", "ab")
+        kp.install("kp-b", 1, EpochKeys(1, bytes(48)).key(Purpose.SKIP_ROOT))
+        kp.activate("kp-b", 1)
+        server = SkipServer(kp, ServerContext(PskTable({b"router-a": PSK})), unrecordable)
+        await server.start("127.0.0.1", 0)
+        try:
+            client = SkipClient("127.0.0.1", server.port, ClientContext("router-a", PSK))
+            return await client.new_key("kp-b")
+        finally:
+            await server.stop()
+    status, answer = asyncio.run(go())
+    assert status == 500
+    assert "could not be recorded" in answer["error"]
+    assert "key" not in answer

@@ -20,7 +20,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.config import HostPort
-from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
+from common.sink import EpochMaterial, ProvidedKey, RekeyCause, Role, SinkContext, SinkError
 from gateway.site import SiteConfig
 from ipsec.strongswan.hold import HoldConfig, ResponderHold
 from ipsec.strongswan.sink import StrongswanSink, StrongswanSinkConfig, ppk_id
@@ -136,6 +136,9 @@ class Events:
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def build(world: sw.World, **kw: Any) -> tuple[StrongswanSink, Events]:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from vici.protocol import Message, Packet
 
 from common.config import HostPort
-from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
+from common.sink import EpochMaterial, ProvidedKey, RekeyCause, Role, SinkContext, SinkError
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.strongswan.vici import (
     MAX_MESSAGE,
@@ -173,6 +173,9 @@ def material(epoch: int) -> EpochMaterial:
 class Events:
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         pass
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def sink_for(path: Path) -> Any:

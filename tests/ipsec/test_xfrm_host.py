@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from common.config import HostPort
-from common.sink import EpochMaterial, RekeyCause, Role, SinkContext, SinkError
+from common.sink import EpochMaterial, ProvidedKey, RekeyCause, Role, SinkContext, SinkError
 from gateway.core.policy import Policy
 from gateway.demo import topology
 from gateway.demo.topology import Site, Topology
@@ -88,6 +88,9 @@ class Events:
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         self.soft.append(detail)
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def tunnel(**kw: Any) -> XfrmSinkConfig:

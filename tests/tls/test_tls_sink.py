@@ -19,7 +19,15 @@ import pytest
 from pydantic import ValidationError
 
 from common.config import HostPort
-from common.sink import EpochMaterial, EpochRef, RekeyCause, Role, SinkContext, SinkError
+from common.sink import (
+    EpochMaterial,
+    EpochRef,
+    ProvidedKey,
+    RekeyCause,
+    Role,
+    SinkContext,
+    SinkError,
+)
 from gateway.core.policy import Policy
 from kdf.schedule import EpochKeys, Purpose
 from tests.helpers import lifetimes
@@ -30,6 +38,9 @@ from tls.sink import TlsPskSink, TlsPskSinkConfig
 class Events:
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         raise AssertionError("a TLS PSK file has no limits")
+
+    def key_provided(self, link: str, key: ProvidedKey) -> None:
+        raise AssertionError("this sink hands out no key")
 
 
 def build(tmp_path: Path, **kw: Any) -> TlsPskSink:
