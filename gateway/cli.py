@@ -339,6 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", action="store_true", help="use the GET form instead of POST")
     p.add_argument("--json", action="store_true", help="print key IDs and fingerprints as JSON")
 
+    p = _add(ksub, "doctor", _cmd_kms_doctor, "probe the KME against ETSI GS QKD 014 and the"
+             " traps that break gateways",
+             "Probe this site's KME as the gateway's SAE (master) and, with --peer-config, as\n"
+             "the peer's (slave): Status fields, enc_keys by POST and GET, sizes,\n"
+             "max_key_per_request, extensions, dec_keys only for the slave with the master in\n"
+             "the URL, keys identical on both sides, key IDs single-use, error bodies; and the\n"
+             "traps of other KMEs (docs/etsi-014.md): earlier batches gone, GET ignoring\n"
+             "number or size, stored_key_count counting keys handed out. One line per probe:\n"
+             "PASS, WARN (with advice), FAIL (with the spec's clause), SKIP (why). Exit 0\n"
+             "only when nothing failed. Takes about 20 keys from the KME.")
+    _site_arg(p)
+    p.add_argument("--link", help="link name (default: the only link)")
+    p.add_argument("--peer-config", type=Path, metavar="FILE",
+                   help="the peer gateway's configuration: its SAE credentials for the"
+                        " slave's probes (without it they are skipped)")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+
     p = _add(ksub, "dec-keys", _cmd_kms_dec, "get keys by ID as slave SAE (dec_keys)")
     _site_arg(p)
     p.add_argument("--link", help="link name (default: the only link)")
@@ -781,6 +798,35 @@ def _peer_sae(args: argparse.Namespace) -> tuple[SiteConfig, str]:
         return site, site.link(args.link).peer.sae_id
     except KeyError as e:
         raise ConfigError(f"{args.config}: {e.args[0]}") from None
+
+
+def _cmd_kms_doctor(args: argparse.Namespace) -> int:
+    from kms.doctor import Doctor, Sae, report
+
+    site, peer = _peer_sae(args)
+    k = site.kms
+    master = Sae(k.sae_id, k.url, k.ca, k.cert, k.key)
+    slave = None
+    if args.peer_config is not None:
+        other = SiteConfig.load(args.peer_config).kms
+        if other.sae_id != peer:
+            raise ConfigError(f"{args.peer_config}: its SAE is {other.sae_id}, but link"
+                              f" {site.link(args.link).name}'s peer SAE is {peer}")
+        slave = Sae(other.sae_id, other.url, other.ca, other.cert, other.key)
+    doctor = Doctor(master, peer, slave, timeouts=k.timeouts())
+    findings = asyncio.run(doctor.run())
+    result = report(findings)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"KME {k.url} as SAE {k.sae_id} (master) for {peer}"
+              + (f", and as {peer} (slave) at {slave.url}" if slave else ""))
+        for f in findings:
+            print(f.line())
+        c = result["counts"]
+        print(f"{c['PASS']} passed, {c['WARN']} warnings, {c['FAIL']} failed,"
+              f" {c['SKIP']} skipped")
+    return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
 def _cmd_kms_status(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ Reference with every field: docs/kms-simulator.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -58,6 +58,13 @@ class Outage(ConfigModel):
         return self
 
 
+#: Traps of other KMEs the simulator can play (docs/etsi-014.md, "Traps of other KMEs"):
+#: - latest-batch-only: only the keys of the latest enc_keys call can be fetched by ID;
+#: - stored-counts-handed-out: `stored_key_count` counts keys handed out, not available;
+#: - get-ignores-number-size: the GET form of enc_keys hands out one key of `key_size`.
+Quirk = Literal["latest-batch-only", "stored-counts-handed-out", "get-ignores-number-size"]
+
+
 class LinkConfig(ConfigModel):
     """A QKD link between two KMEs and the key supply it models."""
 
@@ -81,6 +88,10 @@ class LinkConfig(ConfigModel):
     qber_drift: QberDrift | None = None
     ageing_half_life: Seconds | None = None
     reserved_key_ttl: Seconds = 300.0
+    quirks: tuple[Quirk, ...] = Field(
+        default=(), description="behave like KMEs known to break clients (docs/etsi-014.md),"
+        " to test a client against them: latest-batch-only, stored-counts-handed-out,"
+        " get-ignores-number-size")
     outages: tuple[Outage, ...] = ()
     random_outages: RandomOutages | None = None
     seed: int = Field(default=0, ge=0, lt=2**63,

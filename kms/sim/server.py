@@ -203,6 +203,9 @@ class Simulator:
     async def _enc_keys(self, request: web.Request, kme: Kme, now: float) -> Etsi014Model:
         if request.method == "GET":
             req = _validated(KeyRequest, _query_ints(request, ("number", "size")))
+            if "get-ignores-number-size" in self.network.quirks(kme.config,
+                                                               request.match_info["sae"]):
+                req = KeyRequest()
         else:
             req = await _body(request, KeyRequest, empty_ok=True,
                               timeout=self.config.request_timeout)

@@ -69,9 +69,12 @@ class LinkService:
             time_scale=c.time_scale,
         )
         self.reserved: OrderedDict[str, Reserved] = OrderedDict()
+        self.handed_out = 0  # (the stored-counts-handed-out quirk)
 
     def stored_key_count(self, now: float) -> int:
         self.model.advance(now)
+        if "stored-counts-handed-out" in self.config.quirks:
+            return min(self.config.max_key_count, self.handed_out)
         return min(self.config.max_key_count, int(self.model.stored_bits // self.config.key_size))
 
     def link_extension(self, now: float) -> dict[str, object]:
@@ -106,6 +109,12 @@ class Network:
     def reset(self, now: float) -> None:
         for link in self.links.values():
             link.reset(now)
+
+    def quirks(self, kme: KmeConfig, other: str) -> tuple[str, ...]:
+        """The quirks of the link between KME and OTHER's KME (none if there is none)."""
+        peer = self.kme_of.get(other)
+        link = self._between.get(frozenset((kme.id, peer.id))) if peer is not None else None
+        return link.config.quirks if link is not None else ()
 
     def status(self, kme: KmeConfig, caller: str | None, slave: str, now: float) -> Status:
         link, peer, master = self._route(kme, caller, slave)
@@ -152,6 +161,9 @@ class Network:
             raise Refusal(503, f"not enough key material: {number} key(s) of {size} bits"
                           f" requested, {int(link.model.stored_bits)} bits stored")
         link.expire(now)
+        if "latest-batch-only" in c.quirks:
+            link.reserved.clear()
+        link.handed_out += number
         keys = []
         for _ in range(number):
             key_id = str(uuid.uuid4())
