@@ -98,6 +98,22 @@ def _check_key_id(value: str) -> str:
     return value
 
 
+#: A SKIP key ID (draft-cisco-skip-02 §4.2: hexadecimal), as common/skip.py bounds it.
+_SKIP_KEY_ID = re.compile(r"(?:[0-9a-f]{2}){8,128}")
+
+
+def is_etsi_key_id(value: str) -> bool:
+    return _UUID.fullmatch(value) is not None
+
+
+def _check_source_key_id(value: str) -> str:
+    if not (_UUID.fullmatch(value) or _SKIP_KEY_ID.fullmatch(value)):
+        raise ValueError("a key ID is an ETSI GS QKD 014 UUID (8-4-4-4-12 hexadecimal digits)"
+                         " or a SKIP key ID (16 to 256 lowercase hexadecimal digits, an even"
+                         " number)")
+    return value
+
+
 def _check_base64(value: str) -> str:
     try:
         raw = base64.b64decode(value, validate=True)
@@ -117,6 +133,8 @@ def _check_sae_id(value: str) -> str:
 
 
 KeyId = Annotated[str, AfterValidator(_check_key_id)]
+#: A key ID of either key source the gateway speaks: ETSI GS QKD 014 or SKIP.
+SourceKeyId = Annotated[str, AfterValidator(_check_source_key_id)]
 Base64Key = Annotated[str, AfterValidator(_check_base64)]
 EntityId = Annotated[str, AfterValidator(_check_sae_id)]
 

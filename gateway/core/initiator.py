@@ -30,6 +30,7 @@ from gateway.core.messages import (
     RekeyReason,
     RekeyRequest,
     Suite,
+    version_for,
 )
 from gateway.core.policy import Mode
 from gateway.core.qkd import QkdHandlers
@@ -113,7 +114,8 @@ class InitiatorHandlers(QkdHandlers):
         a.dk = self.kem.from_seed(self._rng(64))
         a.x25519 = X25519PrivateKey.from_private_bytes(self._rng(32))
         a.offer = Offer(
-            link=self.identity.link, epoch=a.epoch, out=self.keys.out_epoch,
+            v=version_for(a.key_ids), link=self.identity.link, epoch=a.epoch,
+            out=self.keys.out_epoch,
             suite=Suite(bool(keys), self.kem.name).name, key_ids=a.key_ids,
             kme_i=self.kms.kme_id, kme_r=self.kms.peer_kme_id, ek=a.dk.encapsulation_key,
             pk=a.x25519.public_key, nonce=self._rng(32), spi=self._new_spi())
@@ -198,8 +200,9 @@ class InitiatorHandlers(QkdHandlers):
         a.transcript = t
         a.material = EpochMaterial(m.link, m.epoch, Role.INITIATOR, offer.suite, a.key_ids,
                                    spi_in=offer.spi, spi_out=m.spi, keys=keys)
-        a.commit = Commit(link=m.link, epoch=m.epoch, out=m.epoch, nonce_i=m.nonce_i,
-                          nonce_r=m.nonce, confirm=keys.confirm_tag(Purpose.CONFIRM_I, t),
+        a.commit = Commit(v=version_for(self.next_keys.key_ids), link=m.link, epoch=m.epoch,
+                          out=m.epoch, nonce_i=m.nonce_i, nonce_r=m.nonce,
+                          confirm=keys.confirm_tag(Purpose.CONFIRM_I, t),
                           next_key_ids=self.next_keys.key_ids)
         return self._install(a.material)
 

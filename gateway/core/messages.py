@@ -1,4 +1,4 @@
-"""Peer protocol messages (version 1) and their codec. Pure: bytes in, messages out.
+"""Peer protocol messages (versions 1 and 2) and their codec. Pure: bytes in, messages out.
 
 One epoch, initiator I, responder R (docs/protocol.md):
 
@@ -15,6 +15,11 @@ Commit and Ack also carry the sender's audit head (`audit`: site, sequence numbe
 the last record of its audit trail), which the receiver records in its own trail: rewriting
 one site's history is then visible from the other site (docs/operations.md).
 
+Versions: 2 lets `key_ids` (Offer) and `next_key_ids` (Commit) carry SKIP key IDs (hex)
+besides ETSI GS QKD 014's UUIDs; nothing else differs. A message is sent as version 1
+unless it carries a SKIP key ID, so gateways that speak only version 1 keep working with
+ETSI 014 links, and refuse a version 2 message as of an unsupported version, by name.
+
 Messages are JSON with base64 byte strings. Anything malformed, oversized, nested too deep,
 with a member given twice, a number out of range or unknown members is a `MessageError`
 naming the problem (peer-controlled text in it escaped); the receiver never acts on it.
@@ -25,9 +30,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -37,12 +43,14 @@ from pydantic import (
     PlainSerializer,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from common.text import quote_remote
-from kms.models import EntityId, KeyId
+from kms.models import EntityId, SourceKeyId, is_etsi_key_id
 
-PROTOCOL_VERSION: Literal[1] = 1
+#: The versions this gateway reads; it writes the lowest that can carry the message.
+PROTOCOL_VERSIONS = (1, 2)
 #: Largest message accepted: an ML-KEM-1024 key in base64 is ~2.1 KB; 16 KiB leaves room and
 #: bounds what a hostile peer can make us parse.
 MAX_MESSAGE_BYTES = 16 * 1024
@@ -136,9 +144,21 @@ class AuditHead(_Strict):
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class _Message(_Strict):
+def version_for(key_ids: Iterable[str]) -> Literal[1, 2]:
+    """The lowest version that can carry KEY_IDS (what a sender puts in `v`)."""
+    return 1 if all(is_etsi_key_id(i) for i in key_ids) else 2
 
-    v: Literal[1] = PROTOCOL_VERSION
+
+class _Message(_Strict):
+    v: Literal[1, 2] = 1
+
+    @model_validator(mode="after")
+    def _ids_fit_the_version(self) -> Self:
+        ids = [*getattr(self, "key_ids", ()), *getattr(self, "next_key_ids", ())]
+        if self.v == 1 and version_for(ids) == 2:
+            raise ValueError("a version 1 message carries only ETSI GS QKD 014 key IDs"
+                             " (UUIDs); SKIP key IDs need version 2")
+        return self
     link: Name
     epoch: Epoch
     out: Epoch = 0
@@ -147,7 +167,7 @@ class _Message(_Strict):
 class Offer(_Message):
     type: Literal["offer"] = "offer"
     suite: str = Field(max_length=80)
-    key_ids: tuple[KeyId, ...] = Field(max_length=MAX_KEY_IDS)
+    key_ids: tuple[SourceKeyId, ...] = Field(max_length=MAX_KEY_IDS)
     kme_i: str = Field(max_length=64)
     kme_r: str = Field(max_length=64)
     ek: PublicValue
@@ -173,7 +193,7 @@ class Commit(_Message):
     confirm: Confirm
     #: QKD key IDs the initiator already holds for the next epoch: the responder fetches
     #: them now, so the next exchange does not wait for either KME.
-    next_key_ids: tuple[KeyId, ...] = Field(default=(), max_length=MAX_KEY_IDS)
+    next_key_ids: tuple[SourceKeyId, ...] = Field(default=(), max_length=MAX_KEY_IDS)
     audit: AuditHead | None = None
 
 
@@ -255,8 +275,8 @@ def decode(raw: bytes) -> Message:
             raise MessageError("message is not a JSON object") from None
         where = quote_remote(".".join(str(p) for p in first["loc"][1:])) or "message"
         if where == "v":
-            raise MessageError(f"unsupported protocol version (this gateway speaks"
-                               f" {PROTOCOL_VERSION})") from None
+            raise MessageError("unsupported protocol version (this gateway speaks"
+                               f" {' and '.join(map(str, PROTOCOL_VERSIONS))})") from None
         if first["type"].startswith("union_tag"):
             raise MessageError("message has no known type") from None
         raise MessageError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.core.messages import Epoch, Spi
-from kms.models import KeyId
+from kms.models import SourceKeyId
 
 VERSION: Literal[1] = 1
 #: Epochs a snapshot may list as still to retire; a few are normal (grace periods, an
@@ -59,7 +59,7 @@ class Snapshot(_Model):
     outbound: OutboundRef | None
     inbound: list[PendingRef] = Field(max_length=MAX_PENDING)
     old_outbound: list[PendingRef] = Field(max_length=MAX_PENDING)
-    used_key_ids: list[KeyId] = Field(max_length=USED_KEY_IDS_PERSISTED)
+    used_key_ids: list[SourceKeyId] = Field(max_length=USED_KEY_IDS_PERSISTED)
 
     def without_keys(self) -> Snapshot:
         """What a standby keeps of a link (docs/ha.md): epoch numbers and the key IDs used,

@@ -39,6 +39,7 @@ from gateway.core.messages import (
     RekeyRequest,
     decode,
     encode,
+    version_for,
 )
 from gateway.core.policy import Mode, Policy
 from gateway.core.snapshot import MAX_PENDING, Snapshot
@@ -263,11 +264,33 @@ def _offer_and_accept() -> tuple[World, Offer, Accept]:
      b'"nonce_r":"' + b"A" * 43 + b'=","extra":1}', "extra: Extra inputs"),
     (b'{"v":1,"type":"ack","link":"a/b","epoch":1}', "link"),
     (b'{"v":1,"type":"ack","link":"ab","epoch":-1}', "epoch"),
-    (b'{"v":9,"type":"ack"}', "unsupported protocol version"),
+    (b'{"v":9,"type":"ack"}', r"unsupported protocol version \(this gateway speaks 1 and 2\)"),
 ])
 def test_codec_rejects_malformed_messages(raw: bytes, problem: str) -> None:
     with pytest.raises(MessageError, match=problem):
         decode(raw)
+
+
+SKIP_ID = "00000000000000070100" + "ab" * 16  # epoch 7, 256 bits, a nonce (kdf/skip.py)
+
+
+def test_version_2_carries_skip_key_ids_and_version_1_does_not() -> None:
+    """ETSI 014 key IDs go as version 1 (what every gateway reads); SKIP key IDs need
+    version 2, and a version 1 message holding one is refused by name."""
+    _, offer, _ = _offer_and_accept()
+    assert offer.v == 1
+    assert version_for(offer.key_ids) == 1
+    assert b'"v":1' in encode(offer)
+    skip = offer.model_copy(update={"v": version_for([SKIP_ID]), "key_ids": (SKIP_ID,)})
+    again = decode(encode(skip))
+    assert isinstance(again, Offer)
+    assert (again.v, again.key_ids) == (2, (SKIP_ID,))
+    raw = encode(skip).replace(b'"v":2', b'"v":1')
+    with pytest.raises(MessageError, match="version 1 message carries only ETSI GS QKD 014"):
+        decode(raw)
+    for bad in ("ab" * 7, "AB" * 16, "ab" * 129, "abc", "zz" * 16):
+        with pytest.raises(MessageError, match=r"key_ids\.0: a key ID is an ETSI GS QKD 014"):
+            decode(encode(skip).replace(SKIP_ID.encode(), bad.encode()))
 
 
 def test_truncated_real_messages_are_rejected() -> None:
