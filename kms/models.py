@@ -98,8 +98,9 @@ def _check_key_id(value: str) -> str:
     return value
 
 
-#: A SKIP key ID (draft-cisco-skip-02 §4.2: hexadecimal), as common/skip.py bounds it.
-_SKIP_KEY_ID = re.compile(r"(?:[0-9a-f]{2}){8,128}")
+#: A SKIP key ID (draft-cisco-skip-02 §4.2: hexadecimal, either case as its Figure 6 shows),
+#: as common/skip.py bounds it. Passed on byte for byte.
+_SKIP_KEY_ID = re.compile(r"(?:[0-9a-fA-F]{2}){8,128}")
 
 
 def is_etsi_key_id(value: str) -> bool:
@@ -109,8 +110,7 @@ def is_etsi_key_id(value: str) -> bool:
 def _check_source_key_id(value: str) -> str:
     if not (_UUID.fullmatch(value) or _SKIP_KEY_ID.fullmatch(value)):
         raise ValueError("a key ID is an ETSI GS QKD 014 UUID (8-4-4-4-12 hexadecimal digits)"
-                         " or a SKIP key ID (16 to 256 lowercase hexadecimal digits, an even"
-                         " number)")
+                         " or a SKIP key ID (16 to 256 hexadecimal digits, an even number)")
     return value
 
 
