@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gateway.initdemo import init_demo
 from gateway.site import SiteConfig
 from kms.client import KmeClient
+from kms.config import KmsClientConfig
 from tests.helpers import free_base_port, start_sim
 
 KEY_BITS = 256
@@ -79,6 +80,8 @@ async def status_latency(a: KmeClient, n: int) -> list[float]:
 async def run(root: Path, args: argparse.Namespace) -> None:
     a_cfg = SiteConfig.load(root / "site-a.yaml").kms
     b_cfg = SiteConfig.load(root / "site-b.yaml").kms
+    if not isinstance(a_cfg, KmsClientConfig) or not isinstance(b_cfg, KmsClientConfig):
+        raise SystemExit("the demo's sites speak ETSI GS QKD 014")
     async with a_cfg.client() as a, b_cfg.client() as b:
         await pair_latency(a, b, 50)  # warm up: connections, caches
         print(f"{'batch':>6} {'keys/s (both sites)':>22}   ({args.workers} pairs in flight,"

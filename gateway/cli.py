@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -36,7 +37,9 @@ from gateway.status import (
     SupplyStatus,
 )
 from kdf import fingerprint
+from kms.config import KmsClientConfig, SkipSourceConfig
 from kms.errors import KmsError
+from kms.models import SourceStatus
 
 if TYPE_CHECKING:
     from gateway.demo.live import Fault
@@ -800,15 +803,24 @@ def _peer_sae(args: argparse.Namespace) -> tuple[SiteConfig, str]:
         raise ConfigError(f"{args.config}: {e.args[0]}") from None
 
 
+def _etsi(site: SiteConfig, what: str) -> KmsClientConfig:
+    """The site's ETSI 014 KME, for WHAT; a clear refusal when its key source is SKIP."""
+    if not isinstance(site.kms, KmsClientConfig):
+        raise ConfigError(f"{what} speaks ETSI GS QKD 014; this site's kms is a SKIP Key"
+                          " Provider (protocol: skip): use `qkdgw kms status`, `enc-keys`,"
+                          " `dec-keys`")
+    return site.kms
+
+
 def _cmd_kms_doctor(args: argparse.Namespace) -> int:
     from kms.doctor import Doctor, Sae, report
 
     site, peer = _peer_sae(args)
-    k = site.kms
+    k = _etsi(site, "kms doctor")
     master = Sae(k.sae_id, k.url, k.ca, k.cert, k.key)
     slave = None
     if args.peer_config is not None:
-        other = SiteConfig.load(args.peer_config).kms
+        other = _etsi(SiteConfig.load(args.peer_config), "kms doctor --peer-config")
         if other.sae_id != peer:
             raise ConfigError(f"{args.peer_config}: its SAE is {other.sae_id}, but link"
                               f" {site.link(args.link).name}'s peer SAE is {peer}")
@@ -832,8 +844,11 @@ def _cmd_kms_doctor(args: argparse.Namespace) -> int:
 def _cmd_kms_status(args: argparse.Namespace) -> int:
     site, peer = _peer_sae(args)
 
+    if isinstance(site.kms, SkipSourceConfig):
+        return _skip_status(site.kms, peer, args.json)
+
     async def go() -> int:
-        async with site.kms.client() as kme:
+        async with _etsi(site, "kms status").client() as kme:
             st = await kme.status(peer)
         if args.json:
             print(json.dumps(st.model_dump(mode="json", exclude_none=True), indent=2))
@@ -849,6 +864,20 @@ def _cmd_kms_status(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _skip_status(kms: SkipSourceConfig, peer: str, as_json: bool) -> int:
+    async def go() -> SourceStatus:
+        async with kms.client() as source:
+            return await source.source_status(peer)
+
+    fields = {k: v for k, v in asdict(asyncio.run(go())).items() if v is not None}
+    if as_json:
+        print(json.dumps(fields, indent=2))
+    else:
+        for name, value in fields.items():
+            print(f"{name:<24} {value}")
+    return EXIT_OK
+
+
 def _print_keys(keys: Sequence[tuple[str, str]], as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"key_ID": k, "fingerprint": f} for k, f in keys], indent=2))
@@ -862,9 +891,15 @@ def _cmd_kms_enc(args: argparse.Namespace) -> int:
     site, peer = _peer_sae(args)
 
     async def go() -> int:
-        async with site.kms.client() as kme:
-            batch = await kme.enc_keys(peer, args.number, args.size,
-                                       method="GET" if args.get else "POST")
+        if isinstance(site.kms, SkipSourceConfig):
+            if args.get:
+                raise ConfigError("--get is ETSI GS QKD 014's; SKIP has only GET")
+            async with site.kms.client() as source:
+                batch = await source.enc_keys(peer, args.number, args.size)
+        else:
+            async with site.kms.client() as kme:
+                batch = await kme.enc_keys(peer, args.number, args.size,
+                                           method="GET" if args.get else "POST")
         _print_keys([(k.key_id, fingerprint(k.material)) for k in batch.keys], args.json)
         return EXIT_OK
 
@@ -875,9 +910,15 @@ def _cmd_kms_dec(args: argparse.Namespace) -> int:
     site, peer = _peer_sae(args)
 
     async def go() -> int:
-        async with site.kms.client() as kme:
-            batch = await kme.dec_keys(peer, args.key_ids, size=args.size,
-                                       method="GET" if args.get else "POST")
+        if isinstance(site.kms, SkipSourceConfig):
+            if args.get:
+                raise ConfigError("--get is ETSI GS QKD 014's; SKIP has only GET")
+            async with site.kms.client() as source:
+                batch = await source.dec_keys(peer, args.key_ids, size=args.size)
+        else:
+            async with site.kms.client() as kme:
+                batch = await kme.dec_keys(peer, args.key_ids, size=args.size,
+                                           method="GET" if args.get else "POST")
         _print_keys([(k.key_id, fingerprint(k.material)) for k in batch.keys], args.json)
         return EXIT_OK
 

@@ -20,7 +20,7 @@ from common.sink import KeyLifetimes, SinkConfig
 from gateway.core.policy import Mode, Policy
 from gateway.ha import HANDOVER_TIMEOUT
 from gateway.pacing import EXCHANGES_IN_FLIGHT, EXCHANGES_PER_PEER, KMS_REQUESTS_IN_FLIGHT
-from kms.config import KmsClientConfig
+from kms.config import KeySourceConfig
 from kms.models import EntityId
 
 S = TypeVar("S", bound=SinkConfig)
@@ -144,7 +144,7 @@ class HaConfig(ConfigModel):
 class SiteConfig(ConfigModel, Generic[S]):
     site: EntityId
     state_dir: FilePath = Field(description="snapshots, audit log and admin socket (0700)")
-    kms: KmsClientConfig
+    kms: KeySourceConfig
     kms_status_interval: Seconds = Field(
         default=10.0, description="seconds between KMS status polls")
     peer_channel: PeerChannelConfig

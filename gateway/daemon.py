@@ -156,7 +156,7 @@ from gateway.status import (
 )
 from gateway.web.dashboard import Changes, Dashboard, security_headers
 from kms.errors import KmsError
-from kms.models import Status
+from kms.models import SourceStatus
 
 log = logging.getLogger("gateway")
 
@@ -643,7 +643,7 @@ class Daemon:
         self._role_lock = asyncio.Lock()
         #: What a standby's KMS polls saw, by peer SAE ID (its status; the raw answer).
         self._standby_kms: dict[str, KmsStatus] = {}
-        self._standby_seen: dict[str, Status] = {}
+        self._standby_seen: dict[str, SourceStatus] = {}
         self._fifo: NotifyFifo | None = None  # keepalived's notify FIFO
         self._notifying: set[asyncio.Task[Any]] = set()  # role changes, channels closing
 
@@ -958,7 +958,7 @@ class Daemon:
         delays their first exchange."""
         answers = [(st, [r for r in self.runners.values() if r.config.peer.sae_id == sae])
                    for sae, st in self._standby_seen.items()]
-        shares = _shares([((st.source_KME_ID, st.target_KME_ID), r)
+        shares = _shares([((st.kme_id, st.peer_kme_id), r)
                           for st, runners in answers for r in runners])
         for st, runners in answers:
             self._observed(st, runners, shares)
@@ -1501,7 +1501,7 @@ class Daemon:
         by_peer: dict[str, list[str]] = {}
         for runner in links.values():
             by_peer.setdefault(runner.config.peer.sae_id, []).append(runner.name)
-        answers: list[tuple[Status, list[LinkRunner]]] = []
+        answers: list[tuple[SourceStatus, list[LinkRunner]]] = []
         for peer_sae, names in by_peer.items():
             # (by name, when their turn comes: a link may have been restarted, or removed
             # by a reload, since)
@@ -1516,7 +1516,7 @@ class Daemon:
             else:
                 if st is not None:
                     answers.append((st, runners))
-        shares = _shares([((st.source_KME_ID, st.target_KME_ID), r)
+        shares = _shares([((st.kme_id, st.peer_kme_id), r)
                           for st, runners in answers for r in runners])
         for st, runners in answers:
             self._observed(st, [r for r in runners if not r.removed], shares)
@@ -1527,7 +1527,7 @@ class Daemon:
         for peer_sae in dict.fromkeys(link.peer.sae_id for link in self.config.links):
             names = [link.name for link in self.config.links if link.peer.sae_id == peer_sae]
             try:
-                st = await self.kme.status(peer_sae)
+                st = await self.kme.source_status(peer_sae)
             except Exception as e:  # KmsError, or never foreseen: shown, never fatal
                 why = str(e) if isinstance(e, KmsError) else _describe(e)
                 self._standby_kms[peer_sae] = KmsStatus(ok=False, reason=why, error=why)
@@ -1539,10 +1539,10 @@ class Daemon:
             self._standby_seen[peer_sae] = st
             self._standby_kms[peer_sae] = KmsStatus(
                 ok=True, reason="", stored_key_count=st.stored_key_count, qber=st.qber,
-                key_rate=st.key_rate, link_up=st.link_up, kme=st.source_KME_ID)
+                key_rate=st.key_rate, link_up=st.link_up, kme=st.kme_id)
             for name in names:
                 self.metrics.kms_up.labels(name).set(1)
-                self.metrics.kms_stored.labels(name).set(st.stored_key_count)
+                self._set_stored(name, st.stored_key_count)
 
     def _kms_unknown(self, link: str) -> None:
         """The KME did not answer: LINK's KMS figures are unknown, not their last values
@@ -1558,7 +1558,15 @@ class Daemon:
         the SAEs)."""
         return self.history.pairs.get(peer_sae) or f"{self.config.kms.sae_id} → {peer_sae}"
 
-    def _kms_sample(self, peer_sae: str, st: Status | None) -> None:
+    def _set_stored(self, link: str, stored: int | None) -> None:
+        """The KMS's stored key count for LINK; None (a source that gives none): no series."""
+        if stored is None:
+            with contextlib.suppress(KeyError):
+                self.metrics.kms_stored.remove(link)
+        else:
+            self.metrics.kms_stored.labels(link).set(stored)
+
+    def _kms_sample(self, peer_sae: str, st: SourceStatus | None) -> None:
         """Note a status poll of PEER_SAE's KME pair (ST None: it failed)."""
         pair = self._pair(peer_sae)
         if st is None:
@@ -1567,10 +1575,11 @@ class Daemon:
             self.history.pair(pair).sample(time.time(), True, st.stored_key_count, st.qber,
                                            st.key_rate)
 
-    async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]) -> Status | None:
+    async def _poll_status(self, peer_sae: str, runners: list[LinkRunner]
+                           ) -> SourceStatus | None:
         """The KME's status for PEER_SAE (None, and the links told, when it failed)."""
         try:
-            st = await self.kme.status(peer_sae)
+            st = await self.kme.source_status(peer_sae)
         except KmsError as e:
             self._kms_sample(peer_sae, None)
             for r in [r for r in runners if not r.removed]:
@@ -1581,29 +1590,28 @@ class Daemon:
         self.kme_limits[peer_sae] = st.max_key_per_request
         return st
 
-    def _observed(self, st: Status, runners: list[LinkRunner],
+    def _observed(self, st: SourceStatus, runners: list[LinkRunner],
                   shares: dict[str, tuple[float, int]]) -> None:
         """Tell RUNNERS what the KME's status ST says, and their share of its supply."""
-        peer_sae = st.slave_SAE_ID if st.master_SAE_ID == self.config.kms.sae_id \
-            else st.master_SAE_ID
-        self.history.pairs[peer_sae] = f"{st.source_KME_ID} → {st.target_KME_ID}"
+        peer_sae = st.slave if st.master == self.config.kms.sae_id else st.master
+        self.history.pairs[peer_sae] = f"{st.kme_id} → {st.peer_kme_id}"
         self._kms_sample(peer_sae, st)
         for r in runners:  # (no metrics for a removed link)
             share, sharing = shares.get(r.name, (1.0, 1))
             event = KmsStatusObserved(  # every number bounded by the client's Status model
                 stored_key_count=st.stored_key_count, key_size=st.key_size,
-                kme_id=st.source_KME_ID, peer_kme_id=st.target_KME_ID, qber=st.qber,
+                kme_id=st.kme_id, peer_kme_id=st.peer_kme_id, qber=st.qber,
                 key_rate=st.key_rate, link_up=st.link_up, share=share, sharing=sharing)
             m = self.metrics
             m.kms_up.labels(r.name).set(1)
-            m.kms_stored.labels(r.name).set(st.stored_key_count)
+            self._set_stored(r.name, st.stored_key_count)
             if event.qber is not None:
                 m.kms_qber.labels(r.name).set(event.qber)
             if event.key_rate is not None:
                 m.kms_key_rate.labels(r.name).set(event.key_rate)
             r.kms_seen = KmsStatus(ok=True, reason="", stored_key_count=st.stored_key_count,
                                    qber=event.qber, key_rate=event.key_rate,
-                                   link_up=event.link_up, kme=st.source_KME_ID)
+                                   link_up=event.link_up, kme=st.kme_id)
             r.queue.put_nowait(event)
 
     # -- effects out ------------------------------------------------------------------------

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.pacing import Pacer
-from kms.client import KmeClient
 from kms.errors import KmsError, KmsHttpError, KmsProtocolError
 from kms.models import QkdKey
+from kms.source import KeySource
 
 log = logging.getLogger("gateway")
 
@@ -62,7 +62,7 @@ class KeyRequests:
     """The daemon's key requests to its KME (CLIENT), merged per kind, peer SAE and size,
     each merged request taking a turn of PACER."""
 
-    def __init__(self, client: KmeClient, pacer: Pacer,
+    def __init__(self, client: KeySource, pacer: Pacer,
                  max_keys: Callable[[str], int | None] = lambda peer: None) -> None:
         self.client, self.pacer = client, pacer
         self._max_keys = max_keys  # the KME's max_key_per_request for a peer, if known

@@ -19,6 +19,7 @@ from gateway import config
 from ipsec.skip.sink import SkipSinkConfig
 from ipsec.strongswan.sink import StrongswanSinkConfig
 from ipsec.xfrm.sink import XfrmSinkConfig
+from kms.config import SkipSourceConfig
 from tls import guard
 from tls.file import FileSinkConfig
 from tls.sink import TlsPskSinkConfig
@@ -36,7 +37,10 @@ def check(path: Path, raw: bytes | None = None) -> SiteConfig:
     loaded too: what `qkdgw check-config` checks, and what a reload must pass. Raises
     ConfigError naming the file and the field, or the certificate file."""
     site = SiteConfig.load(path, raw)
-    client_context(site.kms.ca, site.kms.cert, site.kms.key)
+    if isinstance(site.kms, SkipSourceConfig):
+        site.kms.psk()
+    else:
+        client_context(site.kms.ca, site.kms.cert, site.kms.key)
     pc = site.peer_channel
     client_context(pc.ca, pc.cert, pc.key)
     return site

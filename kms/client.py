@@ -64,6 +64,7 @@ from kms.models import (
     KeyIds,
     KeyRequest,
     QkdKey,
+    SourceStatus,
     Status,
 )
 
@@ -249,6 +250,10 @@ class KmeClient:
         result = self._parse(raw, Status, "status")
         self._default_size[peer_sae_id] = result.key_size
         return result
+
+    async def source_status(self, peer_sae_id: str) -> SourceStatus:
+        """The status as the gateway reads any key source's (kms/source.py)."""
+        return SourceStatus.of(await self.status(peer_sae_id))
 
     async def enc_keys(
         self,

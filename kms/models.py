@@ -332,3 +332,23 @@ class QkdKey:
     @classmethod
     def from_wire(cls, key: Key) -> QkdKey:
         return cls(key.key_ID, key.material, key.key_ID_extension, key.key_extension)
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    kme_id: str  # this side's KME (SKIP: its Key Provider's localSystemID)
+    peer_kme_id: str  # the peer's
+    master: str  # the SAE IDs of the pair (SKIP: the two Key Providers' system IDs)
+    slave: str
+    key_size: int  # bits of a key when none is asked for
+    stored_key_count: int | None  # keys available to the pair (None: the source says not)
+    max_key_per_request: int
+    qber: float | None = None
+    key_rate: float | None = None
+    link_up: bool | None = None
+
+    @classmethod
+    def of(cls, st: Status) -> SourceStatus:
+        return cls(st.source_KME_ID, st.target_KME_ID, st.master_SAE_ID, st.slave_SAE_ID,
+                   st.key_size, st.stored_key_count, st.max_key_per_request, st.qber,
+                   st.key_rate, st.link_up)

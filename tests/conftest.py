@@ -13,6 +13,7 @@ from gateway import pki
 from gateway.initdemo import DemoLayout, init_demo
 from gateway.site import SiteConfig
 from kms.client import KmeClient
+from kms.config import KmsClientConfig
 from tests.helpers import SimProcess, free_base_port, start_sim
 
 # Property tests: "default" for every run (no deadline: CI machines stall), "soak" for long
@@ -68,11 +69,15 @@ def client_as(demo: DemoLayout, site: str, cn: str, **kw: object) -> KmeClient:
 @pytest.fixture
 async def kme_a(demo: DemoLayout, sim: SimProcess) -> AsyncIterator[KmeClient]:
     """Site A's client, built from site-a.yaml as the gateway builds it."""
-    async with SiteConfig.load(demo.site_config("a")).kms.client() as c:
+    kms = SiteConfig.load(demo.site_config("a")).kms
+    assert isinstance(kms, KmsClientConfig)
+    async with kms.client() as c:
         yield c
 
 
 @pytest.fixture
 async def kme_b(demo: DemoLayout, sim: SimProcess) -> AsyncIterator[KmeClient]:
-    async with SiteConfig.load(demo.site_config("b")).kms.client() as c:
+    kms = SiteConfig.load(demo.site_config("b")).kms
+    assert isinstance(kms, KmsClientConfig)
+    async with kms.client() as c:
         yield c

@@ -50,7 +50,7 @@ class RekeyRequested(Event):
 
 @dataclass(frozen=True)
 class KmsStatusObserved(Event):
-    stored_key_count: int
+    stored_key_count: int | None  # None: the source gives none (a SKIP Key Provider)
     key_size: int
     kme_id: str
     peer_kme_id: str

@@ -85,13 +85,18 @@ class KmsView:
             self._bring_credit_up_to(now)  # at the supply it had until now
         self.stored, self.key_rate = event.stored_key_count, event.key_rate
         self.share, self.sharing = event.share, event.sharing
-        if event.stored_key_count <= reserve_keys and not self.rationed:
+        stored = event.stored_key_count
+        if stored is None:  # no pool figures: nothing to ration on, nor to forecast
+            self.rationed = False
+            self.samples.clear()
+        elif stored <= reserve_keys and not self.rationed:
             # Credit left from an earlier stretch would be drawn at once from an empty pool.
             self.rationed, self.credit, self.credit_at = True, 0.0, now
-        elif event.stored_key_count >= reserve_keys + self.sharing:
+        elif stored >= reserve_keys + self.sharing:
             self.rationed = False
         self.kme_id, self.peer_kme_id = event.kme_id, event.peer_kme_id
-        self.samples.append((now, event.stored_key_count, consumed))
+        if stored is not None:
+            self.samples.append((now, stored, consumed))
         while self.samples and self.samples[0][0] < now - SUPPLY_WINDOW:
             self.samples.popleft()
         problem = None

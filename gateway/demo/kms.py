@@ -15,6 +15,7 @@ from common.config import ConfigError
 from gateway.initdemo import init_demo
 from gateway.site import SiteConfig
 from kdf import fingerprint
+from kms.config import KmsClientConfig
 from kms.errors import KmsBadRequest
 from kms.sim.config import SimConfig
 from kms.sim.server import Simulator
@@ -52,11 +53,13 @@ async def _run(root: Path, keys: int, base_port: int, link_profile: str | None, 
                               " --base-port") from None
         raise
     try:
-        site_a = SiteConfig.load(root / "site-a.yaml")
-        site_b = SiteConfig.load(root / "site-b.yaml")
-        sae_a, sae_b = site_a.kms.sae_id, site_b.kms.sae_id
-        print(f"[2/4] KMS simulator up: KME-A {site_a.kms.url}, KME-B {site_b.kms.url}")
-        async with site_a.kms.client() as kme_a, site_b.kms.client() as kme_b:
+        kms_a = SiteConfig.load(root / "site-a.yaml").kms
+        kms_b = SiteConfig.load(root / "site-b.yaml").kms
+        if not isinstance(kms_a, KmsClientConfig) or not isinstance(kms_b, KmsClientConfig):
+            raise ConfigError("the KMS demo's sites speak ETSI GS QKD 014")
+        sae_a, sae_b = kms_a.sae_id, kms_b.sae_id
+        print(f"[2/4] KMS simulator up: KME-A {kms_a.url}, KME-B {kms_b.url}")
+        async with kms_a.client() as kme_a, kms_b.client() as kme_b:
             st = await kme_a.status(sae_b)
             ext = st.status_extension or {}
             profile = f" (profile {link_profile})" if link_profile else ""
