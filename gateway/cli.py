@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compose", action="store_true",
                    help="address everything for compose/docker-compose.yml (names kme-a,"
                         " kme-b, gw-a, gw-b; strongswan sinks)")
+    p.add_argument("--kms-protocol", choices=("etsi014", "skip"), default="etsi014",
+                   help="how the gateways get their QKD keys: ETSI GS QKD 014 (default), or"
+                        " from the KMEs as SKIP Key Providers (ports +3/+4, docs/skip.md)")
     p.add_argument("--skip", action="store_true",
                    help="each gateway also a SKIP Key Provider for its site's routers (ports"
                         " +31/+32): skip/clients.json says where each router asks, with which"
@@ -417,8 +420,9 @@ def _usage(parser: argparse.ArgumentParser | None) -> Handler:
 
 def _cmd_init_demo(args: argparse.Namespace) -> int:
     if args.compose:
-        if args.ha or args.skip:
-            raise ConfigError(f"--{'ha' if args.ha else 'skip'} and --compose do not go"
+        if args.ha or args.skip or args.kms_protocol != "etsi014":
+            raise ConfigError(f"--{'ha' if args.ha else 'skip' if args.skip else 'kms-protocol'}"
+                              " and --compose do not go"
                               " together (yet): the compose demo has one gateway per site"
                               " and no routers")
         from gateway.demo.compose import init_compose
@@ -428,10 +432,11 @@ def _cmd_init_demo(args: argparse.Namespace) -> int:
     else:
         pair = _pair(args) if args.ha else None
         qkdgw = str(Path(sys.executable).with_name("qkdgw"))
-        if pair is not None and args.skip:
-            raise ConfigError("--skip and --ha do not go together (yet)")
+        if pair is not None and (args.skip or args.kms_protocol != "etsi014"):
+            raise ConfigError("--skip and --kms-protocol skip do not go with --ha (yet)")
         layout = init_demo(args.dir, host=args.host, base_port=args.base_port,
-                           force=args.force, pair=pair, qkdgw=qkdgw, skip=args.skip)
+                           force=args.force, pair=pair, qkdgw=qkdgw, skip=args.skip,
+                           kms_protocol=args.kms_protocol)
     print(f"wrote the two-site demo setup to {layout.root}:")
     print(f"  {layout.pki}/            CA and certificates (keys 0600)")
     print(f"  {layout.kms_config}       KMS simulator: qkdgw kms-sim -c {layout.kms_config}")

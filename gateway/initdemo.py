@@ -9,13 +9,17 @@
     DIR/pki/gw-b.pem, gw-b.key        gateway B's peer-channel certificate
     DIR/kms.yaml                      the simulator: KME-A, KME-B and the QKD link between them
     DIR/site-a.yaml, site-b.yaml      the two gateways
+    DIR/skip/ (--kms-protocol skip)   the KMEs as SKIP Key Providers, the gateways' key source:
+      kme-a.psk, kme-b.psk            each Key Provider's PSK file (sae-a:HEX), 0600
+      sae-a.psk, sae-b.psk            each gateway's PSK in hex, 0600
     DIR/skip/ (--skip)                each gateway as a SKIP Key Provider for its routers:
       kp-a.psk, kp-b.psk              each Key Provider's PSK file (IDENTITY:HEXKEY), 0600
       router-a.psk, router-b.psk      each router's PSK in hex, 0600
       clients.json                    per site: where its router asks, as whom (docs/skip.md)
 
 Ports from BASE: simulator admin BASE, KME-A BASE+1, KME-B BASE+2, gateway A BASE+11,
-gateway B BASE+12, metrics A BASE+21, metrics B BASE+22, SKIP A BASE+31, SKIP B BASE+32.
+gateway B BASE+12, metrics A BASE+21, metrics B BASE+22, SKIP A BASE+31, SKIP B BASE+32;
+with --kms-protocol skip the KMEs' Key Providers BASE+3, BASE+4.
 Every *.key file is 0600; each gateway keeps its state in DIR/state-a or DIR/state-b (0700).
 docs/demo-setup.md explains each file.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +82,10 @@ class DemoLayout:
 
     def metrics_port(self, site: str) -> int:
         return self.base_port + {"a": 21, "b": 22}[site]
+
+    def kp_port(self, site: str) -> int:
+        """The simulated KME's SKIP Key Provider (`--kms-protocol skip`)."""
+        return self.base_port + {"a": 3, "b": 4}[site]
 
     def skip_port(self, site: str) -> int:
         return self.base_port + {"a": 31, "b": 32}[site]
@@ -192,6 +201,41 @@ def _skip_sink(d: DemoLayout, site: str) -> str:
 """
 
 
+def _skip_source(d: DemoLayout) -> None:
+    """The KMEs as SKIP Key Providers and each gateway their client: kms.yaml and the site
+    configurations rewritten, the PSK files written."""
+    d.skip_dir.mkdir(mode=0o700, exist_ok=True)
+    kms = d.kms_config.read_text()
+    for site in ("a", "b"):
+        key = secrets.token_bytes(SKIP_PSK_BYTES).hex()
+        write_private(d.skip_dir / f"sae-{site}.psk", f"{key}\n".encode())
+        write_private(d.skip_dir / f"kme-{site}.psk", f"sae-{site}:{key}\n".encode())
+        section = ("    skip:                      # a SKIP Key Provider too\n"
+                   f"      listen: {d.host}:{d.kp_port(site)}\n"
+                   f"      psk_file: skip/kme-{site}.psk\n")
+        line = re.search(rf"    saes: \[sae-{site}\][^\n]*\n", kms)
+        if line is not None:  # (init_demo wrote it)
+            kms = kms[:line.end()] + section + kms[line.end():]
+        peer = "b" if site == "a" else "a"
+        path = d.site_config(site)
+        text = path.read_text()
+        start, end = text.index("kms:"), text.index("kms_status_interval:")
+        text = text[:start] + f"""\
+kms:                           # this site's KME as a SKIP Key Provider (docs/skip.md)
+  protocol: skip
+  url: https://{d.host}:{d.kp_port(site)}
+  sae_id: kme-{site}                # the Key Provider's localSystemID
+  psk_identity: sae-{site}
+  psk_file: skip/sae-{site}.psk
+""" + text[end:]
+        text = text.replace(f"      sae_id: sae-{peer}", f"      sae_id: kme-{peer}"
+                            "                # the peer's Key Provider (SKIP)", 1)
+        path.write_text(text)
+    kms = kms.replace("    kmes: [kme-a, kme-b]", "    kmes: [kme-a, kme-b]\n"
+                      "    protocol: skip             # keys handed out over SKIP", 1)
+    d.kms_config.write_text(kms)
+
+
 def _skip_files(d: DemoLayout) -> None:
     """Each site's router: its PSK (hex) and the Key Provider's table; clients.json."""
     d.skip_dir.mkdir(mode=0o700, exist_ok=True)
@@ -277,11 +321,13 @@ vrrp_instance {pair.instance} {{
 def init_demo(
     root: Path, *, host: str = "127.0.0.1", base_port: int = DEFAULT_BASE_PORT,
     force: bool = False, pair: Pair | None = None, qkdgw: str = "qkdgw", skip: bool = False,
+    kms_protocol: str = "etsi014",
 ) -> DemoLayout:
     """Write the demo PKI and configurations into ROOT (created if needed). PAIR: site A as
     a gateway pair: site-a1.yaml and site-a2.yaml (no site-a.yaml), each node's
     keepalived-aN.conf (running QKDGW), node a2's own key with the name site B pins. SKIP:
-    each gateway also a SKIP Key Provider (DIR/skip/)."""
+    each gateway also a SKIP Key Provider (DIR/skip/). KMS_PROTOCOL skip: the gateways get
+    their QKD keys from the KMEs' SKIP Key Providers instead of over ETSI 014."""
     if not 1024 <= base_port <= 65535 - MAX_PORT_OFFSET:
         raise InitDemoError(f"base port {base_port} must lie between 1024 and"
                             f" {65535 - MAX_PORT_OFFSET}")
@@ -309,9 +355,11 @@ def init_demo(
     if pair is None:
         for site in ("a", "b"):
             layout.site_config(site).write_text(_site_yaml(layout, site, skip=skip))
+        if kms_protocol == "skip":
+            _skip_source(layout)
         return layout
-    if skip:
-        raise InitDemoError("--skip and --ha do not go together (yet)")
+    if skip or kms_protocol != "etsi014":
+        raise InitDemoError("--skip and --kms-protocol skip do not go with --ha (yet)")
     # Node a2: its own key, the name site B pins (docs/ha.md, the certificate choice).
     cert = pki.issue(ca, "gw-a", dns=["gw-a", "localhost"], ips=[pair.address],
                      server=True, client=True)

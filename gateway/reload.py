@@ -35,9 +35,10 @@ LIVE = ("policy", "kms_status_interval", "pacing", "links")
 #: What makes a link what it is: both gateways bind its keys to these (the key schedule's
 #: context), and the peer pins them. A link cannot change them while it runs.
 IDENTITY = ("role", "peer.name", "peer.sae_id", "kem")
-#: The certificate and key files a running daemon has loaded (`NOT_LIVE` says why).
-TLS_FILES = ("kms.ca", "kms.cert", "kms.key", "peer_channel.ca", "peer_channel.cert",
-             "peer_channel.key")
+#: The certificate and key files a running daemon has loaded (`NOT_LIVE` says why); the
+#: key source's, as its protocol has them (ETSI 014: ca, cert, key; SKIP: psk_file).
+TLS_FILES = ("kms.ca", "kms.cert", "kms.key", "kms.psk_file", "peer_channel.ca",
+             "peer_channel.cert", "peer_channel.key")
 
 
 class NotLive(Exception):
@@ -74,7 +75,7 @@ class Plan:
 def tls_files(config: SiteConfig[Any]) -> dict[str, Path]:
     """The certificate and key files CONFIG names, by field (to hash them: a file replaced
     under the same name is a change too)."""
-    return {name: _get(config, name) for name in TLS_FILES}
+    return {name: path for name in TLS_FILES if (path := _get(config, name)) is not None}
 
 
 def plan(old: SiteConfig[Any], new: SiteConfig[Any], *,
@@ -156,6 +157,7 @@ def _differences(old: Any, new: Any, where: str) -> list[str]:
 
 
 def _get(model: Any, dotted: str) -> Any:
+    """The field DOTTED names; None where the model has no such field."""
     for part in dotted.split("."):
-        model = getattr(model, part)
+        model = getattr(model, part, None)
     return model

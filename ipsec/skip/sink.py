@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field
 
@@ -35,9 +35,9 @@ from common.sink import (
     SinkError,
     SinkEvents,
 )
-from common.skip import SystemId
-from ipsec.skip.provider import KeyProvider, Provided
-from ipsec.skip.server import SkipServer
+from common.skip import Request, SkipError, SystemId
+from common.skip_server import SkipServer
+from ipsec.skip.provider import KeyProvider
 from kdf import Purpose
 
 log = logging.getLogger("ipsec.skip")
@@ -88,14 +88,22 @@ class _Shared:
     server: SkipServer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.server = SkipServer(self.provider, self.tls, self.provided)
+        self.server = SkipServer(self.tls, self.answer)
 
-    def provided(self, key: Provided, client: str) -> None:
-        sink = self.sinks.get(key.peer)
-        if sink is not None:
-            sink.events.key_provided(key.link, ProvidedKey(
-                epoch=key.epoch, key_id=key.key_id, fingerprint=key.fingerprint,
-                bits=key.bits, client=client, peer=key.peer, origin=key.origin))
+    def answer(self, request: Request, client: str) -> dict[str, Any]:
+        """The Key Provider's answer; a key is recorded (audited) before it is handed out,
+        and is not handed out when it cannot be: a 500."""
+        body, key = self.provider.handle(request)
+        sink = self.sinks.get(key.peer) if key is not None else None
+        if key is not None and sink is not None:
+            try:
+                sink.events.key_provided(key.link, ProvidedKey(
+                    epoch=key.epoch, key_id=key.key_id, fingerprint=key.fingerprint,
+                    bits=key.bits, client=client, peer=key.peer, origin=key.origin))
+            except Exception as e:  # (whatever it is, the key stays here)
+                log.error("SKIP: key %s for %s not handed out: %s", key.key_id, client, e)
+                raise SkipError(500, f"the key could not be recorded: {e}") from None
+        return body.body()
 
 
 #: The Key Providers this process serves, by listen address.

@@ -33,6 +33,15 @@ KeyBits = Annotated[int, Field(gt=0, le=MAX_KEY_BITS)]
 Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
 
 
+class SkipListenConfig(ConfigModel):
+    """The KME as a SKIP Key Provider (draft-cisco-skip-02) for its links of `protocol:
+    skip`: its localSystemID is the KME's id, the other KMEs' ids its remote systems."""
+
+    listen: Address
+    psk_file: FilePath = Field(description="IDENTITY:HEXKEY per SAE (the identity its SAE"
+                               " ID), 0600")
+
+
 class KmeConfig(ConfigModel):
     """One KME: where it listens, how it proves itself, which SAEs it serves."""
 
@@ -42,6 +51,7 @@ class KmeConfig(ConfigModel):
     key: FilePath
     saes: tuple[EntityId, ...] = Field(
         min_length=1, description="SAE IDs (client certificate commonNames) this KME serves")
+    skip: SkipListenConfig | None = None
 
 
 class Outage(ConfigModel):
@@ -88,6 +98,9 @@ class LinkConfig(ConfigModel):
     qber_drift: QberDrift | None = None
     ageing_half_life: Seconds | None = None
     reserved_key_ttl: Seconds = 300.0
+    protocol: Literal["etsi014", "skip"] = Field(
+        default="etsi014", description="how the link's keys are handed out: ETSI GS QKD 014,"
+        " or SKIP by both KMEs' Key Providers (their `skip` sections)")
     quirks: tuple[Quirk, ...] = Field(
         default=(), description="behave like KMEs known to break clients (docs/etsi-014.md),"
         " to test a client against them: latest-batch-only, stored-counts-handed-out,"
@@ -171,6 +184,7 @@ class SimConfig(ConfigModel):
     def _consistent(self) -> SimConfig:
         ids = [k.id for k in self.kmes]
         listens = [str(k.listen) for k in self.kmes]
+        listens += [str(k.skip.listen) for k in self.kmes if k.skip is not None]
         if self.admin is not None:
             listens.append(str(self.admin.listen))
         for what, values in (
@@ -183,10 +197,14 @@ class SimConfig(ConfigModel):
             dup = sorted({v for v in values if values.count(v) > 1})
             if dup:
                 raise ValueError(f"{what} used more than once: {', '.join(dup)}")
+        by_id = {k.id: k for k in self.kmes}
         for link in self.links:
             for kme in link.kmes:
                 if kme not in ids:
                     raise ValueError(f"link {link.name}: no KME with id {kme!r}")
+                if link.protocol == "skip" and by_id[kme].skip is None:
+                    raise ValueError(f"link {link.name} speaks SKIP: KME {kme} needs a"
+                                     " `skip` section (listen, psk_file)")
         return self
 
     @classmethod

@@ -30,12 +30,15 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.config import MAX_SECONDS
+from common.psktls import ServerContext
+from common.skip_server import SkipServer
 from common.text import quote_remote
 from common.tlsctx import peer_common_name, server_context
 from kms.models import MAX_COUNT, Etsi014Model, KeyIds, KeyRequest
 from kms.sim.config import KmeConfig, SimConfig
 from kms.sim.faults import Fault, FaultKind, FaultSpec, FaultTable, corrupt
 from kms.sim.service import LinkService, Network, Refusal
+from kms.sim.skip import SimKeyProvider, psk_table
 
 log = logging.getLogger("kms.sim")
 
@@ -63,6 +66,7 @@ class Kme:
     config: KmeConfig
     runner: web.AppRunner | None = None
     requests: Counter[str] = field(default_factory=Counter)
+    skip: SkipServer | None = None  # its SKIP Key Provider, while listening
 
     @property
     def id(self) -> str:
@@ -79,6 +83,8 @@ class Simulator:
         self.faults = FaultTable()
         self._ssl = {k.id: server_context(config.ca, k.config.cert, k.config.key)
                      for k in self.kmes.values()}
+        self._psk = {k.id: ServerContext(psk_table(k.config)) for k in self.kmes.values()
+                     if k.config.skip is not None}
         self._admin: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
 
@@ -113,11 +119,20 @@ class Simulator:
                     self.config.request_timeout).start()
         kme.runner = runner
         log.info("KME %s (SAE %s) on https://%s", kme.id, ", ".join(kme.config.saes), where)
+        if kme.config.skip is not None:
+            provider = SimKeyProvider(kme.config, self.network, self.faults, self.clock)
+            kme.skip = SkipServer(self._psk[kme.id], provider.answer)
+            at = kme.config.skip.listen
+            await kme.skip.start(at.host, at.port)
+            log.info("KME %s as SKIP Key Provider on %s (TLS-PSK)", kme.id, at)
 
     async def _unlisten(self, kme: Kme) -> None:
         if kme.runner is not None:
             runner, kme.runner = kme.runner, None
             await runner.cleanup()
+        if kme.skip is not None:
+            skip, kme.skip = kme.skip, None
+            await skip.stop()
 
     async def _tick(self) -> None:
         while True:

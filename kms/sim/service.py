@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.skip import SkipError
+from common.text import quote_remote
 from kms.models import Key, KeyContainer, KeyRequest, Status
 from kms.sim.config import KmeConfig, LinkConfig
 from kms.sim.link import LinkModel
@@ -190,6 +192,52 @@ class Network:
         return KeyContainer.model_construct(
             keys=[Key.model_construct(key_ID=i, key=_b64(r.material))
                   for i, r in zip(key_ids, delivered, strict=True)])
+
+    # -- SKIP (draft-cisco-skip-02): each KME a Key Provider for its links of protocol skip --
+
+    def skip_remotes(self, kme: KmeConfig) -> list[str]:
+        """The Key Providers KME shares SKIP links with."""
+        return sorted(k for s in self.links.values() if s.config.protocol == "skip"
+                      and kme.id in s.config.kmes for k in s.config.kmes if k != kme.id)
+
+    def skip_new_key(self, kme: KmeConfig, remote: str, bits: int, now: float
+                     ) -> tuple[str, bytes]:
+        """A new key of BITS shared with the Key Provider REMOTE: its ID and bytes; kept
+        for REMOTE to fetch once."""
+        link = self._skip_link(kme, remote)
+        c = link.config
+        if not c.min_key_size <= bits <= c.max_key_size:
+            raise SkipError(400, f"size {bits} is outside [{c.min_key_size},"
+                                 f" {c.max_key_size}] bits")
+        if not link.model.take(bits, now):
+            raise SkipError(503, f"not enough key material: {bits} bits requested,"
+                                 f" {int(link.model.stored_bits)} stored")
+        link.expire(now)
+        if "latest-batch-only" in c.quirks:
+            link.reserved.clear()
+        link.handed_out += 1
+        key_id, material = secrets.token_hex(16), secrets.token_bytes(bits // 8)
+        link.reserved[key_id] = Reserved(material, kme.id, remote, now + c.reserved_key_ttl)
+        return key_id, material
+
+    def skip_key_by_id(self, kme: KmeConfig, remote: str, key_id: str, now: float) -> bytes:
+        """The key REMOTE made under KEY_ID for KME, once."""
+        link = self._skip_link(kme, remote)
+        link.expire(now)
+        r = link.reserved.get(key_id)
+        if r is None or r.master != remote or r.slave != kme.id:
+            raise SkipError(400, "key not found: no key of this ID waits here for"
+                                 f" {quote_remote(remote, limit=64)}")
+        del link.reserved[key_id]
+        return r.material
+
+    def _skip_link(self, kme: KmeConfig, remote: str) -> LinkService:
+        link = self._between.get(frozenset((kme.id, remote))) if remote in self.kmes else None
+        if link is None or link.config.protocol != "skip" or remote == kme.id:
+            raise SkipError(400, f"no key is shared with {quote_remote(remote, limit=64)}:"
+                                 f" Key Provider {kme.id} serves"
+                                 f" {', '.join(self.skip_remotes(kme)) or 'no SKIP link'}")
+        return link
 
     def _route(self, kme: KmeConfig, caller: str | None, other: str
                ) -> tuple[LinkService, KmeConfig, str]:

@@ -20,10 +20,11 @@ from tests.helpers import free_base_port, start_sim
 
 
 class Sites(Daemons):
-    def __init__(self, root: Path, policy: dict[str, Any], *, skip: bool = False) -> None:
+    def __init__(self, root: Path, policy: dict[str, Any], *, skip: bool = False,
+                 kms_protocol: str = "etsi014") -> None:
         super().__init__()
         self.layout: DemoLayout = init_demo(root, base_port=free_base_port(MAX_PORT_OFFSET + 1),
-                                            skip=skip)
+                                            skip=skip, kms_protocol=kms_protocol)
         for site in self.sites:
             path = self.layout.site_config(site)
             config = yaml.safe_load(path.read_text())

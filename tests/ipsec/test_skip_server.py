@@ -1,5 +1,6 @@
-"""The SKIP Key Provider's server (ipsec/skip/server.py) on its TLS-PSK transport
-(common/psktls.py), two of them as the two gateways of a link:
+"""The SKIP server (common/skip_server.py) on its TLS-PSK transport (common/psktls.py),
+answering for the gateway's Key Provider (ipsec/skip/provider.py), two of them as the two
+gateways of a link:
 
     openssl s_client (TLS 1.2) ─┐                          ┌─ SkipClient (TLS 1.3)
     SkipClient (TLS 1.2, 1.3) ──┴─▶ SkipServer kp-a       SkipServer kp-b ◀─┘
@@ -31,10 +32,10 @@ from OpenSSL import SSL
 
 from common.config import ConfigError
 from common.psktls import ClientContext, PskStream, PskTable, ServerContext
-from common.sink import SinkError
+from common.skip import Request
 from common.skip_client import SkipClient, SkipClientError
+from common.skip_server import MAX_REQUEST_HEAD, Answer, SkipServer
 from ipsec.skip.provider import KeyProvider, Provided
-from ipsec.skip.server import MAX_REQUEST_HEAD, SkipServer
 from kdf.schedule import EpochKeys, Purpose
 
 PSK = bytes(range(32))
@@ -52,6 +53,15 @@ class Pair:
                           ClientContext(identity, key, version))  # type: ignore[arg-type]
 
 
+def answering(kp: KeyProvider, provided: list[tuple[Provided, str]]) -> Answer:
+    def answer(request: Request, who: str) -> dict[str, Any]:
+        body, key = kp.handle(request)
+        if key is not None:
+            provided.append((key, who))
+        return body.body()
+    return answer
+
+
 def serve(body: Callable[[Pair], Awaitable[T]]) -> T:
     """Run BODY against kp-a and kp-b, both holding epoch 1 of link ab."""
     async def go() -> T:
@@ -63,8 +73,7 @@ def serve(body: Callable[[Pair], Awaitable[T]]) -> T:
             kp.add_link(f"kp-{peer}", "ab")
             kp.install(f"kp-{peer}", 1, root)
             kp.activate(f"kp-{peer}", 1)
-            server = SkipServer(kp, ServerContext(table),
-                                lambda p, who: pair.provided.append((p, who)))
+            server = SkipServer(ServerContext(table), answering(kp, pair.provided))
             await server.start("127.0.0.1", 0)
             pair.servers[me] = server
         try:
@@ -297,27 +306,3 @@ def test_an_oversized_head_or_garbage_leaves_the_server_answering() -> None:
         assert got in (400, 431), answer
         assert (await client.capabilities())[0] == 200
     serve(body)
-
-
-def test_a_key_that_cannot_be_recorded_is_not_handed_out() -> None:
-    """The gateway records each key before it goes (its audit trail); when it cannot, the
-    router gets a 500 and no key."""
-    def unrecordable(p: Provided, who: str) -> None:
-        raise SinkError("the audit trail cannot record it")
-
-    async def go() -> tuple[int, dict[str, Any]]:
-        kp = KeyProvider("kp-a")
-        kp.add_link("kp-b", "ab")
-        kp.install("kp-b", 1, EpochKeys(1, bytes(48)).key(Purpose.SKIP_ROOT))
-        kp.activate("kp-b", 1)
-        server = SkipServer(kp, ServerContext(PskTable({b"router-a": PSK})), unrecordable)
-        await server.start("127.0.0.1", 0)
-        try:
-            client = SkipClient("127.0.0.1", server.port, ClientContext("router-a", PSK))
-            return await client.new_key("kp-b")
-        finally:
-            await server.stop()
-    status, answer = asyncio.run(go())
-    assert status == 500
-    assert "could not be recorded" in answer["error"]
-    assert "key" not in answer

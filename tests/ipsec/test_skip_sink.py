@@ -33,13 +33,16 @@ PSK = bytes(range(32))
 
 
 class Events:
-    def __init__(self) -> None:
+    def __init__(self, *, recordable: bool = True) -> None:
         self.provided: list[tuple[str, ProvidedKey]] = []
+        self.recordable = recordable
 
     def rekey_needed(self, link: str, cause: RekeyCause, detail: str) -> None:
         raise AssertionError("a skip sink never asks for a rekey")
 
     def key_provided(self, link: str, key: ProvidedKey) -> None:
+        if not self.recordable:
+            raise SinkError("the audit trail cannot record it")
         self.provided.append((link, key))
 
 
@@ -152,3 +155,23 @@ def test_check_config_names_the_clash(tmp_path: Path) -> None:
         "state-a/ab.psk", "state-a/ac.psk")
     with pytest.raises(ConfigError, match="links ab and ac both name remote_system_id kp-b"):
         SiteConfig.load(layout.site_config("a"), text.encode())
+
+
+def test_a_key_that_cannot_be_recorded_is_not_handed_out(tmp_path: Path) -> None:
+    """The gateway records each key before it goes (its audit trail); when it cannot, the
+    router gets a 500 and no key."""
+    port = free_base_port(1)
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        ab = sink(config(tmp_path, port), "ab", Events(recordable=False))
+        await ab.start()
+        try:
+            await ab.activate_outbound(material("ab", 1))
+            router = SkipClient("127.0.0.1", port, ClientContext("router-a", PSK))
+            return await router.new_key("kp-b")
+        finally:
+            await ab.close()
+    status, answer = asyncio.run(go())
+    assert status == 500
+    assert "could not be recorded: the audit trail cannot record it" in answer["error"]
+    assert "key" not in answer

@@ -1,6 +1,7 @@
 """A SKIP Key Provider's server: TLS-PSK (common/psktls.py), HTTP/1.1 by h11, each request
-parsed by common/skip.py and answered by a `KeyProvider`. GET only; every refusal is the
-draft's status code with a JSON reason; keys are never logged, only handed out.
+parsed by common/skip.py and answered by an `Answer` (the gateway's Key Provider,
+ipsec/skip/; the simulator's, kms/sim/skip.py). GET only; every refusal is the draft's status
+code with a JSON reason; keys are never logged, only handed out.
 
 Bounded against hostile or broken clients: connections at once, a request head's size, the
 handshake's and an idle connection's time. A request that cannot be parsed gets its 400 and
@@ -20,11 +21,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import h11
 
 from common.psktls import PskError, PskStream, ServerContext
-from common.skip import SkipError, error_body, parse_request
+from common.skip import Request, SkipError, error_body, parse_request
 from common.text import quote_remote
-from ipsec.skip.provider import KeyProvider, Provided
 
-log = logging.getLogger("ipsec.skip")
+log = logging.getLogger("skip")
 
 #: Connections served at once; more are closed at once (a router holds one or two).
 MAX_CONNECTIONS = 64
@@ -35,15 +35,14 @@ MAX_PARAMETERS = 8
 #: An idle kept-alive connection is closed after this.
 IDLE_TIMEOUT = 30.0
 
-#: Told of each key before it is handed out, with the PSK identity of the client it goes to;
-#: an exception (the audit trail cannot record it) and the key is not handed out: a 500.
-OnProvided = Callable[[Provided, str], None]
+#: The body of the answer to a parsed request from the client of a PSK identity; SkipError
+#: for a refusal.
+Answer = Callable[[Request, str], dict[str, Any]]
 
 
 class SkipServer:
-    def __init__(self, provider: KeyProvider, tls: ServerContext,
-                 on_provided: OnProvided) -> None:
-        self.provider, self.tls, self.on_provided = provider, tls, on_provided
+    def __init__(self, tls: ServerContext, answer: Answer) -> None:
+        self.tls, self.answer = tls, answer
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -137,8 +136,7 @@ class SkipServer:
                     raise SkipError(400, f"parameter {quote_remote(name, limit=40)} given"
                                          " twice")
                 query[name] = value
-            answer, provided = self.provider.handle(
-                parse_request(method, unquote(url.path), query))
+            body = self.answer(parse_request(method, unquote(url.path), query), identity)
         except SkipError as e:
             log.info("SKIP: %s (%s): %s %s: %d %s", where, identity, method,
                      quote_remote(request.target.decode("ascii", "replace"), limit=120),
@@ -146,14 +144,10 @@ class SkipServer:
             return e.status, error_body(e)
         except (UnicodeDecodeError, ValueError) as e:
             return 400, {"error": f"malformed request target: {e}"}
-        if provided is not None:
-            try:
-                self.on_provided(provided, identity)
-            except Exception as e:  # (whatever it is, the key stays here)
-                log.error("SKIP: %s (%s): key %s not handed out: %s", where, identity,
-                          provided.key_id, e)
-                return 500, {"error": f"the key could not be recorded: {e}"}
-        return 200, answer.body()
+        except Exception:  # a failure nobody foresaw: no answer but a 500, and the log
+            log.exception("SKIP: %s (%s): unexpected failure", where, identity)
+            return 500, {"error": "internal error of the Key Provider"}
+        return 200, body
 
 
 async def _send(stream: PskStream, http: h11.Connection, status: int,
