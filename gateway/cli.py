@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from cryptography import x509
 
 from common.config import ConfigError
+from common.psktls import ClientContext
 from common.sink import SinkError
 from gateway import __version__, logs
 from gateway.audit import AuditError
@@ -347,12 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(ksub, "doctor", _cmd_kms_doctor, "probe the KME against ETSI GS QKD 014 and the"
              " traps that break gateways",
-             "Probe this site's KME as the gateway's SAE (master) and, with --peer-config, as\n"
+             "Probe this site's key source, an ETSI GS QKD 014 KME or a SKIP Key Provider.\n"
+             "ETSI 014: as the gateway's SAE (master) and, with --peer-config, as\n"
              "the peer's (slave): Status fields, enc_keys by POST and GET, sizes,\n"
              "max_key_per_request, extensions, dec_keys only for the slave with the master in\n"
              "the URL, keys identical on both sides, key IDs single-use, error bodies; and the\n"
              "traps of other KMEs (docs/etsi-014.md): earlier batches gone, GET ignoring\n"
-             "number or size, stored_key_count counting keys handed out. One line per probe:\n"
+             "number or size, stored_key_count counting keys handed out. SKIP: capabilities,\n"
+             "key sizes, each key ID once at the peer (with --peer-config), the draft's\n"
+             "refusals, entropy (docs/skip.md). One line per probe:\n"
              "PASS, WARN (with advice), FAIL (with the spec's clause), SKIP (why). Exit 0\n"
              "only when nothing failed. Takes about 20 keys from the KME.")
     _site_arg(p)
@@ -812,32 +816,44 @@ def _etsi(site: SiteConfig, what: str) -> KmsClientConfig:
     """The site's ETSI 014 KME, for WHAT; a clear refusal when its key source is SKIP."""
     if not isinstance(site.kms, KmsClientConfig):
         raise ConfigError(f"{what} speaks ETSI GS QKD 014; this site's kms is a SKIP Key"
-                          " Provider (protocol: skip): use `qkdgw kms status`, `enc-keys`,"
-                          " `dec-keys`")
+                          " Provider (protocol: skip)")
     return site.kms
 
 
 def _cmd_kms_doctor(args: argparse.Namespace) -> int:
-    from kms.doctor import Doctor, Sae, report
+    from kms.doctor import Doctor, Finding, Sae, report
 
     site, peer = _peer_sae(args)
-    k = _etsi(site, "kms doctor")
-    master = Sae(k.sae_id, k.url, k.ca, k.cert, k.key)
-    slave = None
-    if args.peer_config is not None:
-        other = _etsi(SiteConfig.load(args.peer_config), "kms doctor --peer-config")
-        if other.sae_id != peer:
-            raise ConfigError(f"{args.peer_config}: its SAE is {other.sae_id}, but link"
-                              f" {site.link(args.link).name}'s peer SAE is {peer}")
-        slave = Sae(other.sae_id, other.url, other.ca, other.cert, other.key)
-    doctor = Doctor(master, peer, slave, timeouts=k.timeouts())
-    findings = asyncio.run(doctor.run())
+    other = SiteConfig.load(args.peer_config).kms if args.peer_config is not None else None
+    if other is not None and (other.sae_id != peer or type(other) is not type(site.kms)):
+        raise ConfigError(f"{args.peer_config}: its key source is {other.sae_id} over"
+                          f" {other.protocol}, but link {site.link(args.link).name}'s peer is"
+                          f" {peer} over {site.kms.protocol}")
+    findings: list[Finding]
+    if isinstance(site.kms, SkipSourceConfig):
+        from kms.skipdoctor import SkipDoctor, SkipSide
+
+        def side(k: SkipSourceConfig) -> SkipSide:
+            host, port = k.address
+            return SkipSide(host, port, ClientContext(k.psk_identity, k.psk()), k.sae_id)
+
+        peer_side = side(other) if isinstance(other, SkipSourceConfig) else None
+        findings = asyncio.run(SkipDoctor(side(site.kms), peer, peer_side).run())
+        heading = f"SKIP Key Provider {site.kms.url} ({site.kms.sae_id}) for {peer}"
+    else:
+        k = site.kms
+        master = Sae(k.sae_id, k.url, k.ca, k.cert, k.key)
+        slave = Sae(other.sae_id, other.url, other.ca, other.cert, other.key) \
+            if isinstance(other, KmsClientConfig) else None
+        findings = asyncio.run(Doctor(master, peer, slave, timeouts=k.timeouts()).run())
+        heading = f"KME {k.url} as SAE {k.sae_id} (master) for {peer}"
+    if other is not None:
+        heading += f", and as {peer} at {other.url}"
     result = report(findings)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"KME {k.url} as SAE {k.sae_id} (master) for {peer}"
-              + (f", and as {peer} (slave) at {slave.url}" if slave else ""))
+        print(heading)
         for f in findings:
             print(f.line())
         c = result["counts"]

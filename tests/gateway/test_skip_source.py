@@ -9,6 +9,7 @@ the SKIP key IDs (version 2).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_epochs_keyed_from_skip_key_providers(sites: Sites) -> None:
     assert b["fingerprint"] == a["fingerprint"]
 
 
-def test_check_config_and_kms_status_speak_skip(sites: Sites) -> None:
+def test_kms_status_and_doctor_speak_skip(sites: Sites) -> None:
     import subprocess
 
     from tests.helpers import qkdgw_command
@@ -63,7 +64,11 @@ def test_check_config_and_kms_status_speak_skip(sites: Sites) -> None:
     assert '"kme_id": "kme-a"' in out
     assert '"peer_kme_id": "kme-b"' in out
     doctor = subprocess.run([*qkdgw_command(), "kms", "doctor", "-c",
-                             str(sites.layout.site_config("a"))],
+                             str(sites.layout.site_config("a")), "--peer-config",
+                             str(sites.layout.site_config("b")), "--json"],
                             capture_output=True, text=True, timeout=60, check=False)
-    assert doctor.returncode == 2
-    assert "SKIP Key Provider (protocol: skip)" in doctor.stderr
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    result = json.loads(doctor.stdout)
+    assert {f["verdict"] for f in result["findings"]} == {"PASS"}, result
+    assert {"key by ID at the peer", "key IDs single-use", "key by ID at the origin",
+            "other methods refused"} <= {f["probe"] for f in result["findings"]}

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from common.psktls import ClientContext, PskTable, ServerContext
-from common.skip import Request
+from common.skip import GetCapabilities, Request
 from common.skip_server import SkipServer
 from gateway.initdemo import DemoLayout, init_demo
 from gateway.site import SiteConfig
@@ -130,3 +130,30 @@ def test_capabilities_that_cannot_serve_the_link(capabilities: dict[str, Any],
                                                  error: type[KmsError], says: str) -> None:
     with pytest.raises(error, match=says):
         hostile(lambda r, who: capabilities, lambda s: s.source_status("kp-b"))
+
+
+def test_the_doctor_finds_a_key_provider_that_answers_everything() -> None:
+    """A Key Provider that hands a key to any request: every refusal probe fails, the doctor
+    ends, and no key is shown."""
+    from kms.skipdoctor import SkipDoctor, SkipSide
+
+    def anything(request: Request, who: str) -> dict[str, Any]:
+        if isinstance(request, GetCapabilities):
+            return {"entropy": False, "key": True, "algorithm": "x", "localSystemID": "kp-a",
+                    "remoteSystemID": ["kp-b"]}
+        return {"keyId": "00" * 16, "key": SECRET}
+
+    async def go() -> list[Any]:
+        server = SkipServer(ServerContext(PskTable({b"gw": PSK})), anything)
+        await server.start("127.0.0.1", 0)
+        try:
+            side = SkipSide("127.0.0.1", server.port, ClientContext("gw", PSK), "kp-a")
+            return await SkipDoctor(side, "kp-b", side).run()
+        finally:
+            await server.stop()
+    findings = asyncio.run(go())
+    verdicts = {f.probe: f.verdict for f in findings}
+    assert verdicts["unknown key ID refused"] == "FAIL"
+    assert verdicts["key IDs single-use"] == "FAIL"
+    assert verdicts["new key 512 bits"] == "FAIL"
+    assert SECRET not in " ".join(f.line() for f in findings)
