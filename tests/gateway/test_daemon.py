@@ -248,7 +248,7 @@ def test_hostile_peer_messages_are_refused_and_change_nothing(sites: Sites) -> N
     answers = _frames(sites, [
         b'{"v":1,"type":"offer","link":"ab"',  # truncated
         json.dumps({**old, "extra": 1}).encode(),  # unknown field
-        json.dumps({**old, "v": 2}).encode(),  # another protocol version
+        json.dumps({**old, "v": 3}).encode(),  # a protocol version nobody speaks
         json.dumps(old).encode(),  # well formed, stale: accepted on the wire, ignored
         b"{" + b" " * MAX_MESSAGE_BYTES + b"}",  # oversized message: refused for the link
         b"{" + b" " * MAX_FRAME_BYTES + b"}",  # oversized frame: the channel is closed
