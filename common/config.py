@@ -287,12 +287,24 @@ def _parse_host_port(value: Any) -> HostPort:
 Address = Annotated[HostPort, BeforeValidator(_parse_host_port)]
 
 
+#: (field, tag) pairs of tagged unions whose tag an error's location leaves out: the field
+#: is one thing to the operator, whichever model checks it (`kms.url`, not `kms.etsi014.url`).
+#: Sinks keep theirs: `sinks.0.file.path` names the sink's type.
+UNTAGGED: set[tuple[str, str]] = set()
+
+
+def _untagged(loc: Loc) -> Loc:
+    return tuple(p for i, p in enumerate(loc)
+                 if not (i and (str(loc[i - 1]), str(p)) in UNTAGGED))
+
+
 def format_validation_error(source: str, error: ValidationError,
                             line_of: Callable[[Loc], int | None] = lambda loc: None) -> str:
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for e in error.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        line = line_of(e["loc"])
+        loc = _untagged(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = line_of(loc)
         if line is not None:
             where = f"line {line}: {where}"
         msg = e["msg"].removeprefix("Value error, ")

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from common.config import ConfigError, ConfigModel, FilePath, check_secret_file
+from common.config import UNTAGGED, ConfigError, ConfigModel, FilePath, check_secret_file
 from common.psktls import MAX_PSK_BYTES, MIN_PSK_BYTES, ClientContext
 from kms.client import KmeClient, RetryPolicy, Timeouts
 from kms.models import EntityId
@@ -113,6 +113,8 @@ def _protocol(value: Any) -> str:
         return str(value.get("protocol", "etsi014"))
     return str(getattr(value, "protocol", "etsi014"))
 
+
+UNTAGGED.update({("kms", "etsi014"), ("kms", "skip")})
 
 #: The `kms:` section: ETSI GS QKD 014 unless `protocol: skip`.
 KeySourceConfig = Annotated[

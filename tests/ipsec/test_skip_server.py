@@ -141,12 +141,15 @@ def test_a_wrong_psk_or_unknown_identity_gets_no_session(version: str, identity:
     assert "capabilities" in serve(body)
 
 
-def test_tls13_without_a_psk_does_not_fall_back_to_a_certificate() -> None:
-    """A TLS 1.3 client with no PSK (Python's ssl, accepting any certificate) is refused:
-    the Key Provider has no certificate to authenticate with instead."""
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_without_a_psk_does_not_fall_back_to_a_certificate(
+        version: ssl.TLSVersion) -> None:
+    """A client with no PSK (Python's ssl, accepting any certificate) is refused: the Key
+    Provider has no certificate to authenticate with instead."""
     async def body(pair: Pair) -> None:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = version
         with pytest.raises(ssl.SSLError):
             await asyncio.open_connection("127.0.0.1", pair.servers["a"].port, ssl=ctx)
         assert (await pair.client("a").capabilities())[0] == 200  # still serving
