@@ -119,4 +119,6 @@ UNTAGGED.update({("kms", "etsi014"), ("kms", "skip")})
 #: The `kms:` section: ETSI GS QKD 014 unless `protocol: skip`.
 KeySourceConfig = Annotated[
     Annotated[KmsClientConfig, Tag("etsi014")] | Annotated[SkipSourceConfig, Tag("skip")],
-    Discriminator(_protocol)]
+    Discriminator(_protocol, custom_error_type="protocol",
+                  custom_error_message="protocol must be etsi014 (ETSI GS QKD 014, the"
+                  " default) or skip (a SKIP Key Provider)")]
