@@ -103,6 +103,9 @@ def test_prefetch_is_set_per_site_and_link(tmp_path: Path, demo: DemoLayout, sit
      " less than or equal to"),
     (lambda c: c["kms"].update(read_timeout=float("nan")), "kms.read_timeout: Input should be"
      " a finite number"),
+    (lambda c: c["kms"].update(protocol="kmip"), "kms: protocol must be etsi014"),
+    (lambda c: c["kms"].update(protocol="skip"), "kms.psk_identity: Field required"),
+    (lambda c: c["kms"].update(url="http://kme"), "kms.url: ETSI GS QKD 014 runs over HTTPS"),
     (lambda c: c["links"][0]["sinks"][0].update(hook=["true"], hook_timeout=float("inf")),
      "links.0.sinks.0.file.hook_timeout: Input should be a finite number"),
     (lambda c: c["links"][0]["sinks"].append({**XFRM, "soft_limits": {"bytes": 2**64}}),
