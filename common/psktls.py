@@ -293,11 +293,9 @@ class PskStream:
         await self._flush()
 
     async def close(self) -> None:
-        try:
+        with contextlib.suppress(SSL.Error, OSError):  # (a peer gone hears nothing more)
             self.conn.shutdown()
             await self._flush()
-        except (SSL.Error, OSError):
-            pass  # (the peer is gone already: nothing to tell it)
         self.writer.close()
         with contextlib.suppress(OSError):
             await self.writer.wait_closed()

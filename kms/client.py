@@ -176,7 +176,7 @@ def _wire_problem(e: BaseException) -> str:
     return quote_remote(text or type(e).__name__, limit=120)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_invalid(error: ValidationError) -> str:
     """The first problems of a rejected answer, escaped: locations and messages can carry
     member names the KME chose."""
     parts = []
@@ -318,7 +318,7 @@ class KmeClient:
         try:
             KeyIds.model_validate({"key_IDs": [{"key_ID": i} for i in ids]})
         except ValidationError as e:
-            raise ValueError(f"bad key IDs: {_describe(e)}") from None
+            raise ValueError(f"bad key IDs: {describe_invalid(e)}") from None
         params: list[tuple[str, str]] | None = None
         body: dict[str, Any] | None = None
         if method == "GET":
@@ -488,7 +488,7 @@ class KmeClient:
         except ValidationError as e:
             raise KmsProtocolError(
                 self.url, operation,
-                f"malformed {model.__name__}: {_describe(e)}") from None
+                f"malformed {model.__name__}: {describe_invalid(e)}") from None
         for name in _unknown_members(result):
             if (operation, name) in self._warned or len(self._warned) > MAX_WARNED:
                 continue

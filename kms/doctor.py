@@ -61,6 +61,14 @@ class Finding:
         return out + (f"\n      → {self.advice}" if self.advice else "")
 
 
+class Findings(list[Finding]):
+    """The findings so far, each noted as it is made."""
+
+    def note(self, probe: str, verdict: Verdict, clause: str, detail: str,
+             advice: str = "") -> None:
+        self.append(Finding(probe, verdict, clause, detail, advice))
+
+
 @dataclass(frozen=True)
 class Sae:
     """One SAE: its ID, its KME and its credentials."""
@@ -85,7 +93,7 @@ class Doctor:
     slave_id: str  # the peer SAE the master shares keys with
     slave: Sae | None = None  # its credentials, when given
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(3.0, 10.0, 15.0))
-    findings: list[Finding] = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)
 
     async def run(self) -> list[Finding]:
         async with self._client(self.master) as m:
@@ -96,10 +104,10 @@ class Doctor:
                     for probe in ("dec_keys by the slave", "key IDs single-use",
                                   "dec_keys GET form", "only the slave may fetch",
                                   "master in the dec_keys URL", "earlier batches kept"):
-                        self._note(probe, "SKIP", "", NO_SLAVE)
+                        self.findings.note(probe, "SKIP", "", NO_SLAVE)
                 else:
                     async with self._client(self.slave) as s:
-                        await self._probes_with_slave(m, s, st)
+                        await self._probes_with_slave(m, s, self.slave)
         return self.findings
 
     # -- as the master ----------------------------------------------------------------------
@@ -108,12 +116,12 @@ class Doctor:
         try:
             st = await m.status(self.slave_id)
         except KmsError as e:
-            self._note("status", "FAIL", "§5.1, §6.1", f"no valid Status: {e}",
-                       "the other probes need it: fix this first")
+            self.findings.note("status", "FAIL", "§5.1, §6.1", f"no valid Status: {e}",
+                               "the other probes need it: fix this first")
             return None
-        self._note("status", "PASS", "§6.1", f"key_size {st.key_size}, stored"
-                   f" {st.stored_key_count}, max_key_per_request {st.max_key_per_request},"
-                   f" sizes {st.min_key_size}-{st.max_key_size}")
+        self.findings.note("status", "PASS", "§6.1", f"key_size {st.key_size}, stored"
+                           f" {st.stored_key_count}, max_key_per_request {st.max_key_per_request},"
+                           f" sizes {st.min_key_size}-{st.max_key_size}")
         problems = []
         if not st.min_key_size <= st.key_size <= st.max_key_size:
             problems.append(f"key_size {st.key_size} outside [{st.min_key_size},"
@@ -126,8 +134,8 @@ class Doctor:
         if st.master_SAE_ID != self.master.sae_id or st.slave_SAE_ID != self.slave_id:
             problems.append(f"names master {st.master_SAE_ID} and slave {st.slave_SAE_ID},"
                             f" asked as {self.master.sae_id} for {self.slave_id}")
-        self._note("status fields", "FAIL" if problems else "PASS", "§6.1 Table 4",
-                   "; ".join(problems) or "consistent: sizes, counts, SAE IDs")
+        self.findings.note("status fields", "FAIL" if problems else "PASS", "§6.1 Table 4",
+                           "; ".join(problems) or "consistent: sizes, counts, SAE IDs")
         return st
 
     async def _probes_as_master(self, m: KmeClient, st: Status) -> None:
@@ -148,9 +156,9 @@ class Doctor:
         await self._refused("size above max_key_size", "§6.2 Table 5",
                             {"number": 1, "size": st.max_key_size + 8})
         if st.max_key_per_request > MAX_PROBED_PER_REQUEST:
-            self._note("max_key_per_request enforced", "SKIP", "§6.2 Table 5",
-                       f"max_key_per_request {st.max_key_per_request} is too many keys to"
-                       " ask for one more")
+            self.findings.note("max_key_per_request enforced", "SKIP", "§6.2 Table 5",
+                               f"max_key_per_request {st.max_key_per_request} is too many keys to"
+                               " ask for one more")
         else:
             await self._refused("max_key_per_request enforced", "§6.2 Table 5",
                                 {"number": st.max_key_per_request + 1})
@@ -165,79 +173,80 @@ class Doctor:
             await m.enc_keys(self.slave_id, taken)
             after = await m.status(self.slave_id)
         except KmsError as e:
-            self._note("stored_key_count meaning", "FAIL", "§6.1", f"failed: {e}")
+            self.findings.note("stored_key_count meaning", "FAIL", "§6.1", f"failed: {e}")
             return
         # Taking keys lowers the count; the link's own supply meanwhile raises it, but not by
         # as many as were taken within a second. A count that rises by what was taken counts
         # keys handed out.
         delta = after.stored_key_count - before.stored_key_count
         if delta >= taken:
-            self._note("stored_key_count meaning", "WARN", "practice",
-                       f"rose by {delta} after {taken} keys were taken: it counts keys"
-                       " handed out, not keys available",
-                       "the gateway reads it as the pool: its supply figures and rationing"
-                       " will be wrong; rely on enc_keys' own 503 instead")
+            self.findings.note("stored_key_count meaning", "WARN", "practice",
+                               f"rose by {delta} after {taken} keys were taken: it counts keys"
+                               " handed out, not keys available",
+                               "the gateway reads it as the pool: its supply figures and rationing"
+                               " will be wrong; rely on enc_keys' own 503 instead")
         else:
-            self._note("stored_key_count meaning", "PASS", "§6.1 Table 4",
-                       f"changed by {delta:+d} after {taken} keys were taken: keys available")
+            self.findings.note("stored_key_count meaning", "PASS", "§6.1 Table 4",
+                               f"changed by {delta:+d} after {taken} keys were taken: keys"
+                               " available")
 
     # -- with the slave ---------------------------------------------------------------------
 
-    async def _probes_with_slave(self, m: KmeClient, s: KmeClient, st: Status) -> None:
-        assert self.slave is not None  # noqa: S101 (only called with one)
+    async def _probes_with_slave(self, m: KmeClient, s: KmeClient, slave: Sae) -> None:
         master_id = self.master.sae_id
         try:
             batch = await m.enc_keys(self.slave_id, 2)
         except KmsError as e:
-            self._note("dec_keys by the slave", "FAIL", "§5.2", f"no keys to probe with: {e}")
+            self.findings.note("dec_keys by the slave", "FAIL", "§5.2",
+                               f"no keys to probe with: {e}")
             return
         got = await self._call(lambda: s.dec_keys(master_id, batch.key_ids))
         if isinstance(got, KmsError):
-            self._note("dec_keys by the slave", "FAIL", "§5.3", f"refused: {got}")
+            self.findings.note("dec_keys by the slave", "FAIL", "§5.3", f"refused: {got}")
             return
         same = [a.material == b.material for a, b in zip(batch.keys, got.keys, strict=True)]
-        self._note("dec_keys by the slave", "PASS" if all(same) else "FAIL", "§5.3",
-                   "keys identical on both sides" if all(same) else
-                   f"{same.count(False)} of {len(same)} keys differ between the two SAEs")
-        again = await self._raw(self.slave, "POST", f"{master_id}/dec_keys",
+        self.findings.note("dec_keys by the slave", "PASS" if all(same) else "FAIL", "§5.3",
+                           "keys identical on both sides" if all(same) else
+                           f"{same.count(False)} of {len(same)} keys differ between the two SAEs")
+        again = await self._raw(slave, "POST", f"{master_id}/dec_keys",
                                 {"key_IDs": [{"key_ID": batch.key_ids[0]}]})
         if again.status == 200:
-            self._note("key IDs single-use", "WARN", "practice",
-                       "a key ID was delivered twice", "keys should be deleted once delivered:"
-                       " anyone with the slave's credentials gets them again")
+            self.findings.note("key IDs single-use", "WARN", "practice",
+                               "a key ID was delivered twice", "keys should be deleted once"
+                               " delivered: anyone with the slave's credentials gets them"
+                               " again")
         else:
             self._error_answer("key IDs single-use", again, 400, "§5.3, §7")
         one = await self._call(lambda: m.enc_keys(self.slave_id, 1))
         if isinstance(one, KeyBatch):
             got = await self._call(lambda: s.dec_keys(master_id, one.key_ids, method="GET"))
-            self._note("dec_keys GET form", "FAIL" if isinstance(got, KmsError) else "PASS",
-                       "§5.3 (GET form)", f"refused: {got}" if isinstance(got, KmsError)
-                       else "one key_ID by GET")
-        await self._only_the_slave(m, master_id)
+            self.findings.note("dec_keys GET form", "FAIL" if isinstance(got, KmsError) else "PASS",
+                               "§5.3 (GET form)", f"refused: {got}" if isinstance(got, KmsError)
+                               else "one key_ID by GET")
+        await self._only_the_slave(m, slave, master_id)
         await self._earlier_batches(m, s, master_id)
 
-    async def _only_the_slave(self, m: KmeClient, master_id: str) -> None:
+    async def _only_the_slave(self, m: KmeClient, slave: Sae, master_id: str) -> None:
         one = await self._call(lambda: m.enc_keys(self.slave_id, 1))
         if not isinstance(one, KeyBatch):
-            self._note("only the slave may fetch", "FAIL", "§5.2", f"no key: {one}")
+            self.findings.note("only the slave may fetch", "FAIL", "§5.2", f"no key: {one}")
             return
         key_id = one.key_ids[0]
         # The master asks its own KME for its key by ID, naming the slave: only the slave may.
         theft = await self._raw(self.master, "POST", f"{self.slave_id}/dec_keys",
                                 {"key_IDs": [{"key_ID": key_id}]})
         if theft.status == 200:
-            self._note("only the slave may fetch", "FAIL", "§5.3",
-                       "the master SAE got a key by ID: any SAE of the KME could",
-                       "do not use this KME until it checks who asks")
+            self.findings.note("only the slave may fetch", "FAIL", "§5.3",
+                               "the master SAE got a key by ID: any SAE of the KME could",
+                               "do not use this KME until it checks who asks")
         else:
             self._error_answer("only the slave may fetch", theft, 401, "§5.3")
-        assert self.slave is not None  # noqa: S101
-        wrong = await self._raw(self.slave, "POST", f"{self.slave_id}/dec_keys",
+        wrong = await self._raw(slave, "POST", f"{self.slave_id}/dec_keys",
                                 {"key_IDs": [{"key_ID": key_id}]})
         if wrong.status == 200:
-            self._note("master in the dec_keys URL", "FAIL", "§5.3 Table 2",
-                       "a key was delivered with the slave's own ID where the master's"
-                       " belongs")
+            self.findings.note("master in the dec_keys URL", "FAIL", "§5.3 Table 2",
+                               "a key was delivered with the slave's own ID where the master's"
+                               " belongs")
         else:
             self._error_answer("master in the dec_keys URL", wrong, 401, "§5.3 Table 2")
 
@@ -245,17 +254,18 @@ class Doctor:
         first = await self._call(lambda: m.enc_keys(self.slave_id, 1))
         second = await self._call(lambda: m.enc_keys(self.slave_id, 1))
         if not isinstance(first, KeyBatch) or not isinstance(second, KeyBatch):
-            self._note("earlier batches kept", "FAIL", "§5.2", "no keys to probe with")
+            self.findings.note("earlier batches kept", "FAIL", "§5.2", "no keys to probe with")
             return
         got = await self._call(lambda: s.dec_keys(master_id, first.key_ids))
         if isinstance(got, KeyBatch):
-            self._note("earlier batches kept", "PASS", "practice",
-                       "a key of an earlier enc_keys call is fetched after a later call")
+            self.findings.note("earlier batches kept", "PASS", "practice",
+                               "a key of an earlier enc_keys call is fetched after a later call")
         else:
-            self._note("earlier batches kept", "WARN", "practice",
-                       f"a key of an earlier enc_keys call is gone after a later one ({got})",
-                       "the gateway's prefetch holds the next epoch's key across a later"
-                       " call: set `prefetch: false` in the policy of links on this KME")
+            self.findings.note("earlier batches kept", "WARN", "practice",
+                               f"a key of an earlier enc_keys call is gone after a later one"
+                               f" ({got})",
+                               "the gateway's prefetch holds the next epoch's key across a later"
+                               " call: set `prefetch: false` in the policy of links on this KME")
         await self._call(lambda: s.dec_keys(master_id, second.key_ids))  # (tidy up)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -263,10 +273,6 @@ class Doctor:
     def _client(self, sae: Sae) -> KmeClient:
         return KmeClient(sae.url, ca=sae.ca, cert=sae.cert, key=sae.key,
                          timeouts=self.timeouts, retry=RetryPolicy(attempts=1))
-
-    def _note(self, probe: str, verdict: Verdict, clause: str, detail: str,
-              advice: str = "") -> None:
-        self.findings.append(Finding(probe, verdict, clause, detail, advice))
 
     @staticmethod
     async def _call(call: Callable[[], Awaitable[KeyBatch]]) -> KeyBatch | KmsError:
@@ -279,18 +285,19 @@ class Doctor:
                            call: Callable[[], Awaitable[KeyBatch]], advice: str = "") -> None:
         got = await self._call(call)
         if isinstance(got, KmsError):
-            self._note(probe, "FAIL", clause, str(got), advice)
+            self.findings.note(probe, "FAIL", clause, str(got), advice)
         else:
             sizes = sorted({len(k.material) * 8 for k in got.keys})
-            self._note(probe, "PASS", clause, f"{len(got.keys)} key(s) of"
-                       f" {', '.join(map(str, sizes))} bits")
+            self.findings.note(probe, "PASS", clause, f"{len(got.keys)} key(s) of"
+                               f" {', '.join(map(str, sizes))} bits")
 
     async def _refused(self, probe: str, clause: str, body: dict[str, Any], *,
                        severity: Verdict = "FAIL", names: str = "") -> None:
         """An enc_keys request the KME must refuse with 400 and an Error object."""
         answer = await self._raw(self.master, "POST", f"{self.slave_id}/enc_keys", body)
         if answer.status == 200:
-            self._note(probe, severity, clause, "accepted (200): it should be refused (400)")
+            self.findings.note(probe, severity, clause,
+                               "accepted (200): it should be refused (400)")
             return
         self._error_answer(probe, answer, 400, clause, names=names)
 
@@ -298,23 +305,23 @@ class Doctor:
                       names: str = "") -> None:
         """ANSWER should be EXPECTED with an Error object (§6.5) that says why."""
         if answer.status <= 0:
-            self._note(probe, "FAIL", clause, answer.text)
+            self.findings.note(probe, "FAIL", clause, answer.text)
             return
         message = answer.body.get("message") if isinstance(answer.body, dict) else None
         if not isinstance(message, str) or not message:
             # (the body is not shown: an answer nobody can parse may hold keys)
-            self._note(probe, "FAIL", "§6.5", f"HTTP {answer.status} without an Error object"
-                       f" (a JSON object with `message`): {len(answer.text)} characters that"
-                       " are not one")
+            self.findings.note(probe, "FAIL", "§6.5", f"HTTP {answer.status} without an Error"
+                               f" object (a JSON object with `message`): {len(answer.text)}"
+                               " characters that are not one")
         elif answer.status != expected:
-            self._note(probe, "WARN", clause, f"refused with HTTP {answer.status}, not"
-                       f" {expected}: {quote_remote(message, limit=100)}")
+            self.findings.note(probe, "WARN", clause, f"refused with HTTP {answer.status}, not"
+                               f" {expected}: {quote_remote(message, limit=100)}")
         elif names and names not in message:
-            self._note(probe, "WARN", clause, f"HTTP {answer.status}, but the message does not"
-                       f" name {names}: {quote_remote(message, limit=100)}")
+            self.findings.note(probe, "WARN", clause, f"HTTP {answer.status}, but the message"
+                               f" does not name {names}: {quote_remote(message, limit=100)}")
         else:
-            self._note(probe, "PASS", clause,
-                       f"refused: HTTP {answer.status}, {quote_remote(message, limit=100)}")
+            self.findings.note(probe, "PASS", clause,
+                               f"refused: HTTP {answer.status}, {quote_remote(message, limit=100)}")
 
     async def _raw(self, sae: Sae, method: str, path: str, body: Any = None) -> _Answer:
         """A request the client would refuse to send (or whose refusal is the point)."""

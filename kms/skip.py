@@ -24,7 +24,7 @@ from common.psktls import ClientContext
 from common.skip import Capabilities, KeyResponse
 from common.skip_client import SkipClient, SkipClientError
 from common.text import quote_remote
-from kms.client import KeyBatch, RetryPolicy, Timeouts
+from kms.client import KeyBatch, RetryPolicy, Timeouts, describe_invalid
 from kms.errors import (
     KmsBadRequest,
     KmsConnectionError,
@@ -71,15 +71,15 @@ class SkipKeySource:
         """Nothing held: a connection per request."""
 
     async def source_status(self, peer: str) -> SourceStatus:
-        status, body = await self._retried("status", lambda: self._get("status",
-                                                                        "/capabilities"))
+        status, body = await self._retried(functools.partial(self._get, "status",
+                                                             "/capabilities"))
         if status != 200:
             raise self._refusal("status", status, body)
         try:
             caps = Capabilities.model_validate(body)
         except ValidationError as e:
             raise KmsProtocolError(self.name, "status", f"malformed capabilities:"
-                                   f" {_first(e)}") from None
+                                   f" {describe_invalid(e)}") from None
         if caps.local_system_id != self.local_system_id:
             raise KmsProtocolError(self.name, "status", "the Key Provider is"
                                    f" {quote_remote(caps.local_system_id, limit=64)}, not"
@@ -116,7 +116,7 @@ class SkipKeySource:
             raise ValueError(f"from 1 to {MAX_KEYS_PER_CALL} key IDs")
         keys = []
         for key_id in key_ids:
-            status, body = await self._retried("dec_keys", functools.partial(
+            status, body = await self._retried(functools.partial(
                 self._get, "dec_keys", f"/key/{quote(key_id, safe='')}", {"remoteSystemID": peer}))
             keys.append(self._key("dec_keys", status, body, size, key_id))
         return KeyBatch(tuple(keys))
@@ -132,16 +132,17 @@ class SkipKeySource:
             raise KmsConnectionError(self.name, operation, str(e) or "no answer within"
                                      f" {self.timeouts.total:g} s") from None
 
-    async def _retried(self, operation: str,
-                       call: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(1, self.retry.attempts + 1):
+    async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
+        """CALL, again after a connection failure (RetryPolicy's attempts and backoff)."""
+        attempt = 1
+        while True:
             try:
                 return await call()
             except KmsConnectionError:
-                if attempt == self.retry.attempts:
+                if attempt >= self.retry.attempts:
                     raise
             await asyncio.sleep(self.retry.delay(attempt))
-        raise AssertionError("unreachable")  # (the loop returns or raises)
+            attempt += 1
 
     def _key(self, operation: str, status: int, body: dict[str, Any], bits: int | None,
              key_id: str | None) -> QkdKey:
@@ -151,7 +152,7 @@ class SkipKeySource:
             answer = KeyResponse.model_validate(body)
         except ValidationError as e:
             raise KmsProtocolError(self.name, operation, f"malformed key answer:"
-                                   f" {_first(e)}") from None
+                                   f" {describe_invalid(e)}") from None
         key = answer.key_bytes
         if bits is not None and len(key) * 8 != bits:
             raise KmsProtocolError(self.name, operation, f"a key of {len(key) * 8} bits, not"
@@ -169,8 +170,3 @@ class SkipKeySource:
                                     }.get(status, KmsHttpError)
         return kind(self.name, operation, status, message)
 
-
-def _first(e: ValidationError) -> str:
-    first = e.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "answer"
-    return f"{quote_remote(where, limit=40)}: {first['msg']}"

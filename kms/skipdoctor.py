@@ -16,15 +16,18 @@ Findings are kms/doctor.py's `Finding`s; keys are compared, never shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from common.psktls import ClientContext
 from common.skip import Capabilities, EntropyResponse, KeyResponse
 from common.skip_client import SkipClient, SkipClientError
 from common.text import quote_remote
-from kms.doctor import NO_SLAVE, Finding, Verdict
+from kms.client import describe_invalid
+from kms.doctor import NO_SLAVE, Finding, Findings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class SkipDoctor:
     local: SkipSide
     peer_id: str  # the peer's Key Provider ID (the link's peer.sae_id)
     peer: SkipSide | None = None
-    findings: list[Finding] = field(default_factory=list)
+    findings: Findings = field(default_factory=Findings)
 
     async def run(self) -> list[Finding]:
         kp = SkipClient(self.local.host, self.local.port, self.local.tls)
@@ -54,31 +57,39 @@ class SkipDoctor:
         if caps.entropy:
             await self._entropy(kp)
         else:
-            self._note("entropy", "SKIP", "§4.3", "the Key Provider offers none")
+            self.findings.note("entropy", "SKIP", "§4.3", "the Key Provider offers none")
         if self.peer is None:
             for probe in ("key by ID at the peer", "key IDs single-use",
                           "key by ID at the origin"):
-                self._note(probe, "SKIP", "", NO_SLAVE)
+                self.findings.note(probe, "SKIP", "", NO_SLAVE)
         elif made is not None:
-            await self._at_the_peer(kp, made)
+            await self._at_the_peer(kp, SkipClient(self.peer.host, self.peer.port,
+                                                   self.peer.tls), made)
         return self.findings
 
-    async def _capabilities(self, kp: SkipClient) -> Capabilities | None:
-        got = await self._get(kp, "/capabilities")
+    async def _valid(self, kp: SkipClient, model: type[M], probe: str, clause: str,
+                     path: str, query: dict[str, str] | None = None) -> M | None:
+        """GET PATH?QUERY as MODEL; None, and the probe FAIL saying why, if it is not one."""
+        got = await self._get(kp, path, query)
         if got is None:
             return None
         status, body = got
-        try:
-            if status != 200:
-                raise ValueError(f"HTTP {status}")
-            caps = Capabilities.model_validate(body)
-        except (ValueError, ValidationError) as e:
-            self._note("capabilities", "FAIL", "§4.1", f"no valid capabilities: {_why(e)}",
-                       "the other probes need them: fix this first")
+        if status != 200:
+            self.findings.note(probe, "FAIL", clause, f"HTTP {status}: {_reason(body)}")
             return None
-        self._note("capabilities", "PASS", "§4.1", f"localSystemID {caps.local_system_id},"
-                   f" remoteSystemID {', '.join(caps.remote_system_id)}, algorithm"
-                   f" {quote_remote(caps.algorithm, limit=40)}")
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            self.findings.note(probe, "FAIL", clause, f"malformed: {describe_invalid(e)}")
+            return None
+
+    async def _capabilities(self, kp: SkipClient) -> Capabilities | None:
+        caps = await self._valid(kp, Capabilities, "capabilities", "§4.1", "/capabilities")
+        if caps is None:
+            return None
+        self.findings.note("capabilities", "PASS", "§4.1", f"localSystemID {caps.local_system_id},"
+                           f" remoteSystemID {', '.join(caps.remote_system_id)}, algorithm"
+                           f" {quote_remote(caps.algorithm, limit=40)}")
         problems = []
         if caps.local_system_id != self.local.system_id:
             problems.append(f"names itself {caps.local_system_id}, configured as"
@@ -87,31 +98,24 @@ class SkipDoctor:
             problems.append(f"shares no keys with {self.peer_id}")
         if not caps.key:
             problems.append("serves no keys (key: false)")
-        self._note("capabilities fields", "FAIL" if problems else "PASS", "§4.1",
-                   "; ".join(problems) or f"itself as configured, {self.peer_id} reached,"
-                   " keys served")
+        self.findings.note("capabilities fields", "FAIL" if problems else "PASS", "§4.1",
+                           "; ".join(problems) or f"itself as configured, {self.peer_id} reached,"
+                           " keys served")
         return caps
 
     async def _new_keys(self, kp: SkipClient) -> KeyResponse | None:
         first: KeyResponse | None = None
         for bits in (None, 128, 512):
             probe = f"new key {bits or 'default'}{' bits' if bits else ' size'}"
-            got = await self._get(kp, "/key", {"remoteSystemID": self.peer_id}
-                                  | ({"size": str(bits)} if bits else {}))
-            if got is None:
-                continue
-            status, body = got
-            try:
-                if status != 200:
-                    raise ValueError(f"HTTP {status}: {_reason(body)}")
-                key = KeyResponse.model_validate(body)
-            except (ValueError, ValidationError) as e:
-                self._note(probe, "FAIL", "§4.2", _why(e))
+            key = await self._valid(kp, KeyResponse, probe, "§4.2", "/key",
+                                    {"remoteSystemID": self.peer_id}
+                                    | ({"size": str(bits)} if bits else {}))
+            if key is None:
                 continue
             want = bits or 256
             size = len(key.key_bytes) * 8
-            self._note(probe, "PASS" if size == want else "FAIL", "§4.2.2",
-                       f"{size} bits" + ("" if size == want else f", not {want}"))
+            self.findings.note(probe, "PASS" if size == want else "FAIL", "§4.2.2",
+                               f"{size} bits" + ("" if size == want else f", not {want}"))
             first = first or key
         return first
 
@@ -133,40 +137,31 @@ class SkipDoctor:
                 continue
             status, body = got
             if status == 200:
-                self._note(probe, "FAIL", clause, "answered 200" + (
+                self.findings.note(probe, "FAIL", clause, "answered 200" + (
                     " with a key" if "key" in body else ""))
             elif status != expected:
-                self._note(probe, "WARN", clause, f"HTTP {status}, not {expected}")
+                self.findings.note(probe, "WARN", clause, f"HTTP {status}, not {expected}")
             else:
-                self._note(probe, "PASS", clause, f"HTTP {status}")
+                self.findings.note(probe, "PASS", clause, f"HTTP {status}")
 
     async def _entropy(self, kp: SkipClient) -> None:
-        got = await self._get(kp, "/entropy", {"minentropy": "512"})
-        if got is None:
-            return
-        status, body = got
-        try:
-            if status != 200:
-                raise ValueError(f"HTTP {status}")
-            e = EntropyResponse.model_validate(body)
-        except (ValueError, ValidationError) as err:
-            self._note("entropy", "FAIL", "§4.3", _why(err))
+        e = await self._valid(kp, EntropyResponse, "entropy", "§4.3", "/entropy",
+                              {"minentropy": "512"})
+        if e is None:
             return
         ok = e.minentropy >= 512 and len(e.random_str) * 4 >= 512
-        self._note("entropy", "PASS" if ok else "FAIL", "§4.3",
-                   f"minentropy {e.minentropy}, {len(e.random_str) * 4} bits")
+        self.findings.note("entropy", "PASS" if ok else "FAIL", "§4.3",
+                           f"minentropy {e.minentropy}, {len(e.random_str) * 4} bits")
 
-    async def _at_the_peer(self, kp: SkipClient, made: KeyResponse) -> None:
-        assert self.peer is not None  # noqa: S101 (only called with one)
-        peer = SkipClient(self.peer.host, self.peer.port, self.peer.tls)
+    async def _at_the_peer(self, kp: SkipClient, peer: SkipClient, made: KeyResponse) -> None:
         query = {"remoteSystemID": self.local.system_id}
         got = await self._get(peer, f"/key/{made.key_id}", query)
         if got is not None:
             status, body = got
             same = status == 200 and body.get("key", "").lower() == made.key.lower()
-            self._note("key by ID at the peer", "PASS" if same else "FAIL", "§4.2",
-                       "the same key at both Key Providers" if same else
-                       f"HTTP {status}" + (": a different key" if status == 200 else
+            self.findings.note("key by ID at the peer", "PASS" if same else "FAIL", "§4.2",
+                               "the same key at both Key Providers" if same else
+                               f"HTTP {status}" + (": a different key" if status == 200 else
                                            f": {_reason(body)}"))
         again = await self._get(peer, f"/key/{made.key_id}", query)
         if again is not None:
@@ -182,31 +177,22 @@ class SkipDoctor:
     def _refused_once(self, probe: str, got: tuple[int, dict[str, Any]], clause: str) -> None:
         status, _ = got
         if status == 200:
-            self._note(probe, "FAIL", clause, "delivered again: anyone with a PSK of the Key"
-                       " Provider could take a router's key")
+            self.findings.note(probe, "FAIL", clause, "delivered again: anyone with a PSK of"
+                               " the Key Provider could take a router's key")
         else:
-            self._note(probe, "PASS" if status == 400 else "WARN", clause, f"HTTP {status}")
+            self.findings.note(probe, "PASS" if status == 400 else "WARN", clause, f"HTTP {status}")
 
     async def _get(self, kp: SkipClient, path: str, query: dict[str, str] | None = None,
                    *, method: str = "GET") -> tuple[int, dict[str, Any]] | None:
         try:
             return await kp.get(path, query, method=method)
         except SkipClientError as e:
-            self._note(f"{method} {path.split('/')[1]}", "FAIL", "§3", f"no answer: {e}")
+            self.findings.note(f"{method} {path.split('/')[1]}", "FAIL", "§3", f"no answer: {e}")
             return None
 
-    def _note(self, probe: str, verdict: Verdict, clause: str, detail: str,
-              advice: str = "") -> None:
-        self.findings.append(Finding(probe, verdict, clause, detail, advice))
 
 
 def _reason(body: dict[str, Any]) -> str:
     reason = body.get("error") or body.get("message")
     return quote_remote(reason, limit=100) if isinstance(reason, str) else "no reason given"
 
-
-def _why(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        first = e.errors(include_url=False, include_input=False)[0]
-        return f"{'.'.join(str(p) for p in first['loc']) or 'answer'}: {first['msg']}"
-    return str(e)
