@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.psktls import ClientContext, PskStream, PskTable, ServerContext, Version
 from common.skip_client import SkipClient
+from gateway.initdemo import skip_routers
 from tests.gateway.sites import Sites
 
 PSK = bytes(range(32))
@@ -66,13 +67,10 @@ async def baseline(version: Version, rounds: int) -> list[float]:
 
 
 def routers(sites: Sites, version: Version) -> tuple[SkipClient, SkipClient]:
-    out = {}
-    for entry in json.loads((sites.layout.skip_dir / "clients.json").read_text()):
-        key = bytes.fromhex(Path(entry["psk_file"]).read_text().strip())
-        port = int(entry["url"].rsplit(":", 1)[1])
-        out[entry["site"]] = SkipClient("127.0.0.1", port,
-                                        ClientContext(entry["psk_identity"], key, version))
-    return out["a"], out["b"]
+    r = skip_routers(sites.layout.skip_dir)
+    a, b = r["a"], r["b"]
+    return (SkipClient(a.host, a.port, a.tls(version)),
+            SkipClient(b.host, b.port, b.tls(version)))
 
 
 async def pair(a: SkipClient, b: SkipClient) -> tuple[float, bool]:

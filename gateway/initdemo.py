@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from common.files import write_private
+from common.psktls import ClientContext, Version
 from gateway import pki
+from kms.config import read_psk
 
 CERTS = ("kme-a", "kme-b", "sae-a", "sae-b", "gw-a", "gw-b")
 
@@ -98,7 +100,18 @@ class DemoLayout:
         return self.root / f"state-{site}"
 
 
-def _kms_yaml(d: DemoLayout) -> str:
+def _kme_skip(d: DemoLayout, site: str, on: bool) -> str:
+    """KME-SITE's SKIP Key Provider section (--kms-protocol skip), or nothing."""
+    return f"""\
+    skip:                      # a SKIP Key Provider too
+      listen: {d.host}:{d.kp_port(site)}
+      psk_file: skip/kme-{site}.psk
+""" if on else ""
+
+
+def _kms_yaml(d: DemoLayout, *, skip_source: bool = False) -> str:
+    protocol = "    protocol: skip             # keys handed out over SKIP\n" \
+        if skip_source else ""
     return f"""\
 # KMS simulator for the qkd-gateway demo: `qkdgw kms-sim -c kms.yaml`.
 # Two KMEs, one per site, and the QKD link between them. Reference: docs/kms-simulator.md.
@@ -111,15 +124,15 @@ kmes:
     cert: pki/kme-a.pem
     key: pki/kme-a.key
     saes: [sae-a]              # SAEs are identified by their certificate's commonName
-  - id: kme-b
+{_kme_skip(d, "a", skip_source)}  - id: kme-b
     listen: {d.host}:{d.kme_port("b")}
     cert: pki/kme-b.pem
     key: pki/kme-b.key
     saes: [sae-b]
-links:
+{_kme_skip(d, "b", skip_source)}links:
   - name: qkd-ab
     kmes: [kme-a, kme-b]
-    key_size: 256              # default key size, bits
+{protocol}    key_size: 256              # default key size, bits
     max_key_count: 10000       # pool capacity, keys of key_size
     max_key_per_request: 128
     key_rate: 50000            # secret key rate at the nominal QBER, bit/s
@@ -128,8 +141,29 @@ links:
 """
 
 
+def _kms_section(d: DemoLayout, site: str, skip_source: bool) -> str:
+    if skip_source:
+        return f"""\
+kms:                           # this site's KME as a SKIP Key Provider (docs/skip.md)
+  protocol: skip
+  url: https://{d.host}:{d.kp_port(site)}
+  sae_id: kme-{site}                # the Key Provider's localSystemID
+  psk_identity: sae-{site}
+  psk_file: skip/sae-{site}.psk
+"""
+    return f"""\
+kms:                           # this site's KME (ETSI GS QKD 014 over mutual TLS)
+  url: https://{d.host}:{d.kme_port(site)}
+  sae_id: sae-{site}
+  ca: pki/ca.pem
+  cert: pki/sae-{site}.pem
+  key: pki/sae-{site}.key
+"""
+
+
 def _site_yaml(d: DemoLayout, site: str, *, node: str | None = None,
-               vip: str | None = None, skip: bool = False) -> str:
+               vip: str | None = None, skip: bool = False,
+               skip_source: bool = False) -> str:
     """SITE's configuration; NODE (a1, a2): that node of site A's pair, listening on the
     pair's virtual address VIP (site B: its peer's address is VIP)."""
     peer = "b" if site == "a" else "a"
@@ -149,18 +183,15 @@ ha:                            # one node of a pair under keepalived (docs/ha.md
     role_note = ("the initiator fetches QKD keys as master SAE" if site == "a"
                  else "the responder gets the same QKD keys by ID as slave SAE")
     tls_role = "client" if site == "a" else "server"
+    kms = _kms_section(d, site, skip_source)
+    peer_sae = (f"sae_id: kme-{peer}                # the peer's Key Provider (SKIP)"
+                if skip_source else f"sae_id: sae-{peer}")
     return f"""\
 # Gateway of site {site.upper()} for the qkd-gateway demo: `qkdgw run -c site-{me}.yaml`.
 # Reference: docs/configuration.md.
 site: {site}
 state_dir: state-{me}            # link state, audit trail, admin socket
-kms:                           # this site's KME (ETSI GS QKD 014 over mutual TLS)
-  url: https://{d.host}:{d.kme_port(site)}
-  sae_id: sae-{site}
-  ca: pki/ca.pem
-  cert: pki/sae-{site}.pem
-  key: pki/sae-{site}.key
-kms_status_interval: 2         # seconds between KMS status polls
+{kms}kms_status_interval: 2         # seconds between KMS status polls
 peer_channel:                  # mutual-TLS channel between the two gateways
   listen: {listen}
   ca: pki/ca.pem
@@ -178,7 +209,7 @@ links:
     peer:
       address: {peer_address}
       name: gw-{peer}                 # pinned: the peer's certificate commonName
-      sae_id: sae-{peer}
+      {peer_sae}
     sinks:
       - type: file             # the epoch's TLS PSK, for any PSK-capable service
         path: state-{me}/ab.psk
@@ -201,39 +232,42 @@ def _skip_sink(d: DemoLayout, site: str) -> str:
 """
 
 
-def _skip_source(d: DemoLayout) -> None:
-    """The KMEs as SKIP Key Providers and each gateway their client: kms.yaml and the site
-    configurations rewritten, the PSK files written."""
+def _skip_source_files(d: DemoLayout) -> None:
+    """Each gateway's PSK for its KME's SKIP Key Provider, and the Key Provider's table."""
     d.skip_dir.mkdir(mode=0o700, exist_ok=True)
-    kms = d.kms_config.read_text()
     for site in ("a", "b"):
         key = secrets.token_bytes(SKIP_PSK_BYTES).hex()
         write_private(d.skip_dir / f"sae-{site}.psk", f"{key}\n".encode())
         write_private(d.skip_dir / f"kme-{site}.psk", f"sae-{site}:{key}\n".encode())
-        section = ("    skip:                      # a SKIP Key Provider too\n"
-                   f"      listen: {d.host}:{d.kp_port(site)}\n"
-                   f"      psk_file: skip/kme-{site}.psk\n")
-        line = re.search(rf"    saes: \[sae-{site}\][^\n]*\n", kms)
-        if line is not None:  # (init_demo wrote it)
-            kms = kms[:line.end()] + section + kms[line.end():]
-        peer = "b" if site == "a" else "a"
-        path = d.site_config(site)
-        text = path.read_text()
-        start, end = text.index("kms:"), text.index("kms_status_interval:")
-        text = text[:start] + f"""\
-kms:                           # this site's KME as a SKIP Key Provider (docs/skip.md)
-  protocol: skip
-  url: https://{d.host}:{d.kp_port(site)}
-  sae_id: kme-{site}                # the Key Provider's localSystemID
-  psk_identity: sae-{site}
-  psk_file: skip/sae-{site}.psk
-""" + text[end:]
-        text = text.replace(f"      sae_id: sae-{peer}", f"      sae_id: kme-{peer}"
-                            "                # the peer's Key Provider (SKIP)", 1)
-        path.write_text(text)
-    kms = kms.replace("    kmes: [kme-a, kme-b]", "    kmes: [kme-a, kme-b]\n"
-                      "    protocol: skip             # keys handed out over SKIP", 1)
-    d.kms_config.write_text(kms)
+
+
+@dataclass(frozen=True)
+class SkipRouter:
+    """One entry of skip/clients.json: where a site's router asks for keys, and as whom."""
+
+    site: str
+    host: str
+    port: int
+    local_system_id: str
+    remote_system_id: str
+    psk_identity: str
+    psk_file: Path
+
+    def tls(self, version: Version | None = None) -> ClientContext:
+        return ClientContext(self.psk_identity, read_psk(self.psk_file), version)
+
+
+def skip_routers(skip_dir: Path) -> dict[str, SkipRouter]:
+    """SKIP_DIR/clients.json (as `_skip_files` wrote it), by site."""
+    out = {}
+    for e in json.loads((skip_dir / "clients.json").read_text()):
+        url = urlsplit(e["url"])
+        if url.hostname is None or url.port is None:
+            raise InitDemoError(f"{skip_dir}/clients.json: {e['url']} is not https://HOST:PORT")
+        out[e["site"]] = SkipRouter(e["site"], url.hostname, url.port, e["local_system_id"],
+                                    e["remote_system_id"], e["psk_identity"],
+                                    Path(e["psk_file"]))
+    return out
 
 
 def _skip_files(d: DemoLayout) -> None:
@@ -349,17 +383,19 @@ def init_demo(
             server=is_server, client=not cn.startswith("kme"),
         )
         pki.save(cert, layout.pki / f"{cn}.pem", layout.pki / f"{cn}.key")
-    layout.kms_config.write_text(_kms_yaml(layout))
+    if pair is not None and (skip or kms_protocol != "etsi014"):
+        raise InitDemoError("--skip and --kms-protocol skip do not go with --ha (yet)")
+    skip_source = kms_protocol == "skip"
+    layout.kms_config.write_text(_kms_yaml(layout, skip_source=skip_source))
     if skip:
         _skip_files(layout)
+    if skip_source:
+        _skip_source_files(layout)
     if pair is None:
         for site in ("a", "b"):
-            layout.site_config(site).write_text(_site_yaml(layout, site, skip=skip))
-        if kms_protocol == "skip":
-            _skip_source(layout)
+            layout.site_config(site).write_text(
+                _site_yaml(layout, site, skip=skip, skip_source=skip_source))
         return layout
-    if skip or kms_protocol != "etsi014":
-        raise InitDemoError("--skip and --kms-protocol skip do not go with --ha (yet)")
     # Node a2: its own key, the name site B pins (docs/ha.md, the certificate choice).
     cert = pki.issue(ca, "gw-a", dns=["gw-a", "localhost"], ips=[pair.address],
                      server=True, client=True)

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import socket
 from collections import Counter
 from pathlib import Path
 
-from common.psktls import ClientContext
 from common.skip_client import SkipClient, SkipClientError
 from gateway.demo.sites import SKIP_ADDR, SKIP_PORT
 from gateway.demo.topology import Net
+from gateway.initdemo import skip_routers
 
 #: A round every second: a router asks for a key per IKE SA, far less often; once a second
 #: the demo shows keys across every rekey.
@@ -29,14 +28,12 @@ ROUND = 1.0
 
 class Routers:
     def __init__(self, net: Net, skip_dir: Path) -> None:
-        self.clients: dict[str, SkipClient] = {}
-        for entry in json.loads((skip_dir / "clients.json").read_text()):
-            site = entry["site"]
-            key = bytes.fromhex(Path(entry["psk_file"]).read_text().strip())
-            self.clients[site] = SkipClient(
-                SKIP_ADDR[site], SKIP_PORT, ClientContext(entry["psk_identity"], key),
-                socket_factory=functools.partial(net.socket, f"lan-{site}", socket.AF_INET,
-                                                 socket.SOCK_STREAM))
+        # (clients.json's identities and keys; the addresses are the namespaces')
+        self.clients = {site: SkipClient(
+            SKIP_ADDR[site], SKIP_PORT, router.tls(),
+            socket_factory=functools.partial(net.socket, f"lan-{site}", socket.AF_INET,
+                                             socket.SOCK_STREAM))
+            for site, router in skip_routers(skip_dir).items()}
         self.handed_out = self.obtained = self.matching = 0
         self.refused: Counter[str] = Counter()
 
