@@ -1,7 +1,7 @@
 """strongSwan benchmark: PPK rotation (a new IKE SA per epoch) against strongSwan's own CHILD SA
 rekey, with traffic both ways, in the same run.
 
-    python bench/strongswan.py [--rotations 20] [--rate 1000]
+    python bench/strongswan.py [--rotations 20] [--rate 1000] [--charon {5.9,6}]
 
 The two-site world of tests/ipsec/strongswan_world.py (network namespaces, two charons with
 kernel-libipsec, `qkdgw kms-sim`, two `qkdgw run`, needs root). UDP flows at RATE packets/s
@@ -14,7 +14,10 @@ each way run throughout; then
 A packet lost is put to the rekey nearest its send time. Then 3. both directions saturated
 (40,000 packets/s offered each way for 4 s): packets/s that arrive. Runs twice: as configured by
 default (the IKE responder holds its tunnel traffic during a rotation, ipsec/strongswan/hold.py)
-and, as the baseline, with `hold: null`. Prints; asserts nothing.
+and, as the baseline, with `hold: null`. With `--charon 6` both sites run Debian 13's
+strongSwan 6.0.1 (from the root of tests/interop/roots.py, with the `ml` plugin), and the two
+runs are with ML-KEM-768 as an additional key exchange in the IKE and ESP proposals
+(`ke1_mlkem768`) and, as the baseline, without. Prints; asserts nothing.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ async def measure(w: sw.World, rotations: int, rate: int) -> dict[str, Any]:
 
 
 def report(r: dict[str, Any], rotations: int, rate: int, what: str) -> None:
-    print(f"\nstrongSwan 5.9 kernel-libipsec, {rate} UDP packets/s each way,"
+    print(f"\nstrongSwan {r['version']} kernel-libipsec, {rate} UDP packets/s each way,"
           f" {rotations} of each kind; {what}")
     for kind, name in (("ppk", "PPK rotation (new IKE SA, qkdgw)"),
                        ("child", "CHILD SA rekey (charon alone)")):
@@ -133,34 +136,57 @@ class Unheld(sw.World):
     hold = False
 
 
-async def run(rotations: int, rate: int, *, hold: bool) -> dict[str, Any]:
+async def run(rotations: int, rate: int, *, hold: bool, charon: sw.Charon = sw.DEBIAN12,
+              mlkem: bool = False) -> dict[str, Any]:
     world = (sw.World if hold else Unheld)(
         Path(tempfile.mkdtemp(prefix="qkdgw-bench-strongswan-")),
-        {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0, "grace": 0.5})
+        {"interval": 3600.0, "jitter": 0.0, "hard_lifetime": 7200.0, "grace": 0.5},
+        charons=(charon, charon), mlkem=mlkem)
     with world:
         await world.start()
         result = await measure(world, rotations, rate)
         result["saturated"] = await saturate(world, SATURATE_RATE, SATURATE_SECONDS)
+        result["version"] = charon.version
         return result
+
+
+def ratios(runs: dict[str, dict[str, Any]]) -> None:
+    """The first run's figures over the second's (the baseline)."""
+    (name, r), (base_name, base) = runs.items()
+    for kind, what in (("ppk", "PPK rotation"), ("child", "CHILD SA rekey")):
+        print(f"ratio {what} latency (p50) {name} / {base_name}:"
+              f" {statistics.median(r[kind]) / statistics.median(base[kind]):.2f}x")
+    for d in ("a->b", "b->a"):
+        print(f"ratio saturated throughput {d} {name} / {base_name}:"
+              f" {r['saturated'][d] / base['saturated'][d]:.2f}x")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rotations", type=int, default=20)
     parser.add_argument("--rate", type=int, default=1000, help="UDP packets/s each way")
+    parser.add_argument("--charon", choices=["5.9", "6"], default="5.9",
+                        help="5.9: Debian 12's, with and without the responder's hold;"
+                             " 6: Debian 13's 6.0, with and without ML-KEM in IKE and ESP")
     args = parser.parse_args()
-    reason = sw.missing_tools()
-    if reason:
+    charon = sw.DEBIAN12 if args.charon == "5.9" else sw.DEBIAN13
+    if reason := sw.missing_tools(charon):
         sys.exit(f"bench/strongswan.py: {reason}")
-    held = await run(args.rotations, args.rate, hold=True)
-    baseline = await run(args.rotations, args.rate, hold=False)
-    report(held, args.rotations, args.rate, "the responder holds its traffic (default)")
-    report(baseline, args.rotations, args.rate, "baseline: no hold (hold: null)")
-    ppk_held, ppk_base = statistics.median(held["ppk"]), statistics.median(baseline["ppk"])
-    print(f"\nratio PPK rotation latency (p50) with hold / without: {ppk_held / ppk_base:.2f}x")
-    for d in ("a->b", "b->a"):
-        print(f"ratio saturated throughput {d} with hold / without:"
-              f" {held['saturated'][d] / baseline['saturated'][d]:.2f}x")
+    n, rate = args.rotations, args.rate
+    if args.charon == "5.9":
+        held = await run(n, rate, hold=True)
+        baseline = await run(n, rate, hold=False)
+        report(held, n, rate, "the responder holds its traffic (default)")
+        report(baseline, n, rate, "baseline: no hold (hold: null)")
+        print()
+        ratios({"with hold": held, "without": baseline})
+        return
+    mlkem = await run(n, rate, hold=True, charon=charon, mlkem=True)
+    baseline = await run(n, rate, hold=True, charon=charon, mlkem=False)
+    report(mlkem, n, rate, f"ke1_mlkem768 in the IKE and ESP proposals ({sw.MLKEM_IKE})")
+    report(baseline, n, rate, "baseline: without ML-KEM in IKE and ESP")
+    print()
+    ratios({"with ML-KEM": mlkem, "without": baseline})
 
 
 if __name__ == "__main__":

@@ -93,19 +93,31 @@ class StrongswanSites(Sites):
     def vici_path(self, site: str) -> Path:
         return self.root / f"charon-{site}.vici"
 
+    def charon_dir(self, site: str) -> Path:
+        """This world's directory as SITE's charon sees it (the tests chroot some charons)."""
+        return self.root
+
+    def charon_plugins(self, site: str) -> str:
+        return PLUGINS
+
+    def charon_command(self, site: str) -> list[str]:
+        """SITE's charon, in a mount namespace of its own where RUN is its /run."""
+        run_dir = self.root / f"run-{site}"
+        return ["unshare", "-m", "sh", "-c", f"mount --bind {run_dir} /run && exec {CHARON}"]
+
     def write_charon_config(self, site: str) -> None:
-        d = self.root
+        d, seen = self.root, self.charon_dir(site)
         (d / f"run-{site}").mkdir(exist_ok=True)
         (d / f"strongswan-{site}.conf").write_text(f"""\
 charon {{
-    load = {PLUGINS}
+    load = {self.charon_plugins(site)}
     # Failures show within seconds in tests (defaults: 4 s, 5 tries, ~165 s in all).
     retransmit_timeout = 1.0
     retransmit_tries = 3
     make_before_break = yes
     filelog {{
         charon {{
-            path = {d}/charon-{site}.log
+            path = {seen}/charon-{site}.log
             time_format = %H:%M:%S
             ike_name = yes
             flush_line = yes
@@ -115,7 +127,7 @@ charon {{
     }}
     plugins {{
         vici {{
-            socket = unix://{self.vici_path(site)}
+            socket = unix://{seen / self.vici_path(site).name}
         }}
     }}
 }}
@@ -141,11 +153,9 @@ secrets {{
         for stale in run_dir.iterdir():
             stale.unlink()
         self.vici_path(site).unlink(missing_ok=True)
-        conf = self.root / f"strongswan-{site}.conf"
-        self.spawn(f"charon-{site}", self.namespace(site), [
-            "unshare", "-m", "sh", "-c",
-            f"mount --bind {run_dir} /run && exec {CHARON}"],
-            env={"STRONGSWAN_CONF": str(conf)})
+        conf = self.charon_dir(site) / f"strongswan-{site}.conf"
+        self.spawn(f"charon-{site}", self.namespace(site), self.charon_command(site),
+                   env={"STRONGSWAN_CONF": str(conf)})
         wait_until(f"charon-{site} VICI", lambda: self.vici_path(site).exists())
         run("swanctl", "--load-creds", "--noprompt", "--uri", f"unix://{self.vici_path(site)}",
             "--file", str(self.root / f"swanctl-{site}.conf"))

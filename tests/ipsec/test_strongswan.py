@@ -1,6 +1,12 @@
 """The strongSwan sink with real charons: every epoch's key becomes a new IKE SA's RFC 8784 PPK.
 
-Topology and wiring: tests/ipsec/strongswan_world.py. Two phases, one world each:
+Topology and wiring: tests/ipsec/strongswan_world.py. Each phase has a world of its own, and
+the first two run for each pair of charons (docs/interop.md):
+- "5.9": Debian 12's strongSwan 5.9.8 at both sites;
+- "6.0-mlkem": Debian 13's 6.0.1 (with the `ml` plugin) at both sites, ML-KEM-768 as an
+  additional key exchange in the IKE and ESP proposals;
+- "5.9-6.0" (main only): a 5.9 initiator and a 6.0 responder, without ML-KEM (5.9 has none).
+Phases:
 - main: UDP both ways at 500 packets/s across 25+ rotations 1.5 s apart; list-sas sampled
   every 50 ms in both charons; the wire between the sites captured and classified.
 - restart: a long interval (no rotation during the phase), so what brings the tunnel back
@@ -36,24 +42,32 @@ RESTART_POLICY = {"interval": 600.0, "jitter": 0.0, "hard_lifetime": 1200.0, "gr
 COMEBACK = 20.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _need_strongswan() -> None:
-    reason = sw.missing_tools()
-    if reason:
-        pytest.skip(f"no strongSwan world here: {reason}")
+#: The charons of sites a and b, and whether their proposals ask for ML-KEM.
+PAIRS: dict[str, tuple[tuple[sw.Charon, sw.Charon], bool]] = {
+    "5.9": ((sw.DEBIAN12, sw.DEBIAN12), False),
+    "6.0-mlkem": ((sw.DEBIAN13, sw.DEBIAN13), True),
+    "5.9-6.0": ((sw.DEBIAN12, sw.DEBIAN13), False),
+}
 
 
 def _world(tmp_path_factory: pytest.TempPathFactory, name: str, policy: dict[str, Any],
            phase: Callable[[sw.World], Coroutine[Any, Any, dict[str, Any]]],
-           ) -> Iterator[dict[str, Any]]:
+           pair: str = "5.9") -> Iterator[dict[str, Any]]:
     """One world for PHASE, kept up while the module's tests judge its results."""
-    with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}"), policy) as world:
-        yield asyncio.run(phase(world))
+    charons, mlkem = PAIRS[pair]
+    if reason := sw.missing_tools(*charons):
+        pytest.skip(f"no strongSwan world here: {reason}")
+    with sw.World(tmp_path_factory.mktemp(f"strongswan-{name}-{pair}"), policy,
+                  charons=charons, mlkem=mlkem) as world:
+        result = asyncio.run(phase(world))
+        result.update(pair=pair, mlkem=mlkem)
+        yield result
 
 
-@pytest.fixture(scope="module")
-def main(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    yield from _world(tmp_path_factory, "main", MAIN_POLICY, _main_phase)
+@pytest.fixture(scope="module", params=list(PAIRS))
+def main(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from _world(tmp_path_factory, "main", MAIN_POLICY, _main_phase, request.param)
 
 
 async def _main_phase(w: sw.World) -> dict[str, Any]:
@@ -67,15 +81,41 @@ async def _main_phase(w: sw.World) -> dict[str, Any]:
     stop.set()
     samples = await sampler
     status = {s: await w.link(s) for s in ("a", "b")}
+    await _rekey_child(w)  # charon alone: with ML-KEM in the ESP proposal, a CHILD SA's PFS
     return {"root": w.root, "flows": flows, "capture": capture, "samples": samples,
             "status": status, "first_epoch": first,
+            "list_sas": {s: w.swanctl(s, "--list-sas") for s in ("a", "b")},
+            "versions": {s: w.swanctl(s, "--version", "--daemon") for s in ("a", "b")},
             "charon_a": (w.root / "charon-a.log").read_text(),
             "holds": w.holds("b"), "initiator_holds": w.holds("a")}
 
 
-@pytest.fixture(scope="module")
-def restart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    yield from _world(tmp_path_factory, "restart", RESTART_POLICY, _restart_phase)
+async def _rekey_child(w: sw.World) -> None:
+    """The initiator's charon rekeys its CHILD SA (same IKE SA, no new PPK)."""
+    v = await Vici.connect(w.vici_path("a"))
+    try:
+        before = await _installed_spis(v)
+        await v.request("rekey", {"child": "lan"})
+
+        async def rekeyed() -> bool:
+            return bool(await _installed_spis(v) - before)
+
+        await sw.until("the CHILD SA rekeyed", rekeyed, COMEBACK)
+    finally:
+        await v.close()
+
+
+async def _installed_spis(v: Vici) -> set[str]:
+    events = await v.streamed("list-sas", "list-sa", {"noblock": "yes"})
+    return {c["spi-in"] for e in events for sa in e.values() if isinstance(sa, dict)
+            for c in (sa.get("child-sas") or {}).values() if c.get("state") == "INSTALLED"}
+
+
+@pytest.fixture(scope="module", params=["5.9", "6.0-mlkem"])
+def restart(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    yield from _world(tmp_path_factory, "restart", RESTART_POLICY, _restart_phase,
+                      request.param)
 
 
 async def _restart_phase(w: sw.World) -> dict[str, Any]:
@@ -201,6 +241,31 @@ def test_at_least_20_rotations_each_a_new_ike_sa_with_a_new_ppk(main: dict[str, 
     assert last in epochs[-2:]
     assert main["status"]["b"]["epoch"] in epochs[-2:]
     assert main["status"]["a"]["fingerprint"] == main["status"]["b"]["fingerprint"]
+
+
+def test_each_site_runs_the_charon_it_should_and_ike_negotiates_what_it_proposes(
+        main: dict[str, Any]) -> None:
+    """6.0 with ML-KEM: every IKE SA took ML-KEM-768 as its first additional key exchange
+    (over VICI `ake1`, and in 6.0's own `swanctl --list-sas`) on top of X25519 and the PPK,
+    and so did a CHILD SA rekey; with a 5.9 site nothing but X25519 (and the PPK)."""
+    charons, _ = PAIRS[main["pair"]]
+    for site, charon in zip(("a", "b"), charons, strict=True):
+        assert f"strongSwan {charon.version}." in main["versions"][site], main["versions"][site]
+    established = [sa for s in main["samples"] for sa in s.get("sas", [])
+                   if sa["state"] == "ESTABLISHED"]
+    assert established
+    assert {sa["ke"] for sa in established} == {"CURVE_25519"}
+    assert {sa["ake1"] for sa in established} == ({"ML_KEM_768"} if main["mlkem"] else {None})
+    ike = "AES_GCM_16-256/PRF_HMAC_SHA2_384/CURVE_25519" + (
+        "/KE1_ML_KEM_768" if main["mlkem"] else "") + "/PPK"
+    for site in ("a", "b"):
+        text = main["list_sas"][site]
+        sas = re.findall(r"^qkdgw-ab: #\d+, ESTABLISHED, IKEv2", text, re.M)
+        assert sas, text
+        assert re.findall(r"^  (\S+)$", text, re.M) == [ike] * len(sas), text
+        # The CHILD SA charon rekeyed at the end: its own key exchange is ML-KEM too (PFS).
+        rekeyed = re.findall(r"INSTALLED, TUNNEL-in-UDP, (ESP:\S+)", text)
+        assert ("ESP:AES_GCM_16-256/CURVE_25519/KE1_ML_KEM_768" in rekeyed) == main["mlkem"], text
 
 
 def test_list_sas_shows_ppk_on_every_ike_sa_and_the_tunnel_never_goes_down(
