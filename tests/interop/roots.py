@@ -2,9 +2,8 @@
 
 The host is Debian 12 (strongSwan 5.9.8, OpenSSL 3.0, Python 3.11). The interop matrix
 (docs/interop.md) also needs Debian 13's daemons: strongSwan 6.0.1, OpenSSL 3.5 (the
-X25519MLKEM768 TLS group), stunnel 5.74, Python 3.13 and libreswan 5.2. They run from a
-debootstrap'd root: chrooted into a test's network namespace (charon, stunnel, Python), or as
-User-Mode Linux's root file system (pluto, which needs the kernel's ESP).
+X25519MLKEM768 TLS group), stunnel 5.74 and Python 3.13. They run from a debootstrap'd root,
+chrooted into a test's network namespace.
 
 Debian 13 builds strongSwan without any ML-KEM provider (6.0.1 takes ML-KEM only from its
 `ml`, botan or wolfssl plugins, or from OpenSSL on AWS-LC). The `strongswan` root therefore
@@ -13,15 +12,14 @@ also gets upstream's `ml` plugin, built from the very source Debian's packages c
 installed next to Debian's plugins. That is what an operator on Debian 13 does too
 (docs/strongswan.md).
 
-libreswan conflicts with strongSwan's charon (both provide `ike-server`): it gets a root of
-its own.
-
     python -m tests.interop.roots [NAME...]     build what is missing (root; needs debootstrap)
 
 Roots live in /var/cache/qkd-gateway/roots (QKDGW_ROOTS overrides), one directory per
 recipe's digest, built in a scratch directory and renamed into place when complete, so a
 build that fails or is interrupted leaves nothing a test would use. A root takes about two
 minutes to build (downloads from the Debian mirror: QKDGW_MIRROR, default deb.debian.org).
+(libreswan 5.2, for the interop matrix's next rows, conflicts with charon as a package, both
+providing `ike-server`: it will need a root of its own.)
 """
 
 from __future__ import annotations
@@ -91,13 +89,7 @@ STRONGSWAN = Recipe(
                 "build/strongswan.tar.bz2"),),
 )
 
-LIBRESWAN = Recipe(
-    name="libreswan",
-    packages=("libreswan", "iproute2", "iputils-ping", "tcpdump", "kmod", "python3",
-              "iptables", "procps"),
-)
-
-RECIPES = {r.name: r for r in (STRONGSWAN, LIBRESWAN)}
+RECIPES = {r.name: r for r in (STRONGSWAN,)}
 
 
 def missing(recipe: Recipe) -> str | None:
