@@ -117,7 +117,9 @@ def sh(*argv: str, check: bool = True, timeout: float = 600, **kw: Any) -> str:
 def docker() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("dockerd and debootstrap need root")
-    for tool, package in (("dockerd", "docker.io"), ("docker-compose", "docker-compose"),
+    for tool, package in (("dockerd", "docker.io"), ("docker", "docker.io; on Debian 13"
+                                                               " also docker-cli"),
+                          ("docker-compose", "docker-compose"),
                           ("debootstrap", "debootstrap"), ("tcpdump", "tcpdump")):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (apt-get install {package})")
