@@ -140,18 +140,17 @@ class Pair:
                        f" psk-echo 127.0.0.1 7443 --psk-file {self.seen(server13)}/psk")
         wait_until("the TLS server listening", lambda: ":7443 " in run(
             "ip", "netns", "exec", self.ns, "ss", "-Htln"))
-        out = self.seen(client13)
-        if c.client.startswith("stunnel"):
+        if c.client.startswith("stunnel"):  # the load talks plain TCP to the stunnel client
             self.stunnel("client", client13, "X25519MLKEM768:X25519" if client13 else None)
             wait_until("the stunnel client listening", lambda: ":7000 " in run(
                 "ip", "netns", "exec", self.ns, "ss", "-Htln"))
-            load = f"-m tests.tls.tlsload load 127.0.0.1 7000 --seconds {LOAD_SECONDS}"
-        else:
-            load = (f"-m tests.tls.tlsload load 127.0.0.1 7443 --seconds {LOAD_SECONDS}"
-                    f" --psk-file {out}/psk")
-        python = self.python(client13 and c.client.startswith("python"))
-        in_root = client13 and c.client.startswith("python")
-        return self.argv(in_root, f"{python} {load} --out {self.seen(in_root)}/load.json")
+            in_root, target = False, "7000"
+        else:  # the load speaks TLS itself (tls/pyssl.py), with the PSK file
+            in_root = client13
+            target = f"7443 --psk-file {self.seen(in_root)}/psk"
+        return self.argv(in_root, f"{self.python(in_root)} -m tests.tls.tlsload load 127.0.0.1"
+                                  f" {target} --seconds {LOAD_SECONDS}"
+                                  f" --out {self.seen(in_root)}/load.json")
 
     def stop(self) -> None:
         for proc in self.procs:
