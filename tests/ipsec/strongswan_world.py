@@ -72,11 +72,13 @@ def missing_tools(*charons: Charon) -> str | None:
 class World(Sites, StrongswanSites):
     def __init__(self, root: Path, policy: dict[str, Any], *,
                  charons: tuple[Charon, Charon] = (DEBIAN12, DEBIAN12), mlkem: bool = False,
-                 **kwargs: Any) -> None:
+                 ml_plugin: bool = True, **kwargs: Any) -> None:
+        """MLKEM: the proposals ask for ML-KEM; ML_PLUGIN: 6.0's charons load the `ml` plugin
+        (without it, Debian 13's strongSwan as packaged)."""
         self.charons = dict(zip(("a", "b"), charons, strict=True))
         if mlkem and DEBIAN12 in charons:
             raise ValueError("strongSwan 5.9 has no ML-KEM: mlkem needs 6.0 at both sites")
-        self.mlkem = mlkem
+        self.mlkem, self.ml_plugin = mlkem, ml_plugin
         super().__init__(root, policy, **kwargs)
 
     def sink(self, site: str) -> dict[str, Any]:
@@ -90,7 +92,7 @@ class World(Sites, StrongswanSites):
         return self.root if self.charons[site].root() is None else CHROOT_DIR
 
     def charon_plugins(self, site: str) -> str:
-        return PLUGINS if self.charons[site].root() is None else f"{PLUGINS} ml"
+        return f"{PLUGINS} ml" if self.charons[site].root() and self.ml_plugin else PLUGINS
 
     def charon_command(self, site: str) -> list[str]:
         if self.charons[site].root() is None:

@@ -12,6 +12,9 @@ Phases:
 - restart: a long interval (no rotation during the phase), so what brings the tunnel back
   is the sink's watchdog re-injecting the current epoch: charon-a (the IKE initiator's) is
   SIGKILLed and restarted, then charon-b's.
+- no-ml: both sites on Debian 13's strongSwan as packaged (no `ml` plugin) with ML-KEM in the
+  proposals, as an operator who skipped docs/strongswan.md would have it: no IKE SA ever
+  comes up; the link stays blocked and alarmed, and nothing crosses in clear.
 - refused: charon-b loses the sites' IKE secret, so the initiator's switch to a new epoch
   fails its IKE authentication (a real data plane refusing a switch): gw-a blocks, raises
   `sink-failed` and gives the epoch up; once the secret is back, a later epoch recovers.
@@ -450,7 +453,10 @@ async def _refused_phase(w: sw.World) -> dict[str, Any]:
 
 
 async def _alarmed(w: sw.World) -> bool:
-    a = await w.link("a")
+    try:
+        a = await w.link("a")
+    except OSError:  # gw-a still starting
+        return False
     return bool(a["blocked"]) and "sink-failed" in a["alarms"]
 
 
@@ -473,3 +479,47 @@ def test_nothing_in_clear_while_the_switch_was_refused(refused: dict[str, Any]) 
     assert wire.leaked == 0, wire.leaks
     assert wire.esp["a>b"] > 0
     assert wire.esp["b>a"] > 0
+
+
+# -- no-ml --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_ml(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    charons = (sw.DEBIAN13, sw.DEBIAN13)
+    if reason := sw.missing_tools(*charons):
+        pytest.skip(f"no strongSwan world here: {reason}")
+    with sw.World(tmp_path_factory.mktemp("strongswan-no-ml"), MAIN_POLICY, charons=charons,
+                  mlkem=True, ml_plugin=False) as w:
+        yield asyncio.run(_no_ml_phase(w))
+
+
+async def _no_ml_phase(w: sw.World) -> dict[str, Any]:
+    w.start_sim()
+    for site in ("a", "b"):
+        w.start_data_plane(site)
+    for site in ("a", "b"):
+        w.start_gateway(site)
+    with w.capture("no-ml") as capture:
+        w.start_flows(100, 8)
+        await sw.until("gw-a blocked with sink-failed", functools.partial(_alarmed, w), COMEBACK)
+        flows = await w.flows_done()
+    return {"capture": capture, "flows": flows, "status": await w.link("a"),
+            "list_algs": w.swanctl("a", "--list-algs"),
+            "charon_a": (w.root / "charon-a.log").read_text()}
+
+
+def test_mlkem_without_the_ml_plugin_never_brings_the_tunnel_up_and_fails_closed(
+        no_ml: dict[str, Any]) -> None:
+    assert "ML_KEM" not in no_ml["list_algs"]
+    assert "negotiated key exchange method ML_KEM_768 not supported" in no_ml["charon_a"]
+    assert not re.search(r"IKE_SA qkdgw-ab\[\d+\] established", no_ml["charon_a"])
+    status = no_ml["status"]
+    assert status["blocked"]
+    assert "sink-failed" in status["alarms"]
+    wire = read_wire(Path(no_ml["capture"]["pcap"]))
+    assert no_ml["capture"]["dropped"] == 0
+    assert wire.leaked == 0, wire.leaks
+    for direction, flow in no_ml["flows"].items():
+        assert flow["sent"] > 0
+        assert flow["received"] == 0, direction
